@@ -1,0 +1,117 @@
+"""Atomic, pickle-free artifacts: JSON for metadata, safetensors for tensors.
+
+Every artifact is written to a temporary path beside its target and renamed into
+place, so an interrupted or failed write never leaves a partial file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import EmlocError
+
+FORMAT_VERSION = 1
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make floats JSON-safe (inf/nan become strings) and tensors plain lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _restore_floats(obj: Any) -> Any:
+    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _restore_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore_floats(v) for v in obj]
+    return obj
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with _atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")
+    return _restore_floats(json.loads(path.read_text()))
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with _atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")
+    return load_file(str(path))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces `path` only on success."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise EmlocError(
+            f"{path} already exists and is not empty. Choose another output directory, "
+            "or pass overwrite=True (--overwrite on the command line) to replace it."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_fingerprint(expected: str, actual: str, *, artifact: str, model: str) -> None:
+    if expected != actual:
+        raise EmlocError(
+            f"{artifact} belongs to a model with fingerprint {expected}, but {model} has fingerprint {actual}. "
+            f"Load the model that {artifact} was built from, or rebuild {artifact} for this model."
+        )

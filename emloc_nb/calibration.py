@@ -1,0 +1,217 @@
+"""Calibration: the second moment of every linear layer's input on downstream examples.
+
+`collect_stats` runs batches through the model with temporary forward pre-hooks and
+accumulates, per distinct input tensor, C = Σ x xᵀ over real (non-padding) tokens,
+plus per-channel mean |x| and max |x|. Layers that read the same tensor (q/k/v,
+gate/up) share one entry. The hooks are removed even if the forward raises, and no
+state is left on the modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .artifacts import FORMAT_VERSION, atomic_dir, read_json, read_tensors, write_json, write_tensors
+from .errors import EmlocError
+from .models import block_linears, fingerprint, model_inputs
+
+ForwardFn = Callable[[nn.Module, Mapping], object]
+
+
+@dataclass
+class InputStats:
+    """Statistics of one layer input, accumulated over real tokens."""
+
+    second_moment: torch.Tensor  # Σ x xᵀ, float64, (d_in, d_in)
+    abs_sum: torch.Tensor  # Σ |x| per channel
+    abs_max: torch.Tensor  # max |x| per channel
+    tokens: int
+    layers: list[str] = field(default_factory=list)  # the linear layers that read this input
+
+    @property
+    def dim(self) -> int:
+        return self.second_moment.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """E[x xᵀ] per token (uncentred), the matrix the emulator whitens with."""
+        return self.second_moment / max(self.tokens, 1)
+
+    def eigenvalues(self) -> torch.Tensor:
+        """Eigenvalues of E[x xᵀ], largest first."""
+        return torch.linalg.eigvalsh(self.covariance).flip(0).clamp_min(0)
+
+    def outlier_channels(self, factor: float = 6.0) -> torch.Tensor:
+        """Channels whose max |x| exceeds `factor` times the median channel's."""
+        return torch.nonzero(self.abs_max > factor * self.abs_max.median()).flatten()
+
+
+@dataclass
+class CalibrationStats:
+    """Per-input statistics keyed by the first layer that reads each input."""
+
+    inputs: dict[str, InputStats]
+    model_fingerprint: str
+    examples: int
+
+    def key_for(self, layer: str) -> str:
+        for key, stats in self.inputs.items():
+            if layer in stats.layers:
+                return key
+        raise EmlocError(f"No calibration statistics for layer {layer!r}. Calibrate with that layer included.")
+
+    def for_layer(self, layer: str) -> InputStats:
+        return self.inputs[self.key_for(layer)]
+
+    @property
+    def layers(self) -> list[str]:
+        return [name for stats in self.inputs.values() for name in stats.layers]
+
+    @property
+    def tokens(self) -> int:
+        return max((s.tokens for s in self.inputs.values()), default=0)
+
+    def summary(self) -> list[dict]:
+        """One row per distinct input."""
+        rows = []
+        for key, s in self.inputs.items():
+            eig = s.eigenvalues()
+            rows.append({
+                "input": key, "layers": list(s.layers), "dim": s.dim, "tokens": s.tokens,
+                "mean_abs": float(s.mean_abs.mean()), "max_abs": float(s.abs_max.max()),
+                "outlier_channels": s.outlier_channels().tolist(),
+                "top_eigenvalue": float(eig[0]),
+                "effective_rank": float(eig.sum() ** 2 / (eig ** 2).sum()) if eig.sum() > 0 else 0.0,
+            })
+        return rows
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        tensors, inputs = {}, {}
+        for key, s in self.inputs.items():
+            tensors[f"{key}/second_moment"] = s.second_moment
+            tensors[f"{key}/abs_sum"] = s.abs_sum
+            tensors[f"{key}/abs_max"] = s.abs_max
+            inputs[key] = {"tokens": s.tokens, "layers": s.layers}
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            write_tensors(tmp / "calibration.safetensors", tensors)
+            write_json(tmp / "calibration.json", {"format_version": FORMAT_VERSION, "kind": "calibration",
+                                                  "model_fingerprint": self.model_fingerprint,
+                                                  "examples": self.examples, "inputs": inputs})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationStats":
+        path = Path(path)
+        meta = read_json(path / "calibration.json")
+        tensors = read_tensors(path / "calibration.safetensors")
+        inputs = {
+            key: InputStats(tensors[f"{key}/second_moment"], tensors[f"{key}/abs_sum"], tensors[f"{key}/abs_max"],
+                            info["tokens"], list(info["layers"]))
+            for key, info in meta["inputs"].items()
+        }
+        return cls(inputs, meta["model_fingerprint"], meta["examples"])
+
+
+def _default_forward(model: nn.Module, batch: Mapping) -> object:
+    return model(**model_inputs(model, batch), use_cache=False)
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    layers: Iterable[str] | None = None,
+    forward_fn: ForwardFn | None = None,
+    progress: bool = True,
+) -> CalibrationStats:
+    """Run `batches` through `model` and collect input statistics for `layers`.
+
+    `batches` yields dicts with `input_ids` and, optionally, `attention_mask` (1 for
+    real tokens). `forward_fn(model, batch)` replaces the default forward call, e.g.
+    for multimodal inputs; the mask is still read from `batch["attention_mask"]`.
+    `layers` defaults to every linear layer inside the model's blocks.
+    """
+    modules = dict(model.named_modules())
+    names = list(block_linears(model)) if layers is None else list(layers)
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise EmlocError(f"Layers {unknown[:3]} are not modules of this model. Use names from model.named_modules().")
+    if not names:
+        raise EmlocError("No layers to calibrate: the model has no linear layers inside numbered blocks. Pass layers=[...].")
+    forward_fn = forward_fn or _default_forward
+
+    inputs: dict[str, InputStats] = {}
+    owner: dict[str, str] = {}  # layer -> key of the input it reads
+    step: dict = {"mask": None, "seen": {}, "batch": 0}
+
+    def hook(name: str):
+        def pre_hook(module, args):
+            x = args[0]
+            seen = step["seen"]
+            if id(x) in seen and seen[id(x)][0] is x:  # the same tensor was already counted this forward
+                key = seen[id(x)][1]
+                if owner.setdefault(name, key) != key:
+                    raise EmlocError(f"{name} read different inputs across batches; calibrate with a fixed forward.")
+                if name not in inputs[key].layers:
+                    inputs[key].layers.append(name)
+                return
+            seen[id(x)] = (x, name)
+            key = owner.setdefault(name, name)
+            x = x.detach()
+            mask = step["mask"]
+            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+                x = x[mask]
+            x = x.reshape(-1, x.shape[-1]).float()
+            s = inputs.get(key)
+            if s is None:
+                d = x.shape[-1]
+                s = inputs[key] = InputStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
+                                             torch.zeros(d, dtype=torch.float64), 0, [name])
+            if x.shape[0] == 0:
+                return
+            if not torch.isfinite(x).all():
+                raise EmlocError(
+                    f"Non-finite activations (NaN/Inf) at the input of {name} in calibration batch {step['batch']}. "
+                    "Load the model in float32 (dtype=torch.float32) and check the inputs for invalid token ids."
+                )
+            # One float32 product per batch, summed across batches in float64 (blocked summation).
+            s.second_moment += (x.T @ x).double().cpu()
+            s.abs_sum += x.abs().sum(0).double().cpu()
+            s.abs_max = torch.maximum(s.abs_max, x.abs().amax(0).double().cpu())
+            s.tokens += x.shape[0]
+        return pre_hook
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    examples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
+            mask = batch.get("attention_mask")
+            step.update(mask=None if mask is None else mask.bool(), seen={}, batch=i)
+            forward_fn(model, batch)
+            examples += len(batch["input_ids"])
+    finally:
+        for h in handles:
+            h.remove()
+        step["seen"] = {}
+        model.train(was_training)
+
+    if examples == 0:
+        raise EmlocError("The calibration set is empty. Pass at least one batch of examples (64 is the usual size).")
+    if not inputs or all(s.tokens == 0 for s in inputs.values()):
+        raise EmlocError("Every calibration token is padding (attention_mask is all 0). Check the collator and the examples.")
+    missing = [n for n in names if n not in owner]
+    if missing:
+        raise EmlocError(f"Layers {missing[:3]} never ran during calibration. Drop them from `layers`, or check the forward.")
+    return CalibrationStats(inputs, fingerprint(model), examples)

@@ -1,0 +1,256 @@
+"""The downstream-aware emulator: activation-aware (whitened) truncated SVD of each layer.
+
+For a layer y = W x + b whose inputs have second moment C = S Sᵀ, E‖W x‖² = ‖W S‖_F²,
+so the best rank-r approximation in that metric keeps the top r singular triplets of
+W S = U Σ Vᵀ:
+
+    W_E = U_r Σ_r V_rᵀ S⁻¹,  stored as  up = U_r Σ_r^½,  down = Σ_r^½ V_rᵀ S⁻¹.
+
+The emulator is a copy of the model (same class, same module names) whose chosen
+layers are LowRankLinear; every other tensor is shared with the original, not copied.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json, write_tensors
+from .calibration import CalibrationStats
+from .errors import EmlocError
+from .models import block_index, block_linears, fingerprint, linear_bias, linear_weight, linear_layers
+from .ranks import RankPlan
+from .spectra import SpectrumTable
+
+log = logging.getLogger(__name__)
+
+MODES = ("whitened", "plain")
+
+
+class LowRankLinear(nn.Module):
+    """y = up(down(x)) + b: a rank-r stand-in for a dense linear layer."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        """W_E = up · down, shape (out_features, in_features)."""
+        return self.up.weight @ self.down.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def whitening(covariance: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """S with S Sᵀ = C + εI, its inverse, and how it was found.
+
+    Cholesky of C + εI with ε relative to the mean eigenvalue; if C is not positive
+    definite, more jitter, then eigh with eigenvalues clamped to a floor.
+    """
+    c = covariance.double()
+    n = c.shape[0]
+    scale = float(c.diagonal().mean()) or 1.0
+    eye = torch.eye(n, dtype=c.dtype)
+    for jitter in (eps, eps * 1e2, eps * 1e4):
+        s, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
+        if info == 0:
+            s_inv = torch.linalg.solve_triangular(s, eye, upper=False)
+            return s, s_inv, "cholesky" if jitter == eps else f"cholesky+jitter {jitter:g}"
+    lam, q = torch.linalg.eigh(c)
+    lam = lam.clamp_min(eps * max(float(lam.max()), scale))
+    return q * lam.sqrt(), (q * lam.rsqrt()).T, "eigh"
+
+
+@dataclass
+class Emulator:
+    """A compressed copy of a model plus everything needed to inspect and reuse it."""
+
+    model: PreTrainedModel
+    spectra: SpectrumTable
+    plan: RankPlan
+    mode: str
+    original_fingerprint: str
+    calibration: dict = field(default_factory=dict)  # examples and tokens the statistics came from
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {n: m.rank for n, m in self.model.named_modules() if isinstance(m, LowRankLinear)}
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.model)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    def save(self, path: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
+        """Write a self-contained directory: config, weights, metadata, spectra (and the tokenizer)."""
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            self.model.config.save_pretrained(tmp)
+            write_tensors(tmp / "emulator.safetensors", _unique_state(self.model))
+            self.spectra.save(tmp / "spectra")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            write_json(tmp / "emulator.json", {
+                "format_version": FORMAT_VERSION, "kind": "emulator", "model_class": type(self.model).__name__,
+                "original_fingerprint": self.original_fingerprint, "emulator_fingerprint": self.fingerprint,
+                "mode": self.mode, "plan": self.plan.to_dict(), "ranks": self.ranks,
+                "layer_bias": {n: m.up.bias is not None for n, m in self.model.named_modules() if isinstance(m, LowRankLinear)},
+                "calibration": self.calibration,
+            })
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, original: nn.Module | None = None) -> "Emulator":
+        """Load an emulator without its original. With `original`, refuse one built from another model."""
+        from accelerate import init_empty_weights
+
+        path = Path(path)
+        meta = read_json(path / "emulator.json")
+        if meta.get("kind") != "emulator":
+            raise EmlocError(f"{path} is not an emulator directory (no emulator.json of kind 'emulator'). Point at the output of build_emulator.")
+        if original is not None:
+            check_fingerprint(meta["original_fingerprint"], fingerprint(original),
+                              artifact=f"The emulator at {path}", model="the given original model")
+        config = AutoConfig.from_pretrained(path)  # trust_remote_code stays off
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        for name, rank in meta["ranks"].items():
+            old = model.get_submodule(name)
+            w = linear_weight(old)
+            _replace(model, name, LowRankLinear(w.shape[1], w.shape[0], rank, bias=meta["layer_bias"][name],
+                                                device="meta", dtype=w.dtype))
+        state = load_file(str(path / "emulator.safetensors"))
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        on_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
+        if on_meta:
+            raise EmlocError(f"{path}/emulator.safetensors lacks {on_meta[:3]}. The file is incomplete: rebuild the emulator.")
+        model.eval()
+        emulator = cls(model, SpectrumTable.load(path / "spectra"), RankPlan.from_dict(meta["plan"]), meta["mode"],
+                       meta["original_fingerprint"], meta.get("calibration", {}))
+        check_fingerprint(meta["emulator_fingerprint"], emulator.fingerprint, artifact=f"{path}/emulator.json",
+                          model=f"{path}/emulator.safetensors")
+        return emulator
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors stored once, under their first name (the input embedding)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor
+    return state
+
+
+def _shallow_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of `model` whose parameters and buffers are the original's tensors."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def build_emulator(
+    model: PreTrainedModel,
+    stats: CalibrationStats | None = None,
+    plan: RankPlan | float = 0.5,
+    *,
+    mode: str = "whitened",
+    eps: float = 1e-6,
+    progress: bool = True,
+) -> Emulator:
+    """Compress `model`'s block linears by activation-aware SVD (`mode="plain"`: the unwhitened baseline).
+
+    `plan` is a RankPlan or a uniform kept share ρ. `stats` must come from
+    `collect_stats` on this model; it is required for "whitened" and, in "plain"
+    mode, used to report the whitened spectra and predicted errors.
+    """
+    if mode not in MODES:
+        raise EmlocError(f"Unknown mode {mode!r}. Use 'whitened' (activation-aware) or 'plain' (the SVD baseline).")
+    plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
+    if stats is None and mode == "whitened":
+        raise EmlocError("The whitened emulator needs calibration statistics. Run collect_stats(model, batches) first, or use mode='plain'.")
+    if stats is not None:
+        check_fingerprint(stats.model_fingerprint, fingerprint(model), artifact="The calibration statistics", model="this model")
+
+    targets = block_linears(model)
+    skipped = [{"name": n, "reason": "outside the repeated blocks (embeddings and the LM head are kept)"}
+               for n in linear_layers(model) if n not in targets]
+    choices = plan.resolve({n: tuple(linear_weight(m).shape) for n, m in targets.items()})
+    emulator_model = _shallow_copy(model)
+    rows, spectra, cache = [], {}, {}
+
+    for name, module in tqdm(targets.items(), desc="emulator", disable=not progress):
+        choice = choices[name]
+        w = linear_weight(module).detach().double().cpu()
+        sv_plain = torch.linalg.svdvals(w.float())
+        spectra[name] = {"plain": sv_plain.float()}
+        s = s_inv = None
+        method = "none"
+        if stats is not None:
+            key = stats.key_for(name)
+            if key not in cache:  # layers sharing an input are adjacent: keep only the current factor
+                cache = {key: whitening(stats.inputs[key].covariance, eps)}
+            s, s_inv, method = cache[key]
+        ws = w @ s if s is not None else None
+        if choice.rank is None:
+            sv_white = torch.linalg.svdvals(ws.float()).double() if ws is not None else None
+            error = 0.0
+        else:
+            r = choice.rank
+            u, sv, vh = (t.double() for t in torch.linalg.svd((ws if mode == "whitened" else w).float(), full_matrices=False))
+            root = sv[:r].sqrt()
+            up = u[:, :r] * root
+            down = root[:, None] * vh[:r]
+            if mode == "whitened":
+                down = down @ s_inv
+                sv_white = sv
+                error = float((sv[r:] ** 2).sum().sqrt() / (sv ** 2).sum().sqrt())
+            else:
+                sv_white = torch.linalg.svdvals(ws.float()).double() if ws is not None else None
+                error = float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws)) if ws is not None else float("nan")
+            bias = linear_bias(module)
+            low = LowRankLinear(w.shape[1], w.shape[0], r, bias=bias is not None, dtype=module.weight.dtype,
+                                device=module.weight.device)
+            low.up.weight.copy_(up)
+            low.down.weight.copy_(down)
+            if bias is not None:
+                low.up.bias.copy_(bias)
+            _replace(emulator_model, name, low)
+        if sv_white is not None:
+            spectra[name]["whitened"] = sv_white.float()
+        if choice.rank is None:
+            kept = 1.0
+        elif error == error:  # not NaN: the error is in the whitened metric
+            kept = 1.0 - error ** 2
+        else:  # plain mode without statistics: only the plain energy is known
+            kept = float((sv_plain[:choice.rank] ** 2).sum() / (sv_plain ** 2).sum())
+        rows.append({
+            "name": name, "block": block_index(name), "kind": name.rsplit(".", 1)[-1],
+            "d_out": choice.d_out, "d_in": choice.d_in, "rank": choice.rank, "dense": choice.rank is None,
+            "reason": choice.reason, "params_kept": choice.params_kept, "energy_kept": kept,
+            "predicted_error": error, "whitening": method,
+        })
+    calibration = {"examples": stats.examples, "tokens": stats.tokens} if stats is not None else {}
+    return Emulator(emulator_model, SpectrumTable(rows, spectra, skipped), plan, mode, fingerprint(model), calibration)

@@ -1,0 +1,302 @@
+"""Fine-tuning with LoRA (peft) on the emulator, or on the original model as the baseline.
+
+The emulator keeps the original's module names, so one LoRA config fits both, and an
+adapter trained on the emulator has exactly the keys the original expects. Emulator
+layers are LowRankLinear rather than nn.Linear, so they are registered with peft as
+a custom module type; peft's own LoRA Linear does the rest.
+
+Two ways to train, one loss: `finetune` (a small seeded loop with live callbacks and
+resumable safetensors checkpoints, for notebooks and the CLI) and `hf_trainer` (a
+transformers Trainer over the same collator, which also runs under torchrun / DDP).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, read_tensors, write_json, write_tensors
+from .data import Task, collator_for, tokenize
+from .emulator import LowRankLinear
+from .errors import EmlocError
+from .evaluate import answer_nll
+from .models import block_linears, fingerprint
+
+Callback = Callable[[dict], None]  # receives {"step", "steps", "loss", "lr"} after every optimiser step
+
+
+class LowRankLoraLinear(LoraLinear):
+    """peft's LoRA Linear over an emulator's LowRankLinear."""
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+
+@dataclass
+class LoraSpec:
+    """Which layers get a LoRA, and its shape: ΔW = s · B A with s = alpha / r (alpha / √r for rsLoRA)."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: list[str] | str | None = None  # layer-name suffixes, or a regex (peft's fullmatch); None: every block linear
+    rslora: bool = False
+
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def lora_config(self, model: nn.Module) -> LoraConfig:
+        if self.r < 1:
+            raise EmlocError(f"LoRA rank r={self.r} must be at least 1.")
+        targets = self.targets
+        if targets is None:
+            targets = sorted({n.rsplit(".", 1)[-1] for n in block_linears(model)})
+        if not targets:
+            raise EmlocError("No LoRA targets: the model has no linear layers in numbered blocks. Set LoraSpec.targets.")
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                            use_rslora=self.rslora, bias="none", task_type="CAUSAL_LM")
+        config._register_custom_module({LowRankLinear: LowRankLoraLinear})
+        return config
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    checkpoint_every: int = 50  # steps; 0 disables checkpoints
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to a tenth of `lr` (step counts from 0)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
+    """Wrap `model` (original or emulator) with a fresh LoRA; only the LoRA weights train."""
+    config = spec.lora_config(model)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise EmlocError(f"Could not attach LoRA to targets {config.target_modules!r}: {e}. "
+                         "Use suffixes of the model's layer names (e.g. 'q_proj') or a regex.") from None
+    return peft_model
+
+
+def _targeted(peft_model: PeftModel) -> dict[str, nn.Module]:
+    return {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLinear)}
+
+
+# ----------------------------------------------------------------------------- adapters on disk
+
+def save_adapter(peft_model: PeftModel, path: str | Path, *, base_fingerprint: str, info: dict | None = None,
+                 overwrite: bool = False) -> Path:
+    """A standard peft adapter directory plus emloc.json recording which base it was trained on."""
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        peft_model.save_pretrained(tmp)
+        write_json(tmp / "emloc.json", {"format_version": FORMAT_VERSION, "kind": "adapter",
+                                         "base_fingerprint": base_fingerprint, **(info or {})})
+    return Path(path)
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False) -> PeftModel:
+    """Attach a saved adapter to `model`, refusing one that was trained on another base."""
+    path = Path(path)
+    meta_file = path / "emloc.json"
+    if meta_file.is_file():
+        check_fingerprint(read_json(meta_file)["base_fingerprint"], fingerprint(model),
+                          artifact=f"The adapter at {path}", model="the model it is loaded onto")
+    config = LoraConfig.from_pretrained(str(path))
+    config._register_custom_module({LowRankLinear: LowRankLoraLinear})
+    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+
+
+def lora_factors(peft_model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, s) of the active adapter per targeted layer, with ΔW = s · B A."""
+    factors = {}
+    for name, layer in _targeted(peft_model).items():
+        adapter = layer.active_adapters[0]
+        factors[name] = (layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(),
+                         float(layer.scaling[adapter]))
+    return factors
+
+
+# ----------------------------------------------------------------------------- the built-in loop
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    history: list[dict] = field(default_factory=list)  # one entry per step: step, loss, lr
+
+
+def _order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices for every step: seeded reshuffles, epoch after epoch, so a resumed run sees the same data."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < steps * batch_size:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order.extend(torch.randperm(n, generator=g).tolist())
+        epoch += 1
+    return order
+
+
+def _save_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer, step: int,
+                     history: list[dict]) -> None:
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    opt_state = optimizer.state_dict()
+    tensors = {f"param/{n}": p for n, p in trainable.items()}
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim/{idx}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng/torch"] = torch.get_rng_state()
+    with atomic_dir(path, overwrite=True) as tmp:
+        write_tensors(tmp / "state.safetensors", tensors)
+        write_json(tmp / "state.json", {"step": step, "history": history, "param_groups": opt_state["param_groups"]})
+
+
+def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    meta = read_json(path / "state.json")
+    tensors = read_tensors(path / "state.safetensors")
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param/"):
+                params[key.removeprefix("param/")].copy_(value)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    return meta["step"], meta["history"]
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    output_dir: str | Path,
+    *,
+    lora: LoraSpec | None = None,
+    config: TrainConfig | None = None,
+    callbacks: Iterable[Callback] = (),
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA on `model` (emulator or original) and write `output_dir/adapter`.
+
+    Checkpoints (safetensors: LoRA weights, AdamW moments, RNG state) go to
+    `output_dir/checkpoint` every `config.checkpoint_every` steps; a later call with
+    the same output_dir resumes from there and ends with the same weights as an
+    uninterrupted run. `stop_after` ends early after that many steps (to simulate an
+    interruption, or to train in slices from a notebook).
+    """
+    lora, config = lora or LoraSpec(), config or TrainConfig()
+    output_dir = Path(output_dir)
+    adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / "checkpoint"
+    if (adapter_dir / "emloc.json").is_file():
+        return TrainResult(adapter_dir, read_json(output_dir / "history.json"))
+    if len(task.train) == 0:
+        raise EmlocError(f"The task {task.name} has no training examples.")
+    base_fingerprint = fingerprint(model)
+    torch.manual_seed(config.seed)
+    peft_model = attach_lora(model, lora)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    start, history = 0, []
+    if (checkpoint_dir / "state.json").is_file():
+        start, history = _load_checkpoint(checkpoint_dir, peft_model, optimizer)
+
+    encoded = tokenize(tokenizer, task.train, max_length=config.max_length)
+    collate = collator_for(tokenizer)
+    order = _order(len(encoded), config.steps, config.batch_size, config.seed)
+    callbacks = list(callbacks)
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    peft_model.train()
+    try:
+        for step in tqdm(range(start, end), desc="finetune", initial=start, total=config.steps, disable=not progress):
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            batch = collate(encoded.select(idx).to_list())
+            nll, mask = answer_nll(peft_model, batch)
+            loss = nll[mask].mean()
+            if not torch.isfinite(loss):
+                raise EmlocError(f"The loss became {float(loss)} at step {step}. Lower the learning rate (now {config.lr}).")
+            lr = config.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            event = {"step": step + 1, "steps": config.steps, "loss": loss.item(), "lr": lr}
+            history.append(event)
+            for cb in callbacks:
+                cb(event)
+            done = step + 1
+            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end) and done < config.steps:
+                _save_checkpoint(checkpoint_dir, peft_model, optimizer, done, history)
+    finally:
+        peft_model.eval()
+
+    if len(history) < config.steps:  # stopped early; the checkpoint holds the progress
+        peft_model.unload()
+        return TrainResult(adapter_dir, history)
+    write_json(output_dir / "history.json", history)
+    info = {"lora": asdict(lora), "train": asdict(config), "final_loss": history[-1]["loss"], "task": task.name}
+    save_adapter(peft_model, adapter_dir, base_fingerprint=base_fingerprint, info=info, overwrite=True)
+    peft_model.unload()
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrainResult(adapter_dir, history)
+
+
+# ----------------------------------------------------------------------------- HF Trainer
+
+class CallbackBridge(TrainerCallback):
+    """Forwards a Trainer's logs to emloc callbacks (e.g. the training monitor widget)."""
+
+    def __init__(self, callbacks: Iterable[Callback]):
+        self.callbacks = list(callbacks)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.is_world_process_zero:
+            event = {"step": state.global_step, "steps": state.max_steps, "loss": float(logs["loss"]),
+                     "lr": float(logs.get("learning_rate", float("nan")))}
+            for cb in self.callbacks:
+                cb(event)
+
+
+def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, output_dir: str | Path, *,
+               lora: LoraSpec | None = None, config: TrainConfig | None = None, callbacks: Iterable[Callback] = (),
+               **training_args):
+    """A transformers Trainer for the same LoRA and data; works under torchrun (gloo on CPU)."""
+    from transformers import Trainer, TrainingArguments
+
+    lora, config = lora or LoraSpec(), config or TrainConfig()
+    torch.manual_seed(config.seed)
+    peft_model = attach_lora(model, lora)
+    defaults = dict(
+        output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        lr_scheduler_type="cosine", logging_steps=1, save_steps=config.checkpoint_every or config.steps,
+        seed=config.seed, report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        ddp_backend=None if torch.cuda.is_available() else "gloo", disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**defaults, **training_args})
+    train = tokenize(tokenizer, task.train, max_length=config.max_length)
+    return Trainer(model=peft_model, args=args, train_dataset=train, data_collator=collator_for(tokenizer),
+                   callbacks=[CallbackBridge(callbacks)])
