@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import FORMAT_VERSION, atomic_dir, read_json, read_tensors, write_json, write_tensors
 from .errors import EmlocError
-from .models import block_linears, fingerprint, model_inputs
+from .models import accepts, block_linears, fingerprint, model_inputs
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
 
@@ -122,7 +122,8 @@ class CalibrationStats:
 
 
 def _default_forward(model: nn.Module, batch: Mapping) -> object:
-    return model(**model_inputs(model, batch), use_cache=False)
+    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # the statistics need no logits
+    return model(**model_inputs(model, batch), use_cache=False, **extra)
 
 
 @torch.no_grad()

@@ -6,6 +6,10 @@ W S = U Σ Vᵀ:
 
     W_E = U_r Σ_r V_rᵀ S⁻¹,  stored as  up = U_r Σ_r^½,  down = Σ_r^½ V_rᵀ S⁻¹.
 
+Since W S = U Σ Vᵀ, the same down factor is Σ_r^-½ U_rᵀ W, which is how we compute
+it: no inverse of S (ill-conditioned when some channels are nearly silent) is needed,
+and a full rank reproduces W to float precision.
+
 The emulator is a copy of the model (same class, same module names) whose chosen
 layers are LowRankLinear; every other tensor is shared with the original, not copied.
 """
@@ -55,8 +59,8 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def whitening(covariance: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """S with S Sᵀ = C + εI, its inverse, and how it was found.
+def whitening(covariance: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, str]:
+    """S with S Sᵀ = C + εI, and how it was found.
 
     Cholesky of C + εI with ε relative to the mean eigenvalue; if C is not positive
     definite, more jitter, then eigh with eigenvalues clamped to a floor.
@@ -68,11 +72,10 @@ def whitening(covariance: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor
     for jitter in (eps, eps * 1e2, eps * 1e4):
         s, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
         if info == 0:
-            s_inv = torch.linalg.solve_triangular(s, eye, upper=False)
-            return s, s_inv, "cholesky" if jitter == eps else f"cholesky+jitter {jitter:g}"
+            return s, "cholesky" if jitter == eps else f"cholesky+jitter {jitter:g}"
     lam, q = torch.linalg.eigh(c)
-    lam = lam.clamp_min(eps * max(float(lam.max()), scale))
-    return q * lam.sqrt(), (q * lam.rsqrt()).T, "eigh"
+    floor = eps * max(float(lam.abs().max()), abs(scale), 1e-30)
+    return q * lam.clamp_min(floor).sqrt(), "eigh"
 
 
 @dataclass
@@ -153,6 +156,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _svdvals(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(m.float()).double()  # float32 is plenty for spectra and twice as fast
+
+
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors stored once, under their first name (the input embedding)."""
     state, seen = {}, set()
@@ -204,31 +211,28 @@ def build_emulator(
     for name, module in tqdm(targets.items(), desc="emulator", disable=not progress):
         choice = choices[name]
         w = linear_weight(module).detach().double().cpu()
-        sv_plain = torch.linalg.svdvals(w.float())
+        sv_plain = _svdvals(w)
         spectra[name] = {"plain": sv_plain.float()}
-        s = s_inv = None
-        method = "none"
+        s, method = None, "none"
         if stats is not None:
             key = stats.key_for(name)
             if key not in cache:  # layers sharing an input are adjacent: keep only the current factor
                 cache = {key: whitening(stats.inputs[key].covariance, eps)}
-            s, s_inv, method = cache[key]
+            s, method = cache[key]
         ws = w @ s if s is not None else None
         if choice.rank is None:
-            sv_white = torch.linalg.svdvals(ws.float()).double() if ws is not None else None
+            sv_white = _svdvals(ws) if ws is not None else None
             error = 0.0
         else:
             r = choice.rank
-            u, sv, vh = (t.double() for t in torch.linalg.svd((ws if mode == "whitened" else w).float(), full_matrices=False))
-            root = sv[:r].sqrt()
-            up = u[:, :r] * root
-            down = root[:, None] * vh[:r]
+            u, sv, _ = (t.double() for t in torch.linalg.svd((ws if mode == "whitened" else w).float(), full_matrices=False))
+            up = u[:, :r] * sv[:r].sqrt()
+            down = (u[:, :r].T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
             if mode == "whitened":
-                down = down @ s_inv
                 sv_white = sv
                 error = float((sv[r:] ** 2).sum().sqrt() / (sv ** 2).sum().sqrt())
             else:
-                sv_white = torch.linalg.svdvals(ws.float()).double() if ws is not None else None
+                sv_white = _svdvals(ws) if ws is not None else None
                 error = float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws)) if ws is not None else float("nan")
             bias = linear_bias(module)
             low = LowRankLinear(w.shape[1], w.shape[0], r, bias=bias is not None, dtype=module.weight.dtype,

@@ -69,6 +69,34 @@ def default_model_dir() -> Path:
     return target
 
 
+def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
+    """The checkpoint directory (and GGUF file name, if any) behind a model source."""
+    if str(source) == DEFAULT_MODEL:
+        return default_model_dir(), None
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise EmlocError(
+            f"Model path {path} does not exist. Pass a local Hugging Face checkpoint directory, "
+            f"a .gguf file, or '{DEFAULT_MODEL}' for the default model (no network is used)."
+        )
+    if path.suffix == ".gguf":
+        return path.parent, path.name
+    if not (path / "config.json").is_file():
+        raise EmlocError(f"{path} holds no config.json, so it is not a Hugging Face checkpoint. Point at the directory that has it.")
+    return path, None
+
+
+def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model's structure with no weights in memory (parameters on the meta device), e.g. to check a plan."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    path, gguf_file = _resolve(source)
+    config = AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -76,18 +104,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer: the default name, a checkpoint directory or a .gguf file."""
-    if str(source) == DEFAULT_MODEL:
-        path, gguf_file = default_model_dir(), None
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise EmlocError(
-                f"Model path {path} does not exist. Pass a local Hugging Face checkpoint directory, "
-                f"a .gguf file, or '{DEFAULT_MODEL}' for the default model (no network is used)."
-            )
-        path, gguf_file = (path.parent, path.name) if path.suffix == ".gguf" else (path, None)
-        if gguf_file is None and not (path / "config.json").is_file():
-            raise EmlocError(f"{path} holds no config.json, so it is not a Hugging Face checkpoint. Point at the directory that has it.")
+    path, gguf_file = _resolve(source)
     kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
@@ -105,7 +122,7 @@ _TINY_CHAT_TEMPLATE = (
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
     """A character-level tokenizer with a ChatML template, built offline."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -113,6 +130,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
     backend.add_special_tokens(specials)
+    backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
@@ -130,7 +148,8 @@ def tiny_model(family: str = "llama", *, seed: int = 0, layers: int = 2, hidden:
 
     tokenizer = tiny_tokenizer()
     vocab = len(tokenizer)
-    common = dict(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
+    # A larger init than the usual 0.02 gives logits a real scale, so a LoRA can visibly learn in a few steps.
+    common = dict(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id, initializer_range=0.1,
                   eos_token_id=tokenizer.eos_token_id)
     configs = {
         "llama": lambda: LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,

@@ -12,6 +12,7 @@ transformers Trainer over the same collator, which also runs under torchrun / DD
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,11 +115,15 @@ def save_adapter(peft_model: PeftModel, path: str | Path, *, base_fingerprint: s
     return Path(path)
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False) -> PeftModel:
-    """Attach a saved adapter to `model`, refusing one that was trained on another base."""
+def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False, check_base: bool = True) -> PeftModel:
+    """Attach a saved adapter to `model`, refusing one that was trained on another base.
+
+    `check_base=False` applies it anyway: that is the naive transfer of an emulator's
+    LoRA onto the original, the baseline the correction is measured against.
+    """
     path = Path(path)
     meta_file = path / "emloc.json"
-    if meta_file.is_file():
+    if check_base and meta_file.is_file():
         check_fingerprint(read_json(meta_file)["base_fingerprint"], fingerprint(model),
                           artifact=f"The adapter at {path}", model="the model it is loaded onto")
     config = LoraConfig.from_pretrained(str(path))
@@ -289,12 +294,13 @@ def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
     lora, config = lora or LoraSpec(), config or TrainConfig()
     torch.manual_seed(config.seed)
     peft_model = attach_lora(model, lora)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
     defaults = dict(
         output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.lr, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
         lr_scheduler_type="cosine", logging_steps=1, save_steps=config.checkpoint_every or config.steps,
         seed=config.seed, report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        ddp_backend=None if torch.cuda.is_available() else "gloo", disable_tqdm=True,
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None, disable_tqdm=True,
     )
     args = TrainingArguments(**{**defaults, **training_args})
     train = tokenize(tokenizer, task.train, max_length=config.max_length)

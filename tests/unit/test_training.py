@@ -1,0 +1,92 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emloc_nb import EmlocError, LoraSpec, TrainConfig, build_emulator, collect_stats, finetune, hf_trainer, load_adapter, tiny_model
+from emloc_nb.data import batches
+from emloc_nb.training import lora_factors
+
+FAST = dict(batch_size=8, lr=1e-2, warmup_steps=1)
+
+
+def _emulator(toy_task):
+    model, tok = tiny_model("llama")
+    calib = batches(tok, toy_task.train, batch_size=8, limit=32)
+    return model, tok, build_emulator(model, collect_stats(model, calib, progress=False), 0.5, progress=False)
+
+
+def test_lora_on_the_emulator_uses_the_original_names(toy_task, tmp_path):
+    model, tok, emulator = _emulator(toy_task)
+    events = []
+    result = finetune(emulator.model, tok, toy_task, tmp_path / "emu", lora=LoraSpec(r=4, alpha=8),
+                      config=TrainConfig(steps=3, checkpoint_every=0, **FAST), callbacks=[events.append], progress=False)
+    on_emulator = set(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
+    result = finetune(model, tok, toy_task, tmp_path / "orig", lora=LoraSpec(r=4, alpha=8),
+                      config=TrainConfig(steps=3, checkpoint_every=0, **FAST), progress=False)
+    on_original = set(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
+    assert on_emulator == on_original and len(on_original) == 2 * 14
+    assert [e["step"] for e in events] == [1, 2, 3] and all("loss" in e and "lr" in e for e in events)
+    assert not any(".down.lora" in k or ".up.lora" in k for k in on_emulator)
+    # training leaves the emulator as it was
+    assert not any("lora" in n for n, _ in emulator.model.named_parameters())
+
+
+def test_training_lowers_the_loss(toy_task, tmp_path):
+    model, tok = tiny_model("llama")
+    result = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=8, alpha=16, dropout=0.0),
+                      config=TrainConfig(steps=30, checkpoint_every=0, batch_size=8, lr=1e-2, warmup_steps=2), progress=False)
+    first = sum(h["loss"] for h in result.history[:3]) / 3
+    last = sum(h["loss"] for h in result.history[-3:]) / 3
+    assert last < 0.7 * first
+
+
+def test_resumed_run_matches_an_uninterrupted_one(toy_task, tmp_path):
+    model, tok, emulator = _emulator(toy_task)
+    config = TrainConfig(steps=6, checkpoint_every=2, **FAST)
+    lora = LoraSpec(r=4, alpha=8, dropout=0.1)  # dropout makes the RNG state part of what must resume
+    whole = finetune(emulator.model, tok, toy_task, tmp_path / "whole", lora=lora, config=config, progress=False)
+    part = finetune(emulator.model, tok, toy_task, tmp_path / "parts", lora=lora, config=config, stop_after=3, progress=False)
+    assert len(part.history) == 3 and not (tmp_path / "parts" / "adapter").exists()
+    assert (tmp_path / "parts" / "checkpoint" / "state.safetensors").is_file()
+    resumed = finetune(emulator.model, tok, toy_task, tmp_path / "parts", lora=lora, config=config, progress=False)
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-6)
+    a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    assert not (tmp_path / "parts" / "checkpoint").exists()
+
+
+def test_adapter_refuses_another_base(toy_task, tmp_path):
+    model, tok, emulator = _emulator(toy_task)
+    result = finetune(emulator.model, tok, toy_task, tmp_path / "emu", lora=LoraSpec(r=2, alpha=2),
+                      config=TrainConfig(steps=1, checkpoint_every=0, **FAST), progress=False)
+    with pytest.raises(EmlocError, match="fingerprint"):
+        load_adapter(model, result.adapter_dir)
+    naive = load_adapter(model, result.adapter_dir, check_base=False)  # the deliberate naive transfer
+    assert len(lora_factors(naive)) == 14
+    naive.unload()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scaling_is_read_from_peft(toy_task, tmp_path, rslora):
+    model, tok, emulator = _emulator(toy_task)
+    spec = LoraSpec(r=4, alpha=6, rslora=rslora)
+    result = finetune(emulator.model, tok, toy_task, tmp_path / "emu", lora=spec,
+                      config=TrainConfig(steps=1, checkpoint_every=0, **FAST), progress=False)
+    peft_model = load_adapter(emulator.model, result.adapter_dir)
+    scalings = [s for _, _, s in lora_factors(peft_model).values()]
+    peft_model.unload()
+    assert scalings == pytest.approx([spec.scaling()] * 14)
+    assert spec.scaling() == pytest.approx(6 / (2 if rslora else 4))
+
+
+def test_hf_trainer_runs_with_the_same_collator(toy_task, tmp_path):
+    model, tok, emulator = _emulator(toy_task)
+    events = []
+    trainer = hf_trainer(emulator.model, tok, toy_task, tmp_path / "hf", lora=LoraSpec(r=4, alpha=8),
+                         config=TrainConfig(steps=3, checkpoint_every=0, **FAST), callbacks=[events.append])
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert [e["step"] for e in events] == [1, 2, 3]
