@@ -75,3 +75,35 @@ def footprint(model: nn.Module, batch: dict, *, train: bool = True) -> dict:
     activations = _bytes(saved) / MB
     return {"weights_mb": weights, "trainable_state_mb": state, "activations_mb": activations,
             "total_mb": weights + state + activations}
+
+
+def budget(run, *, batch_size: int | None = None) -> list[dict]:
+    """Predicted (tensor accounting) against measured (stage peak RSS) memory for one run.
+
+    Rows: inference and LoRA fine-tuning of the original, and of the emulator. The
+    prediction uses one real training batch; the measurement is the peak resident
+    memory of the stage process that did the work (it includes Python and the
+    libraries, reported as the stage's baseline).
+    """
+    from .data import collator_for, tokenize
+    from .training import attach_lora
+
+    model, tokenizer = run.original()
+    emulator = run.emulator().model
+    size = batch_size or run.config.train.batch_size
+    encoded = tokenize(tokenizer, run.task().train.select(range(size)), max_length=run.config.train.max_length)
+    batch = collator_for(tokenizer)(encoded.to_list())
+    records = run.stage_records()
+    rows = []
+    for label, net, train, stage in [("inference, original", model, False, "evaluate-original"),
+                                     ("inference, emulator", emulator, False, "evaluate-emulator"),
+                                     ("LoRA fine-tuning, original", model, True, "finetune_original"),
+                                     ("LoRA fine-tuning, emulator", emulator, True, "finetune_emulator")]:
+        target = attach_lora(net, run.config.lora) if train else net
+        predicted = footprint(target, batch, train=train)
+        if train:
+            target.unload()
+        record = records.get(stage, {})
+        rows.append({"setting": label, **predicted, "measured_peak_mb": record.get("peak_rss_mb"),
+                     "process_baseline_mb": record.get("baseline_rss_mb")})
+    return rows

@@ -107,7 +107,8 @@ class RunConfig:
     def __post_init__(self):
         from .training import LoraSpec, TrainConfig
         self.lora = self.lora or LoraSpec()
-        self.train = self.train or TrainConfig()
+        # The README's main job must finish in about 15 minutes on 2 CPU cores: fewer, larger steps than TrainConfig().
+        self.train = self.train or TrainConfig(steps=60, lr=5e-4, checkpoint_every=20)
         if self.clamp < 0:
             raise EmlocError(f"clamp={self.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
         self.rank_plan()  # validate early
@@ -169,6 +170,18 @@ def small_settings(config: RunConfig) -> RunConfig:
 
 def is_small() -> bool:
     return os.environ.get("EMLOC_SMALL", "") not in ("", "0")
+
+
+def notebook_run(config: RunConfig | None = None) -> "Run":
+    """The run the tutorial notebooks share: EMLOC_RUN_DIR (default runs/notebooks), small under EMLOC_SMALL=1.
+
+    Stages already done there are reused, so each notebook can start from any stage.
+    """
+    config = config or RunConfig()
+    if is_small():
+        config = small_settings(config)
+    default = Path("runs") / ("notebooks-small" if is_small() else "notebooks")
+    return Run(Path(os.environ.get("EMLOC_RUN_DIR", default)).expanduser(), config)
 
 
 # ----------------------------------------------------------------------------- the run directory

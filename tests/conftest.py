@@ -1,6 +1,7 @@
 """Shared fixtures: a toy classification task and tiny randomly initialised models of several families."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from datasets import Dataset
 from emloc_nb.calibration import collect_stats
 from emloc_nb.data import batches, load_task
 from emloc_nb.models import tiny_model
+from emloc_nb.pipeline import Run, RunConfig
 
 FAMILIES = ["llama", "gpt2", "qwen2", "opt"]
 
@@ -56,3 +58,35 @@ def calibrated(toy_task):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_run_config(model_dir, data_file, **overrides) -> RunConfig:
+    """A full-pipeline config on a tiny local model and a toy JSONL task (seconds, in process)."""
+    d = {"model": str(model_dir), "task": {"source": str(data_file), "test_size": 0.25},
+         "calibration": {"examples": 16, "heldout_examples": 8, "batch_size": 8},
+         "emulator": {"plan": {"ratio": 0.5, "rules": {r"layers\.1\.mlp\.down_proj": 1.0}}},
+         "lora": {"r": 4, "alpha": 8}, "train": {"steps": 3, "batch_size": 8, "lr": 0.01, "checkpoint_every": 0},
+         "evaluation": {"limit": 8}}
+    d.update(overrides)
+    return RunConfig.from_dict(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """A saved tiny llama checkpoint and a toy JSONL task on disk."""
+    root = tmp_path_factory.mktemp("tiny")
+    model, tok = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = root / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in toy_rows(80)))
+    return root, root / "model", data
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_files) -> Run:
+    """A complete run directory (every stage done) of the tiny model: what widgets and reports read."""
+    root, model, data = tiny_files
+    run = Run(root / "run", tiny_run_config(model, data))
+    run.run_all(isolate=False)
+    return run

@@ -8,28 +8,15 @@ from emloc_nb import EmlocError, Run, RunConfig, tiny_model
 from emloc_nb.cli import main as cli
 from emloc_nb.pipeline import SETTINGS, small_settings
 
-from ..conftest import toy_rows
+from ..conftest import tiny_run_config
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    model, tok = tiny_model("llama")
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    data = root / "toy.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in toy_rows(80)))
-    return root, root / "model", data
+def tiny_setup(tiny_files):
+    return tiny_files
 
 
-def _config(model, data, **extra):
-    d = {"model": str(model), "task": {"source": str(data), "test_size": 0.25},
-         "calibration": {"examples": 16, "heldout_examples": 8, "batch_size": 8},
-         "emulator": {"plan": {"ratio": 0.5, "rules": {r"layers\.1\.mlp\.down_proj": 1.0}}},
-         "lora": {"r": 4, "alpha": 8}, "train": {"steps": 3, "batch_size": 8, "lr": 0.01, "checkpoint_every": 0},
-         "evaluation": {"limit": 8}}
-    d.update(extra)
-    return RunConfig.from_dict(d)
+_config = tiny_run_config
 
 
 def test_whole_pipeline_in_process_then_resume(tiny_setup):
