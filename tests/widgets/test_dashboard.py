@@ -1,0 +1,35 @@
+"""Dashboard: tabs built lazily from saved files; missing artifacts become notes."""
+from __future__ import annotations
+
+import shutil
+
+from emloc_nb.widgets import ActivationsView, CorrectionView, Dashboard, DriftView, RankPlanner, SpectrumView
+
+
+def test_every_tab_builds_from_the_run_directory(run_dir, tiny_run):
+    dash = Dashboard(run_dir)
+    assert dash.titles == ["Results", "Spectra", "Rank plan", "Activations", "Drift", "Correction", "Training"]
+    results = dash.tabs.children[0].children[0].children[1].value
+    for row in tiny_run.results():
+        assert row["description"] in results and f"{row['answer_loss']:.3f}" in results
+    assert set(dash._views) == {"Results"}  # nothing else is loaded until opened
+    dash.tabs.selected_index = 4
+    assert isinstance(dash._views["Drift"], DriftView)
+    assert dash.tabs.children[4].children[0] is dash._views["Drift"].widget
+    kinds = {"Spectra": SpectrumView, "Rank plan": RankPlanner, "Activations": ActivationsView, "Correction": CorrectionView}
+    for title, cls in kinds.items():
+        assert isinstance(dash.view(title), cls)
+    dash.view("Training")
+    assert [len(m.history) for m in dash.monitors] == [len(tiny_run.history("emulator")), len(tiny_run.history("original"))]
+
+
+def test_missing_artifacts_show_a_note(run_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    (partial / "drift.json").unlink()
+    shutil.rmtree(partial / "correction")
+    dash = Dashboard(partial)
+    assert dash.view("Drift") is None and dash.view("Correction") is None
+    assert "drift.json" in dash.tabs.children[4].children[0].value
+    assert "correction/" in dash.tabs.children[5].children[0].value
+    assert isinstance(dash.view("Spectra"), SpectrumView)

@@ -1,0 +1,98 @@
+"""RankPlanner: allocations hit the budget, dense layers stay dense, and the plan builds an emulator."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from emloc_nb.errors import EmlocError
+from emloc_nb.ranks import RankPlan
+from emloc_nb.widgets import RankPlanner
+from emloc_nb.widgets.figures import trace
+
+
+def kept_params(spectra, plan: RankPlan) -> tuple[int, int]:
+    """Parameters the plan keeps, counted independently from the layer shapes."""
+    choices = plan.resolve({r["name"]: (r["d_out"], r["d_in"]) for r in spectra.rows})
+    kept = dense = 0
+    for r in spectra.rows:
+        full, rank = r["d_out"] * r["d_in"], choices[r["name"]].rank
+        dense += full
+        kept += full if rank is None else rank * (r["d_out"] + r["d_in"])
+    return kept, dense
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "energy"])
+@pytest.mark.parametrize("budget", [0.25, 0.6])
+def test_plan_totals_hit_the_budget(spectra, strategy, budget):
+    planner = RankPlanner(spectra, strategy=strategy)
+    planner.budget.value = budget
+    kept, dense = kept_params(spectra, planner.plan)
+    # One rank step of every layer is the most that rounding (uniform) or the last greedy step (energy) can leave.
+    slack = sum(r["d_out"] + r["d_in"] for r in spectra.rows)
+    assert budget * dense - slack <= kept <= budget * dense
+    assert planner.totals["params_kept"] == kept
+    assert planner.totals["share_kept"] == pytest.approx(kept / dense)
+    assert f"{kept:,}" in planner.status.value
+    ranks = [planner.choices[r["name"]].rank for r in spectra.rows]
+    assert list(trace(planner.figure, "rank").y) == [r or 0 for r in ranks]
+
+
+def test_energy_strategy_keeps_at_least_the_uniform_energy(spectra):
+    planner = RankPlanner(spectra, budget=0.3)
+    uniform = planner.totals["mean_energy_kept"]
+    planner.strategy.value = "energy"
+    assert planner.totals["mean_energy_kept"] >= uniform - 1e-9
+    assert planner.plan.ranks  # explicit per-layer ranks from the greedy allocation
+
+
+def test_dense_layers_by_regex_and_by_pick(spectra):
+    planner = RankPlanner(spectra, budget=0.6)
+    planner.dense_text.value = r"layers\.0\.self_attn\.q_proj"
+    planner.dense_layers.value = ("model.layers.1.mlp.up_proj",)
+    choices = planner.choices
+    dense = {n for n, c in choices.items() if c.rank is None}
+    assert dense == {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"}
+    assert re.escape("model.layers.1.mlp.up_proj") in planner.plan.rules
+    names = spectra.names
+    bars = trace(planner.figure, "kept dense").y
+    assert bars[names.index("model.layers.0.self_attn.q_proj")] == 64 and bars[names.index("model.layers.0.mlp.up_proj")] == 0
+
+
+def test_impossible_budget_is_reported_not_raised_by_the_controls(spectra):
+    planner = RankPlanner(spectra, budget=0.6)
+    planner.dense_text.value = r"mlp"  # the MLPs alone hold most of the parameters
+    planner.budget.value = 0.1
+    assert "cannot even hold" in planner.status.value
+    with pytest.raises(EmlocError):
+        planner.plan
+    planner.dense_text.value = "("  # an invalid regex is reported the same way
+    assert "color:#b00" in planner.status.value
+
+
+def test_memory_follows_the_bytes_per_weight(spectra):
+    planner = RankPlanner(spectra, budget=0.5)
+    t4 = planner.totals
+    planner.dtype.value = 2
+    assert t4["weights_bytes"] == 4 * t4["params_kept"]
+    assert planner.totals["weights_bytes"] == t4["weights_bytes"] / 2
+
+
+def test_saved_plan_builds_the_planned_emulator(spectra, tiny_files, stats, tmp_path):
+    from emloc_nb.emulator import build_emulator
+    from emloc_nb.models import load_model
+
+    planner = RankPlanner(spectra, budget=0.4, strategy="energy", dense=[r"layers\.1\.mlp\.down_proj"])
+    path = planner.save(tmp_path / "plan.json")
+    plan = RankPlan.load(path)
+    assert plan == planner.plan
+    model, _ = load_model(str(tiny_files[1]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny SVDs run ~10× slower with threads contending on a busy 2-core runner
+    try:
+        emulator = build_emulator(model, stats, plan, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert emulator.ranks == {n: c.rank for n, c in planner.choices.items() if c.rank is not None}
+    assert "model.layers.1.mlp.down_proj" not in emulator.ranks

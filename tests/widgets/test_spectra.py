@@ -1,0 +1,70 @@
+"""SpectrumView: the ρ/rank slider recomputes energy, parameters and error from the stored spectra alone."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from emloc_nb.widgets import SpectrumView
+from emloc_nb.widgets.figures import trace
+
+
+def kept_energy(spectra, name: str, rank: int) -> float:
+    s = spectra.spectrum(name).double().numpy()
+    return float((s[:rank] ** 2).sum() / (s ** 2).sum())
+
+
+def test_rank_slider_energy_is_top_r_whitened_energy(spectra):
+    view = SpectrumView(spectra)
+    name = spectra.names[4]  # a gate projection: 64 singular values
+    view.layer.value = name
+    for rank in (1, 3, 17):
+        view.rank.value = rank
+        expected = kept_energy(spectra, name, rank)
+        assert trace(view.energy, "selected").x == (rank,)
+        assert trace(view.energy, "selected").y[0] == pytest.approx(expected, rel=1e-9)
+        assert trace(view.energy, "whitened energy").y[rank] == pytest.approx(expected, rel=1e-9)
+        assert view.current["error"] == pytest.approx(math.sqrt(1 - expected), rel=1e-9)
+        row = spectra.row(name)
+        assert view.current["params"] == rank * (row["d_out"] + row["d_in"])
+        assert f"{expected:.2%}" in view.readout.value
+        assert trace(view.spectrum, "selected rank").x == (rank, rank)
+
+
+def test_ratio_slider_sets_the_rank_and_one_keeps_dense(spectra):
+    view = SpectrumView(spectra)
+    name = spectra.names[1]  # k_proj: 32 × 64
+    view.layer.value = name
+    row = spectra.row(name)
+    view.ratio.value = 0.3
+    rank = math.floor(0.3 * row["d_in"] * row["d_out"] / (row["d_in"] + row["d_out"]))
+    assert view.rank.value == rank and view.current["rank"] == rank
+    assert view.current["energy"] == pytest.approx(kept_energy(spectra, name, rank))
+    view.ratio.value = 1.0
+    assert view.current == {"layer": name, "rank": None, "energy": 1.0, "error": 0.0,
+                            "params": row["d_out"] * row["d_in"], "share": 1.0}
+    assert "kept dense" in view.readout.value
+
+
+def test_layer_switch_redraws_both_spectra(spectra):
+    view = SpectrumView(spectra)
+    name = spectra.names[6]  # down_proj: 64 values, and a different spectrum from layer 0
+    view.layer.value = name
+    for kind, label in (("plain", "plain σ(W)"), ("whitened", "whitened σ(W S)")):
+        s = spectra.spectrum(name, kind).double().numpy()
+        np.testing.assert_allclose(trace(view.spectrum, label).y, s / s[0], rtol=1e-6)
+    plan = spectra.row(name)["rank"]
+    assert trace(view.spectrum, "plan rank").x == (plan, plan)
+
+
+def test_summary_shows_plan_rows_and_live_uniform_ratio(spectra):
+    view = SpectrumView(spectra, ratio=0.5)
+    assert list(trace(view.summary, "built plan").y) == pytest.approx([r["energy_kept"] for r in spectra.rows])
+    before = list(trace(view.summary, "uniform ρ").y)
+    view.ratio.value = 0.2
+    after = list(trace(view.summary, "uniform ρ").y)
+    expected = [kept_energy(spectra, r["name"], math.floor(0.2 * r["d_in"] * r["d_out"] / (r["d_in"] + r["d_out"])))
+                for r in spectra.rows]
+    assert after == pytest.approx(expected, rel=1e-9)
+    assert all(a < b for a, b in zip(after, before))  # fewer parameters keep strictly less energy here

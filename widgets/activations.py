@@ -1,0 +1,90 @@
+"""Calibration activations: what the emulator's whitening sees at each layer input."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import ipywidgets as W
+
+from emloc_nb.calibration import CalibrationStats
+from emloc_nb.models import block_index
+
+from . import figures as F
+from .base import View, figure_widget
+
+ALL = "all blocks"
+
+
+class ActivationsView(View):
+    """Per-input channel magnitudes, outliers and the eigen-spectrum of C, plus an overview heatmap.
+
+    Controls: `block` (filters `input`), `input` (the key of a layer input, e.g. the
+    q/k/v input of a block) and `factor` (an outlier is a channel whose max |x|
+    exceeds `factor` times the median channel's).
+    """
+
+    def __init__(self, stats: CalibrationStats, *, title: str = "Calibration activations"):
+        self.stats = stats
+        self.keys = list(stats.inputs)
+        blocks = sorted({block_index(k) for k in self.keys}, key=lambda b: -1 if b is None else b)
+        self.block = W.Dropdown(options=[(ALL, ALL)] + [(f"block {b}", b) for b in blocks if b is not None],
+                                value=ALL, description="block")
+        self.input = W.Dropdown(options=self._options(ALL), description="input", layout=W.Layout(width="420px"))
+        self.factor = W.FloatSlider(value=6.0, min=2.0, max=50.0, step=0.5, description="outlier ×",
+                                    continuous_update=False)
+        self.info = W.HTML()
+        key = self.input.value
+        self.channels = figure_widget(F.channel_figure(stats.inputs[key], factor=self.factor.value))
+        self.eigen = figure_widget(F.eigen_figure(stats.inputs[key]))
+        self.heatmap = figure_widget(F.activation_heatmap(stats))
+        self.block.observe(self._on_block, names="value")
+        self.input.observe(lambda _: self._update(), names="value")
+        self.factor.observe(lambda _: self._update(), names="value")
+        self._update()
+        header = W.HTML(f"<h3>{html.escape(title)}</h3><p>{stats.examples} examples, up to {stats.tokens} real tokens "
+                        f"per input, {len(self.keys)} distinct inputs read by {len(stats.layers)} layers.</p>")
+        self.widget = W.VBox([header, W.HBox([self.block, self.input, self.factor]), self.info,
+                              self.channels, self.eigen, self.heatmap])
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, which: str = "calibration") -> "ActivationsView":
+        """`which`: "calibration" (what the emulator was built from) or "heldout"."""
+        from emloc_nb.pipeline import Run
+        return cls(Run(run_dir).calibration(which), title=f"Activations · {which}")
+
+    def _options(self, block) -> list[tuple[str, str]]:
+        keys = [k for k in self.keys if block == ALL or block_index(k) == block]
+        return [(F.input_label(self.stats, k), k) for k in keys]
+
+    def _on_block(self, change) -> None:
+        current = self.input.value
+        options = self._options(change["new"])
+        self.input.options = options  # ipywidgets picks the first option when the old value is gone
+        if current in [k for _, k in options]:
+            self.input.value = current
+
+    def select(self, key: str) -> None:
+        """Show input `key` (any layer name that reads it also works)."""
+        key = key if key in self.stats.inputs else self.stats.key_for(key)
+        self.block.value = ALL
+        self.input.value = key
+
+    @property
+    def current(self):
+        """The InputStats on show."""
+        return self.stats.inputs[self.input.value]
+
+    def _update(self) -> None:
+        key, s = self.input.value, self.current
+        fresh_c = F.channel_figure(s, factor=self.factor.value, title=f"Per-channel |x| · {F.input_label(self.stats, key)}")
+        fresh_e = F.eigen_figure(s, title=f"Eigen-spectrum of C · {F.input_label(self.stats, key)}")
+        for live, fresh in ((self.channels, fresh_c), (self.eigen, fresh_e)):
+            with live.batch_update():
+                for t in fresh.data:
+                    F.trace(live, t.name).update(x=t.x, y=t.y)
+                live.layout.title = fresh.layout.title
+        outliers = s.outlier_channels(self.factor.value).tolist()
+        shown = ", ".join(map(str, outliers[:20])) + (" …" if len(outliers) > 20 else "")
+        self.info.value = (f"<b>{html.escape(key)}</b> read by {html.escape(', '.join(s.layers))}<br>"
+                           f"{s.dim} channels · {s.tokens} tokens seen · {len(outliers)} outlier channel(s)"
+                           f"{': ' + shown if outliers else ''} · largest max |x| {float(s.abs_max.max()):.3g}")

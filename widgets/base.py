@@ -1,0 +1,34 @@
+"""What every view shares: it holds `.widget`, shows itself, and turns missing artifacts into a note.
+
+Views are plain classes (not widget subclasses), so their state and query methods
+stay ordinary Python and the ipywidgets container is only how they are drawn.
+"""
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+import plotly.graph_objects as go
+
+
+class View:
+    """A plain object that displays as its `.widget` in Jupyter."""
+
+    widget: W.Widget
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def figure_widget(fig: go.Figure) -> go.FigureWidget:
+    """A live copy of a pure figure; controls update it inside `batch_update()`."""
+    return go.FigureWidget(fig)
+
+
+def note(text: str) -> W.HTML:
+    """A short, escaped message shown where a view or figure cannot be built."""
+    return W.HTML(f"<p style='color:#555; font-style:italic'>{html.escape(text)}</p>")
+
+
+def heading(text: str) -> W.HTML:
+    return W.HTML(f"<h4 style='margin:6px 0'>{html.escape(text)}</h4>")

@@ -1,0 +1,93 @@
+"""The correction inspector: per-layer errors before and after correction, ‖D‖ and κ, live in L.
+
+Every number is recomputed from the CorrectionReport alone (`rows_at`, `errors_at`,
+`kappa_at` evaluate stored quadratic-form terms), so moving L needs no model. The
+toy teaching mode lives in toy.py and is re-exported here.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import ipywidgets as W
+
+from emloc_nb.correction import CorrectionReport
+
+from . import figures as F
+from .base import View, figure_widget, note
+from .clamp import ClampControl
+from .toy import ToyCorrection
+
+__all__ = ["CorrectionView", "ToyCorrection"]
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+class CorrectionView(View):
+    """Controls: `clamp` (a ClampControl; `clamp.set(L)` or the toggle/slider; `L` reads it) and `layer`
+    (whose per-direction κ is drawn). `rows` is the layer table at the current L."""
+
+    def __init__(self, report: CorrectionReport, *, layer: str | None = None):
+        self.report = report
+        names = [r["name"] for r in report.layers]
+        self.has_errors = all("q" in report.stats.get(n, {}) for n in names) and bool(names)
+        self.clamp = ClampControl(report.clamp)
+        self.layer = W.Dropdown(options=list(zip(F.short_names(names), names)), value=layer or names[0],
+                                description="layer", layout=W.Layout(width="380px"))
+        self.summary = W.HTML()
+        self.rows = report.rows_at(self.L)
+        self.errors = figure_widget(F.correction_error_figure(self.rows, clamp=self.L)) if self.has_errors else None
+        self.norms = figure_widget(F.correction_norms_figure(self.rows))
+        self.kappa = figure_widget(F.kappa_figure(report, self.layer.value, self.L))
+        self.clamp.observe(lambda _: self._update())
+        self.layer.observe(lambda _: self._update_kappa(), names="value")
+        self._update()
+        intro = W.HTML(
+            "<h3>LoRA correction</h3><p>The LoRA was trained on the emulator W_E. The corrected adapter subtracts the "
+            "discrepancy D = (W − W_E) U_A on the LoRA's input subspace, each column scaled by "
+            "κᵢ = min(1, L · mean|B′ᵢ| / mean|Dᵢ|). Errors are against the fine-tuned emulator on held-out inputs. "
+            f"The adapter was written with L = {'∞' if math.isinf(report.clamp) else format(report.clamp, 'g')}.</p>")
+        body = [self.errors] if self.errors is not None else [
+            note("This report has no held-out statistics, so no before/after errors: run correct_lora with heldout=.")]
+        self.widget = W.VBox([intro, self.clamp.widget, self.summary, *body, self.norms, self.layer, self.kappa])
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, **kwargs) -> "CorrectionView":
+        return cls(CorrectionReport.load(Path(run_dir) / "correction"), **kwargs)
+
+    @property
+    def L(self) -> float:
+        return self.clamp.value
+
+    def _update(self) -> None:
+        L = self.L
+        self.rows = self.report.rows_at(L)
+        if self.errors is not None:
+            fresh = F.correction_error_figure(self.rows, clamp=L)
+            with self.errors.batch_update():
+                for t in fresh.data:
+                    F.trace(self.errors, t.name).y = t.y
+                self.errors.layout.title = fresh.layout.title
+        fresh = F.correction_norms_figure(self.rows)
+        with self.norms.batch_update():
+            F.trace(self.norms, "mean κ").update(y=F.trace(fresh, "mean κ").y, hovertext=F.trace(fresh, "mean κ").hovertext)
+        self._update_kappa()
+        clamped = sum(r["clamped"] for r in self.rows)
+        columns = sum(int(self.report.stats[r["name"]]["valid"].sum()) for r in self.rows)
+        text = f"At L = {'∞' if math.isinf(L) else format(L, '.3g')}: {clamped} of {columns} LoRA directions clamped (κ < 1)"
+        if self.has_errors:
+            text += (f" · mean error overall {_mean(r['before_all'] for r in self.rows):.4f} naive → "
+                     f"<b>{_mean(r['after_all'] for r in self.rows):.4f}</b> corrected · on the LoRA subspace "
+                     f"{_mean(r['before_subspace'] for r in self.rows):.4f} → "
+                     f"<b>{_mean(r['after_subspace'] for r in self.rows):.4f}</b>")
+        self.summary.value = f"<p>{text}</p>"
+
+    def _update_kappa(self) -> None:
+        fresh = F.kappa_figure(self.report, self.layer.value, self.L)
+        with self.kappa.batch_update():
+            F.trace(self.kappa, "κ").update(x=fresh.data[0].x, y=fresh.data[0].y, marker=fresh.data[0].marker,
+                                            hovertext=fresh.data[0].hovertext)
+            self.kappa.layout.title = fresh.layout.title

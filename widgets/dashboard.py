@@ -1,0 +1,117 @@
+"""The run dashboard: every view of one run directory, in tabs, from saved files alone.
+
+Tabs are built the first time they are opened, so a large run (SmolLM2's calibration
+statistics are hundreds of MB) only loads what is looked at. A tab whose artifacts
+do not exist yet says which stage writes them instead of failing.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Callable
+
+import ipywidgets as W
+
+from emloc_nb.errors import EmlocError
+from emloc_nb.pipeline import Run
+from emloc_nb.spectra import SpectrumTable
+
+from . import tables as T
+from .activations import ActivationsView
+from .base import View, note
+from .correction import CorrectionView
+from .drift import DriftView
+from .planner import RankPlanner
+from .spectra import SpectrumView
+from .training import TrainingMonitor
+
+MISSING = (EmlocError, FileNotFoundError)  # what the core's loaders raise for an absent artifact
+
+
+def config_summary(run: Run) -> str:
+    c = run.config
+    plan = c.emulator.plan if isinstance(c.emulator.plan, str) else json.dumps(c.emulator.plan)
+    rows = [("model", c.model), ("task", c.task.source), ("rank plan", plan), ("emulator mode", c.emulator.mode),
+            ("LoRA", f"r = {c.lora.r}, alpha = {c.lora.alpha}"), ("training", f"{c.train.steps} steps × {c.train.batch_size}"),
+            ("correction clamp L", f"{c.clamp:g}")]
+    return T.html_table([{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", str(run.dir), "text")])
+
+
+class Dashboard(View):
+    """Tabs: results, spectra, rank plan, activations, drift, correction, training.
+
+    `view(title)` builds (once) and returns the view of a tab, or None when its
+    artifacts are missing; `tabs` is the ipywidgets.Tab.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run = Run(run_dir)
+        self._builders: dict[str, Callable[[], View | W.Widget]] = {
+            "Results": self._results,
+            "Spectra": lambda: SpectrumView(self._spectra()),
+            "Rank plan": lambda: RankPlanner(self._spectra()),
+            "Activations": lambda: ActivationsView(self.run.calibration()),
+            "Drift": lambda: DriftView(self.run.drift(), self._results_rows()),
+            "Correction": lambda: CorrectionView(self.run.correction()),
+            "Training": self._training,
+        }
+        self._missing_hint = {
+            "Spectra": "emulator/spectra (the emulator stage)", "Rank plan": "emulator/spectra (the emulator stage)",
+            "Activations": "calibration/ (the calibrate stage)", "Drift": "drift.json (the drift stage)",
+            "Correction": "correction/ (the correct stage)", "Training": "finetune_emulator/history.json (finetune_emulator)",
+            "Results": "results.json (the evaluate stage)",
+        }
+        self.titles = list(self._builders)
+        self._views: dict[str, View | W.Widget | None] = {}
+        self.tabs = W.Tab(children=[W.VBox() for _ in self.titles], titles=self.titles)
+        self.tabs.observe(lambda change: self._open(change["new"]), names="selected_index")
+        self._open(0)
+        header = W.HTML(f"<h2>EMLoC run · {html.escape(str(self.run.dir))}</h2>")
+        self.widget = W.VBox([header, self.tabs])
+
+    def view(self, title: str):
+        """The view shown in tab `title` (built now if it was not yet), or None if its artifacts are missing."""
+        self._open(self.titles.index(title))
+        return self._views[title]
+
+    def _open(self, index: int | None) -> None:
+        if index is None:
+            return
+        title = self.titles[index]
+        if title in self._views:
+            return
+        try:
+            view = self._builders[title]()
+            shown = view.widget if isinstance(view, View) else view
+        except MISSING as e:
+            view = None
+            shown = note(f"Nothing to show yet: {self._missing_hint[title]} is missing in {self.run.dir} ({e}). "
+                         f"Run that stage (e.g. `emloc run` or Run.run_stage) and reopen the dashboard.")
+        self._views[title] = view
+        self.tabs.children[index].children = (shown,)
+
+    # -- tab contents that are not a single view
+    def _spectra(self) -> SpectrumTable:
+        return SpectrumTable.load(self.run.path("emulator/spectra"))
+
+    def _results_rows(self) -> list[dict] | None:
+        return self.run.results() if self.run.path("results.json").is_file() else None
+
+    def _results(self) -> W.Widget:
+        parts = [W.HTML(config_summary(self.run))]
+        rows = self._results_rows()
+        parts.append(W.HTML("<h4>Results per setting</h4>" + T.results_table(rows)) if rows
+                     else note("No results.json yet: run the evaluate stage to fill this table."))
+        records = self.run.stage_records()
+        if records:
+            parts.append(W.HTML("<h4>Stages</h4>" + T.stages_table(records)))
+        return W.VBox(parts)
+
+    def _training(self) -> W.Widget:
+        monitors = [TrainingMonitor.from_history(self.run.history("emulator"), title="Training loss · LoRA on the emulator")]
+        if self.run.path("finetune_original/history.json").is_file():
+            monitors.append(TrainingMonitor.from_history(self.run.history("original"),
+                                                         title="Training loss · LoRA on the original (baseline)"))
+        self.monitors = monitors
+        return W.VBox([m.widget for m in monitors])

@@ -1,0 +1,77 @@
+"""Small HTML tables from the core's rows (lists of dicts), shared by the widgets and the static report.
+
+Plain HTML rather than a DataFrame styler: it renders the same in JupyterLab, in an
+ipywidgets HTML widget and in the offline report, and needs no pandas.
+"""
+from __future__ import annotations
+
+import html
+import math
+from typing import Callable, Sequence
+
+STYLE = ("<style>.emloc-table{border-collapse:collapse;font:13px sans-serif;margin:4px 0}"
+         ".emloc-table th,.emloc-table td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
+         ".emloc-table th{background:#f4f4f4}.emloc-table td.text,.emloc-table th.text{text-align:left}</style>")
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    """A cell: '–' for missing or NaN, numbers with `spec`, anything else as text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        try:
+            return format(value, spec)
+        except ValueError:  # e.g. an int column formatted as float, or the reverse
+            return str(value)
+    return str(value)
+
+
+def html_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str | Callable]]) -> str:
+    """`columns`: (key, header, format spec or a function of the value). Text cells are left-aligned."""
+    head = "".join(f"<th class='{'text' if spec == 'text' else ''}'>{html.escape(title)}</th>"
+                   for _, title, spec in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            text = spec(value) if callable(spec) else fmt(value, "" if spec == "text" else spec)
+            cells.append(f"<td class='{'text' if spec == 'text' else ''}'>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"{STYLE}<table class='emloc-table'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+RESULT_COLUMNS = [
+    ("description", "setting", "text"), ("accuracy", "accuracy", ".3f"), ("answer_loss", "answer loss", ".3f"),
+    ("examples", "examples", "d"), ("train_peak_mb", "fine-tuning peak (MB)", ".0f"),
+    ("train_weights_mb", "weights while fine-tuning (MB)", ".1f"), ("eval_peak_mb", "eval peak (MB)", ".0f"),
+]
+
+
+def results_table(rows: Sequence[dict]) -> str:
+    """Accuracy, answer loss and memory per setting (rows of results.json)."""
+    return html_table(rows, RESULT_COLUMNS)
+
+
+def stages_table(records: dict[str, dict]) -> str:
+    """Seconds and memory per stage (stages/<stage>.json)."""
+    rows = [{"stage": name, **rec} for name, rec in records.items()]
+    return html_table(rows, [("stage", "stage", "text"), ("seconds", "seconds", ".1f"),
+                             ("peak_rss_mb", "peak RSS (MB)", ".0f"), ("baseline_rss_mb", "process baseline (MB)", ".0f"),
+                             ("weights_mb", "weights (MB)", ".1f"), ("isolated", "own process", "text")])
+
+
+def drift_summary_table(summary: dict) -> str:
+    rows = [
+        {"what": "next-token KL(original ‖ emulator), nats/token", "value": summary.get("kl")},
+        {"what": "perplexity, original", "value": summary.get("ppl_original")},
+        {"what": "perplexity, emulator", "value": summary.get("ppl_emulator")},
+        {"what": "perplexity ratio", "value": summary.get("ppl_ratio")},
+        {"what": "mean measured layer error", "value": summary.get("mean_measured_error")},
+        {"what": "held-out tokens", "value": summary.get("tokens")},
+    ]
+    return html_table(rows, [("what", "drift, end to end", "text"), ("value", "value", ".4g")])
