@@ -24,6 +24,7 @@ demo: setup
 	$(BIN)/emloc run configs/default.yaml --run-dir runs/demo
 
 test: setup
+	rm -rf $(SMALL_RUN)  # the slow tests build it afresh; the notebooks and the browser test then reuse it
 	EMLOC_RUN_DIR=$(SMALL_RUN) $(BIN)/python -m pytest tests -m "not browser" -p no:cacheprovider
 	EMLOC_SMALL=1 EMLOC_RUN_DIR=$(SMALL_RUN) $(BIN)/python -m pytest --nbval-lax \
 		--nbval-sanitize-with tests/nb_sanitize.cfg --nbval-cell-timeout=900 notebooks -p no:cacheprovider

@@ -25,7 +25,7 @@ def build(ratio: float, calib: int, path: str) -> None:
     build_emulator(model, stats, ratio, progress=False).save(path, tokenizer=tok, overwrite=True)
 
 
-def measure(path: str, steps: int, batch_size: int) -> dict:
+def measure(path: str, steps: int, batch_size: int, checkpointing: bool) -> dict:
     """Child: load the original or a saved emulator, time inference and LoRA steps, report peak memory."""
     import torch
     from transformers import AutoTokenizer
@@ -47,7 +47,10 @@ def measure(path: str, steps: int, batch_size: int) -> dict:
         for b in data[1:]:
             answer_nll(model, b)
         infer = (time.perf_counter() - start) / steps
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = attach_lora(model, LoraSpec())
+    peft_model.train()
     optim = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     predicted = footprint(peft_model, data[0])
     start = time.perf_counter()
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--build", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,7 +85,7 @@ def main() -> None:
         print("built")
         return
     if args.measure:
-        print(json.dumps(measure(args.measure, args.steps, args.batch_size)))
+        print(json.dumps(measure(args.measure, args.steps, args.batch_size, args.gradient_checkpointing)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +94,8 @@ def main() -> None:
             if kind == "emulator":
                 path = str(Path(tmp) / f"emulator-{ratio}")
                 _child("--build", str(ratio), path, "--calibration", str(args.calibration))
-            row = json.loads(_child("--measure", path, "--steps", str(args.steps), "--batch-size", str(args.batch_size)))
+            extra = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+            row = json.loads(_child("--measure", path, "--steps", str(args.steps), "--batch-size", str(args.batch_size), *extra))
             rows.append({"model": kind, "ratio": ratio, **row})
             print(rows[-1], flush=True)
     base = rows[0]
@@ -102,7 +107,8 @@ def main() -> None:
         r["inference_speed_ratio"] = base["inference_s_per_batch"] / r["inference_s_per_batch"]
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "emulator_vs_original.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+    name = "emulator_vs_original" + ("_checkpointing" if args.gradient_checkpointing else "")
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
     lines = ["| model | ρ | weights MB (×orig) | peak RSS MB (×orig) | peak above imports (×orig) | predicted train MB | train s/step (speed ×orig) | inference s/batch (speed ×orig) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -110,7 +116,7 @@ def main() -> None:
                      f"{r['peak_rss_mb']:.0f} ({r['peak_ratio']:.2f}) | {r['peak_above_baseline_ratio']:.2f} | "
                      f"{r['predicted_train_mb']:.0f} | {r['train_s_per_step']:.2f} ({r['train_speed_ratio']:.2f}) | "
                      f"{r['inference_s_per_batch']:.2f} ({r['inference_speed_ratio']:.2f}) |")
-    (out / "emulator_vs_original.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -90,3 +90,16 @@ def test_hf_trainer_runs_with_the_same_collator(toy_task, tmp_path):
     after = dict(trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert [e["step"] for e in events] == [1, 2, 3]
+
+
+def test_gradient_checkpointing_gives_the_same_weights(toy_task, tmp_path):
+    model, tok, emulator = _emulator(toy_task)
+    lora = LoraSpec(r=4, alpha=8, dropout=0.0)
+    plain = finetune(emulator.model, tok, toy_task, tmp_path / "plain", lora=lora,
+                     config=TrainConfig(steps=3, checkpoint_every=0, **FAST), progress=False)
+    recomputed = finetune(emulator.model, tok, toy_task, tmp_path / "gc", lora=lora,
+                          config=TrainConfig(steps=3, checkpoint_every=0, gradient_checkpointing=True, **FAST), progress=False)
+    a = load_file(str(plain.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(recomputed.adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in emulator.model.modules())

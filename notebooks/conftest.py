@@ -1,0 +1,24 @@
+"""nbval settings for the tutorial notebooks.
+
+make test executes every notebook with `pytest --nbval-lax`: each cell must run without
+an error, and only cells marked `# NBVAL_CHECK_OUTPUT` have their output compared with
+the reference stored in the notebook. Rich outputs (HTML tables, plotly figures, widget
+views, JavaScript) and stderr (progress bars, warnings) are never compared: they change
+from run to run and are checked in a real browser by tests/browser instead.
+"""
+
+NOT_COMPARED = (
+    "text/html",
+    "text/markdown",
+    "application/javascript",
+    "application/vnd.plotly.v1+json",
+    "application/vnd.jupyter.widget-view+json",
+    "application/vnd.jupyter.widget-state+json",
+    "image/svg+xml",
+    "stderr",
+)
+
+
+def pytest_collectstart(collector):
+    if collector.path is not None and collector.path.suffix == ".ipynb":
+        collector.skip_compare = tuple(collector.skip_compare) + NOT_COMPARED
