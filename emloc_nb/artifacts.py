@@ -83,6 +83,19 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def write_grouped(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Per-layer tensors ({layer: {field: tensor}}) in one safetensors file, keyed "layer/field"."""
+    write_tensors(path, {f"{name}/{field}": t for name, fields in groups.items() for field, t in fields.items()})
+
+
+def read_grouped(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in read_tensors(path).items():
+        name, field = key.rsplit("/", 1)
+        groups.setdefault(name, {})[field] = tensor
+    return groups
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces `path` only on success."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import FORMAT_VERSION, atomic_dir, read_json, read_tensors, write_json, write_tensors
+from .artifacts import FORMAT_VERSION, atomic_dir, read_grouped, read_json, write_grouped, write_json
 from .errors import EmlocError
 from .models import accepts, block_linears, fingerprint, model_inputs
 
@@ -95,14 +95,11 @@ class CalibrationStats:
         return rows
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        tensors, inputs = {}, {}
-        for key, s in self.inputs.items():
-            tensors[f"{key}/second_moment"] = s.second_moment
-            tensors[f"{key}/abs_sum"] = s.abs_sum
-            tensors[f"{key}/abs_max"] = s.abs_max
-            inputs[key] = {"tokens": s.tokens, "layers": s.layers}
+        tensors = {key: {"second_moment": s.second_moment, "abs_sum": s.abs_sum, "abs_max": s.abs_max}
+                   for key, s in self.inputs.items()}
+        inputs = {key: {"tokens": s.tokens, "layers": s.layers} for key, s in self.inputs.items()}
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            write_tensors(tmp / "calibration.safetensors", tensors)
+            write_grouped(tmp / "calibration.safetensors", tensors)
             write_json(tmp / "calibration.json", {"format_version": FORMAT_VERSION, "kind": "calibration",
                                                   "model_fingerprint": self.model_fingerprint,
                                                   "examples": self.examples, "inputs": inputs})
@@ -112,12 +109,9 @@ class CalibrationStats:
     def load(cls, path: str | Path) -> "CalibrationStats":
         path = Path(path)
         meta = read_json(path / "calibration.json")
-        tensors = read_tensors(path / "calibration.safetensors")
-        inputs = {
-            key: InputStats(tensors[f"{key}/second_moment"], tensors[f"{key}/abs_sum"], tensors[f"{key}/abs_max"],
-                            info["tokens"], list(info["layers"]))
-            for key, info in meta["inputs"].items()
-        }
+        tensors = read_grouped(path / "calibration.safetensors")
+        inputs = {key: InputStats(**tensors[key], tokens=info["tokens"], layers=list(info["layers"]))
+                  for key, info in meta["inputs"].items()}
         return cls(inputs, meta["model_fingerprint"], meta["examples"])
 
 

@@ -23,7 +23,7 @@ from peft import LoraConfig
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, read_tensors, write_json, write_tensors
+from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_grouped, read_json, write_grouped, write_json, write_tensors
 from .calibration import CalibrationStats
 from .emulator import Emulator
 from .errors import EmlocError
@@ -137,10 +137,8 @@ class CorrectionReport:
         return rows
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        tensors = {f"{name}/{k}": v.double() if v.dtype != torch.bool else v.to(torch.uint8)
-                   for name, s in self.stats.items() for k, v in s.items()}
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            write_tensors(tmp / "correction.safetensors", tensors)
+            write_grouped(tmp / "correction.safetensors", self.stats)
             write_json(tmp / "correction.json", {"format_version": FORMAT_VERSION, "kind": "correction",
                                                  "clamp": self.clamp, "layers": self.layers})
         return Path(path)
@@ -149,12 +147,8 @@ class CorrectionReport:
     def load(cls, path: str | Path) -> "CorrectionReport":
         path = Path(path)
         meta = read_json(path / "correction.json")
-        stats: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in read_tensors(path / "correction.safetensors").items():
-            name, k = key.rsplit("/", 1)
-            stats.setdefault(name, {})[k] = value.bool() if k == "valid" else value
-        report = cls(meta["clamp"], meta["layers"], {}, stats)
-        report.kappa = {name: report.kappa_at(name, report.clamp) for name in stats}
+        report = cls(meta["clamp"], meta["layers"], {}, read_grouped(path / "correction.safetensors"))
+        report.kappa = {name: report.kappa_at(name, report.clamp) for name in report.stats}
         return report
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import FORMAT_VERSION, atomic_dir, read_json, read_tensors, write_json, write_tensors
+from .artifacts import FORMAT_VERSION, atomic_dir, read_grouped, read_json, write_grouped, write_json
 from .errors import EmlocError
 
 
@@ -61,9 +61,8 @@ class SpectrumTable:
         return pd.DataFrame(self.rows).set_index("name")
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        tensors = {f"{name}/{kind}": v for name, s in self.spectra.items() for kind, v in s.items()}
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            write_tensors(tmp / "spectra.safetensors", tensors)
+            write_grouped(tmp / "spectra.safetensors", self.spectra)
             write_json(tmp / "spectra.json", {"format_version": FORMAT_VERSION, "kind": "spectra",
                                               "rows": self.rows, "skipped": self.skipped})
         return Path(path)
@@ -72,8 +71,4 @@ class SpectrumTable:
     def load(cls, path: str | Path) -> "SpectrumTable":
         path = Path(path)
         meta = read_json(path / "spectra.json")
-        spectra: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in read_tensors(path / "spectra.safetensors").items():
-            name, kind = key.rsplit("/", 1)
-            spectra.setdefault(name, {})[kind] = value
-        return cls(meta["rows"], spectra, meta["skipped"])
+        return cls(meta["rows"], read_grouped(path / "spectra.safetensors"), meta["skipped"])
