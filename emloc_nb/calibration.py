@@ -174,15 +174,17 @@ def collect_stats(
                                              torch.zeros(d, dtype=torch.float64), 0, [name])
             if x.shape[0] == 0:
                 return
-            if not torch.isfinite(x).all():
+            magnitude = x.abs()
+            column_sums = magnitude.sum(0)
+            if not torch.isfinite(column_sums).all():  # a NaN/Inf anywhere in x reaches its column's sum
                 raise EmlocError(
                     f"Non-finite activations (NaN/Inf) at the input of {name} in calibration batch {step['batch']}. "
                     "Load the model in float32 (dtype=torch.float32) and check the inputs for invalid token ids."
                 )
             # One float32 product per batch, summed across batches in float64 (blocked summation).
             s.second_moment += (x.T @ x).double().cpu()
-            s.abs_sum += x.abs().sum(0).double().cpu()
-            s.abs_max = torch.maximum(s.abs_max, x.abs().amax(0).double().cpu())
+            s.abs_sum += column_sums.double().cpu()
+            s.abs_max = torch.maximum(s.abs_max, magnitude.amax(0).double().cpu())
             s.tokens += x.shape[0]
         return pre_hook
 

@@ -34,8 +34,8 @@ def _summary(run) -> None:
             print(f"| {b['block']} | {b['cosine']:.4f} |")
 
 
-def _config_from_flags(args) -> "RunConfig":
-    from .pipeline import RunConfig, small_settings, is_small
+def _config_from_flags(args):
+    from .pipeline import RunConfig, is_small, small_settings
 
     config = RunConfig.load(args.config) if getattr(args, "config", None) else RunConfig()
     d = config.to_dict()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .artifacts import atomic_dir, read_json, write_json
 from .errors import EmlocError
+from .training import LoraSpec, TrainConfig
 
 STAGES = ("calibrate", "emulator", "drift", "finetune_emulator", "finetune_original", "correct", "evaluate")
 SETTINGS = {
@@ -100,15 +101,12 @@ class RunConfig:
     task: TaskSpec = field(default_factory=TaskSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     emulator: EmulatorSpec = field(default_factory=EmulatorSpec)
-    lora: "LoraSpec" = None  # type: ignore[assignment]
-    train: "TrainConfig" = None  # type: ignore[assignment]
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    # The README's main job must finish in about 15 minutes on 2 CPU cores: fewer, larger steps than TrainConfig().
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=60, lr=5e-4, checkpoint_every=20))
     evaluation: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self):
-        from .training import LoraSpec, TrainConfig
-        self.lora = self.lora or LoraSpec()
-        # The README's main job must finish in about 15 minutes on 2 CPU cores: fewer, larger steps than TrainConfig().
-        self.train = self.train or TrainConfig(steps=60, lr=5e-4, checkpoint_every=20)
         if self.clamp < 0:
             raise EmlocError(f"clamp={self.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
         if isinstance(self.emulator.plan, dict):  # validate early, in one canonical form
@@ -126,7 +124,6 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        from .training import LoraSpec, TrainConfig
         nested = {"task": TaskSpec, "calibration": CalibrationSpec, "emulator": EmulatorSpec, "lora": LoraSpec,
                   "train": TrainConfig, "evaluation": EvalSpec}
         names = {f.name for f in fields(cls)}
@@ -195,22 +192,15 @@ class Run:
     def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, overwrite: bool = False):
         self.dir = Path(run_dir)
         config_file = self.dir / "run.json"
-        if config_file.is_file():
-            existing = RunConfig.from_dict(read_json(config_file))
-            if config is not None and config.to_dict() != existing.to_dict():
-                if not overwrite:
-                    raise EmlocError(
-                        f"{self.dir} already holds a different run (its run.json differs from this config). "
-                        "Choose another run directory, or pass overwrite=True (--overwrite) to replace it."
-                    )
-                with atomic_dir(self.dir, overwrite=True) as tmp:
-                    write_json(tmp / "run.json", config.to_dict())
-            self.config = config or existing
+        existing = RunConfig.from_dict(read_json(config_file)) if config_file.is_file() else None
+        if existing is not None and (config is None or config.to_dict() == existing.to_dict()):
+            self.config = existing
         else:
             if config is None:
                 raise EmlocError(f"{self.dir} is not a run directory (no run.json). Start one with `emloc run CONFIG --run-dir {self.dir}`.")
             if self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
-                raise EmlocError(f"{self.dir} is not empty and holds no run. Choose an empty directory, or pass --overwrite.")
+                what = "already holds a different run (its run.json differs from this config)" if existing else "is not empty and holds no run"
+                raise EmlocError(f"{self.dir} {what}. Choose another run directory, or pass overwrite=True (--overwrite) to replace it.")
             check_config(config)
             with atomic_dir(self.dir, overwrite=True) as tmp:
                 write_json(tmp / "run.json", config.to_dict())

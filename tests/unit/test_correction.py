@@ -7,7 +7,7 @@ from peft import PeftModel
 from emloc_nb import EmlocError, LoraSpec, TrainConfig, build_emulator, collect_stats, correct_layer, correct_lora, finetune, tiny_model
 from emloc_nb.correction import CorrectionReport, clamp_factors, error_terms
 from emloc_nb.data import batches
-from emloc_nb.models import linear_weight, model_inputs
+from emloc_nb.models import model_inputs
 
 D_OUT, D_IN, R = 12, 10, 3
 

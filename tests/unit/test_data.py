@@ -1,11 +1,10 @@
 import json
 
 import pytest
-import torch
 from datasets import Dataset, DatasetDict
 
 from emloc_nb import EmlocError, load_task
-from emloc_nb.data import IGNORE_INDEX, batches, collator_for, encode_example, movie_sentiment, tokenize
+from emloc_nb.data import IGNORE_INDEX, collator_for, encode_example, movie_sentiment
 from emloc_nb.models import tiny_tokenizer
 
 

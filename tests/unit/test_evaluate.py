@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from emloc_nb import RankPlan, build_emulator, collect_stats, drift, evaluate, tiny_model
-from emloc_nb.data import IGNORE_INDEX, batches, collator_for, encode_example
+from emloc_nb import RankPlan, build_emulator, drift, evaluate
+from emloc_nb.data import IGNORE_INDEX, batches, encode_example
 from emloc_nb.evaluate import answer_nll, choice_logprobs
 from emloc_nb.models import block_linears, linear_weight, model_inputs
 

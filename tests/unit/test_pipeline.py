@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from emloc_nb import EmlocError, Run, RunConfig, tiny_model
+from emloc_nb import EmlocError, Run, RunConfig
 from emloc_nb.cli import main as cli
 from emloc_nb.pipeline import SETTINGS, small_settings
 
