@@ -14,7 +14,7 @@ from .models import DEFAULT_MODEL, fingerprint, load_model, tiny_model
 from .pipeline import Run, RunConfig
 from .ranks import RankPlan, allocate
 from .spectra import SpectrumTable
-from .training import LoraSpec, TrainConfig, attach_lora, finetune, hf_trainer, load_adapter
+from .training import LoraSpec, TrainConfig, attach_lora, finetune, finetune_hf, hf_trainer, load_adapter
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,5 +22,5 @@ __all__ = [
     "MOVIE_SENTIMENT", "Task", "batches", "load_task", "movie_sentiment", "Emulator", "LowRankLinear",
     "build_emulator", "EmlocError", "DriftReport", "drift", "evaluate", "DEFAULT_MODEL", "fingerprint",
     "load_model", "tiny_model", "Run", "RunConfig", "RankPlan", "allocate", "SpectrumTable", "LoraSpec",
-    "TrainConfig", "attach_lora", "finetune", "hf_trainer", "load_adapter",
+    "TrainConfig", "attach_lora", "finetune", "finetune_hf", "hf_trainer", "load_adapter",
 ]

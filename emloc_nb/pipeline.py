@@ -434,26 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
-
 def finetune_with_trainer(run: Run, target: str = "emulator", **training_args) -> Path:
     """The fine-tuning stage through transformers' Trainer (runs under torchrun); same adapter format."""
-    from .models import fingerprint
-    from .training import hf_trainer, save_adapter
+    from .training import finetune_hf
 
-    out = run.path(f"finetune_{target}")
-    if (out / "adapter" / "emloc.json").is_file():
-        return out / "adapter"
     model, tokenizer = (run.original() if target == "original" else (run.emulator().model, _emulator_tokenizer(run)))
-    base = fingerprint(model)
-    trainer = hf_trainer(model, tokenizer, run.task(), out / "trainer", lora=run.config.lora, config=run.config.train,
-                         **training_args)
-    trainer.train()
-    if trainer.is_world_process_zero():
-        history = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
-                   for h in trainer.state.log_history if "loss" in h]
-        write_json(out / "history.json", history)
-        info = {"lora": asdict(run.config.lora), "train": asdict(run.config.train), "trainer": "hf",
-                "world_size": trainer.args.world_size, "final_loss": history[-1]["loss"] if history else None}
-        save_adapter(trainer.model, out / "adapter", base_fingerprint=base, info=info, overwrite=True)
-    return out / "adapter"
+    return finetune_hf(model, tokenizer, run.task(), run.path(f"finetune_{target}"), lora=run.config.lora,
+                       config=run.config.train, **training_args).adapter_dir

@@ -11,6 +11,7 @@ transformers Trainer over the same collator, which also runs under torchrun / DD
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -78,7 +79,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 256
     seed: int = 0
-    checkpoint_every: int = 50  # steps; 0 disables checkpoints
+    checkpoint_every: int = 50  # steps; 0: a checkpoint only when stop_after ends a call early
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
 
     def lr_at(self, step: int) -> float:
@@ -123,8 +124,14 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False,
     LoRA onto the original, the baseline the correction is measured against.
     """
     path = Path(path)
-    meta_file = path / "emloc.json"
-    if check_base and meta_file.is_file():
+    if not (path / "adapter_config.json").is_file():  # also keeps peft from looking the path up on the Hub
+        raise EmlocError(f"{path} holds no adapter (no adapter_config.json). "
+                         "Write one with `emloc finetune` or `emloc correct`, or give the adapter's directory.")
+    if check_base:
+        meta_file = path / "emloc.json"
+        if not meta_file.is_file():
+            raise EmlocError(f"The adapter at {path} does not record which model it was trained on (no emloc.json), "
+                             "so it cannot be checked. Pass check_base=False to apply it anyway.")
         check_fingerprint(read_json(meta_file)["base_fingerprint"], fingerprint(model),
                           artifact=f"The adapter at {path}", model="the model it is loaded onto")
     config = LoraConfig.from_pretrained(str(path))
@@ -162,7 +169,7 @@ def _order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
 
 
 def _save_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer, step: int,
-                     history: list[dict]) -> None:
+                     history: list[dict], signature: dict) -> None:
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     opt_state = optimizer.state_dict()
     tensors = {f"param/{n}": p for n, p in trainable.items()}
@@ -172,7 +179,8 @@ def _save_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.O
     tensors["rng/torch"] = torch.get_rng_state()
     with atomic_dir(path, overwrite=True) as tmp:
         write_tensors(tmp / "state.safetensors", tensors)
-        write_json(tmp / "state.json", {"step": step, "history": history, "param_groups": opt_state["param_groups"]})
+        write_json(tmp / "state.json", {"step": step, "history": history, "param_groups": opt_state["param_groups"],
+                                        "run": signature})
 
 
 def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
@@ -193,6 +201,37 @@ def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.O
     return meta["step"], meta["history"]
 
 
+def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainConfig) -> dict:
+    """What decides the trained weights: an adapter or checkpoint is reused only for the same signature."""
+    train = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "gradient_checkpointing")}
+    return json.loads(json.dumps({"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train}))  # as read back
+
+
+def _check_same_run(recorded: dict | None, signature: dict, where: Path) -> None:
+    if recorded == signature:
+        return
+    differ = sorted(k for k in signature if (recorded or {}).get(k) != signature[k])
+    raise EmlocError(f"{where} was written by another fine-tuning run (it differs in: {', '.join(differ)}). "
+                     "Use another output directory, or delete this one to start again.")
+
+
+def _finished(output_dir: Path, signature: dict) -> TrainResult | None:
+    """The adapter an earlier call with the same signature wrote to output_dir, if any."""
+    adapter_dir = output_dir / "adapter"
+    if not (adapter_dir / "emloc.json").is_file():
+        return None
+    _check_same_run(read_json(adapter_dir / "emloc.json").get("run"), signature, adapter_dir)
+    return TrainResult(adapter_dir, read_json(output_dir / "history.json"))
+
+
+def _write_adapter(peft_model: PeftModel, output_dir: Path, history: list[dict], signature: dict, **info) -> TrainResult:
+    write_json(output_dir / "history.json", history)
+    adapter_dir = save_adapter(peft_model, output_dir / "adapter", base_fingerprint=signature["base_fingerprint"],
+                               info={"run": signature, "final_loss": history[-1]["loss"] if history else None, **info},
+                               overwrite=True)
+    return TrainResult(adapter_dir, history)
+
+
 def finetune(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -205,43 +244,44 @@ def finetune(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a LoRA on `model` (emulator or original) and write `output_dir/adapter`.
+    """Train a LoRA on `model` (emulator or original) and write `output_dir/adapter`; `model` itself is left as it was.
 
     Checkpoints (safetensors: LoRA weights, AdamW moments, RNG state) go to
     `output_dir/checkpoint` every `config.checkpoint_every` steps; a later call with
-    the same output_dir resumes from there and ends with the same weights as an
-    uninterrupted run. `stop_after` ends early after that many steps (to simulate an
-    interruption, or to train in slices from a notebook).
+    the same model and settings resumes from there and ends with the same weights as
+    an uninterrupted run (other settings are refused). `stop_after` ends early after
+    that many steps (to simulate an interruption, or to train in slices from a notebook).
     """
     lora, config = lora or LoraSpec(), config or TrainConfig()
     output_dir = Path(output_dir)
     adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / "checkpoint"
-    if (adapter_dir / "emloc.json").is_file():
-        return TrainResult(adapter_dir, read_json(output_dir / "history.json"))
+    signature = _signature(fingerprint(model), lora, config)
+    if done := _finished(output_dir, signature):
+        return done
     if len(task.train) == 0:
         raise EmlocError(f"The task {task.name} has no training examples.")
-    base_fingerprint = fingerprint(model)
-    torch.manual_seed(config.seed)
-    peft_model = attach_lora(model, lora)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     start, history = 0, []
     if (checkpoint_dir / "state.json").is_file():
-        start, history = _load_checkpoint(checkpoint_dir, peft_model, optimizer)
-
+        _check_same_run(read_json(checkpoint_dir / "state.json").get("run"), signature, checkpoint_dir)
     encoded = tokenize(tokenizer, task.train, max_length=config.max_length)
     collate = collator_for(tokenizer)
     order = _order(len(encoded), config.steps, config.batch_size, config.seed)
     callbacks = list(callbacks)
-    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+
+    torch.manual_seed(config.seed)
+    peft_model = attach_lora(model, lora)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                  lr=config.lr, weight_decay=config.weight_decay)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model.train()
-    try:
+    try:  # whatever happens, `model` comes back without the LoRA layers
+        if (checkpoint_dir / "state.json").is_file():
+            start, history = _load_checkpoint(checkpoint_dir, peft_model, optimizer)
+        end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+        peft_model.train()
         for step in tqdm(range(start, end), desc="finetune", initial=start, total=config.steps, disable=not progress):
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            batch = collate(encoded.select(idx).to_list())
-            nll, mask = answer_nll(peft_model, batch)
+            nll, mask = answer_nll(peft_model, collate(encoded.select(idx).to_list()))
             loss = nll[mask].mean()
             if not torch.isfinite(loss):
                 raise EmlocError(f"The loss became {float(loss)} at step {step}. Lower the learning rate (now {config.lr}).")
@@ -256,22 +296,20 @@ def finetune(
             for cb in callbacks:
                 cb(event)
             done = step + 1
-            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == end) and done < config.steps:
-                _save_checkpoint(checkpoint_dir, peft_model, optimizer, done, history)
-    finally:
+            # Periodically, and always when stop_after ends the call early, so that the next call resumes.
+            if done < config.steps and (done == end or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                _save_checkpoint(checkpoint_dir, peft_model, optimizer, done, history, signature)
         peft_model.eval()
+        if len(history) < config.steps:  # stopped early: the checkpoint holds the progress
+            return TrainResult(adapter_dir, history)
+        result = _write_adapter(peft_model, output_dir, history, signature, task=task.name)
+    finally:
         if config.gradient_checkpointing:
             model.gradient_checkpointing_disable()
-
-    if len(history) < config.steps:  # stopped early; the checkpoint holds the progress
         peft_model.unload()
-        return TrainResult(adapter_dir, history)
-    write_json(output_dir / "history.json", history)
-    info = {"lora": asdict(lora), "train": asdict(config), "final_loss": history[-1]["loss"], "task": task.name}
-    save_adapter(peft_model, adapter_dir, base_fingerprint=base_fingerprint, info=info, overwrite=True)
-    peft_model.unload()
+        model.eval()
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return TrainResult(adapter_dir, history)
+    return result
 
 
 # ----------------------------------------------------------------------------- HF Trainer
@@ -293,7 +331,11 @@ class CallbackBridge(TrainerCallback):
 def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, output_dir: str | Path, *,
                lora: LoraSpec | None = None, config: TrainConfig | None = None, callbacks: Iterable[Callback] = (),
                **training_args):
-    """A transformers Trainer for the same LoRA and data; works under torchrun (gloo on CPU)."""
+    """A transformers Trainer for the same LoRA, data and schedule; works under torchrun (gloo on CPU).
+
+    It saves no checkpoints by default: a Trainer's checkpoints are pickles. Pass
+    save_strategy="steps" to have them anyway.
+    """
     from transformers import Trainer, TrainingArguments
 
     lora, config = lora or LoraSpec(), config or TrainConfig()
@@ -303,8 +345,9 @@ def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
     defaults = dict(
         output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.lr, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        lr_scheduler_type="cosine", logging_steps=1, gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, save_steps=config.checkpoint_every or config.steps,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},  # as TrainConfig.lr_at
+        logging_steps=1, gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no",
         seed=config.seed, report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None, disable_tqdm=True,
     )
@@ -312,3 +355,28 @@ def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
     train = tokenize(tokenizer, task.train, max_length=config.max_length)
     return Trainer(model=peft_model, args=args, train_dataset=train, data_collator=collator_for(tokenizer),
                    callbacks=[CallbackBridge(callbacks)])
+
+
+def finetune_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, output_dir: str | Path, *,
+                lora: LoraSpec | None = None, config: TrainConfig | None = None, callbacks: Iterable[Callback] = (),
+                **training_args) -> TrainResult:
+    """`finetune` through transformers' Trainer (and so torchrun, accelerate, DeepSpeed); the same adapter format."""
+    lora, config = lora or LoraSpec(), config or TrainConfig()
+    output_dir = Path(output_dir)
+    signature = _signature(fingerprint(model), lora, config)
+    if done := _finished(output_dir, signature):
+        return done
+    trainer = hf_trainer(model, tokenizer, task, output_dir / "trainer", lora=lora, config=config,
+                         callbacks=callbacks, **training_args)
+    try:
+        trainer.train()
+        history = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+                   for h in trainer.state.log_history if "loss" in h]
+        result = TrainResult(output_dir / "adapter", history)
+        if trainer.is_world_process_zero():
+            result = _write_adapter(trainer.model, output_dir, history, signature, task=task.name, trainer="hf",
+                                    world_size=trainer.args.world_size)
+        trainer.accelerator.wait_for_everyone()  # other ranks return once the adapter is on disk
+    finally:
+        trainer.model.unload()
+    return result

@@ -56,6 +56,57 @@ def test_resumed_run_matches_an_uninterrupted_one(toy_task, tmp_path):
     assert not (tmp_path / "parts" / "checkpoint").exists()
 
 
+def test_stop_after_keeps_the_progress_without_periodic_checkpoints(toy_task, tmp_path):
+    model, tok = tiny_model("llama")
+    config = TrainConfig(steps=4, checkpoint_every=0, **FAST)
+    part = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config,
+                    stop_after=2, progress=False)
+    rest = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
+    assert len(part.history) == 2 and [h["step"] for h in rest.history] == [1, 2, 3, 4]
+    assert rest.history[:2] == part.history
+
+
+def test_a_checkpoint_or_adapter_of_another_run_is_refused(toy_task, tmp_path):
+    model, tok, emulator = _emulator(toy_task)
+    config = TrainConfig(steps=4, checkpoint_every=0, **FAST)
+    finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config,
+             stop_after=2, progress=False)
+    with pytest.raises(EmlocError, match="another fine-tuning run.*base_fingerprint"):  # same names, other weights
+        finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
+    with pytest.raises(EmlocError, match="another fine-tuning run.*train"):
+        finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2),
+                 config=TrainConfig(steps=4, checkpoint_every=0, batch_size=8, lr=1.0, warmup_steps=1), progress=False)
+    finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
+    with pytest.raises(EmlocError, match="another fine-tuning run.*lora"):  # a finished adapter is not reused either
+        finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=4, alpha=2), config=config, progress=False)
+
+
+def test_a_failed_run_leaves_the_model_without_lora(toy_task, tmp_path):
+    model, tok = tiny_model("llama")
+
+    def interrupt(event):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, tok, toy_task, tmp_path / "a", lora=LoraSpec(r=2, alpha=2),
+                 config=TrainConfig(steps=3, checkpoint_every=0, **FAST), callbacks=[interrupt], progress=False)
+    assert not any("lora" in n for n, _ in model.named_modules())
+    again = finetune(model, tok, toy_task, tmp_path / "b", lora=LoraSpec(r=2, alpha=2),
+                     config=TrainConfig(steps=1, checkpoint_every=0, **FAST), progress=False)
+    assert (again.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_load_adapter_names_a_missing_or_unchecked_adapter(toy_task, tmp_path):
+    model, tok = tiny_model("llama")
+    with pytest.raises(EmlocError, match="no adapter_config.json"):
+        load_adapter(model, tmp_path / "nothing-here")
+    result = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2),
+                      config=TrainConfig(steps=1, checkpoint_every=0, **FAST), progress=False)
+    (result.adapter_dir / "emloc.json").unlink()
+    with pytest.raises(EmlocError, match="check_base=False"):
+        load_adapter(model, result.adapter_dir)
+
+
 def test_adapter_refuses_another_base(toy_task, tmp_path):
     model, tok, emulator = _emulator(toy_task)
     result = finetune(emulator.model, tok, toy_task, tmp_path / "emu", lora=LoraSpec(r=2, alpha=2),
