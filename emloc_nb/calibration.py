@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import FORMAT_VERSION, atomic_dir, read_grouped, read_json, write_grouped, write_json
 from .errors import EmlocError
-from .models import accepts, block_linears, fingerprint, model_inputs
+from .models import accepts, block_linears, fingerprint, model_inputs, on_device
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
 
@@ -194,6 +194,7 @@ def collect_stats(
     model.eval()
     try:
         for i, batch in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
+            batch = on_device(model, batch)
             mask = batch.get("attention_mask")
             step.update(mask=None if mask is None else mask.bool(), seen={}, batch=i)
             forward_fn(model, batch)

@@ -173,6 +173,8 @@ def correct_lora(
         raise EmlocError(f"Clamp L={clamp} must be ≥ 0 (0: naive transfer, inf: no clamp; the paper uses 3).")
     original_fp = fingerprint(original)
     check_fingerprint(emulator.original_fingerprint, original_fp, artifact="The emulator", model="the original model")
+    if heldout is not None:
+        check_fingerprint(heldout.model_fingerprint, original_fp, artifact="The held-out statistics", model="the original model")
     peft_emulator = load_adapter(emulator.model, adapter_dir)  # refuses an adapter trained on another base
     try:
         factors = lora_factors(peft_emulator)

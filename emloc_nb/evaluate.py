@@ -18,11 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .artifacts import FORMAT_VERSION, read_json, write_json
+from .artifacts import FORMAT_VERSION, check_fingerprint, read_json, write_json
 from .calibration import CalibrationStats, collect_stats
 from .data import IGNORE_INDEX, Task, collator_for, encode_example
 from .errors import EmlocError
-from .models import accepts, linear_weight, model_inputs
+from .models import accepts, fingerprint, linear_weight, model_inputs, on_device
 
 # ----------------------------------------------------------------------------- answer likelihood
 
@@ -33,6 +33,7 @@ def answer_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tenso
     With left padding the answers sit at the end of the batch, so only the last
     logits are computed (the LM head is a large share of a small model's cost).
     """
+    batch = on_device(model, batch)
     labels = batch["labels"]
     width = labels.shape[1]
     labelled = (labels != IGNORE_INDEX).any(0).nonzero()
@@ -61,7 +62,8 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
         n_prompt = encs[0]["labels"].count(IGNORE_INDEX)
         prompt_ids.append({"input_ids": encs[0]["input_ids"][:n_prompt]})
         conts.extend(e["input_ids"][n_prompt:] for e in encs)
-    batch = collate(prompt_ids)
+    batch = on_device(model, collate(prompt_ids))
+    device = batch["input_ids"].device
     extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     out = model(**model_inputs(model, batch), use_cache=True, **extra)
     first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(k, 0)
@@ -71,7 +73,8 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     for i, c in enumerate(conts):
         cont[i, :len(c)] = torch.as_tensor(c)
         cont_mask[i, :len(c)] = 1
-    logp = torch.zeros(cont.shape)
+    cont, cont_mask = cont.to(device), cont_mask.to(device)
+    logp = torch.zeros(cont.shape, device=device)
     logp[:, 0] = first.gather(1, cont[:, :1]).squeeze(1)
     if width > 1:
         cache_arg = "cache" if accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.x
@@ -79,17 +82,17 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
         cache.batch_repeat_interleave(k)
         mask = torch.cat([batch["attention_mask"].repeat_interleave(k, 0), cont_mask], dim=1)
         step = {"input_ids": cont, "attention_mask": mask,
-                "position_ids": batch["position_ids"][:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(width)}
+                "position_ids": batch["position_ids"][:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(width, device=device)}
         rest = model(**model_inputs(model, step), **{cache_arg: cache}, use_cache=True).logits.float().log_softmax(-1)
         logp[:, 1:] = rest[:, :-1].gather(2, cont[:, 1:, None]).squeeze(2)
     logp = logp * cont_mask
-    return logp.sum(1).view(-1, k), cont_mask.sum(1).view(-1, k)
+    return logp.sum(1).view(-1, k).cpu(), cont_mask.sum(1).view(-1, k).cpu()
 
 
 @torch.no_grad()
 def _generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
     collate = collator_for(tokenizer)
-    batch = collate([{"input_ids": encode_example(tokenizer, m)["input_ids"]} for m in prompts])
+    batch = on_device(model, collate([{"input_ids": encode_example(tokenizer, m)["input_ids"]} for m in prompts]))
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=collate.pad_token_id)
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -168,9 +171,11 @@ def drift(original: nn.Module, emulator, batches: list[dict], *, heldout: Calibr
     batches (`heldout`, collected here if not given), so they measure each layer
     alone; block cosines and KL measure the drift as it accumulates.
     """
-
+    original_fp = fingerprint(original)
+    check_fingerprint(emulator.original_fingerprint, original_fp, artifact="The emulator", model="the original model")
     if heldout is None:
         heldout = collect_stats(original, batches, layers=emulator.spectra.names, progress=progress)
+    check_fingerprint(heldout.model_fingerprint, original_fp, artifact="The held-out statistics", model="the original model")
     originals = dict(original.named_modules())
     emulated = dict(emulator.model.named_modules())
     layers = []
@@ -186,6 +191,7 @@ def drift(original: nn.Module, emulator, batches: list[dict], *, heldout: Calibr
     n_tok = n_pred = 0
     examples = []
     for batch in tqdm(batches, desc="drift", disable=not progress):
+        batch = on_device(original, batch)
         inputs = model_inputs(original, batch)
         out_o = original(**inputs, output_hidden_states=True, use_cache=False)
         out_e = emulator.model(**inputs, output_hidden_states=True, use_cache=False)

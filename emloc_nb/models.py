@@ -255,6 +255,12 @@ def accepts(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(base.forward).parameters
 
 
+def on_device(model: nn.Module, batch: dict) -> dict:
+    """`batch` with its tensors on the model's device (collators build them on the CPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def model_inputs(model: nn.Module, batch: dict) -> dict:
     """The batch entries this model's forward takes: input_ids, attention_mask and, if accepted, position_ids."""
     keys = ["input_ids", "attention_mask"] + (["position_ids"] if accepts(model, "position_ids") else [])
