@@ -8,6 +8,7 @@ state is left on the modules.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -153,20 +154,27 @@ def collect_stats(
         def pre_hook(module, args):
             x = args[0]
             seen = step["seen"]
-            if id(x) in seen and seen[id(x)][0] is x:  # the same tensor was already counted this forward
+            if id(x) in seen and seen[id(x)][0]() is x:  # the same tensor was already counted this forward
                 key = seen[id(x)][1]
                 if owner.setdefault(name, key) != key:
                     raise EmlocError(f"{name} read different inputs across batches; calibrate with a fixed forward.")
                 if name not in inputs[key].layers:
                     inputs[key].layers.append(name)
                 return
-            seen[id(x)] = (x, name)
+            seen[id(x)] = (weakref.ref(x), name)  # weak: holding layer inputs until the forward ends costs memory
             key = owner.setdefault(name, name)
             x = x.detach()
             mask = step["mask"]
-            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-                x = x[mask]
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = x.reshape(-1, x.shape[-1])  # some models (OPT) flatten (batch, time) before their MLP
+            if mask is not None:
+                if mask.numel() != x.shape[0]:
+                    raise EmlocError(
+                        f"The input of {name} has {x.shape[0]} token positions but the attention mask has {mask.numel()}, "
+                        "so padding cannot be told apart. Calibrate with batches of equal-length examples and no "
+                        "attention_mask, or pass a forward_fn whose layer inputs follow the mask."
+                    )
+                x = x[mask.reshape(-1)]
+            x = x.float()
             s = inputs.get(key)
             if s is None:
                 d = x.shape[-1]

@@ -39,8 +39,8 @@ def test_shared_inputs_are_collected_once(llama, toy_task):
     assert sorted(stats.layers) == sorted(block_linears(model))
 
 
-def test_padding_does_not_change_the_statistics(llama):
-    model, tok = llama
+def test_padding_does_not_change_the_statistics(tiny):  # every family, including OPT's flattened MLP inputs
+    model, tok = tiny
     collate = collator_for(tok)
     short = encode_example(tok, [{"role": "user", "content": "ok"}], "yes")
     long = encode_example(tok, [{"role": "user", "content": "a much longer prompt than the other"}], "no")
@@ -51,6 +51,7 @@ def test_padding_does_not_change_the_statistics(llama):
         assert a.tokens == p.tokens
         assert torch.allclose(a.second_moment, p.second_moment, rtol=1e-4, atol=1e-5 * a.second_moment.abs().max())
         assert torch.allclose(a.abs_max, p.abs_max, rtol=1e-4, atol=1e-6)
+    assert {s.tokens for s in padded.inputs.values()} == {len(short["input_ids"]) + len(long["input_ids"])}
 
 
 def test_hooks_are_removed_after_an_exception(llama, toy_task):
