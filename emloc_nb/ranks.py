@@ -83,6 +83,9 @@ class RankPlan:
         for name, (d_out, d_in) in shapes.items():
             if name in self.ranks:
                 rank, reason = self.ranks[name], "explicit rank"
+                if not 1 <= rank <= min(d_out, d_in):
+                    raise EmlocError(f"Rank {rank} for {name} is outside 1…{min(d_out, d_in)} = min(d_out, d_in). "
+                                     "Use a rank in that range, or a rule with ρ = 1 to keep the layer dense.")
             else:
                 pattern = next((p for p in self.rules if re.search(p, name)), None)
                 ratio = self.rules[pattern] if pattern else self.ratio
@@ -131,6 +134,10 @@ def allocate(spectra, budget: float, *, strategy: str = "uniform", dense: list[s
     left = budget * total - fixed
     if not free or left <= 0:
         raise EmlocError(f"A budget of {budget:g} cannot even hold the layers kept dense ({fixed / total:.2f} of the parameters). Raise the budget or keep fewer layers dense.")
+    smallest = sum(r["d_out"] + r["d_in"] for r in free)  # rank 1 everywhere
+    if left < smallest:
+        raise EmlocError(f"A budget of {budget:g} is below the smallest emulator, rank 1 in every compressed layer "
+                         f"({(fixed + smallest) / total:.4f} of the parameters). Raise the budget or keep fewer layers dense.")
     rules = {re.escape(r["name"]): 1.0 for r in rows if is_dense[r["name"]]}
     if strategy == "uniform":
         ratio = min(1.0, left / sum(r["d_out"] * r["d_in"] for r in free))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from emloc_nb import EmlocError, Emulator, RankPlan, build_emulator, collect_stats, fingerprint, tiny_model
+from emloc_nb import EmlocError, Emulator, RankPlan, allocate, build_emulator, collect_stats, fingerprint, tiny_model
 from emloc_nb.data import batches
 from emloc_nb.emulator import LowRankLinear, whitening
 from emloc_nb.evaluate import relative_error
@@ -122,6 +122,26 @@ def test_rule_matching_no_layer_is_refused(calibrated):
     model, tok, calib, stats = calibrated
     with pytest.raises(EmlocError, match="match no layer"):
         build_emulator(model, stats, RankPlan(0.5, rules={r"layers\.99\.": 1.0}), progress=False)
+
+
+def test_explicit_rank_beyond_the_layer_is_refused(calibrated):
+    model, tok, calib, stats = calibrated
+    name, layer = next(iter(block_linears(model).items()))
+    too_big = min(linear_weight(layer).shape) + 1
+    with pytest.raises(EmlocError, match=f"Rank {too_big} for .* outside 1…"):
+        build_emulator(model, stats, RankPlan(ranks={name: too_big}), progress=False)
+
+
+def test_budget_below_rank_one_everywhere_is_refused(calibrated):
+    model, tok, calib, stats = calibrated
+    spectra = build_emulator(model, stats, 0.5, progress=False).spectra
+    smallest = sum(r["d_out"] + r["d_in"] for r in spectra.rows) / sum(r["d_out"] * r["d_in"] for r in spectra.rows)
+    for strategy in ("uniform", "energy"):
+        with pytest.raises(EmlocError, match="below the smallest emulator"):
+            allocate(spectra, smallest * 0.9, strategy=strategy)
+        plan = allocate(spectra, smallest * 1.01, strategy=strategy)
+        kept = build_emulator(model, stats, plan, progress=False).spectra.totals()["share_kept"]
+        assert kept <= smallest * 1.01 + 1e-9
 
 
 def test_whitening_handles_singular_second_moments():
