@@ -27,6 +27,7 @@ from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_group
 from .calibration import CalibrationStats
 from .emulator import Emulator
 from .errors import EmlocError
+from .evaluate import output_energy
 from .models import block_index, fingerprint, linear_weight
 from .training import load_adapter, lora_factors
 
@@ -84,11 +85,11 @@ def error_terms(w: torch.Tensor, w_e: torch.Tensor, lc: LayerCorrection, covaria
     cu = c @ u
     tuned = w_e + lc.b_prime[:, lc.valid] @ u.T  # W_E + ΔW (ΔW lives on the valid directions)
     return {
-        "a": torch.einsum("oi,ij,oj->", delta, c, delta),
+        "a": output_energy(delta, c),
         "m": ((delta @ cu) * d).sum(0),
         "q": (u.T @ cu) * (d.T @ d),
-        "ref_all": torch.einsum("oi,ij,oj->", tuned, c, tuned),
-        "ref_sub": torch.einsum("oi,ij,oj->", tuned @ u, u.T @ cu, tuned @ u),
+        "ref_all": output_energy(tuned, c),
+        "ref_sub": output_energy(tuned @ u, u.T @ cu),
     }
 
 
@@ -107,7 +108,6 @@ class CorrectionReport:
 
     clamp: float
     layers: list[dict]
-    kappa: dict[str, torch.Tensor]  # per layer, at `clamp`
     stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # b_mean, d_mean, valid + error terms
 
     def kappa_at(self, name: str, clamp: float) -> torch.Tensor:
@@ -124,15 +124,16 @@ class CorrectionReport:
         return {"error_all": overall, "error_subspace": sub}
 
     def rows_at(self, clamp: float) -> list[dict]:
-        """The layer table recomputed for another L, from the stored terms alone."""
+        """The layer table for any L, from the stored terms alone ("before" is the naive transfer, L = 0)."""
         rows = []
         for row in self.layers:
             kappa = self.kappa_at(row["name"], clamp)
             valid = self.stats[row["name"]]["valid"].bool()
             new = {**row, "clamped": int((kappa[valid] < 1).sum()), "kappa_mean": float(kappa[valid].mean()) if valid.any() else 0.0}
             if "q" in self.stats[row["name"]]:
-                after = self.errors_at(row["name"], clamp)
-                new.update(after_all=after["error_all"], after_subspace=after["error_subspace"])
+                before, after = self.errors_at(row["name"], 0.0), self.errors_at(row["name"], clamp)
+                new.update(before_all=before["error_all"], before_subspace=before["error_subspace"],
+                           after_all=after["error_all"], after_subspace=after["error_subspace"])
             rows.append(new)
         return rows
 
@@ -147,9 +148,7 @@ class CorrectionReport:
     def load(cls, path: str | Path) -> "CorrectionReport":
         path = Path(path)
         meta = read_json(path / "correction.json")
-        report = cls(meta["clamp"], meta["layers"], {}, read_grouped(path / "correction.safetensors"))
-        report.kappa = {name: report.kappa_at(name, report.clamp) for name in report.stats}
-        return report
+        return cls(meta["clamp"], meta["layers"], read_grouped(path / "correction.safetensors"))
 
 
 @torch.no_grad()
@@ -179,14 +178,24 @@ def correct_lora(
     try:
         factors = lora_factors(peft_emulator)
         config = peft_emulator.peft_config[peft_emulator.active_adapter]
+        trained = {n.removeprefix("base_model.model.").split(".lora_")[0] for n, _ in peft_emulator.named_parameters()
+                   if ".lora_" in n}
     finally:
         peft_emulator.unload()
+    unsupported = [what for what, used in [("DoRA", getattr(config, "use_dora", False)), (f"bias={config.bias!r}", config.bias != "none"),
+                                           ("modules_to_save", bool(config.modules_to_save)),
+                                           (f"LoRA on non-linear layers {sorted(trained - set(factors))[:3]}", trained - set(factors))]
+                   if used]
+    if unsupported:
+        raise EmlocError(f"The adapter at {adapter_dir} uses {', '.join(unsupported)}, which the correction cannot carry "
+                         "over to the original. Train a plain LoRA on linear layers (emloc_nb.LoraSpec) instead.")
     originals, emulated = dict(original.named_modules()), dict(emulator.model.named_modules())
 
-    tensors, rows, kappas, stats, ranks = {}, [], {}, {}, {}
+    tensors, rows, stats, ranks = {}, [], {}, {}
     for name, (a, b, s) in factors.items():
         if name not in originals:
-            raise EmlocError(f"The adapter targets {name}, which the original model lacks. Was it trained on another architecture?")
+            raise EmlocError(f"The adapter targets {name}, which the original model lacks. Correct it against the "
+                             "original model its emulator was built from.")
         w, w_e = linear_weight(originals[name]), linear_weight(emulated[name])
         if tuple(w.shape) != (b.shape[0], a.shape[1]) or w.shape != w_e.shape:
             raise EmlocError(f"Shapes disagree at {name}: W {tuple(w.shape)}, W_E {tuple(w_e.shape)}, "
@@ -196,18 +205,11 @@ def correct_lora(
         tensors[f"base_model.model.{name}.lora_A.weight"] = lc.a.to(dtype)
         tensors[f"base_model.model.{name}.lora_B.weight"] = lc.b.to(dtype)
         ranks[name] = a.shape[0]
-        kappas[name] = lc.kappa
         stats[name] = {"b_mean": lc.b_mean, "d_mean": lc.d_mean, "valid": lc.valid}
-        row = {"name": name, "block": block_index(name), "kind": name.rsplit(".", 1)[-1], "lora_rank": a.shape[0],
-               "scaling": s, "d_norm": float(lc.d.norm()), "b_norm": float(lc.b_prime.norm()),
-               "clamped": int((lc.kappa[lc.valid] < 1).sum()),
-               "kappa_mean": float(lc.kappa[lc.valid].mean()) if lc.valid.any() else 0.0}
         if heldout is not None:
-            terms = error_terms(w, w_e, lc, heldout.for_layer(name).covariance)
-            stats[name].update(terms)
-            before, after = _errors(terms, torch.zeros(int(lc.valid.sum()))), _errors(terms, lc.kappa[lc.valid])
-            row.update(before_all=before[0], before_subspace=before[1], after_all=after[0], after_subspace=after[1])
-        rows.append(row)
+            stats[name].update(error_terms(w, w_e, lc, heldout.for_layer(name).covariance))
+        rows.append({"name": name, "block": block_index(name), "kind": name.rsplit(".", 1)[-1], "lora_rank": a.shape[0],
+                     "scaling": s, "d_norm": float(lc.d.norm()), "b_norm": float(lc.b_prime.norm())})
 
     r_values = set(ranks.values())
     r = max(r_values)
@@ -222,4 +224,6 @@ def correct_lora(
         write_json(tmp / "emloc.json", {"format_version": FORMAT_VERSION, "kind": "corrected_adapter",
                                          "base_fingerprint": original_fp, "emulator_fingerprint": emulator.fingerprint,
                                          "clamp": clamp, "source_adapter": str(adapter_dir)})
-    return CorrectionReport(clamp, rows, kappas, stats)
+    report = CorrectionReport(clamp, rows, stats)
+    report.layers = report.rows_at(clamp)
+    return report

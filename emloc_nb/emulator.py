@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from .models import block_index, block_linears, fingerprint, linear_bias, linear
 from .ranks import RankPlan
 from .spectra import SpectrumTable
 
-log = logging.getLogger(__name__)
 
 MODES = ("whitened", "plain")
 
@@ -52,8 +50,12 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
     def dense_weight(self) -> torch.Tensor:
-        """W_E = up · down, shape (out_features, in_features)."""
-        return self.up.weight @ self.down.weight
+        """W_E = up · down, shape (out_features, in_features), in float64.
+
+        Rounding the product to a 16-bit dtype would add noise the forward up(down(x)) never
+        has, comparable to the truncation error that drift and correction measure.
+        """
+        return self.up.weight.double() @ self.down.weight.double()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -154,12 +154,16 @@ class DriftReport:
         return cls(d["layers"], d["blocks"], d["summary"], d["tokens"])
 
 
+def output_energy(m: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """tr(M C Mᵀ): the summed ‖M x‖² over the tokens whose second moment is C, in float64."""
+    m = m.double()
+    return torch.einsum("oi,ij,oj->", m, covariance.double(), m)
+
+
 def relative_error(delta: torch.Tensor, weight: torch.Tensor, covariance: torch.Tensor) -> float:
     """‖Δ x‖ / ‖W x‖ summed over the tokens whose second moment is `covariance`: √(tr ΔCΔᵀ / tr WCWᵀ)."""
-    c = covariance.double()
-    num = torch.einsum("oi,ij,oj->", delta.double(), c, delta.double())
-    den = torch.einsum("oi,ij,oj->", weight.double(), c, weight.double())
-    return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else float("nan")
+    num, den = float(output_energy(delta, covariance)), float(output_energy(weight, covariance))
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")
 
 
 @torch.no_grad()

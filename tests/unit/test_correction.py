@@ -2,12 +2,13 @@ import math
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
-from emloc_nb import EmlocError, LoraSpec, TrainConfig, build_emulator, collect_stats, correct_layer, correct_lora, finetune, tiny_model
+from emloc_nb import EmlocError, LoraSpec, TrainConfig, build_emulator, collect_stats, correct_layer, correct_lora, finetune, fingerprint, tiny_model
 from emloc_nb.correction import CorrectionReport, clamp_factors, error_terms
 from emloc_nb.data import batches
-from emloc_nb.models import model_inputs
+from emloc_nb.models import linear_weight, model_inputs
+from emloc_nb.training import load_adapter, lora_factors, save_adapter
 
 D_OUT, D_IN, R = 12, 10, 3
 
@@ -124,6 +125,36 @@ def test_corrected_adapter_is_standard_peft_and_matches_the_merge(trained, tmp_p
         assert loaded.errors_at(r["name"], 0.0)["error_all"] == pytest.approx(r["before_all"], rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("clamp", [math.inf, 0.0])
+def test_written_adapter_fits_the_original_exactly(trained, tmp_path, clamp):
+    """Through the files and stock peft: with no clamp, W + ΔW_c = W_E + ΔW on span(Aᵀ) and W off it;
+    with L = 0, ΔW_c is the emulator's own ΔW (the naive transfer)."""
+    model, tok, emulator, heldout, adapter = trained
+    correct_lora(model, emulator, adapter, tmp_path / "corrected", clamp=clamp)
+    on_emulator = load_adapter(emulator.model, adapter)
+    factors = lora_factors(on_emulator)
+    on_emulator.unload()
+    peft_model = PeftModel.from_pretrained(model, str(tmp_path / "corrected"))
+    modules = dict(peft_model.base_model.model.named_modules())
+    emulated = dict(emulator.model.named_modules())
+    g = torch.Generator().manual_seed(0)
+    for name, (a, b, s) in factors.items():
+        a, b = a.double(), b.double()
+        layer = modules[name]
+        w, w_e = layer.base_layer.weight.double(), linear_weight(emulated[name])
+        delta_c = layer.get_delta_weight("default").double()
+        x = torch.randn(a.shape[1], 6, generator=g, dtype=torch.float64)
+        inside = a.T @ torch.linalg.lstsq(a.T, x).solution  # the projection of x onto span(Aᵀ)
+        outside = x - inside
+        if math.isinf(clamp):
+            target = (w_e + s * b @ a) @ inside
+            assert torch.allclose((w + delta_c) @ inside, target, atol=1e-5 * target.abs().max())
+            assert (delta_c @ outside).abs().max() <= 1e-5 * (w @ outside).abs().max()
+        else:
+            assert torch.allclose(delta_c, s * b @ a, atol=1e-6 * (s * b @ a).abs().max() + 1e-12)
+    peft_model.unload()
+
+
 def emulator_task_rows(tok):
     from datasets import Dataset
     return Dataset.from_list([{"messages": [{"role": "user", "content": f"sample {i}"}], "answer": "yes"} for i in range(4)])
@@ -140,3 +171,15 @@ def test_correction_refuses_a_foreign_adapter_or_original(trained, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     with pytest.raises(EmlocError, match="Clamp"):
         correct_lora(model, emulator, adapter, tmp_path / "z", clamp=-1)
+
+
+def test_correction_refuses_what_it_cannot_carry_over(trained, tmp_path):
+    model, tok, emulator, heldout, adapter = trained
+    config = LoraSpec(r=2, alpha=2).lora_config(emulator.model)
+    config.bias = "lora_only"  # trained biases have no counterpart in the corrected factors
+    peft_model = get_peft_model(emulator.model, config)
+    save_adapter(peft_model, tmp_path / "biased", base_fingerprint=fingerprint(emulator.model))
+    peft_model.unload()
+    with pytest.raises(EmlocError, match="bias='lora_only'.*plain LoRA"):
+        correct_lora(model, emulator, tmp_path / "biased", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
