@@ -109,10 +109,8 @@ class RunConfig:
     def __post_init__(self):
         if self.clamp < 0:
             raise EmlocError(f"clamp={self.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
-        if isinstance(self.emulator.plan, dict):  # validate early, in one canonical form
-            self.emulator.plan = self.rank_plan().to_dict()
-        else:
-            self.rank_plan()
+        # Validated early and stored as the plan itself, not a file name: run.json then says what was built.
+        self.emulator.plan = self.rank_plan().to_dict()
 
     def rank_plan(self):
         from .ranks import RankPlan
@@ -146,6 +144,9 @@ class RunConfig:
             d = yaml.safe_load(text) or {}
         else:
             d = json.loads(text)
+        plan = d.get("emulator", {}).get("plan")
+        if isinstance(plan, str):  # a plan file named in a config is relative to the config
+            d["emulator"]["plan"] = str(path.parent / Path(plan).expanduser())
         return cls.from_dict(d)
 
 
@@ -173,15 +174,26 @@ def is_small() -> bool:
 
 
 def notebook_run(config: RunConfig | None = None) -> "Run":
-    """The run the tutorial notebooks share: EMLOC_RUN_DIR (default runs/notebooks), small under EMLOC_SMALL=1.
+    """The run the tutorial notebooks share, small under EMLOC_SMALL=1.
 
-    Stages already done there are reused, so each notebook can start from any stage.
+    EMLOC_RUN_DIR, by default the checkout's runs/demo (what `make demo` wrote, with the same
+    settings) or runs/notebooks-small. Stages already done there are reused, so each
+    notebook can start from any stage.
     """
     config = config or RunConfig()
     if is_small():
         config = small_settings(config)
-    default = Path("runs") / ("notebooks-small" if is_small() else "notebooks")
+    default = _project_dir() / "runs" / ("notebooks-small" if is_small() else "demo")
     return Run(Path(os.environ.get("EMLOC_RUN_DIR", default)).expanduser(), config)
+
+
+def _project_dir() -> Path:
+    """The checkout this package runs from (an editable install), else the working directory.
+
+    Jupyter starts kernels in the notebook's folder, so a path relative to it would miss runs/.
+    """
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 
 # ----------------------------------------------------------------------------- the run directory

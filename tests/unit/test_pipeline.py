@@ -110,3 +110,14 @@ def test_core_imports_no_notebook_stack():
 def test_default_config_file_is_the_default_run():
     from pathlib import Path
     assert RunConfig.load(Path(__file__).parents[2] / "configs" / "default.yaml").to_dict() == RunConfig().to_dict()
+
+
+def test_a_plan_file_is_read_relative_to_its_config_and_stored_whole(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "plan.json").write_text(json.dumps({"ratio": 0.6, "rules": {"down_proj": 1.0}}))
+    (tmp_path / "configs" / "run.json").write_text(json.dumps({"emulator": {"plan": "plan.json"}}))
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    config = RunConfig.load("configs/run.json")
+    assert config.emulator.plan == {"ratio": 0.6, "rules": {"down_proj": 1.0}, "ranks": {}}
+    (tmp_path / "configs" / "plan.json").write_text(json.dumps({"ratio": 0.3}))  # a later edit does not change the run
+    assert RunConfig.from_dict(config.to_dict()).emulator.plan["ratio"] == 0.6
