@@ -8,7 +8,7 @@ CONSTRAINTS := requirements/constraints.txt
 export EMLOC_CACHE ?= $(HOME)/.cache/emloc_nb
 SMALL_RUN := $(CURDIR)/runs/ci-small
 
-.PHONY: setup demo test unit notebooks browser clean
+.PHONY: setup demo test clean
 
 setup: $(VENV)/.installed
 

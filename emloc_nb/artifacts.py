@@ -45,6 +45,13 @@ def _restore_floats(obj: Any) -> Any:
     return obj
 
 
+def _usual_mode(full: int) -> int:
+    """The mode a plain open()/mkdir() would give; mkstemp/mkdtemp make private 0600/0700 ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +59,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _usual_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -109,6 +117,7 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _usual_mode(0o777))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

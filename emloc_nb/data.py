@@ -68,7 +68,7 @@ def movie_reviews_file() -> Path:
     return target
 
 
-def movie_sentiment(*, test_size: int = 1000, threshold: float = 0.5, seed: int = 0) -> Task:
+def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, seed: int = 0) -> Task:
     """Movie-review snippets with |mean human rating| > threshold, labelled positive/negative."""
     rows = []
     for line in movie_reviews_file().read_text(encoding="utf-8").splitlines():
@@ -124,16 +124,21 @@ def load_task(
     prompt_field: str = "prompt",
     answer_field: str = "answer",
     choices: list[str] | None = None,
-    test_size: float | int = 0.2,
+    test_size: float | int | None = None,
     seed: int = 0,
 ) -> Task:
     """A task from the default name, a JSONL/CSV file, or a datasets.Dataset / DatasetDict.
 
     `choices=None` infers a classification task when the answers take at most 16
     distinct values; pass `choices=[]` to force generation (exact-match) scoring.
+    `test_size` (a share or a count) defaults to 1000 examples for the default task, 0.2 otherwise.
     """
     if isinstance(source, str) and source == MOVIE_SENTIMENT:
-        return movie_sentiment(seed=seed)
+        task = movie_sentiment(seed=seed, **({} if test_size is None else {"test_size": test_size}))
+        if choices is not None and choices != task.choices:
+            raise EmlocError(f"The {MOVIE_SENTIMENT} task's choices are {task.choices}, not {choices}. Leave choices unset.")
+        return task
+    test_size = 0.2 if test_size is None else test_size
     if isinstance(source, DatasetDict):
         if "train" not in source:
             raise EmlocError(f"The DatasetDict has splits {list(source)} but no 'train'. Rename a split to 'train'.")
@@ -160,9 +165,13 @@ def load_task(
             train, test = both["train"], both["test"]
         else:
             train, test = Dataset.from_list(splits["train"]), Dataset.from_list(splits[test_split])
+    answers = sorted(set(train["answer"]) | set(test["answer"]))
     if choices is None:
-        answers = sorted(set(train["answer"]) | set(test["answer"]))
         choices = answers if len(answers) <= 16 else []
+    stray = [a for a in answers if choices and a not in choices]
+    if stray:
+        raise EmlocError(f"Answers {stray[:5]} are not among the choices {choices}. Add them to the choices, "
+                         "or pass choices=[] to score by exact match.")
     return Task(name, train, test, choices=choices or None, meta={"seed": seed})
 
 

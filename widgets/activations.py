@@ -33,9 +33,10 @@ class ActivationsView(View):
         self.factor = W.FloatSlider(value=6.0, min=2.0, max=50.0, step=0.5, description="outlier ×",
                                     continuous_update=False)
         self.info = W.HTML()
-        key = self.input.value
-        self.channels = figure_widget(F.channel_figure(stats.inputs[key], factor=self.factor.value))
-        self.eigen = figure_widget(F.eigen_figure(stats.inputs[key]))
+        self._eigenvalues: dict = {}  # input key -> eigenvalues of its C, computed once
+        self._eigen_shown: str | None = None  # the input the eigen figure shows
+        self.channels = figure_widget(F.channel_figure(self.current, factor=self.factor.value))
+        self.eigen = figure_widget(F.eigen_figure(self.current, eigenvalues=self._eigenvalues_of(self.input.value)))
         self.heatmap = figure_widget(F.activation_heatmap(stats))
         self.block.observe(self._on_block, names="value")
         self.input.observe(lambda _: self._update(), names="value")
@@ -74,15 +75,24 @@ class ActivationsView(View):
         """The InputStats on show."""
         return self.stats.inputs[self.input.value]
 
+    def _eigenvalues_of(self, key: str):
+        if key not in self._eigenvalues:
+            self._eigenvalues[key] = self.stats.inputs[key].eigenvalues()
+        return self._eigenvalues[key]
+
     def _update(self) -> None:
         key, s = self.input.value, self.current
-        fresh_c = F.channel_figure(s, factor=self.factor.value, title=f"Per-channel |x| · {F.input_label(self.stats, key)}")
-        fresh_e = F.eigen_figure(s, title=f"Eigen-spectrum of C · {F.input_label(self.stats, key)}")
-        for live, fresh in ((self.channels, fresh_c), (self.eigen, fresh_e)):
+        label = F.input_label(self.stats, key)
+        fresh = [(self.channels, F.channel_figure(s, factor=self.factor.value, title=f"Per-channel |x| · {label}"))]
+        if key != self._eigen_shown:  # the eigen-spectrum depends on the input alone, not on the outlier factor
+            fresh.append((self.eigen, F.eigen_figure(s, title=f"Eigen-spectrum of C · {label}",
+                                                     eigenvalues=self._eigenvalues_of(key))))
+            self._eigen_shown = key
+        for live, fig in fresh:
             with live.batch_update():
-                for t in fresh.data:
+                for t in fig.data:
                     F.trace(live, t.name).update(x=t.x, y=t.y)
-                live.layout.title = fresh.layout.title
+                live.layout.title = fig.layout.title
         outliers = s.outlier_channels(self.factor.value).tolist()
         shown = ", ".join(map(str, outliers[:20])) + (" …" if len(outliers) > 20 else "")
         self.info.value = (f"<b>{html.escape(key)}</b> read by {html.escape(', '.join(s.layers))}<br>"

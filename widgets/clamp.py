@@ -22,6 +22,7 @@ class ClampControl:
                                        description="L", readout_format=".3g", continuous_update=True)
         self.widget = W.HBox([self.mode, self.slider])
         self._callbacks: list = []
+        self._holding = False
         self.set(value)
         self.mode.observe(self._changed, names="value")
         self.slider.observe(self._changed, names="value")
@@ -35,20 +36,35 @@ class ClampControl:
         return float(self.slider.value)
 
     def set(self, value: float) -> None:
-        """Any L ≥ 0: 0 and ∞ pick the ends, anything else moves the slider (clipped to its range)."""
-        if value == 0:
-            self.mode.value = "naive"
-        elif math.isinf(value):
-            self.mode.value = "inf"
-        else:
-            self.slider.value = min(L_MAX, max(L_MIN, value))
-            self.mode.value = "clamp"
+        """Any L ≥ 0: 0 and ∞ pick the ends, anything else moves the slider (clipped to its range).
+
+        Observers are called once, with the new L, if it changed.
+        """
+        before = self.value
+        self._holding = True  # moving the slider, then the mode, would each report, the first with a stale L
+        try:
+            if value == 0:
+                self.mode.value = "naive"
+            elif math.isinf(value):
+                self.mode.value = "inf"
+            else:
+                self.slider.value = min(L_MAX, max(L_MIN, value))
+                self.mode.value = "clamp"
+        finally:
+            self._holding = False
         self.slider.disabled = self.mode.value != "clamp"
+        if self.value != before:
+            self._notify()
 
     def observe(self, fn) -> None:
         self._callbacks.append(fn)
 
     def _changed(self, _) -> None:
+        if self._holding:
+            return
         self.slider.disabled = self.mode.value != "clamp"
+        self._notify()
+
+    def _notify(self) -> None:
         for fn in self._callbacks:
             fn(self.value)

@@ -2,18 +2,17 @@
 
 Tabs are built the first time they are opened, so a large run (SmolLM2's calibration
 statistics are hundreds of MB) only loads what is looked at. A tab whose artifacts
-do not exist yet says which stage writes them instead of failing.
+do not exist yet says which stage writes them instead of failing; a tab that fails
+to build for any other reason says "<title> failed: <error>" in its place.
 """
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Callable
 
 import ipywidgets as W
 
-from emloc_nb.errors import EmlocError
 from emloc_nb.pipeline import Run
 from emloc_nb.spectra import SpectrumTable
 
@@ -24,25 +23,15 @@ from .correction import CorrectionView
 from .drift import DriftView
 from .planner import RankPlanner
 from .spectra import SpectrumView
+from .tables import MISSING, config_summary
 from .training import TrainingMonitor
-
-MISSING = (EmlocError, FileNotFoundError)  # what the core's loaders raise for an absent artifact
-
-
-def config_summary(run: Run) -> str:
-    c = run.config
-    plan = c.emulator.plan if isinstance(c.emulator.plan, str) else json.dumps(c.emulator.plan)
-    rows = [("model", c.model), ("task", c.task.source), ("rank plan", plan), ("emulator mode", c.emulator.mode),
-            ("LoRA", f"r = {c.lora.r}, alpha = {c.lora.alpha}"), ("training", f"{c.train.steps} steps × {c.train.batch_size}"),
-            ("correction clamp L", f"{c.clamp:g}")]
-    return T.html_table([{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", str(run.dir), "text")])
 
 
 class Dashboard(View):
     """Tabs: results, spectra, rank plan, activations, drift, correction, training.
 
     `view(title)` builds (once) and returns the view of a tab, or None when its
-    artifacts are missing; `tabs` is the ipywidgets.Tab.
+    artifacts are missing or it failed to build; `tabs` is the ipywidgets.Tab.
     """
 
     def __init__(self, run_dir: str | Path):
@@ -71,7 +60,7 @@ class Dashboard(View):
         self.widget = W.VBox([header, self.tabs])
 
     def view(self, title: str):
-        """The view shown in tab `title` (built now if it was not yet), or None if its artifacts are missing."""
+        """The view shown in tab `title` (built now if it was not yet), or None if its artifacts are missing or it failed."""
         self._open(self.titles.index(title))
         return self._views[title]
 
@@ -88,6 +77,9 @@ class Dashboard(View):
             view = None
             shown = note(f"Nothing to show yet: {self._missing_hint[title]} is missing in {self.run.dir} ({e}). "
                          f"Run that stage (e.g. `emloc run` or Run.run_stage) and reopen the dashboard.")
+        except Exception as e:  # one broken tab must not take the dashboard down, nor go unnoticed
+            view = None
+            shown = note(f"{title} failed: {type(e).__name__}: {e}")
         self._views[title] = view
         self.tabs.children[index].children = (shown,)
 

@@ -104,9 +104,12 @@ def channel_figure(inp, *, factor: float = 6.0, title: str = "") -> go.Figure:
     return fig
 
 
-def eigen_figure(inp, *, title: str = "") -> go.Figure:
-    """Eigenvalues of E[x xᵀ], largest first (log y): how many directions the input really uses."""
-    eig = inp.eigenvalues().double().numpy()
+def eigen_figure(inp, *, title: str = "", eigenvalues=None) -> go.Figure:
+    """Eigenvalues of E[x xᵀ], largest first (log y): how many directions the input really uses.
+
+    `eigenvalues`: `inp.eigenvalues()` if the caller already has them (an eigen-decomposition is the slow part).
+    """
+    eig = (inp.eigenvalues() if eigenvalues is None else eigenvalues).double().numpy()
     fig = go.Figure(go.Scatter(name="eigenvalues", x=np.arange(1, len(eig) + 1), y=_positive(eig), mode="lines+markers",
                                marker=dict(size=3), line=dict(color=WHITENED)))
     fig.update_layout(**LAYOUT, title=_title(title or "Eigen-spectrum of C = E[x xᵀ]"), xaxis_title="index (largest first)",
@@ -206,6 +209,17 @@ def uniform_energy(spectra, ratio: float) -> list[float]:
     return out
 
 
+def kept_energy_markers(spectra, ratio: float) -> list[float]:
+    """`uniform_energy` in the order of kept_energy_figure's axis (layers grouped by block)."""
+    order, _ = _group_axis(spectra.rows, "block")
+    energy = uniform_energy(spectra, ratio)
+    return [energy[i] for i in order]
+
+
+def kept_energy_title(ratio: float | None = None) -> str:
+    return "Whitened energy kept per layer" + (f" (markers: every layer at ρ = {ratio:.2f})" if ratio is not None else "")
+
+
 def kept_energy_figure(spectra, *, ratio: float | None = None) -> go.Figure:
     """Kept whitened energy per layer under the built plan (bars) and, optionally, a uniform ρ (markers)."""
     rows = spectra.rows
@@ -214,12 +228,10 @@ def kept_energy_figure(spectra, *, ratio: float | None = None) -> go.Figure:
     data = [go.Bar(name="built plan", x=axis, y=[rows[i]["energy_kept"] for i in order], hovertext=hover,
                    marker_color=PLAN)]
     if ratio is not None:
-        energy = uniform_energy(spectra, ratio)
-        data.append(go.Scatter(name="uniform ρ", x=axis, y=[energy[i] for i in order], mode="markers",
+        data.append(go.Scatter(name="uniform ρ", x=axis, y=kept_energy_markers(spectra, ratio), mode="markers",
                                marker=dict(color=SELECTED, size=8, symbol="diamond")))
     fig = go.Figure(data)
-    title = "Whitened energy kept per layer" + (f" (markers: every layer at ρ = {ratio:.2f})" if ratio is not None else "")
-    fig.update_layout(**LAYOUT, title=_title(title), yaxis_title="share of E‖W x‖² kept",
+    fig.update_layout(**LAYOUT, title=_title(kept_energy_title(ratio)), yaxis_title="share of E‖W x‖² kept",
                       yaxis_range=[0, 1.02])
     return fig
 
@@ -383,4 +395,32 @@ def loss_figure(history: Sequence[dict] = (), *, total_steps: int | None = None,
         fig.update_xaxes(range=[0, total_steps])
     fig.update_yaxes(title_text="loss (answer tokens)", secondary_y=False)
     fig.update_yaxes(title_text="learning rate", secondary_y=True, showgrid=False)
+    return fig
+
+
+# ----------------------------------------------------------------------------- memory
+
+MEMORY_PARTS = [("weights_mb", "weights", WHITENED), ("trainable_state_mb", "LoRA trainable state", PLAN),
+                ("activations_mb", "saved activations", BEFORE)]
+MEMORY_MEASURES = [("total_mb", "predicted total", WHITENED), ("measured_peak_mb", "measured peak", SELECTED),
+                   ("process_baseline_mb", "process baseline", PLAIN)]
+
+
+def _memory_bars(rows: Sequence[dict], columns) -> list[go.Bar]:
+    settings = [r["setting"] for r in rows]
+    return [go.Bar(name=label, x=settings, y=[r[key] for r in rows], marker_color=color) for key, label, color in columns]
+
+
+def memory_components_figure(rows: Sequence[dict]) -> go.Figure:
+    """Predicted memory per setting, stacked by component (rows of `emloc_nb.memory.budget`)."""
+    fig = go.Figure(_memory_bars(rows, MEMORY_PARTS))
+    fig.update_layout(**LAYOUT, barmode="stack", title=_title("Predicted memory per setting (MB)"), yaxis_title="MB")
+    return fig
+
+
+def memory_measured_figure(rows: Sequence[dict]) -> go.Figure:
+    """Predicted total against the measured peak and baseline of the stage's process, per setting."""
+    fig = go.Figure(_memory_bars(rows, MEMORY_MEASURES))
+    fig.update_layout(**LAYOUT, barmode="group", title=_title("Predicted total against measured peak (MB)"),
+                      yaxis_title="MB")
     return fig

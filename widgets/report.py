@@ -16,16 +16,14 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from emloc_nb.artifacts import atomic_path
-from emloc_nb.errors import EmlocError
 from emloc_nb.pipeline import Run
 from emloc_nb.ranks import LayerChoice
 from emloc_nb.spectra import SpectrumTable
 
 from . import figures as F
 from . import tables as T
-from .dashboard import config_summary
+from .tables import MISSING, config_summary
 
-MISSING = (EmlocError, FileNotFoundError)  # what the core's loaders raise for an absent artifact
 PAGE_STYLE = ("body{font:14px sans-serif;max-width:1200px;margin:20px auto;padding:0 16px;color:#222}"
               "h2{border-bottom:2px solid #eee;padding-bottom:4px;margin-top:32px}.note{color:#666;font-style:italic}")
 

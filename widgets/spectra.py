@@ -19,22 +19,27 @@ class SpectrumView(View):
     Controls: `layer`, `ratio` (kept share ρ of the layer's parameters; ρ = 1 keeps it
     dense) and `rank` (set either; the other follows). `current` holds the readout:
     rank, energy kept, predicted error and parameters kept, all from
-    `SpectrumTable.energy_at` / `error_at` / `params_at`.
+    `SpectrumTable.energy_at` / `error_at` / `params_at`. Without `ratio`, the view
+    opens on the rank the run's plan gave `layer`.
     """
 
-    def __init__(self, spectra: SpectrumTable, *, layer: str | None = None, ratio: float = 0.5):
+    def __init__(self, spectra: SpectrumTable, *, layer: str | None = None, ratio: float | None = None):
         self.spectra = spectra
         names = spectra.names
         layer = layer or names[0]
         self.layer = W.Dropdown(options=list(zip(F.short_names(names), names)), value=layer, description="layer",
                                 layout=W.Layout(width="380px"))
-        self.ratio = W.FloatSlider(value=ratio, min=0.01, max=1.0, step=0.01, description="ρ kept",
+        self.ratio = W.FloatSlider(value=1.0, min=0.01, max=1.0, step=0.01, description="ρ kept",
                                    readout_format=".2f", continuous_update=True)
         self.rank = W.IntSlider(value=1, min=1, max=self._full(layer), description="rank", continuous_update=True)
         self.readout = W.HTML()
         self._dense = False  # ρ = 1 means "keep dense", which no rank on the slider expresses
         self._syncing = False
-        self._set_rank_from_ratio()
+        if ratio is None:
+            self._select_planned_rank()
+        else:
+            self.ratio.value = ratio
+            self._set_rank_from_ratio()
         self.spectrum = figure_widget(F.spectrum_figure(spectra, layer, self._rank))
         self.energy = figure_widget(F.energy_figure(spectra, layer, self.rank.value))
         self.summary = figure_widget(F.kept_energy_figure(spectra, ratio=self.ratio.value))
@@ -72,6 +77,21 @@ class SpectrumView(View):
                 "error": self.spectra.error_at(name, r), "params": params,
                 "share": params / (row["d_out"] * row["d_in"])}
 
+    def _slider_ratio(self, share: float) -> float:
+        """The ρ slider position that shows a share of parameters."""
+        return max(self.ratio.min, min(1.0, round(share, 2)))
+
+    def _select_planned_rank(self) -> None:
+        """Show the rank the run's plan gave the layer (ρ = 1 for a layer it kept dense)."""
+        planned = self.spectra.row(self.layer.value)["rank"]
+        self._syncing = True
+        try:
+            self._dense = planned is None
+            self.rank.value = self.rank.max if self._dense else planned
+            self.ratio.value = 1.0 if self._dense else self._slider_ratio(self.current["share"])
+        finally:
+            self._syncing = False
+
     def _set_rank_from_ratio(self) -> None:
         row = self.spectra.row(self.layer.value)
         self._dense = self.ratio.value >= 1.0
@@ -93,21 +113,19 @@ class SpectrumView(View):
             return
         self._set_rank_from_ratio()
         self._update_rank()
-        with self.summary.batch_update():
-            F.trace(self.summary, "uniform ρ").y = F.uniform_energy(self.spectra, self.ratio.value)
-            self.summary.layout.title = F.kept_energy_figure(self.spectra, ratio=self.ratio.value).layout.title
+        self._update_summary()
 
     def _on_rank(self, _) -> None:
         if self._syncing:
             return
         self._dense = False
-        c = self.current
         self._syncing = True  # show the share this rank costs, without re-deriving the rank from it
         try:
-            self.ratio.value = max(self.ratio.min, min(1.0, round(c["share"], 2)))
+            self.ratio.value = self._slider_ratio(self.current["share"])
         finally:
             self._syncing = False
         self._update_rank()
+        self._update_summary()
 
     # -- drawing
     def _update_layer(self) -> None:
@@ -119,6 +137,12 @@ class SpectrumView(View):
                     F.trace(live, t.name).update(x=t.x, y=t.y)
                 live.layout.title = fresh.layout.title
         self._update_rank()
+
+    def _update_summary(self) -> None:
+        """The uniform-ρ markers and the title follow ρ, whichever slider moved it."""
+        with self.summary.batch_update():
+            F.trace(self.summary, "uniform ρ").y = F.kept_energy_markers(self.spectra, self.ratio.value)
+            self.summary.layout.title.text = F.kept_energy_title(self.ratio.value)
 
     def _update_rank(self) -> None:
         c = self.current

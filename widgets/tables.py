@@ -1,13 +1,19 @@
 """Small HTML tables from the core's rows (lists of dicts), shared by the widgets and the static report.
 
 Plain HTML rather than a DataFrame styler: it renders the same in JupyterLab, in an
-ipywidgets HTML widget and in the offline report, and needs no pandas.
+ipywidgets HTML widget and in the offline report, and needs no pandas. Nothing here
+imports ipywidgets or plotly.
 """
 from __future__ import annotations
 
 import html
+import json
 import math
 from typing import Callable, Sequence
+
+from emloc_nb.errors import EmlocError
+
+MISSING = (EmlocError, FileNotFoundError)  # what the core's loaders raise for an absent artifact
 
 STYLE = ("<style>.emloc-table{border-collapse:collapse;font:13px sans-serif;margin:4px 0}"
          ".emloc-table th,.emloc-table td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
@@ -75,3 +81,13 @@ def drift_summary_table(summary: dict) -> str:
         {"what": "held-out tokens", "value": summary.get("tokens")},
     ]
     return html_table(rows, [("what", "drift, end to end", "text"), ("value", "value", ".4g")])
+
+
+def config_summary(run) -> str:
+    """The run's main settings (a `emloc_nb.pipeline.Run`), headed by its directory."""
+    c = run.config
+    plan = c.emulator.plan if isinstance(c.emulator.plan, str) else json.dumps(c.emulator.plan)
+    rows = [("model", c.model), ("task", c.task.source), ("rank plan", plan), ("emulator mode", c.emulator.mode),
+            ("LoRA", f"r = {c.lora.r}, alpha = {c.lora.alpha}"), ("training", f"{c.train.steps} steps × {c.train.batch_size}"),
+            ("correction clamp L", f"{c.clamp:g}")]
+    return html_table([{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", str(run.dir), "text")])

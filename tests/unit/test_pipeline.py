@@ -28,6 +28,8 @@ def test_whole_pipeline_in_process_then_resume(tiny_setup):
     assert all(0 <= r["accuracy"] <= 1 and r["answer_loss"] > 0 for r in rows)
     assert "| original + corrected LoRA |" in (run.dir / "results.md").read_text()
     assert run.correction().layers and run.drift().layers and run.history("emulator")
+    # the stages leave the shared in-process models as loaded: no LoRA layers
+    assert not any("lora" in n for n, _ in run.original()[0].named_modules())
     stamp = (run.dir / "emulator" / "emulator.json").stat().st_mtime_ns
     again = Run(root / "run", _config(model, data))
     again.run_all(isolate=False)  # everything is done: nothing is recomputed

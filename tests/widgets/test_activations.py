@@ -59,3 +59,26 @@ def test_heatmap_rows_are_inputs_and_first_bin_is_the_peak_over_median(stats):
         peak = s.abs_max.double()
         assert row[0] == pytest.approx(math.log10(float(peak.max() / peak.median())))
         assert list(row) == sorted(row, reverse=True)  # channels sorted, largest first
+
+
+def test_eigenvalues_are_computed_once_per_input(stats, monkeypatch):
+    input_stats = type(next(iter(stats.inputs.values())))
+    computed = []
+    eigenvalues = input_stats.eigenvalues
+
+    def counted(self):
+        computed.append(self)
+        return eigenvalues(self)
+
+    monkeypatch.setattr(input_stats, "eigenvalues", counted)
+    view = ActivationsView(stats)
+    first = view.input.value
+    assert len(computed) == 1
+    shown = trace(view.eigen, "eigenvalues").y
+    view.factor.value = 2.0  # the outlier factor does not touch C
+    assert len(computed) == 1 and trace(view.eigen, "eigenvalues").y == shown
+    other = next(k for k in stats.inputs if k != first)
+    view.select(other)
+    assert len(computed) == 2 and len(trace(view.eigen, "eigenvalues").y) == stats.inputs[other].dim
+    view.select(first)  # back to an input seen before: redrawn from the cache
+    assert len(computed) == 2 and trace(view.eigen, "eigenvalues").y == shown

@@ -86,3 +86,19 @@ def test_toy_geometry(dim, monkeypatch):
     toy.error.value = 0.0  # a perfect emulator: nothing to correct, every transfer is exact
     np.testing.assert_allclose(points("W_E + ΔW (target: fine-tuned emulator)"), points("W + ΔW (naive transfer)"), atol=1e-9)
     assert toy.numbers["d_norm"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_clamp_set_reports_once_with_the_new_value():
+    from emloc_nb.widgets.clamp import ClampControl
+
+    clamp = ClampControl(0.0)
+    seen = []
+    clamp.observe(seen.append)
+    clamp.set(0.5)  # moves the slider, then leaves the naive mode: one report, already with the new L
+    assert seen == [clamp.value] and clamp.value == pytest.approx(0.5, rel=0.15)
+    clamp.set(math.inf)
+    assert seen[1:] == [math.inf] and clamp.slider.disabled
+    clamp.set(math.inf)  # unchanged: nothing to report
+    assert len(seen) == 2
+    clamp.mode.value = "naive"  # the controls themselves still report
+    assert seen[2:] == [0.0]

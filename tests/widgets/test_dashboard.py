@@ -33,3 +33,35 @@ def test_missing_artifacts_show_a_note(run_dir, tmp_path):
     assert "drift.json" in dash.tabs.children[4].children[0].value
     assert "correction/" in dash.tabs.children[5].children[0].value
     assert isinstance(dash.view("Spectra"), SpectrumView)
+
+
+def test_a_tab_that_fails_to_build_says_so(run_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("no spectra today")
+
+    monkeypatch.setattr("emloc_nb.widgets.dashboard.SpectrumView", broken)
+    dash = Dashboard(run_dir)
+    assert dash.view("Spectra") is None
+    shown = dash.tabs.children[dash.titles.index("Spectra")].children[0].value
+    assert "Spectra failed: ValueError: no spectra today" in shown
+    assert isinstance(dash.view("Rank plan"), RankPlanner)  # the other tabs still build
+
+
+def test_views_and_report_need_no_model(run_dir, tmp_path, monkeypatch):
+    from emloc_nb.pipeline import Run
+    from emloc_nb.widgets import write_report
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a view loaded a model")
+
+    for loader in ("emloc_nb.models.load_model", "emloc_nb.load_model"):
+        monkeypatch.setattr(loader, no_model)
+    monkeypatch.setattr(Run, "original", no_model)
+    monkeypatch.setattr(Run, "emulator", no_model)  # the views read the spectra, not the emulator's weights
+    dash = Dashboard(run_dir)
+    for index, title in enumerate(dash.titles):
+        dash.tabs.selected_index = index
+        shown = dash.tabs.children[index].children[0]
+        assert dash.view(title) is not None, f"{title}: {getattr(shown, 'value', shown)}"
+    text = write_report(run_dir, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "class='note'" not in text  # every section drawn, none missing

@@ -79,20 +79,65 @@ def test_memory_follows_the_bytes_per_weight(spectra):
     assert planner.totals["weights_bytes"] == t4["weights_bytes"] / 2
 
 
-def test_saved_plan_builds_the_planned_emulator(spectra, tiny_files, stats, tmp_path):
+def build(plan: RankPlan, tiny_files, stats):
     from emloc_nb.emulator import build_emulator
     from emloc_nb.models import load_model
 
-    planner = RankPlanner(spectra, budget=0.4, strategy="energy", dense=[r"layers\.1\.mlp\.down_proj"])
-    path = planner.save(tmp_path / "plan.json")
-    plan = RankPlan.load(path)
-    assert plan == planner.plan
     model, _ = load_model(str(tiny_files[1]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny SVDs run ~10× slower with threads contending on a busy 2-core runner
     try:
-        emulator = build_emulator(model, stats, plan, progress=False)
+        return build_emulator(model, stats, plan, progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_saved_plan_builds_the_planned_emulator(spectra, tiny_files, stats, tmp_path):
+    planner = RankPlanner(spectra, budget=0.4, strategy="energy", dense=[r"layers\.1\.mlp\.down_proj"])
+    path = planner.save(tmp_path / "plan.json")
+    plan = RankPlan.load(path)
+    assert plan == planner.plan
+    emulator = build(plan, tiny_files, stats)
     assert emulator.ranks == {n: c.rank for n, c in planner.choices.items() if c.rank is not None}
     assert "model.layers.1.mlp.down_proj" not in emulator.ranks
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "energy"])
+def test_a_gb_budget_plans_weights_that_fit_it(spectra, strategy):
+    planner = RankPlanner(spectra, strategy=strategy)
+    planner.unit.value = "gb"
+    dense_gb = 4 * sum(r["d_out"] * r["d_in"] for r in spectra.rows) / 1e9  # float32 weights, all layers dense
+    # One rank step of every layer, in GB: the most the allocation can fall short (as in the share test above).
+    slack_gb = 4 * sum(r["d_out"] + r["d_in"] for r in spectra.rows) / 1e9
+    for share in (0.3, 0.7):
+        planner.memory.value = share * dense_gb
+        predicted_gb = planner.totals["weights_bytes"] / 1e9  # the planner's own GB figure
+        assert share * dense_gb - slack_gb <= predicted_gb <= share * dense_gb
+        kept, _ = kept_params(spectra, planner.plan)
+        assert predicted_gb == pytest.approx(4 * kept / 1e9)
+    planner.memory.value = 0.3 * dense_gb
+    planner.dtype.value = 2  # the same GB holds twice as many bfloat16 weights
+    assert planner.memory.value == pytest.approx(0.3 * dense_gb)
+    assert planner.budget_share == pytest.approx(0.6)
+    assert 0.3 * dense_gb - slack_gb / 2 <= planner.totals["weights_bytes"] / 1e9 <= 0.3 * dense_gb
+
+
+def test_switching_the_budget_unit_keeps_the_plan(spectra):
+    planner = RankPlanner(spectra, budget=0.4)
+    plan = planner.plan
+    planner.unit.value = "gb"
+    assert planner.memory.layout.display is None and planner.budget.layout.display == "none"
+    assert planner.budget_share == pytest.approx(0.4) and planner.plan == plan
+    planner.memory.value = planner.memory.value / 2
+    planner.unit.value = "share"
+    assert planner.budget.value == pytest.approx(0.2) and planner.budget_share == pytest.approx(0.2)
+
+
+def test_gb_plan_builds_an_emulator_within_the_budget(spectra, tiny_files, stats):
+    memory_gb = 0.5 * 4 * sum(r["d_out"] * r["d_in"] for r in spectra.rows) / 1e9
+    planner = RankPlanner(spectra, memory_gb=memory_gb, strategy="energy")
+    assert planner.unit.value == "gb"
+    emulator = build(planner.plan, tiny_files, stats)
+    assert emulator.ranks == {n: c.rank for n, c in planner.choices.items() if c.rank is not None}
+    kept = sum(spectra.params_at(r["name"], emulator.ranks.get(r["name"])) for r in spectra.rows)
+    assert 4 * kept / 1e9 <= memory_gb

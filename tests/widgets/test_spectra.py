@@ -68,3 +68,30 @@ def test_summary_shows_plan_rows_and_live_uniform_ratio(spectra):
                 for r in spectra.rows]
     assert after == pytest.approx(expected, rel=1e-9)
     assert all(a < b for a, b in zip(after, before))  # fewer parameters keep strictly less energy here
+
+
+def test_rank_slider_moves_the_summary_to_the_new_ratio(spectra):
+    view = SpectrumView(spectra, ratio=0.5)
+    view.layer.value = spectra.names[4]  # a gate projection: rank 5 is about 11% of its parameters
+    view.rank.value = 5
+    rho = view.ratio.value
+    assert rho == pytest.approx(round(view.current["share"], 2)) and rho != 0.5
+    expected = [kept_energy(spectra, r["name"], max(1, math.floor(rho * r["d_in"] * r["d_out"] / (r["d_in"] + r["d_out"]))))
+                for r in spectra.rows]
+    assert list(trace(view.summary, "uniform ρ").y) == pytest.approx(expected, rel=1e-9)
+    assert f"ρ = {rho:.2f}" in view.summary.layout.title.text
+
+
+def test_opens_on_the_rank_the_run_planned(spectra, run_dir):
+    from emloc_nb.widgets import Dashboard
+
+    assert any(r["rank"] is None for r in spectra.rows)  # the tiny run keeps one layer dense
+    for row in spectra.rows:
+        view = SpectrumView(spectra, layer=row["name"])
+        assert view.current["rank"] == row["rank"]  # None: kept dense
+        if row["rank"] is None:
+            assert view.ratio.value == 1.0 and "kept dense" in view.readout.value
+        else:
+            assert trace(view.spectrum, "selected rank").x == trace(view.spectrum, "plan rank").x == (row["rank"],) * 2
+            assert trace(view.energy, "selected").x == (row["rank"],)
+    assert Dashboard(run_dir).view("Spectra").current["rank"] == spectra.rows[0]["rank"]
