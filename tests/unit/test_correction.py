@@ -168,7 +168,10 @@ def test_correction_refuses_a_foreign_adapter_or_original(trained, tmp_path):
     emulator2 = build_emulator(model, None, 0.3, mode="plain", progress=False)
     with pytest.raises(EmlocError, match="fingerprint"):
         correct_lora(model, emulator2, adapter, tmp_path / "y")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    other_stats = collect_stats(other, batches(tok, emulator_task_rows(tok), batch_size=4), progress=False)
+    with pytest.raises(EmlocError, match="held-out statistics"):
+        correct_lora(model, emulator, adapter, tmp_path / "w", heldout=other_stats)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "w").exists()
     with pytest.raises(EmlocError, match="Clamp"):
         correct_lora(model, emulator, adapter, tmp_path / "z", clamp=-1)
 

@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -41,16 +42,25 @@ def test_answer_nll_only_counts_answer_tokens(llama, toy_task):
 
 def test_evaluate_reports_accuracy_and_loss(llama, toy_task):
     model, tok = llama
-    result = evaluate(model, tok, toy_task, limit=8, progress=False)
-    assert result["examples"] == 8 and 0 <= result["accuracy"] <= 1 and result["answer_loss"] > 0
-    assert set(result["predictions"]) <= set(toy_task.choices)
+    result = evaluate(model, tok, toy_task, limit=8, batch_size=3, progress=False)
+    rows = toy_task.test.select(range(8))
+    scores, _ = choice_logprobs(model, tok, list(rows["messages"]), toy_task.choices)
+    picked = [toy_task.choices[i] for i in scores.argmax(1).tolist()]
+    assert result["examples"] == 8 and result["predictions"] == picked
+    assert result["accuracy"] == pytest.approx(sum(p == a for p, a in zip(picked, rows["answer"])) / 8)
+    assert result["answer_loss"] > 0
 
 
-def test_generation_tasks_use_exact_match(llama, toy_task):
+def test_generation_tasks_use_exact_match(llama, toy_task, monkeypatch):
     model, tok = llama
     task = type(toy_task)("gen", toy_task.train, toy_task.test, choices=None)
-    result = evaluate(model, tok, task, limit=4, progress=False)
+    answers = list(task.test.select(range(4))["answer"])
+    replies = [f" {answers[0]} ", answers[1], "something else", answers[3] + "!"]  # exact match after strip only
+    module = sys.modules["emloc_nb.evaluate"]  # the package's `evaluate` attribute is the function
+    monkeypatch.setattr(module, "_generate", lambda model, tok, prompts, n: replies[:len(prompts)])
+    result = evaluate(model, tok, task, limit=4, batch_size=4, progress=False)
     assert result["examples"] == 4 and math.isfinite(result["answer_loss"])
+    assert result["accuracy"] == pytest.approx(2 / 4)
 
 
 def test_drift_of_a_full_rank_emulator_is_nil(calibrated, toy_task):
