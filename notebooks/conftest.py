@@ -1,10 +1,11 @@
 """nbval settings for the tutorial notebooks.
 
 make test executes every notebook with `pytest --nbval-lax`: each cell must run without
-an error, and only cells marked `# NBVAL_CHECK_OUTPUT` have their output compared with
-the reference stored in the notebook. Rich outputs (HTML tables, plotly figures, widget
-views, JavaScript) and stderr (progress bars, warnings) are never compared: they change
-from run to run and are checked in a real browser by tests/browser instead.
+an error, and each notebook asserts its result. The notebooks are committed without
+outputs, so nothing is compared; should a cell be marked `# NBVAL_CHECK_OUTPUT`, rich
+outputs (HTML tables, plotly figures, widget views, JavaScript) and stderr (progress
+bars, warnings) are still never compared: they change from run to run and are checked
+in a real browser by tests/browser instead.
 """
 
 NOT_COMPARED = (

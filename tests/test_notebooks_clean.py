@@ -1,13 +1,13 @@
 """The committed tutorial notebooks are clean, thin, and honour the small-settings switch.
 
-- No outputs and no execution counts, except on the few cells marked
-  `# NBVAL_CHECK_OUTPUT`: those keep the plain-text reference output nbval compares
-  against (nbval only compares a cell whose reference has run, so it keeps a count).
+- No outputs and no execution counts.
+- Each notebook checks its result with an `assert`, so that nbval (which, with no
+  stored outputs, checks that every cell runs) fails on a wrong result too.
 - No saved widget state or other notebook metadata beyond the kernel's name.
 - The first code cell builds the run with `notebook_run()` (EMLOC_SMALL / EMLOC_RUN_DIR).
 - No logic in notebooks: no function or class definitions, loops, comprehensions or lambdas.
 
-To clean notebooks after working in them (keeps the reference outputs):
+To clean notebooks after working in them:
 
     python tests/test_notebooks_clean.py --fix [notebooks/NAME.ipynb ...]
 """
@@ -24,7 +24,6 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 EXPECTED = ["00_quickstart", "01_calibration_activations", "02_spectra_and_rank_choices",
             "03_finetune_the_emulator", "04_lora_correction_explained", "05_memory_budget"]
-CHECK_MARKER = "# NBVAL_CHECK_OUTPUT"
 ALLOWED_METADATA = {"kernelspec", "language_info"}
 LOGIC = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.AsyncFor, ast.While, ast.Lambda,
          ast.comprehension)
@@ -42,21 +41,6 @@ def code_cells(nb: dict) -> list[dict]:
 def source(cell: dict) -> str:
     s = cell["source"]
     return "".join(s) if isinstance(s, list) else s
-
-
-def checked(cell: dict) -> bool:
-    return any(line.strip() == CHECK_MARKER for line in source(cell).splitlines())
-
-
-def reference_problem(out: dict) -> str | None:
-    """Why `out` may not be kept as a reference output (None: it may)."""
-    if out["output_type"] == "execute_result":
-        if out.get("execution_count") is not None or set(out["data"]) != {"text/plain"} or out.get("metadata"):
-            return "a reference output must be text/plain only, without a count or metadata"
-        return None
-    if out["output_type"] == "stream" and out.get("name") == "stdout":
-        return None
-    return f"a {out['output_type']} reference output (keep text/plain or stdout only)"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -81,23 +65,16 @@ def test_no_outputs_or_execution_counts(notebook):
             if cell.get("attachments"):
                 problems.append(f"cell {i}: a {cell['cell_type']} cell with attachments")
             continue
-        if not checked(cell):
-            if cell.get("execution_count") is not None:
-                problems.append(f"cell {i}: execution_count {cell['execution_count']}")
-            problems += [f"cell {i}: a {o['output_type']} output" for o in cell.get("outputs", [])]
-        else:
-            problems += [f"cell {i}: {p}" for p in map(reference_problem, cell.get("outputs", [])) if p]
+        if cell.get("execution_count") is not None:
+            problems.append(f"cell {i}: execution_count {cell['execution_count']}")
+        problems += [f"cell {i}: a {o['output_type']} output" for o in cell.get("outputs", [])]
     assert not problems, f"{path.name} is not clean:\n  " + "\n  ".join(problems) + f"\nClean it with: {FIX} {path}"
 
 
-def test_checked_cells_hold_their_reference_output(notebook):
+def test_each_notebook_asserts_its_result(notebook):
     path, nb = notebook
-    marked = [c for c in code_cells(nb) if checked(c)]
-    assert marked, f"{path.name} has no {CHECK_MARKER} cell: nbval --nbval-lax would compare nothing in it"
-    for cell in marked:
-        assert cell["outputs"] and cell.get("execution_count") is not None, (
-            f"{path.name}: {source(cell)!r} is marked for comparison but stores no reference output (nbval skips a "
-            "cell whose reference has not run). Run the cell once under EMLOC_SMALL=1, save, then run " + FIX)
+    asserts = [c for c in code_cells(nb) if any(isinstance(n, ast.Assert) for n in ast.walk(ast.parse(source(c))))]
+    assert asserts, f"{path.name} checks nothing: add an `assert` on its result, or nbval only sees that cells run"
 
 
 def test_no_saved_widget_state_or_extra_metadata(notebook):
@@ -133,30 +110,15 @@ def test_notebooks_define_no_logic(notebook):
 
 # ----------------------------------------------------------------------------- the cleaner
 
-def clean(path: Path) -> list[str]:
-    """Strip `path` in place as the checks above require; returns warnings about missing references."""
+def clean(path: Path) -> None:
+    """Strip `path` in place as the checks above require."""
     nb = nbformat.read(path, as_version=4)
-    warnings = []
     nb.metadata = {k: v for k, v in nb.metadata.items() if k in ALLOWED_METADATA}
-    for i, cell in enumerate(nb.cells):
+    for cell in nb.cells:
         cell.metadata = {k: v for k, v in cell.metadata.items() if k == "tags"}
-        if cell.cell_type != "code":
-            continue
-        if checked(cell):
-            kept = []
-            for out in cell.outputs:
-                if out.output_type == "execute_result" and "text/plain" in out.data:
-                    kept.append(nbformat.v4.new_output("execute_result", data={"text/plain": out.data["text/plain"]},
-                                                       execution_count=None))
-                elif out.output_type == "stream" and out.name == "stdout":
-                    kept.append(nbformat.v4.new_output("stream", name="stdout", text=out.text))
-            cell.outputs, cell.execution_count = kept, (1 if kept else None)
-            if not kept:
-                warnings.append(f"{path.name} cell {i}: no reference output; run it once under EMLOC_SMALL=1 and save")
-        else:
+        if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     nbformat.write(nb, path)
-    return warnings
 
 
 if __name__ == "__main__":
@@ -164,6 +126,5 @@ if __name__ == "__main__":
     if not args or args[0] != "--fix":
         sys.exit(__doc__)
     for target in [Path(a) for a in args[1:]] or notebook_paths():
-        for warning in clean(target):
-            print("warning:", warning)
+        clean(target)
         print("cleaned", target)
