@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from emloc_nb import correct_lora, evaluate, load_adapter
-from emloc_nb.pipeline import Run
+from emloc_nb.run import Run
 
 HERE = Path(__file__).parent
 
@@ -30,12 +30,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for clamp in args.clamps:
             out = Path(tmp) / f"L{clamp}"
-            report = correct_lora(model, emulator, run.path("finetune_emulator/adapter"), out, clamp=clamp, heldout=heldout)
+            report = correct_lora(model, emulator, run.adapter_dir("emulator"), out, clamp=clamp, heldout=heldout)
             tuned = load_adapter(model, out)
             result = evaluate(tuned, tok, run.task(), limit=run.config.evaluation.limit, progress=False)
             tuned.unload()
-            layers = report.layers
-            rows.append({"clamp": clamp, "accuracy": result["accuracy"], "answer_loss": result["answer_loss"],
+            layers = report.rows
+            rows.append({"clamp": clamp, "accuracy": result.accuracy, "answer_loss": result.answer_loss,
                          "mean_error_all": sum(r["after_all"] for r in layers) / len(layers),
                          "mean_error_subspace": sum(r["after_subspace"] for r in layers) / len(layers),
                          "clamped_columns": sum(r["clamped"] for r in layers)})

@@ -31,7 +31,7 @@ def measure(path: str, steps: int, batch_size: int, checkpointing: bool) -> dict
     from transformers import AutoTokenizer
 
     from emloc_nb import Emulator, LoraSpec, attach_lora, batches, load_model, movie_sentiment
-    from emloc_nb.evaluate import answer_nll
+    from emloc_nb.scoring import answer_nll
     from emloc_nb.memory import footprint, peak_rss_mb, rss_mb, weights_mb
 
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ import torch
 from emloc_nb import batches, collect_stats, load_model, movie_sentiment
 from emloc_nb.data import collator_for, encode_example
 from emloc_nb.emulator import whitening
-from emloc_nb.evaluate import answer_nll, choice_logprobs
+from emloc_nb.scoring import answer_nll, choice_logprobs
 from emloc_nb.models import block_linears, linear_weight, model_inputs
 
 HERE = Path(__file__).parent
@@ -71,7 +71,7 @@ def main() -> None:
 
     ours, t_ours = timed(lambda: collect_stats(model, data, progress=False))
     naive, t_naive = timed(naive_calibration, model, data)
-    diff = max(float((ours.for_layer(n).second_moment - c).abs().max() / c.abs().max()) for n, (c, _, _) in naive.items())
+    diff = max(float((ours.layer(n).second_moment - c).abs().max() / c.abs().max()) for n, (c, _, _) in naive.items())
     results["calibration"] = {"ours_s": t_ours, "naive_s": t_naive, "speedup": t_naive / t_ours,
                               "accumulations_ours": len(ours.inputs), "accumulations_naive": len(naive),
                               "max_relative_difference": diff}
@@ -89,7 +89,7 @@ def main() -> None:
     err_ours = err_naive = 0.0
     for name, module in layers.items():
         w = linear_weight(module).detach().double()
-        s, _ = whitening(ours.for_layer(name).covariance)
+        s, _ = whitening(ours.layer(name).covariance)
         u, sv, vh = torch.linalg.svd(w @ s, full_matrices=False)
         start = time.perf_counter()
         down_ours = (u.T @ w) / sv.sqrt()[:, None]

@@ -2,6 +2,8 @@
 
 Every artifact is written to a temporary path beside its target and renamed into
 place, so an interrupted or failed write never leaves a partial file behind.
+torch and safetensors are imported only by the tensor helpers, so that reading and
+writing JSON (a run's config, a rank plan) stays light.
 """
 from __future__ import annotations
 
@@ -10,14 +12,16 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from .errors import EmlocError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 
@@ -26,7 +30,8 @@ def _jsonable(obj: Any) -> Any:
     """Make floats JSON-safe (inf/nan become strings) and tensors plain lists."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         return _jsonable(obj.tolist())
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -79,12 +84,16 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp))
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")

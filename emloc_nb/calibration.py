@@ -9,17 +9,17 @@ state is left on the modules.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from functools import cached_property
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import FORMAT_VERSION, atomic_dir, read_grouped, read_json, write_grouped, write_json
 from .errors import EmlocError
 from .models import accepts, block_linears, fingerprint, model_inputs, on_device
+from .reports import Report
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
 
@@ -57,8 +57,13 @@ class InputStats:
 
 
 @dataclass
-class CalibrationStats:
-    """Per-input statistics keyed by the first layer that reads each input."""
+class CalibrationStats(Report):
+    """Per-input statistics keyed by the first layer that reads each input.
+
+    `rows` has one summary row per distinct input; `layer(name)` is the InputStats a layer reads.
+    """
+
+    kind = "calibration"
 
     inputs: dict[str, InputStats]
     model_fingerprint: str
@@ -70,8 +75,8 @@ class CalibrationStats:
                 return key
         raise EmlocError(f"No calibration statistics for layer {layer!r}. Calibrate with that layer included.")
 
-    def for_layer(self, layer: str) -> InputStats:
-        return self.inputs[self.key_for(layer)]
+    def layer(self, name: str) -> InputStats:
+        return self.inputs[self.key_for(name)]
 
     @property
     def layers(self) -> list[str]:
@@ -81,8 +86,9 @@ class CalibrationStats:
     def tokens(self) -> int:
         return max((s.tokens for s in self.inputs.values()), default=0)
 
-    def summary(self) -> list[dict]:
-        """One row per distinct input."""
+    @cached_property
+    def rows(self) -> list[dict]:
+        """One row per distinct input (computed once: each needs an eigen-decomposition)."""
         rows = []
         for key, s in self.inputs.items():
             eig = s.eigenvalues()
@@ -95,22 +101,16 @@ class CalibrationStats:
             })
         return rows
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        tensors = {key: {"second_moment": s.second_moment, "abs_sum": s.abs_sum, "abs_max": s.abs_max}
-                   for key, s in self.inputs.items()}
-        inputs = {key: {"tokens": s.tokens, "layers": s.layers} for key, s in self.inputs.items()}
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            write_grouped(tmp / "calibration.safetensors", tensors)
-            write_json(tmp / "calibration.json", {"format_version": FORMAT_VERSION, "kind": "calibration",
-                                                  "model_fingerprint": self.model_fingerprint,
-                                                  "examples": self.examples, "inputs": inputs})
-        return Path(path)
+    def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {key: {"second_moment": s.second_moment, "abs_sum": s.abs_sum, "abs_max": s.abs_max}
+                for key, s in self.inputs.items()}
+
+    def _metadata(self) -> dict:
+        return {"model_fingerprint": self.model_fingerprint, "examples": self.examples,
+                "inputs": {key: {"tokens": s.tokens, "layers": s.layers} for key, s in self.inputs.items()}}
 
     @classmethod
-    def load(cls, path: str | Path) -> "CalibrationStats":
-        path = Path(path)
-        meta = read_json(path / "calibration.json")
-        tensors = read_grouped(path / "calibration.safetensors")
+    def _from_saved(cls, meta: dict, tensors: dict) -> CalibrationStats:
         inputs = {key: InputStats(**tensors[key], tokens=info["tokens"], layers=list(info["layers"]))
                   for key, info in meta["inputs"].items()}
         return cls(inputs, meta["model_fingerprint"], meta["examples"])

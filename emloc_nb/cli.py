@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -18,24 +19,22 @@ from .errors import EmlocError
 
 
 def _summary(run) -> None:
-    from .spectra import SpectrumTable
-
-    table = SpectrumTable.load(run.path("emulator/spectra"))
-    totals = table.totals()
+    totals = run.spectra().totals()
     print(f"emulator: {totals['compressed']}/{totals['layers']} block linears compressed, "
           f"{totals['share_kept']:.2f} of their parameters kept")
-    if run.path("drift.json").is_file():
-        s = run.drift().summary
+    if run.has("drift"):
+        drift = run.drift()
+        s = drift.summary
         print(f"drift on {s['tokens']} held-out tokens: KL {s['kl']:.3f} nats/token, perplexity "
               f"{s['ppl_original']:.1f} → {s['ppl_emulator']:.1f} (×{s['ppl_ratio']:.2f}), "
               f"mean layer error {s['mean_measured_error']:.3f}")
         print("\n| block | hidden-state cosine |\n|---|---|")
-        for b in run.drift().blocks:
+        for b in drift.blocks:
             print(f"| {b['block']} | {b['cosine']:.4f} |")
 
 
 def _config_from_flags(args):
-    from .pipeline import RunConfig, is_small, small_settings
+    from .config import RunConfig, is_small, small_settings
 
     config = RunConfig.load(args.config) if getattr(args, "config", None) else RunConfig()
     d = config.to_dict()
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainer", choices=["loop", "hf"], default="loop", help="built-in loop, or transformers' Trainer (torchrun-ready)")
 
     for name, text in [("correct", "write the corrected adapter for the original model"),
-                       ("evaluate", "evaluate every setting and write results.json / results.md")]:
+                       ("evaluate", "evaluate every setting and write the results table")]:
         common(sub.add_parser(name, help=text))
 
     p = sub.add_parser("report", help="a self-contained HTML report of a run (plotly.js embedded)")
@@ -116,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from .pipeline import Run, RunConfig, finetune_with_trainer, is_small, small_settings
+    from .config import RunConfig, is_small, small_settings
+    from .run import Run
+    from .stages import finetune_with_trainer, results_markdown
 
     isolate = not getattr(args, "in_process", False)
     if args.command == "run":
@@ -127,7 +128,7 @@ def _dispatch(args) -> int:
         run.run_all(isolate=isolate)
         _summary(run)
         print()
-        print((run.dir / "results.md").read_text())
+        print(results_markdown(run.results()))
         print(f"Everything is in {run.dir}. Open it with: jupyter lab notebooks/00_quickstart.ipynb")
     elif args.command == "build-emulator":
         run = Run(args.output, _config_from_flags(args), overwrite=args.overwrite)
@@ -139,18 +140,18 @@ def _dispatch(args) -> int:
             print(f"adapter: {finetune_with_trainer(run, args.target)}")
         else:
             run.run_stage(f"finetune_{args.target}", isolate=isolate)
-            print(f"adapter: {run.path(f'finetune_{args.target}/adapter')}")
+            print(f"adapter: {run.adapter_dir(args.target)}")
     elif args.command == "correct":
         run = Run(args.run_dir)
         run.run_stage("correct", isolate=isolate)
-        print(f"corrected adapter: {run.path('corrected')}")
+        print(f"corrected adapter: {run.adapter_dir('corrected')}")
     elif args.command == "evaluate":
         run = Run(args.run_dir)
         run.run_stage("evaluate", isolate=isolate)
-        print((run.dir / "results.md").read_text())
+        print(results_markdown(run.results()))
     elif args.command == "report":
-        try:
-            from .widgets.report import write_report
+        try:  # the report lives on the widgets side (plotly); the core never imports it otherwise
+            write_report = importlib.import_module("emloc_nb.widgets.report").write_report
         except ImportError as e:
             raise EmlocError(f"The HTML report needs the notebook extra ({e}). Install it with `pip install 'emloc-nb[notebook]'`.") from None
         out = write_report(args.run_dir, args.output or args.run_dir / "report.html")

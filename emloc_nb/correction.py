@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -23,13 +24,14 @@ from peft import LoraConfig
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_grouped, read_json, write_grouped, write_json, write_tensors
+from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, write_json, write_tensors
 from .calibration import CalibrationStats
+from .drift import output_energy
 from .emulator import Emulator
 from .errors import EmlocError
-from .evaluate import output_energy
+from .lora import load_adapter, lora_factors
 from .models import block_index, fingerprint, linear_weight
-from .training import load_adapter, lora_factors
+from .reports import LayerReport
 
 _NULL_TOL = 1e-6  # singular values of A below this share of the largest span no LoRA direction
 
@@ -103,12 +105,23 @@ def _errors(terms: dict[str, torch.Tensor], kappa: torch.Tensor) -> tuple[float,
 
 
 @dataclass
-class CorrectionReport:
-    """Per layer: ‖D‖, κ, clamped columns, and the error against the fine-tuned emulator before/after."""
+class CorrectionReport(LayerReport):
+    """Per layer: ‖D‖, κ, clamped columns, and the error against the fine-tuned emulator before/after.
+
+    `layers` holds what does not depend on L (name, LoRA rank, scaling, ‖D‖, ‖B′‖) and
+    `stats` the stored terms; `rows` is the layer table at the report's own clamp and
+    `rows_at(L)` the same for any L, both computed from those alone.
+    """
+
+    kind = "correction"
 
     clamp: float
-    layers: list[dict]
+    layers: list[dict]  # name, block, kind, lora_rank, scaling, d_norm, b_norm
     stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # b_mean, d_mean, valid + error terms
+
+    @cached_property
+    def rows(self) -> list[dict]:
+        return self.rows_at(self.clamp)
 
     def kappa_at(self, name: str, clamp: float) -> torch.Tensor:
         s = self.stats[name]
@@ -129,7 +142,8 @@ class CorrectionReport:
         for row in self.layers:
             kappa = self.kappa_at(row["name"], clamp)
             valid = self.stats[row["name"]]["valid"].bool()
-            new = {**row, "clamped": int((kappa[valid] < 1).sum()), "kappa_mean": float(kappa[valid].mean()) if valid.any() else 0.0}
+            new = {**row, "clamped": int((kappa[valid] < 1).sum()),
+                   "kappa_mean": float(kappa[valid].mean()) if valid.any() else 0.0}
             if "q" in self.stats[row["name"]]:
                 before, after = self.errors_at(row["name"], 0.0), self.errors_at(row["name"], clamp)
                 new.update(before_all=before["error_all"], before_subspace=before["error_subspace"],
@@ -137,18 +151,15 @@ class CorrectionReport:
             rows.append(new)
         return rows
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            write_grouped(tmp / "correction.safetensors", self.stats)
-            write_json(tmp / "correction.json", {"format_version": FORMAT_VERSION, "kind": "correction",
-                                                 "clamp": self.clamp, "layers": self.layers})
-        return Path(path)
+    def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.stats
+
+    def _metadata(self) -> dict:
+        return {"clamp": self.clamp, "layers": self.layers}
 
     @classmethod
-    def load(cls, path: str | Path) -> "CorrectionReport":
-        path = Path(path)
-        meta = read_json(path / "correction.json")
-        return cls(meta["clamp"], meta["layers"], read_grouped(path / "correction.safetensors"))
+    def _from_saved(cls, meta: dict, tensors: dict) -> CorrectionReport:
+        return cls(meta["clamp"], meta["layers"], tensors)
 
 
 @torch.no_grad()
@@ -207,7 +218,7 @@ def correct_lora(
         ranks[name] = a.shape[0]
         stats[name] = {"b_mean": lc.b_mean, "d_mean": lc.d_mean, "valid": lc.valid}
         if heldout is not None:
-            stats[name].update(error_terms(w, w_e, lc, heldout.for_layer(name).covariance))
+            stats[name].update(error_terms(w, w_e, lc, heldout.layer(name).covariance))
         rows.append({"name": name, "block": block_index(name), "kind": name.rsplit(".", 1)[-1], "lora_rank": a.shape[0],
                      "scaling": s, "d_norm": float(lc.d.norm()), "b_norm": float(lc.b_prime.norm())})
 
@@ -224,6 +235,4 @@ def correct_lora(
         write_json(tmp / "emloc.json", {"format_version": FORMAT_VERSION, "kind": "corrected_adapter",
                                          "base_fingerprint": original_fp, "emulator_fingerprint": emulator.fingerprint,
                                          "clamp": clamp, "source_adapter": str(adapter_dir)})
-    report = CorrectionReport(clamp, rows, stats)
-    report.layers = report.rows_at(clamp)
-    return report
+    return CorrectionReport(clamp, rows, stats)

@@ -53,7 +53,7 @@ def footprint(model: nn.Module, batch: dict, *, train: bool = True) -> dict:
     train=True: a LoRA training step (the model should have its LoRA attached, so
     that only LoRA weights require grad); train=False: a no-grad forward.
     """
-    from .evaluate import answer_nll
+    from .scoring import answer_nll
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: list[torch.Tensor] = []
@@ -86,7 +86,7 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
     libraries, reported as the stage's baseline).
     """
     from .data import collator_for, tokenize
-    from .training import attach_lora
+    from .lora import attach_lora
 
     model, tokenizer = run.original()
     emulator = run.emulator().model

@@ -2,40 +2,40 @@
 
 Rows hold what the emulator kept (rank, share of parameters, whitened energy,
 predicted relative output error); `spectra` holds each layer's plain singular
-values (of W) and whitened ones (of W S). Everything a rank slider needs can be
-recomputed from the stored spectra alone, without the model.
+values (of W) and whitened ones (of W S). Everything a rank slider needs (energy,
+error and parameters at any rank or kept share ρ) is computed here from the stored
+spectra alone, without the model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .artifacts import FORMAT_VERSION, atomic_dir, read_grouped, read_json, write_grouped, write_json
-from .errors import EmlocError
+from .ranks import rank_for_ratio
+from .reports import LayerReport
 
 
 @dataclass
-class SpectrumTable:
+class SpectrumTable(LayerReport):
+    kind = "spectra"
+
     rows: list[dict]  # name, block, kind, d_out, d_in, rank, dense, reason, params_kept, energy_kept, predicted_error, whitening
     spectra: dict[str, dict[str, torch.Tensor]]  # name -> {"plain": σ(W), "whitened": σ(W S)}
     skipped: list[dict] = field(default_factory=list)  # linear layers left out, each with a reason
 
-    def row(self, name: str) -> dict:
-        for r in self.rows:
-            if r["name"] == name:
-                return r
-        raise EmlocError(f"{name!r} is not in the spectrum table. Layers: {[r['name'] for r in self.rows[:3]]}...")
-
-    @property
-    def names(self) -> list[str]:
-        return [r["name"] for r in self.rows]
-
     def spectrum(self, name: str, kind: str = "whitened") -> torch.Tensor:
         """Singular values, largest first; the whitened ones fall back to plain when there were no statistics."""
-        s = self.spectra[self.row(name)["name"]]
+        s = self.spectra[self.layer(name)["name"]]
         return s.get(kind, s["plain"])
+
+    def cumulative_energy(self, name: str, kind: str = "whitened") -> torch.Tensor:
+        """Share of Σσ² kept by the top r singular values, for r = 0 … n (float64)."""
+        e = self.spectrum(name, kind).double() ** 2
+        total = e.sum()
+        if total <= 0:
+            return torch.ones(len(e) + 1, dtype=torch.float64)
+        return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(e, 0) / total])
 
     def energy_at(self, name: str, rank: int | None) -> float:
         """Share of the whitened energy ‖W S‖² kept by the top `rank` directions (None: dense)."""
@@ -47,8 +47,17 @@ class SpectrumTable:
         return max(0.0, 1.0 - self.energy_at(name, rank)) ** 0.5
 
     def params_at(self, name: str, rank: int | None) -> int:
-        r = self.row(name)
+        r = self.layer(name)
         return r["d_out"] * r["d_in"] if rank is None else rank * (r["d_out"] + r["d_in"])
+
+    def rank_at_ratio(self, name: str, ratio: float) -> int | None:
+        """The rank that keeps a share ρ of the layer's parameters (None: ρ ≥ 1 keeps it dense)."""
+        r = self.layer(name)
+        return None if ratio >= 1 else rank_for_ratio(r["d_out"], r["d_in"], ratio)
+
+    def energy_at_ratio(self, ratio: float) -> list[float]:
+        """Kept whitened energy of every layer (in row order) if each kept a share ρ of its parameters."""
+        return [self.energy_at(r["name"], self.rank_at_ratio(r["name"], ratio)) for r in self.rows]
 
     def totals(self) -> dict:
         dense = sum(r["d_out"] * r["d_in"] for r in self.rows)
@@ -56,19 +65,12 @@ class SpectrumTable:
         return {"layers": len(self.rows), "compressed": sum(not r["dense"] for r in self.rows),
                 "params_dense": dense, "params_kept": kept, "share_kept": kept / dense if dense else 1.0}
 
-    def to_frame(self):
-        import pandas as pd  # pandas comes with datasets; imported here to keep `import emloc_nb` light
-        return pd.DataFrame(self.rows).set_index("name")
+    def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.spectra
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        with atomic_dir(path, overwrite=overwrite) as tmp:
-            write_grouped(tmp / "spectra.safetensors", self.spectra)
-            write_json(tmp / "spectra.json", {"format_version": FORMAT_VERSION, "kind": "spectra",
-                                              "rows": self.rows, "skipped": self.skipped})
-        return Path(path)
+    def _metadata(self) -> dict:
+        return {"rows": self.rows, "skipped": self.skipped}
 
     @classmethod
-    def load(cls, path: str | Path) -> "SpectrumTable":
-        path = Path(path)
-        meta = read_json(path / "spectra.json")
-        return cls(meta["rows"], read_grouped(path / "spectra.safetensors"), meta["skipped"])
+    def _from_saved(cls, meta: dict, tensors: dict) -> SpectrumTable:
+        return cls(meta["rows"], tensors, meta["skipped"])

@@ -1,152 +1,34 @@
-"""Fine-tuning with LoRA (peft) on the emulator, or on the original model as the baseline.
-
-The emulator keeps the original's module names, so one LoRA config fits both, and an
-adapter trained on the emulator has exactly the keys the original expects. Emulator
-layers are LowRankLinear rather than nn.Linear, so they are registered with peft as
-a custom module type; peft's own LoRA Linear does the rest.
+"""Fine-tuning a LoRA on the emulator, or on the original model as the baseline.
 
 Two ways to train, one loss: `finetune` (a small seeded loop with live callbacks and
 resumable safetensors checkpoints, for notebooks and the CLI) and `hf_trainer` (a
 transformers Trainer over the same collator, which also runs under torchrun / DDP).
+Both write the same adapter (emloc_nb.lora) and history.json to an output directory.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora.layer import Linear as LoraLinear
+from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, read_tensors, write_json, write_tensors
+from .artifacts import atomic_dir, read_json, read_tensors, write_json, write_tensors
+from .config import LoraSpec, TrainSpec
 from .data import Task, collator_for, tokenize
-from .emulator import LowRankLinear
 from .errors import EmlocError
-from .evaluate import answer_nll
-from .models import block_linears, fingerprint
+from .lora import attach_lora, save_adapter
+from .models import fingerprint
+from .scoring import answer_nll
 
 Callback = Callable[[dict], None]  # receives {"step", "steps", "loss", "lr"} after every optimiser step
-
-
-class LowRankLoraLinear(LoraLinear):
-    """peft's LoRA Linear over an emulator's LowRankLinear."""
-
-    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
-
-
-@dataclass
-class LoraSpec:
-    """Which layers get a LoRA, and its shape: ΔW = s · B A with s = alpha / r (alpha / √r for rsLoRA)."""
-
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0  # peft materialises a dropped-out copy of every LoRA input: 40% more activation memory
-    targets: list[str] | str | None = None  # layer-name suffixes, or a regex (peft's fullmatch); None: every block linear
-    rslora: bool = False
-
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
-
-    def lora_config(self, model: nn.Module) -> LoraConfig:
-        if self.r < 1:
-            raise EmlocError(f"LoRA rank r={self.r} must be at least 1.")
-        targets = self.targets
-        if targets is None:
-            targets = sorted({n.rsplit(".", 1)[-1] for n in block_linears(model)})
-        if not targets:
-            raise EmlocError("No LoRA targets: the model has no linear layers in numbered blocks. Set LoraSpec.targets.")
-        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
-                            use_rslora=self.rslora, bias="none", task_type="CAUSAL_LM")
-        config._register_custom_module({LowRankLinear: LowRankLoraLinear})
-        return config
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 150
-    batch_size: int = 8
-    lr: float = 3e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_length: int = 256
-    seed: int = 0
-    checkpoint_every: int = 50  # steps; 0: a checkpoint only when stop_after ends a call early
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
-
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to a tenth of `lr` (step counts from 0)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
-    """Wrap `model` (original or emulator) with a fresh LoRA; only the LoRA weights train."""
-    config = spec.lora_config(model)
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as e:
-        raise EmlocError(f"Could not attach LoRA to targets {config.target_modules!r}: {e}. "
-                         "Use suffixes of the model's layer names (e.g. 'q_proj') or a regex.") from None
-    return peft_model
-
-
-def _targeted(peft_model: PeftModel) -> dict[str, nn.Module]:
-    return {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLinear)}
-
-
-# ----------------------------------------------------------------------------- adapters on disk
-
-def save_adapter(peft_model: PeftModel, path: str | Path, *, base_fingerprint: str, info: dict | None = None,
-                 overwrite: bool = False) -> Path:
-    """A standard peft adapter directory plus emloc.json recording which base it was trained on."""
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        peft_model.save_pretrained(tmp)
-        write_json(tmp / "emloc.json", {"format_version": FORMAT_VERSION, "kind": "adapter",
-                                         "base_fingerprint": base_fingerprint, **(info or {})})
-    return Path(path)
-
-
-def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False, check_base: bool = True) -> PeftModel:
-    """Attach a saved adapter to `model`, refusing one that was trained on another base.
-
-    `check_base=False` applies it anyway: that is the naive transfer of an emulator's
-    LoRA onto the original, the baseline the correction is measured against.
-    """
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():  # also keeps peft from looking the path up on the Hub
-        raise EmlocError(f"{path} holds no adapter (no adapter_config.json). "
-                         "Write one with `emloc finetune` or `emloc correct`, or give the adapter's directory.")
-    if check_base:
-        meta_file = path / "emloc.json"
-        if not meta_file.is_file():
-            raise EmlocError(f"The adapter at {path} does not record which model it was trained on (no emloc.json), "
-                             "so it cannot be checked. Pass check_base=False to apply it anyway.")
-        check_fingerprint(read_json(meta_file)["base_fingerprint"], fingerprint(model),
-                          artifact=f"The adapter at {path}", model="the model it is loaded onto")
-    config = LoraConfig.from_pretrained(str(path))
-    config._register_custom_module({LowRankLinear: LowRankLoraLinear})
-    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
-
-
-def lora_factors(peft_model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A, B, s) of the active adapter per targeted layer, with ΔW = s · B A."""
-    factors = {}
-    for name, layer in _targeted(peft_model).items():
-        adapter = layer.active_adapters[0]
-        factors[name] = (layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(),
-                         float(layer.scaling[adapter]))
-    return factors
 
 
 # ----------------------------------------------------------------------------- the built-in loop
@@ -201,7 +83,7 @@ def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.O
     return meta["step"], meta["history"]
 
 
-def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainConfig) -> dict:
+def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec) -> dict:
     """What decides the trained weights: an adapter or checkpoint is reused only for the same signature."""
     train = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "gradient_checkpointing")}
     return json.loads(json.dumps({"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train}))  # as read back
@@ -239,7 +121,7 @@ def finetune(
     output_dir: str | Path,
     *,
     lora: LoraSpec | None = None,
-    config: TrainConfig | None = None,
+    config: TrainSpec | None = None,
     callbacks: Iterable[Callback] = (),
     stop_after: int | None = None,
     progress: bool = True,
@@ -252,7 +134,7 @@ def finetune(
     an uninterrupted run (other settings are refused). `stop_after` ends early after
     that many steps (to simulate an interruption, or to train in slices from a notebook).
     """
-    lora, config = lora or LoraSpec(), config or TrainConfig()
+    lora, config = lora or LoraSpec(), config or TrainSpec()
     output_dir = Path(output_dir)
     adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / "checkpoint"
     signature = _signature(fingerprint(model), lora, config)
@@ -329,7 +211,7 @@ class CallbackBridge(TrainerCallback):
 
 
 def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, output_dir: str | Path, *,
-               lora: LoraSpec | None = None, config: TrainConfig | None = None, callbacks: Iterable[Callback] = (),
+               lora: LoraSpec | None = None, config: TrainSpec | None = None, callbacks: Iterable[Callback] = (),
                **training_args):
     """A transformers Trainer for the same LoRA, data and schedule; works under torchrun (gloo on CPU).
 
@@ -338,14 +220,14 @@ def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
     """
     from transformers import Trainer, TrainingArguments
 
-    lora, config = lora or LoraSpec(), config or TrainConfig()
+    lora, config = lora or LoraSpec(), config or TrainSpec()
     torch.manual_seed(config.seed)
     peft_model = attach_lora(model, lora)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
     defaults = dict(
         output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
         learning_rate=config.lr, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},  # as TrainConfig.lr_at
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},  # as TrainSpec.lr_at
         logging_steps=1, gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no",
         seed=config.seed, report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
@@ -358,10 +240,10 @@ def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
 
 
 def finetune_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, output_dir: str | Path, *,
-                lora: LoraSpec | None = None, config: TrainConfig | None = None, callbacks: Iterable[Callback] = (),
+                lora: LoraSpec | None = None, config: TrainSpec | None = None, callbacks: Iterable[Callback] = (),
                 **training_args) -> TrainResult:
     """`finetune` through transformers' Trainer (and so torchrun, accelerate, DeepSpeed); the same adapter format."""
-    lora, config = lora or LoraSpec(), config or TrainConfig()
+    lora, config = lora or LoraSpec(), config or TrainSpec()
     output_dir = Path(output_dir)
     signature = _signature(fingerprint(model), lora, config)
     if done := _finished(output_dir, signature):

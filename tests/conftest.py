@@ -10,8 +10,10 @@ from datasets import Dataset
 
 from emloc_nb.calibration import collect_stats
 from emloc_nb.data import batches, load_task
+from emloc_nb.emulator import build_emulator
 from emloc_nb.models import tiny_model
-from emloc_nb.pipeline import Run, RunConfig
+from emloc_nb.config import RunConfig
+from emloc_nb.run import Run
 
 FAMILIES = ["llama", "gpt2", "qwen2", "opt"]
 
@@ -53,6 +55,13 @@ def calibrated(toy_task):
     model, tokenizer = tiny_model("llama")
     calib = batches(tokenizer, toy_task.train, batch_size=8, limit=48)
     return model, tokenizer, calib, collect_stats(model, calib, progress=False)
+
+
+def tiny_emulator(task):
+    """A tiny llama, its tokenizer, and an emulator at ρ = 0.5 calibrated on 32 training examples."""
+    model, tok = tiny_model("llama")
+    calib = batches(tok, task.train, batch_size=8, limit=32)
+    return model, tok, build_emulator(model, collect_stats(model, calib, progress=False), 0.5, progress=False)
 
 
 @pytest.fixture(autouse=True)

@@ -90,12 +90,12 @@ def test_first_code_cell_uses_notebook_run(notebook):
     path, nb = notebook
     first = source(code_cells(nb)[0])
     tree = ast.parse(first)
-    imported = any(isinstance(n, ast.ImportFrom) and n.module == "emloc_nb.pipeline"
+    imported = any(isinstance(n, ast.ImportFrom) and n.module == "emloc_nb.run"
                    and any(a.name == "notebook_run" for a in n.names) for n in ast.walk(tree))
     called = any(isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
                  and getattr(n.value.func, "id", None) == "notebook_run"
                  and [getattr(t, "id", None) for t in n.targets] == ["run"] for n in ast.walk(tree))
-    assert imported and called, (f"{path.name}: the first code cell must do `from emloc_nb.pipeline import notebook_run` "
+    assert imported and called, (f"{path.name}: the first code cell must do `from emloc_nb.run import notebook_run` "
                                  f"and `run = notebook_run()`, so that EMLOC_SMALL and EMLOC_RUN_DIR apply; it is:\n{first}")
 
 

@@ -9,8 +9,8 @@ import ipywidgets as W
 from emloc_nb.calibration import CalibrationStats
 from emloc_nb.models import block_index
 
-from . import figures as F
-from .base import View, figure_widget
+from .base import View, figure_widget, refresh
+from .plots.activations import activation_heatmap, channel_figure, eigen_figure, input_label
 
 ALL = "all blocks"
 
@@ -35,9 +35,9 @@ class ActivationsView(View):
         self.info = W.HTML()
         self._eigenvalues: dict = {}  # input key -> eigenvalues of its C, computed once
         self._eigen_shown: str | None = None  # the input the eigen figure shows
-        self.channels = figure_widget(F.channel_figure(self.current, factor=self.factor.value))
-        self.eigen = figure_widget(F.eigen_figure(self.current, eigenvalues=self._eigenvalues_of(self.input.value)))
-        self.heatmap = figure_widget(F.activation_heatmap(stats))
+        self.channels = figure_widget(channel_figure(self.current, factor=self.factor.value))
+        self.eigen = figure_widget(eigen_figure(self.current, eigenvalues=self._eigenvalues_of(self.input.value)))
+        self.heatmap = figure_widget(activation_heatmap(stats))
         self.block.observe(self._on_block, names="value")
         self.input.observe(lambda _: self._update(), names="value")
         self.factor.observe(lambda _: self._update(), names="value")
@@ -48,14 +48,15 @@ class ActivationsView(View):
                               self.channels, self.eigen, self.heatmap])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, which: str = "calibration") -> "ActivationsView":
-        """`which`: "calibration" (what the emulator was built from) or "heldout"."""
-        from emloc_nb.pipeline import Run
-        return cls(Run(run_dir).calibration(which), title=f"Activations · {which}")
+    def from_run(cls, run_dir: str | Path, split: str = "train") -> ActivationsView:
+        """`split`: "train" (the statistics the emulator was built from) or "heldout"."""
+        from emloc_nb.run import Run
+
+        return cls(Run(run_dir).calibration(split), title=f"Activations · {split}")
 
     def _options(self, block) -> list[tuple[str, str]]:
         keys = [k for k in self.keys if block == ALL or block_index(k) == block]
-        return [(F.input_label(self.stats, k), k) for k in keys]
+        return [(input_label(self.stats, k), k) for k in keys]
 
     def _on_block(self, change) -> None:
         current = self.input.value
@@ -82,17 +83,14 @@ class ActivationsView(View):
 
     def _update(self) -> None:
         key, s = self.input.value, self.current
-        label = F.input_label(self.stats, key)
-        fresh = [(self.channels, F.channel_figure(s, factor=self.factor.value, title=f"Per-channel |x| · {label}"))]
+        label = input_label(self.stats, key)
+        fresh = [(self.channels, channel_figure(s, factor=self.factor.value, title=f"Per-channel |x| · {label}"))]
         if key != self._eigen_shown:  # the eigen-spectrum depends on the input alone, not on the outlier factor
-            fresh.append((self.eigen, F.eigen_figure(s, title=f"Eigen-spectrum of C · {label}",
+            fresh.append((self.eigen, eigen_figure(s, title=f"Eigen-spectrum of C · {label}",
                                                      eigenvalues=self._eigenvalues_of(key))))
             self._eigen_shown = key
         for live, fig in fresh:
-            with live.batch_update():
-                for t in fig.data:
-                    F.trace(live, t.name).update(x=t.x, y=t.y)
-                live.layout.title = fig.layout.title
+            refresh(live, fig, "x", "y")
         outliers = s.outlier_channels(self.factor.value).tolist()
         shown = ", ".join(map(str, outliers[:20])) + (" …" if len(outliers) > 20 else "")
         self.info.value = (f"<b>{html.escape(key)}</b> read by {html.escape(', '.join(s.layers))}<br>"

@@ -10,6 +10,8 @@ import html
 import ipywidgets as W
 import plotly.graph_objects as go
 
+from .plots.common import trace
+
 
 class View:
     """A plain object that displays as its `.widget` in Jupyter."""
@@ -23,6 +25,16 @@ class View:
 def figure_widget(fig: go.Figure) -> go.FigureWidget:
     """A live copy of a pure figure; controls update it inside `batch_update()`."""
     return go.FigureWidget(fig)
+
+
+def refresh(live: go.FigureWidget, fresh: go.Figure, *keys: str, title: bool = True) -> None:
+    """Show a freshly built pure figure in a live one, in one update: for each of `fresh`'s traces,
+    the live trace of the same name takes its `keys` ("x", "y", "hovertext", ...); then the title."""
+    with live.batch_update():
+        for t in fresh.data:
+            trace(live, t.name).update({k: t[k] for k in keys})
+        if title:
+            live.layout.title = fresh.layout.title
 
 
 def note(text: str) -> W.HTML:

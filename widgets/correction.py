@@ -6,16 +6,16 @@ toy teaching mode lives in toy.py and is re-exported here.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import ipywidgets as W
 
 from emloc_nb.correction import CorrectionReport
 
-from . import figures as F
-from .base import View, figure_widget, note
+from .base import View, figure_widget, note, refresh
 from .clamp import ClampControl
+from .plots.common import clamp_label, short_names
+from .plots.correction import correction_error_figure, correction_norms_figure, kappa_figure
 from .toy import ToyCorrection
 
 __all__ = ["CorrectionView", "ToyCorrection"]
@@ -32,16 +32,16 @@ class CorrectionView(View):
 
     def __init__(self, report: CorrectionReport, *, layer: str | None = None):
         self.report = report
-        names = [r["name"] for r in report.layers]
+        names = [r["name"] for r in report.layers]  # the layers the adapter trained
         self.has_errors = all("q" in report.stats.get(n, {}) for n in names) and bool(names)
         self.clamp = ClampControl(report.clamp)
-        self.layer = W.Dropdown(options=list(zip(F.short_names(names), names)), value=layer or names[0],
+        self.layer = W.Dropdown(options=list(zip(short_names(names), names)), value=layer or names[0],
                                 description="layer", layout=W.Layout(width="380px"))
         self.summary = W.HTML()
         self.rows = report.rows_at(self.L)
-        self.errors = figure_widget(F.correction_error_figure(self.rows, clamp=self.L)) if self.has_errors else None
-        self.norms = figure_widget(F.correction_norms_figure(self.rows))
-        self.kappa = figure_widget(F.kappa_figure(report, self.layer.value, self.L))
+        self.errors = figure_widget(correction_error_figure(self.rows, clamp=self.L)) if self.has_errors else None
+        self.norms = figure_widget(correction_norms_figure(self.rows))
+        self.kappa = figure_widget(kappa_figure(report, self.layer.value, self.L))
         self.clamp.observe(lambda _: self._update())
         self.layer.observe(lambda _: self._update_kappa(), names="value")
         self._update()
@@ -49,14 +49,16 @@ class CorrectionView(View):
             "<h3>LoRA correction</h3><p>The LoRA was trained on the emulator W_E. The corrected adapter subtracts the "
             "discrepancy D = (W − W_E) U_A on the LoRA's input subspace, each column scaled by "
             "κᵢ = min(1, L · mean|B′ᵢ| / mean|Dᵢ|). Errors are against the fine-tuned emulator on held-out inputs. "
-            f"The adapter was written with L = {'∞' if math.isinf(report.clamp) else format(report.clamp, 'g')}.</p>")
+            f"The adapter was written with L = {clamp_label(report.clamp)}.</p>")
         body = [self.errors] if self.errors is not None else [
             note("This report has no held-out statistics, so no before/after errors: run correct_lora with heldout=.")]
         self.widget = W.VBox([intro, self.clamp.widget, self.summary, *body, self.norms, self.layer, self.kappa])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, **kwargs) -> "CorrectionView":
-        return cls(CorrectionReport.load(Path(run_dir) / "correction"), **kwargs)
+    def from_run(cls, run_dir: str | Path, **kwargs) -> CorrectionView:
+        from emloc_nb.run import Run
+
+        return cls(Run(run_dir).correction(), **kwargs)
 
     @property
     def L(self) -> float:
@@ -66,18 +68,12 @@ class CorrectionView(View):
         L = self.L
         self.rows = self.report.rows_at(L)
         if self.errors is not None:
-            fresh = F.correction_error_figure(self.rows, clamp=L)
-            with self.errors.batch_update():
-                for t in fresh.data:
-                    F.trace(self.errors, t.name).y = t.y
-                self.errors.layout.title = fresh.layout.title
-        fresh = F.correction_norms_figure(self.rows)
-        with self.norms.batch_update():
-            F.trace(self.norms, "mean κ").update(y=F.trace(fresh, "mean κ").y, hovertext=F.trace(fresh, "mean κ").hovertext)
+            refresh(self.errors, correction_error_figure(self.rows, clamp=L), "y")
+        refresh(self.norms, correction_norms_figure(self.rows), "y", "hovertext")
         self._update_kappa()
         clamped = sum(r["clamped"] for r in self.rows)
         columns = sum(int(self.report.stats[r["name"]]["valid"].sum()) for r in self.rows)
-        text = f"At L = {'∞' if math.isinf(L) else format(L, '.3g')}: {clamped} of {columns} LoRA directions clamped (κ < 1)"
+        text = f"At L = {clamp_label(L, '.3g')}: {clamped} of {columns} LoRA directions clamped (κ < 1)"
         if self.has_errors:
             text += (f" · mean error overall {_mean(r['before_all'] for r in self.rows):.4f} naive → "
                      f"<b>{_mean(r['after_all'] for r in self.rows):.4f}</b> corrected · on the LoRA subspace "
@@ -86,8 +82,4 @@ class CorrectionView(View):
         self.summary.value = f"<p>{text}</p>"
 
     def _update_kappa(self) -> None:
-        fresh = F.kappa_figure(self.report, self.layer.value, self.L)
-        with self.kappa.batch_update():
-            F.trace(self.kappa, "κ").update(x=fresh.data[0].x, y=fresh.data[0].y, marker=fresh.data[0].marker,
-                                            hovertext=fresh.data[0].hovertext)
-            self.kappa.layout.title = fresh.layout.title
+        refresh(self.kappa, kappa_figure(self.report, self.layer.value, self.L), "x", "y", "marker", "hovertext")

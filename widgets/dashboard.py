@@ -13,8 +13,7 @@ from typing import Callable
 
 import ipywidgets as W
 
-from emloc_nb.pipeline import Run
-from emloc_nb.spectra import SpectrumTable
+from emloc_nb.run import Run
 
 from . import tables as T
 from .activations import ActivationsView
@@ -38,18 +37,16 @@ class Dashboard(View):
         self.run = Run(run_dir)
         self._builders: dict[str, Callable[[], View | W.Widget]] = {
             "Results": self._results,
-            "Spectra": lambda: SpectrumView(self._spectra()),
-            "Rank plan": lambda: RankPlanner(self._spectra()),
+            "Spectra": lambda: SpectrumView(self.run.spectra()),
+            "Rank plan": lambda: RankPlanner(self.run.spectra()),
             "Activations": lambda: ActivationsView(self.run.calibration()),
             "Drift": lambda: DriftView(self.run.drift(), self._results_rows()),
             "Correction": lambda: CorrectionView(self.run.correction()),
             "Training": self._training,
         }
-        self._missing_hint = {
-            "Spectra": "emulator/spectra (the emulator stage)", "Rank plan": "emulator/spectra (the emulator stage)",
-            "Activations": "calibration/ (the calibrate stage)", "Drift": "drift.json (the drift stage)",
-            "Correction": "correction/ (the correct stage)", "Training": "finetune_emulator/history.json (finetune_emulator)",
-            "Results": "results.json (the evaluate stage)",
+        self._missing_hint = {  # the stage that writes what a tab shows
+            "Results": "evaluate", "Spectra": "emulator", "Rank plan": "emulator", "Activations": "calibrate",
+            "Drift": "drift", "Correction": "correct", "Training": "finetune_emulator",
         }
         self.titles = list(self._builders)
         self._views: dict[str, View | W.Widget | None] = {}
@@ -75,8 +72,9 @@ class Dashboard(View):
             shown = view.widget if isinstance(view, View) else view
         except MISSING as e:
             view = None
-            shown = note(f"Nothing to show yet: {self._missing_hint[title]} is missing in {self.run.dir} ({e}). "
-                         f"Run that stage (e.g. `emloc run` or Run.run_stage) and reopen the dashboard.")
+            stage = self._missing_hint[title]
+            shown = note(f"Nothing to show yet: the {stage} stage has not written it in {self.run.dir} ({e}). "
+                         f"Run that stage (e.g. `emloc run` or Run.run_stage({stage!r})) and reopen the dashboard.")
         except Exception as e:  # one broken tab must not take the dashboard down, nor go unnoticed
             view = None
             shown = note(f"{title} failed: {type(e).__name__}: {e}")
@@ -84,17 +82,14 @@ class Dashboard(View):
         self.tabs.children[index].children = (shown,)
 
     # -- tab contents that are not a single view
-    def _spectra(self) -> SpectrumTable:
-        return SpectrumTable.load(self.run.path("emulator/spectra"))
-
     def _results_rows(self) -> list[dict] | None:
-        return self.run.results() if self.run.path("results.json").is_file() else None
+        return self.run.results() if self.run.has("results") else None
 
     def _results(self) -> W.Widget:
         parts = [W.HTML(config_summary(self.run))]
         rows = self._results_rows()
         parts.append(W.HTML("<h4>Results per setting</h4>" + T.results_table(rows)) if rows
-                     else note("No results.json yet: run the evaluate stage to fill this table."))
+                     else note("No results yet: run the evaluate stage to fill this table."))
         records = self.run.stage_records()
         if records:
             parts.append(W.HTML("<h4>Stages</h4>" + T.stages_table(records)))
@@ -102,7 +97,7 @@ class Dashboard(View):
 
     def _training(self) -> W.Widget:
         monitors = [TrainingMonitor.from_history(self.run.history("emulator"), title="Training loss · LoRA on the emulator")]
-        if self.run.path("finetune_original/history.json").is_file():
+        if self.run.has("history:original"):
             monitors.append(TrainingMonitor.from_history(self.run.history("original"),
                                                          title="Training loss · LoRA on the original (baseline)"))
         self.monitors = monitors

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.evaluate import DriftReport
+from emloc_nb.drift import DriftReport
 
-from . import figures as F
 from . import tables as T
-from .base import View, figure_widget, note
+from .base import View, figure_widget, note, refresh
+from .plots.drift import block_cosine_figure, layer_error_figure
+from .tokens import token_kl_html
 
 
 class DriftView(View):
@@ -17,7 +18,7 @@ class DriftView(View):
 
     Controls: `group` ("block" or "kind": how the layer bars are grouped) and
     `example` (which held-out example's tokens to colour by KL). `results` are the
-    rows of results.json; when given, the accuracy table is shown too.
+    rows of the results table (`Run.results()`); when given, the accuracy table is shown too.
     """
 
     def __init__(self, drift: DriftReport, results: list[dict] | None = None):
@@ -26,8 +27,8 @@ class DriftView(View):
                                      description="group")
         self.example = W.Dropdown(options=[(f"example {i} ({len(t['tokens'])} tokens)", i) for i, t in enumerate(drift.tokens)],
                                   description="example", disabled=not drift.tokens)
-        self.layers = figure_widget(F.layer_error_figure(drift.layers, by=self.group.value))
-        self.cosine = figure_widget(F.block_cosine_figure(drift.blocks))
+        self.layers = figure_widget(layer_error_figure(drift.rows, by=self.group.value))
+        self.cosine = figure_widget(block_cosine_figure(drift.blocks))
         self.tokens = W.HTML()
         self.group.observe(lambda _: self._regroup(), names="value")
         self.example.observe(lambda _: self._show_example(), names="value")
@@ -39,18 +40,14 @@ class DriftView(View):
         self.widget = W.VBox(parts)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> "DriftView":
-        from emloc_nb.pipeline import Run
+    def from_run(cls, run_dir: str | Path) -> DriftView:
+        from emloc_nb.run import Run
+
         run = Run(run_dir)
-        results = run.results() if run.path("results.json").is_file() else None
-        return cls(run.drift(), results)
+        return cls(run.drift(), run.results() if run.has("results") else None)
 
     def _regroup(self) -> None:
-        fresh = F.layer_error_figure(self.drift.layers, by=self.group.value)
-        with self.layers.batch_update():
-            for t in fresh.data:
-                F.trace(self.layers, t.name).update(x=t.x, y=t.y, hovertext=t.hovertext)
-            self.layers.layout.title = fresh.layout.title
+        refresh(self.layers, layer_error_figure(self.drift.rows, by=self.group.value), "x", "y", "hovertext")
 
     def _show_example(self) -> None:
         if not self.drift.tokens:
@@ -58,4 +55,4 @@ class DriftView(View):
             return
         # One colour scale for all examples, so they can be compared by eye.
         vmax = max((max(t["kl"], default=0.0) for t in self.drift.tokens), default=0.0)
-        self.tokens.value = F.token_kl_html(self.drift.tokens[self.example.value], vmax=vmax)
+        self.tokens.value = token_kl_html(self.drift.tokens[self.example.value], vmax=vmax)

@@ -11,8 +11,9 @@ from emloc_nb.errors import EmlocError
 from emloc_nb.ranks import RankPlan, allocate
 from emloc_nb.spectra import SpectrumTable
 
-from . import figures as F
-from .base import View, figure_widget
+from .base import View, figure_widget, refresh
+from .plots.common import short_names
+from .plots.spectra import ranks_figure
 
 DTYPES = [("float32 (4 B)", 4), ("bfloat16 / float16 (2 B)", 2)]
 UNITS = [("share of parameters", "share"), ("GB of fine-tuning memory", "gb")]
@@ -50,7 +51,7 @@ class RankPlanner(View):
         self.strategy = W.ToggleButtons(options=["uniform", "energy"], value=strategy, description="strategy")
         self.dense_text = W.Text(value=", ".join(dense), description="dense regex", continuous_update=False,
                                  placeholder=r"e.g. layers\.29\.mlp\.down_proj", layout=W.Layout(width="480px"))
-        self.dense_layers = W.SelectMultiple(options=list(zip(F.short_names(spectra.names), spectra.names)),
+        self.dense_layers = W.SelectMultiple(options=list(zip(short_names(spectra.names), spectra.names)),
                                              description="keep dense", rows=6, layout=W.Layout(width="380px"))
         self.dtype = W.Dropdown(options=DTYPES, value=bytes_per_param, description="weights")
         self._fit_memory_range()
@@ -58,7 +59,7 @@ class RankPlanner(View):
         self.status = W.HTML()
         self._plan: RankPlan | None = None
         self._error: str | None = None
-        self.figure = figure_widget(F.ranks_figure(spectra, RankPlan(1.0).resolve(self.shapes)))
+        self.figure = figure_widget(ranks_figure(spectra, RankPlan(1.0).resolve(self.shapes)))
         self.dtype.observe(lambda _: self._fit_memory_range(), names="value")  # before the refresh below
         self.unit.observe(lambda _: self._on_unit(), names="value")
         for control in (self.budget, self.unit, self.memory, self.strategy, self.dense_text, self.dense_layers, self.dtype):
@@ -73,8 +74,10 @@ class RankPlanner(View):
                               W.HBox([self.dense_text, self.dtype]), self.dense_layers, self.status, self.figure])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, **kwargs) -> "RankPlanner":
-        return cls(SpectrumTable.load(Path(run_dir) / "emulator" / "spectra"), **kwargs)
+    def from_run(cls, run_dir: str | Path, **kwargs) -> RankPlanner:
+        from emloc_nb.run import Run
+
+        return cls(Run(run_dir).spectra(), **kwargs)
 
     # -- what the planner decided
     @property
@@ -152,10 +155,7 @@ class RankPlanner(View):
             self._plan, self._error = None, str(e)
             self.status.value = f"<p style='color:#b00'>{html.escape(self._error)}</p>"
             return
-        fresh = F.ranks_figure(self.spectra, self.choices)
-        with self.figure.batch_update():
-            for t in fresh.data:
-                F.trace(self.figure, t.name).update(y=t.y, hovertext=t.hovertext)
+        refresh(self.figure, ranks_figure(self.spectra, self.choices), "y", "hovertext")
         t = self.totals
         budget = f"{self.budget.value:.0%}" if self.unit.value == "share" else _size(self.memory.value * GB)
         self.status.value = (

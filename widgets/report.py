@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import math
 import re
 from pathlib import Path
 
@@ -16,13 +15,18 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from emloc_nb.artifacts import atomic_path
-from emloc_nb.pipeline import Run
 from emloc_nb.ranks import LayerChoice
-from emloc_nb.spectra import SpectrumTable
+from emloc_nb.run import Run
 
-from . import figures as F
 from . import tables as T
+from .plots.activations import activation_heatmap, channel_figure, eigen_figure, input_label
+from .plots.common import clamp_label
+from .plots.correction import correction_error_figure, correction_norms_figure
+from .plots.drift import block_cosine_figure, layer_error_figure
+from .plots.spectra import energy_figure, kept_energy_figure, ranks_figure, spectrum_figure
+from .plots.training import loss_figure
 from .tables import MISSING, config_summary
+from .tokens import token_kl_html
 
 PAGE_STYLE = ("body{font:14px sans-serif;max-width:1200px;margin:20px auto;padding:0 16px;color:#222}"
               "h2{border-bottom:2px solid #eee;padding-bottom:4px;margin-top:32px}.note{color:#666;font-style:italic}")
@@ -55,20 +59,20 @@ class _Page:
 def _spectra_section(page: _Page, run: Run) -> None:
     page.section("Emulator: spectra and rank plan")
     try:
-        spectra = SpectrumTable.load(run.path("emulator/spectra"))
+        spectra = run.spectra()
     except MISSING:
-        page.note("No emulator/spectra yet (the emulator stage writes it).")
+        page.note("No spectra yet (the emulator stage writes them).")
         return
     t = spectra.totals()
     page.text(f"<p>{t['compressed']} of {t['layers']} block linears compressed; {t['share_kept']:.1%} of their "
               f"{t['params_dense']:,} parameters kept.</p>")
-    page.figure("kept-energy", F.kept_energy_figure(spectra))
+    page.figure("kept-energy", kept_energy_figure(spectra))
     choices = {r["name"]: LayerChoice(r["name"], r["d_out"], r["d_in"], r["rank"], r["reason"]) for r in spectra.rows}
-    page.figure("ranks", F.ranks_figure(spectra, choices))
+    page.figure("ranks", ranks_figure(spectra, choices))
     worst = max(spectra.rows, key=lambda r: r["predicted_error"])
     page.text(f"<p>The layer with the largest predicted error: <code>{html.escape(worst['name'])}</code>.</p>")
-    page.figure("spectrum-worst", F.spectrum_figure(spectra, worst["name"], worst["rank"]))
-    page.figure("energy-worst", F.energy_figure(spectra, worst["name"], worst["rank"]))
+    page.figure("spectrum-worst", spectrum_figure(spectra, worst["name"], worst["rank"]))
+    page.figure("energy-worst", energy_figure(spectra, worst["name"], worst["rank"]))
 
 
 def _activations_section(page: _Page, run: Run) -> None:
@@ -76,17 +80,17 @@ def _activations_section(page: _Page, run: Run) -> None:
     try:
         stats = run.calibration()
     except MISSING:
-        page.note("No calibration/ yet (the calibrate stage writes it).")
+        page.note("No calibration statistics yet (the calibrate stage writes them).")
         return
     page.text(f"<p>{stats.examples} examples, up to {stats.tokens} real tokens per input.</p>")
-    page.figure("activation-heatmap", F.activation_heatmap(stats))
+    page.figure("activation-heatmap", activation_heatmap(stats))
     # The input whose largest channel stands out most from its median channel.
     peak_ratio = lambda s: float(s.abs_max.max() / s.abs_max.median().clamp_min(1e-12))
     peaked = max(stats.inputs, key=lambda k: peak_ratio(stats.inputs[k]))
-    label = F.input_label(stats, peaked)
+    label = input_label(stats, peaked)
     page.text(f"<p>The most peaked input: <code>{html.escape(peaked)}</code> ({html.escape(label)}).</p>")
-    page.figure("activation-channels", F.channel_figure(stats.inputs[peaked], title=f"Per-channel |x| · {label}"))
-    page.figure("activation-eigen", F.eigen_figure(stats.inputs[peaked], title=f"Eigen-spectrum of C · {label}"))
+    page.figure("activation-channels", channel_figure(stats.inputs[peaked], title=f"Per-channel |x| · {label}"))
+    page.figure("activation-eigen", eigen_figure(stats.inputs[peaked], title=f"Eigen-spectrum of C · {label}"))
 
 
 def _drift_section(page: _Page, run: Run) -> None:
@@ -94,17 +98,17 @@ def _drift_section(page: _Page, run: Run) -> None:
     try:
         drift = run.drift()
     except MISSING:
-        page.note("No drift.json yet (the drift stage writes it).")
+        page.note("No drift report yet (the drift stage writes it).")
         return
     page.text(T.drift_summary_table(drift.summary))
-    page.figure("drift-by-block", F.layer_error_figure(drift.layers, by="block"))
-    page.figure("drift-by-kind", F.layer_error_figure(drift.layers, by="kind"))
-    page.figure("block-cosine", F.block_cosine_figure(drift.blocks))
+    page.figure("drift-by-block", layer_error_figure(drift.rows, by="block"))
+    page.figure("drift-by-kind", layer_error_figure(drift.rows, by="kind"))
+    page.figure("block-cosine", block_cosine_figure(drift.blocks))
     if drift.tokens:
         vmax = max(max(t["kl"], default=0.0) for t in drift.tokens)
         page.text("<h3>Next-token KL per token</h3>")
         for i, example in enumerate(drift.tokens):
-            page.text(f"<p>example {i}</p>" + F.token_kl_html(example, vmax=vmax))
+            page.text(f"<p>example {i}</p>" + token_kl_html(example, vmax=vmax))
 
 
 def _correction_section(page: _Page, run: Run) -> None:
@@ -112,16 +116,15 @@ def _correction_section(page: _Page, run: Run) -> None:
     try:
         report = run.correction()
     except MISSING:
-        page.note("No correction/ yet (the correct stage writes it).")
+        page.note("No correction report yet (the correct stage writes it).")
         return
-    rows = report.rows_at(report.clamp)
-    lab = "∞" if math.isinf(report.clamp) else f"{report.clamp:g}"
-    page.text(f"<p>Corrected with L = {lab}; {sum(r['clamped'] for r in rows)} LoRA directions clamped.</p>")
+    rows = report.rows
+    page.text(f"<p>Corrected with L = {clamp_label(report.clamp)}; {sum(r['clamped'] for r in rows)} LoRA directions clamped.</p>")
     if all("before_all" in r for r in rows):
-        page.figure("correction-errors", F.correction_error_figure(rows, clamp=report.clamp))
+        page.figure("correction-errors", correction_error_figure(rows, clamp=report.clamp))
     else:
         page.note("The report has no held-out statistics, so no before/after errors.")
-    page.figure("correction-norms", F.correction_norms_figure(rows))
+    page.figure("correction-norms", correction_norms_figure(rows))
     columns = [("name", "layer", "text"), ("d_norm", "‖D‖", ".4g"), ("b_norm", "‖B′‖", ".4g"),
                ("clamped", "clamped", "d"), ("kappa_mean", "mean κ", ".3f"), ("before_all", "naive error", ".4f"),
                ("after_all", "corrected error", ".4f"), ("before_subspace", "naive, subspace", ".4f"),
@@ -133,10 +136,10 @@ def _training_section(page: _Page, run: Run) -> None:
     page.section("Fine-tuning")
     shown = False
     for target in ("emulator", "original"):
-        if run.path(f"finetune_{target}/history.json").is_file():
+        if run.has(f"history:{target}"):
             history = run.history(target)
             total = max((h.get("steps") or 0 for h in history), default=0) or None
-            page.figure(f"loss-{target}", F.loss_figure(history, total_steps=total,
+            page.figure(f"loss-{target}", loss_figure(history, total_steps=total,
                                                         title=f"Training loss · LoRA on the {target}"))
             shown = True
     if not shown:
@@ -146,15 +149,15 @@ def _training_section(page: _Page, run: Run) -> None:
 def write_report(run_dir: str | Path, output_path: str | Path | None = None) -> Path:
     """Write RUN_DIR's figures and tables to one offline HTML file (default RUN_DIR/report.html)."""
     run = Run(run_dir)
-    output = Path(output_path) if output_path is not None else run.dir / "report.html"
+    output = Path(output_path) if output_path is not None else run.path("report")
     page = _Page()
     page.text(f"<h1>EMLoC run report</h1><p>{html.escape(str(run.dir))} · written "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>" + config_summary(run))
     page.section("Results")
-    if run.path("results.json").is_file():
+    if run.has("results"):
         page.text(T.results_table(run.results()))
     else:
-        page.note("No results.json yet (the evaluate stage writes it).")
+        page.note("No results yet (the evaluate stage writes them).")
     records = run.stage_records()
     if records:
         page.text("<h3>Stages</h3>" + T.stages_table(records))

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.ranks import rank_for_ratio
 from emloc_nb.spectra import SpectrumTable
 
-from . import figures as F
-from .base import View, figure_widget
+from .base import View, figure_widget, refresh
+from .plots.common import short_names, trace
+from .plots.spectra import energy_figure, kept_energy_figure, kept_energy_markers, kept_energy_title, spectrum_figure
 
 
 class SpectrumView(View):
@@ -27,7 +27,7 @@ class SpectrumView(View):
         self.spectra = spectra
         names = spectra.names
         layer = layer or names[0]
-        self.layer = W.Dropdown(options=list(zip(F.short_names(names), names)), value=layer, description="layer",
+        self.layer = W.Dropdown(options=list(zip(short_names(names), names)), value=layer, description="layer",
                                 layout=W.Layout(width="380px"))
         self.ratio = W.FloatSlider(value=1.0, min=0.01, max=1.0, step=0.01, description="ρ kept",
                                    readout_format=".2f", continuous_update=True)
@@ -40,9 +40,9 @@ class SpectrumView(View):
         else:
             self.ratio.value = ratio
             self._set_rank_from_ratio()
-        self.spectrum = figure_widget(F.spectrum_figure(spectra, layer, self._rank))
-        self.energy = figure_widget(F.energy_figure(spectra, layer, self.rank.value))
-        self.summary = figure_widget(F.kept_energy_figure(spectra, ratio=self.ratio.value))
+        self.spectrum = figure_widget(spectrum_figure(spectra, layer, self._rank))
+        self.energy = figure_widget(energy_figure(spectra, layer, self.rank.value))
+        self.summary = figure_widget(kept_energy_figure(spectra, ratio=self.ratio.value))
         self.layer.observe(self._on_layer, names="value")
         self.ratio.observe(self._on_ratio, names="value")
         self.rank.observe(self._on_rank, names="value")
@@ -56,8 +56,10 @@ class SpectrumView(View):
                               self.spectrum, self.energy, self.summary])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, **kwargs) -> "SpectrumView":
-        return cls(SpectrumTable.load(Path(run_dir) / "emulator" / "spectra"), **kwargs)
+    def from_run(cls, run_dir: str | Path, **kwargs) -> SpectrumView:
+        from emloc_nb.run import Run
+
+        return cls(Run(run_dir).spectra(), **kwargs)
 
     # -- state
     def _full(self, name: str) -> int:
@@ -71,7 +73,7 @@ class SpectrumView(View):
     @property
     def current(self) -> dict:
         name, r = self.layer.value, self._rank
-        row = self.spectra.row(name)
+        row = self.spectra.layer(name)
         params = self.spectra.params_at(name, r)
         return {"layer": name, "rank": r, "energy": self.spectra.energy_at(name, r),
                 "error": self.spectra.error_at(name, r), "params": params,
@@ -83,7 +85,7 @@ class SpectrumView(View):
 
     def _select_planned_rank(self) -> None:
         """Show the rank the run's plan gave the layer (ρ = 1 for a layer it kept dense)."""
-        planned = self.spectra.row(self.layer.value)["rank"]
+        planned = self.spectra.layer(self.layer.value)["rank"]
         self._syncing = True
         try:
             self._dense = planned is None
@@ -93,9 +95,8 @@ class SpectrumView(View):
             self._syncing = False
 
     def _set_rank_from_ratio(self) -> None:
-        row = self.spectra.row(self.layer.value)
         self._dense = self.ratio.value >= 1.0
-        r = self._full(self.layer.value) if self._dense else rank_for_ratio(row["d_out"], row["d_in"], self.ratio.value)
+        r = self._full(self.layer.value) if self._dense else self.spectra.rank_at_ratio(self.layer.value, self.ratio.value)
         self._syncing = True
         try:
             self.rank.max = self._full(self.layer.value)
@@ -130,31 +131,27 @@ class SpectrumView(View):
     # -- drawing
     def _update_layer(self) -> None:
         name = self.layer.value
-        fresh_s, fresh_e = F.spectrum_figure(self.spectra, name, self._rank), F.energy_figure(self.spectra, name, self.rank.value)
-        for live, fresh in ((self.spectrum, fresh_s), (self.energy, fresh_e)):
-            with live.batch_update():
-                for t in fresh.data:
-                    F.trace(live, t.name).update(x=t.x, y=t.y)
-                live.layout.title = fresh.layout.title
+        refresh(self.spectrum, spectrum_figure(self.spectra, name, self._rank), "x", "y")
+        refresh(self.energy, energy_figure(self.spectra, name, self.rank.value), "x", "y")
         self._update_rank()
 
     def _update_summary(self) -> None:
         """The uniform-ρ markers and the title follow ρ, whichever slider moved it."""
         with self.summary.batch_update():
-            F.trace(self.summary, "uniform ρ").y = F.kept_energy_markers(self.spectra, self.ratio.value)
-            self.summary.layout.title.text = F.kept_energy_title(self.ratio.value)
+            trace(self.summary, "uniform ρ").y = kept_energy_markers(self.spectra, self.ratio.value)
+            self.summary.layout.title.text = kept_energy_title(self.ratio.value)
 
     def _update_rank(self) -> None:
         c = self.current
         name, full = c["layer"], self._full(c["layer"])
         shown = full if c["rank"] is None else c["rank"]
-        ys = F.trace(self.spectrum, "whitened σ(W S)").y + F.trace(self.spectrum, "plain σ(W)").y
+        ys = trace(self.spectrum, "whitened σ(W S)").y + trace(self.spectrum, "plain σ(W)").y
         lo = min([v for v in ys if v is not None and v > 0], default=1e-6)
         with self.spectrum.batch_update():
-            F.trace(self.spectrum, "selected rank").update(x=[shown, shown], y=[lo, 1.0])
+            trace(self.spectrum, "selected rank").update(x=[shown, shown], y=[lo, 1.0])
         with self.energy.batch_update():
-            F.trace(self.energy, "selected").update(x=[shown], y=[c["energy"]])
-        row = self.spectra.row(name)
+            trace(self.energy, "selected").update(x=[shown], y=[c["energy"]])
+        row = self.spectra.layer(name)
         dense = row["d_out"] * row["d_in"]
         plan = "dense" if row["rank"] is None else f"rank {row['rank']}"
         chosen = "kept dense" if c["rank"] is None else f"rank {c['rank']} of {full}"

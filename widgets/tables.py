@@ -59,12 +59,12 @@ RESULT_COLUMNS = [
 
 
 def results_table(rows: Sequence[dict]) -> str:
-    """Accuracy, answer loss and memory per setting (rows of results.json)."""
+    """Accuracy, answer loss and memory per setting (`Run.results()`)."""
     return html_table(rows, RESULT_COLUMNS)
 
 
 def stages_table(records: dict[str, dict]) -> str:
-    """Seconds and memory per stage (stages/<stage>.json)."""
+    """Seconds and memory per stage (`Run.stage_records()`)."""
     rows = [{"stage": name, **rec} for name, rec in records.items()]
     return html_table(rows, [("stage", "stage", "text"), ("seconds", "seconds", ".1f"),
                              ("peak_rss_mb", "peak RSS (MB)", ".0f"), ("baseline_rss_mb", "process baseline (MB)", ".0f"),
@@ -84,7 +84,7 @@ def drift_summary_table(summary: dict) -> str:
 
 
 def config_summary(run) -> str:
-    """The run's main settings (a `emloc_nb.pipeline.Run`), headed by its directory."""
+    """The run's main settings (an `emloc_nb.run.Run`), headed by its directory."""
     c = run.config
     plan = c.emulator.plan if isinstance(c.emulator.plan, str) else json.dumps(c.emulator.plan)
     rows = [("model", c.model), ("task", c.task.source), ("rank plan", plan), ("emulator mode", c.emulator.mode),

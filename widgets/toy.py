@@ -23,8 +23,9 @@ import torch
 
 from emloc_nb.correction import correct_layer
 
-from .base import View, figure_widget
+from .base import View, figure_widget, refresh
 from .clamp import ClampControl
+from .plots.common import clamp_label
 
 MAPS = [  # (trace name, colour, dash)
     ("W (original)", "#7f7f7f", "solid"),
@@ -180,13 +181,10 @@ class ToyCorrection(View):
         return fig
 
     def _update(self) -> None:
-        fresh = self._figure()
-        with self.figure.batch_update():
-            for live, t in zip(self.figure.data, fresh.data):  # same builder, same trace order
-                live.update(x=t.x, y=t.y, **({"z": t.z} if self.dim == 3 else {}))
+        refresh(self.figure, self._figure(), "x", "y", *(("z",) if self.dim == 3 else ()), title=False)
         n = self.numbers
         kappa = ", ".join(f"{k:.3g}" for k in n["kappa"])
-        L = "∞" if math.isinf(self.L) else format(self.L, ".3g")
+        L = clamp_label(self.L, ".3g")
         self.readout.value = (
             f"<p>L = {L} · ‖D‖ = {n['d_norm']:.3f} · κ = [{html.escape(kappa)}]<br>"
             f"mismatch with the fine-tuned emulator on the LoRA subspace: naive {n['naive_subspace_error']:.3f}, "

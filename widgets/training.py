@@ -6,17 +6,13 @@
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import ipywidgets as W
 
-from . import figures as F
-from .base import View, figure_widget
-
-
-def _finite(value):
-    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+from .base import View, figure_widget, refresh
+from .plots.common import finite
+from .plots.training import loss_figure
 
 
 class TrainingMonitor(View):
@@ -25,21 +21,23 @@ class TrainingMonitor(View):
     def __init__(self, total_steps: int | None = None, *, title: str = "Training loss"):
         self.total_steps = total_steps
         self.history: list[dict] = []
-        self.figure = figure_widget(F.loss_figure([], total_steps=total_steps, title=title))
+        self.title = title
+        self.figure = figure_widget(loss_figure([], total_steps=total_steps, title=title))
         self.status = W.HTML("<p>waiting for the first step…</p>")
         self.widget = W.VBox([self.status, self.figure])
 
     @classmethod
     def from_history(cls, history: list[dict], *, title: str = "Training loss") -> "TrainingMonitor":
-        """Replay a saved history (`Run.history()`, or history.json of a fine-tuning directory)."""
+        """Replay a saved history (`Run.history()`, or `TrainResult.history`)."""
         total = max((h.get("steps") or 0 for h in history), default=0) or None
         monitor = cls(total, title=title)
         monitor.extend(history)
         return monitor
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, target: str = "emulator") -> "TrainingMonitor":
-        from emloc_nb.pipeline import Run
+    def from_run(cls, run_dir: str | Path, target: str = "emulator") -> TrainingMonitor:
+        from emloc_nb.run import Run
+
         return cls.from_history(Run(run_dir).history(target), title=f"Training loss · LoRA on the {target}")
 
     def __call__(self, event: dict) -> None:
@@ -54,12 +52,8 @@ class TrainingMonitor(View):
         if last.get("steps") and last["steps"] != self.total_steps:
             self.total_steps = last["steps"]
             self.figure.layout.xaxis.range = [0, self.total_steps]
-        with self.figure.batch_update():
-            F.trace(self.figure, "loss").update(x=[h["step"] for h in self.history],
-                                                y=[_finite(h["loss"]) for h in self.history])
-            F.trace(self.figure, "lr").update(x=[h["step"] for h in self.history],
-                                              y=[_finite(h.get("lr")) for h in self.history])
+        refresh(self.figure, loss_figure(self.history, title=self.title), "x", "y", title=False)
         of = f"/{self.total_steps}" if self.total_steps else ""
-        lr = _finite(last.get("lr"))
+        lr = finite(last.get("lr"))
         self.status.value = (f"<p>step {last['step']}{of} · loss <b>{last['loss']:.4f}</b>"
                              + (f" · lr {lr:.3g}" if lr is not None else "") + "</p>")

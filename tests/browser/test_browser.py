@@ -137,7 +137,8 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def small_run():
     """The small run the notebooks share; finished here if `make test` has not done it yet."""
-    from emloc_nb.pipeline import Run, RunConfig, small_settings
+    from emloc_nb.config import RunConfig, small_settings
+    from emloc_nb.run import Run
 
     run_dir = Path(os.environ.get("EMLOC_RUN_DIR") or REPO / "runs" / "ci-small").expanduser().resolve()
     started = time.time()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from emloc_nb.pipeline import SETTINGS, Run, RunConfig, small_settings
+from emloc_nb.config import RunConfig, small_settings
+from emloc_nb.run import Run
+from emloc_nb.stages import SETTINGS
 
 pytestmark = pytest.mark.slow
 
@@ -43,4 +45,4 @@ def test_every_results_row_is_present_and_finite(small_run):
     # the emulator really is smaller than the model it stands in for
     records = small_run.stage_records()
     assert records["finetune_emulator"]["weights_mb"] < records["finetune_original"]["weights_mb"]
-    assert (small_run.dir / "corrected" / "adapter_model.safetensors").is_file()
+    assert (small_run.adapter_dir("corrected") / "adapter_model.safetensors").is_file()

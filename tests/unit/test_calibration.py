@@ -23,8 +23,8 @@ def test_second_moment_matches_real_tokens(tiny, toy_task):
     layer = next(iter(block_linears(model)))
     expected = sum(_manual_second_moment(model, b, layer) for b in calib)
     # float32 products per batch, float64 sums across batches: agreement to float32 precision
-    assert torch.allclose(stats.for_layer(layer).second_moment, expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
-    assert stats.for_layer(layer).tokens == sum(int(b["attention_mask"].sum()) for b in calib)
+    assert torch.allclose(stats.layer(layer).second_moment, expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
+    assert stats.layer(layer).tokens == sum(int(b["attention_mask"].sum()) for b in calib)
 
 
 def test_shared_inputs_are_collected_once(llama, toy_task):
@@ -99,6 +99,6 @@ def test_save_load_round_trip_is_exact(calibrated, tmp_path):
         assert l.layers == s.layers and l.tokens == s.tokens
     with pytest.raises(EmlocError, match="not empty"):
         stats.save(tmp_path / "calib")
-    summary = loaded.summary()
+    summary = loaded.rows
     assert len(summary) == len(stats.inputs) and summary[0]["tokens"] == stats.tokens
     assert (loaded.inputs[summary[0]["input"]].eigenvalues() >= 0).all()

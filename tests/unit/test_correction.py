@@ -4,11 +4,11 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from emloc_nb import EmlocError, LoraSpec, TrainConfig, build_emulator, collect_stats, correct_layer, correct_lora, finetune, fingerprint, tiny_model
+from emloc_nb import EmlocError, LoraSpec, TrainSpec, build_emulator, collect_stats, correct_layer, correct_lora, finetune, fingerprint, tiny_model
 from emloc_nb.correction import CorrectionReport, clamp_factors, error_terms
 from emloc_nb.data import batches
 from emloc_nb.models import linear_weight, model_inputs
-from emloc_nb.training import load_adapter, lora_factors, save_adapter
+from emloc_nb.lora import load_adapter, lora_factors, peft_config, save_adapter
 
 D_OUT, D_IN, R = 12, 10, 3
 
@@ -95,7 +95,7 @@ def trained(toy_task, tmp_path):
     emulator = build_emulator(model, collect_stats(model, calib, progress=False), 0.5, progress=False)
     heldout = collect_stats(model, batches(tok, toy_task.test, batch_size=8), progress=False)
     result = finetune(emulator.model, tok, toy_task, tmp_path / "ft", lora=LoraSpec(r=4, alpha=8, dropout=0.0),
-                      config=TrainConfig(steps=4, batch_size=8, lr=1e-2, checkpoint_every=0), progress=False)
+                      config=TrainSpec(steps=4, batch_size=8, lr=1e-2, checkpoint_every=0), progress=False)
     return model, tok, emulator, heldout, result.adapter_dir
 
 
@@ -112,14 +112,14 @@ def test_corrected_adapter_is_standard_peft_and_matches_the_merge(trained, tmp_p
         merged = merged_model(**model_inputs(model, batch)).logits
     assert torch.allclose(attached, merged, atol=1e-5)
     # the merged weights are W + B_c A_c, which on the LoRA subspace is W_E + ΔW
-    row = report.layers[0]
+    row = report.rows[0]
     assert row["after_subspace"] < 1e-6 or row["clamped"] > 0
     assert {"before_all", "after_all", "d_norm", "kappa_mean"} <= set(row)
     report.save(tmp_path / "report")
     loaded = CorrectionReport.load(tmp_path / "report")
-    for new, old in zip(loaded.rows_at(report.clamp), report.layers):
+    for new, old in zip(loaded.rows_at(report.clamp), report.rows):
         assert new["after_all"] == pytest.approx(old["after_all"], rel=1e-9) and new["clamped"] == old["clamped"]
-    for r in report.layers:
+    for r in report.rows:
         again = loaded.errors_at(r["name"], report.clamp)
         assert again["error_all"] == pytest.approx(r["after_all"], rel=1e-9, abs=1e-12)
         assert loaded.errors_at(r["name"], 0.0)["error_all"] == pytest.approx(r["before_all"], rel=1e-9, abs=1e-12)
@@ -178,7 +178,7 @@ def test_correction_refuses_a_foreign_adapter_or_original(trained, tmp_path):
 
 def test_correction_refuses_what_it_cannot_carry_over(trained, tmp_path):
     model, tok, emulator, heldout, adapter = trained
-    config = LoraSpec(r=2, alpha=2).lora_config(emulator.model)
+    config = peft_config(LoraSpec(r=2, alpha=2), emulator.model)
     config.bias = "lora_only"  # trained biases have no counterpart in the corrected factors
     peft_model = get_peft_model(emulator.model, config)
     save_adapter(peft_model, tmp_path / "biased", base_fingerprint=fingerprint(emulator.model))

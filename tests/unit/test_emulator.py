@@ -4,7 +4,7 @@ import torch
 from emloc_nb import EmlocError, Emulator, RankPlan, allocate, build_emulator, collect_stats, fingerprint, tiny_model
 from emloc_nb.data import batches
 from emloc_nb.emulator import LowRankLinear, whitening
-from emloc_nb.evaluate import relative_error
+from emloc_nb.drift import relative_error
 from emloc_nb.models import block_linears, linear_weight, model_inputs
 from emloc_nb.ranks import rank_for_ratio
 
@@ -48,12 +48,12 @@ def test_whitened_beats_plain_and_measured_matches_predicted(calibrated):
         for label, emu in (("whitened", whitened), ("plain", plain)):
             w_e = linear_weight(dict(emu.model.named_modules())[name]).double()
             errs[label] = float((x @ (w - w_e).T).norm() / ref)
-            predicted = emu.spectra.row(name)["predicted_error"]
+            predicted = emu.spectra.layer(name)["predicted_error"]
             assert errs[label] == pytest.approx(predicted, rel=0.01, abs=1e-4)
         assert errs["whitened"] <= errs["plain"] + 1e-9
         # the closed form over the second moment agrees with the activations
         w_e = linear_weight(dict(whitened.model.named_modules())[name]).double()
-        assert relative_error(w - w_e, w, stats.for_layer(name).covariance) == pytest.approx(errs["whitened"], rel=1e-4)
+        assert relative_error(w - w_e, w, stats.layer(name).covariance) == pytest.approx(errs["whitened"], rel=1e-4)
 
 
 def test_spectrum_table(calibrated):
@@ -62,10 +62,10 @@ def test_spectrum_table(calibrated):
     emulator = build_emulator(model, stats, plan, progress=False)
     table = emulator.spectra
     assert [s["name"] for s in table.skipped] == ["lm_head"]
-    down = table.row("model.layers.1.mlp.down_proj")
+    down = table.layer("model.layers.1.mlp.down_proj")
     assert down["dense"] and "kept dense" in down["reason"] and down["rank"] is None
     assert not isinstance(emulator.model.model.layers[1].mlp.down_proj, LowRankLinear)
-    q = table.row("model.layers.0.self_attn.q_proj")
+    q = table.layer("model.layers.0.self_attn.q_proj")
     assert q["rank"] == rank_for_ratio(64, 64, 0.25) and "q_proj" in q["reason"]
     for row in table.rows:
         sv = table.spectrum(row["name"]).double()

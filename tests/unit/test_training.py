@@ -2,27 +2,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emloc_nb import EmlocError, LoraSpec, TrainConfig, build_emulator, collect_stats, finetune, hf_trainer, load_adapter, tiny_model
-from emloc_nb.data import batches
-from emloc_nb.training import lora_factors
+from emloc_nb import EmlocError, LoraSpec, TrainSpec, finetune, hf_trainer, tiny_model
+
+from ..conftest import tiny_emulator
 
 FAST = dict(batch_size=8, lr=1e-2, warmup_steps=1)
 
 
-def _emulator(toy_task):
-    model, tok = tiny_model("llama")
-    calib = batches(tok, toy_task.train, batch_size=8, limit=32)
-    return model, tok, build_emulator(model, collect_stats(model, calib, progress=False), 0.5, progress=False)
-
-
 def test_lora_on_the_emulator_uses_the_original_names(toy_task, tmp_path):
-    model, tok, emulator = _emulator(toy_task)
+    model, tok, emulator = tiny_emulator(toy_task)
     events = []
     result = finetune(emulator.model, tok, toy_task, tmp_path / "emu", lora=LoraSpec(r=4, alpha=8),
-                      config=TrainConfig(steps=3, checkpoint_every=0, **FAST), callbacks=[events.append], progress=False)
+                      config=TrainSpec(steps=3, checkpoint_every=0, **FAST), callbacks=[events.append], progress=False)
     on_emulator = set(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
     result = finetune(model, tok, toy_task, tmp_path / "orig", lora=LoraSpec(r=4, alpha=8),
-                      config=TrainConfig(steps=3, checkpoint_every=0, **FAST), progress=False)
+                      config=TrainSpec(steps=3, checkpoint_every=0, **FAST), progress=False)
     on_original = set(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
     assert on_emulator == on_original and len(on_original) == 2 * 14
     assert [e["step"] for e in events] == [1, 2, 3] and all("loss" in e and "lr" in e for e in events)
@@ -34,15 +28,15 @@ def test_lora_on_the_emulator_uses_the_original_names(toy_task, tmp_path):
 def test_training_lowers_the_loss(toy_task, tmp_path):
     model, tok = tiny_model("llama")
     result = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=8, alpha=16, dropout=0.0),
-                      config=TrainConfig(steps=30, checkpoint_every=0, batch_size=8, lr=1e-2, warmup_steps=2), progress=False)
+                      config=TrainSpec(steps=30, checkpoint_every=0, batch_size=8, lr=1e-2, warmup_steps=2), progress=False)
     first = sum(h["loss"] for h in result.history[:3]) / 3
     last = sum(h["loss"] for h in result.history[-3:]) / 3
     assert last < 0.7 * first
 
 
 def test_resumed_run_matches_an_uninterrupted_one(toy_task, tmp_path):
-    model, tok, emulator = _emulator(toy_task)
-    config = TrainConfig(steps=6, checkpoint_every=2, **FAST)
+    model, tok, emulator = tiny_emulator(toy_task)
+    config = TrainSpec(steps=6, checkpoint_every=2, **FAST)
     lora = LoraSpec(r=4, alpha=8, dropout=0.1)  # dropout makes the RNG state part of what must resume
     whole = finetune(emulator.model, tok, toy_task, tmp_path / "whole", lora=lora, config=config, progress=False)
     part = finetune(emulator.model, tok, toy_task, tmp_path / "parts", lora=lora, config=config, stop_after=3, progress=False)
@@ -58,7 +52,7 @@ def test_resumed_run_matches_an_uninterrupted_one(toy_task, tmp_path):
 
 def test_stop_after_keeps_the_progress_without_periodic_checkpoints(toy_task, tmp_path):
     model, tok = tiny_model("llama")
-    config = TrainConfig(steps=4, checkpoint_every=0, **FAST)
+    config = TrainSpec(steps=4, checkpoint_every=0, **FAST)
     part = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config,
                     stop_after=2, progress=False)
     rest = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
@@ -67,15 +61,15 @@ def test_stop_after_keeps_the_progress_without_periodic_checkpoints(toy_task, tm
 
 
 def test_a_checkpoint_or_adapter_of_another_run_is_refused(toy_task, tmp_path):
-    model, tok, emulator = _emulator(toy_task)
-    config = TrainConfig(steps=4, checkpoint_every=0, **FAST)
+    model, tok, emulator = tiny_emulator(toy_task)
+    config = TrainSpec(steps=4, checkpoint_every=0, **FAST)
     finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config,
              stop_after=2, progress=False)
     with pytest.raises(EmlocError, match="another fine-tuning run.*base_fingerprint"):  # same names, other weights
         finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
     with pytest.raises(EmlocError, match="another fine-tuning run.*train"):
         finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2),
-                 config=TrainConfig(steps=4, checkpoint_every=0, batch_size=8, lr=1.0, warmup_steps=1), progress=False)
+                 config=TrainSpec(steps=4, checkpoint_every=0, batch_size=8, lr=1.0, warmup_steps=1), progress=False)
     finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
     with pytest.raises(EmlocError, match="another fine-tuning run.*lora"):  # a finished adapter is not reused either
         finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=4, alpha=2), config=config, progress=False)
@@ -89,53 +83,18 @@ def test_a_failed_run_leaves_the_model_without_lora(toy_task, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         finetune(model, tok, toy_task, tmp_path / "a", lora=LoraSpec(r=2, alpha=2),
-                 config=TrainConfig(steps=3, checkpoint_every=0, **FAST), callbacks=[interrupt], progress=False)
+                 config=TrainSpec(steps=3, checkpoint_every=0, **FAST), callbacks=[interrupt], progress=False)
     assert not any("lora" in n for n, _ in model.named_modules())
     again = finetune(model, tok, toy_task, tmp_path / "b", lora=LoraSpec(r=2, alpha=2),
-                     config=TrainConfig(steps=1, checkpoint_every=0, **FAST), progress=False)
+                     config=TrainSpec(steps=1, checkpoint_every=0, **FAST), progress=False)
     assert (again.adapter_dir / "adapter_model.safetensors").is_file()
 
 
-def test_load_adapter_names_a_missing_or_unchecked_adapter(toy_task, tmp_path):
-    model, tok = tiny_model("llama")
-    with pytest.raises(EmlocError, match="no adapter_config.json"):
-        load_adapter(model, tmp_path / "nothing-here")
-    result = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2),
-                      config=TrainConfig(steps=1, checkpoint_every=0, **FAST), progress=False)
-    (result.adapter_dir / "emloc.json").unlink()
-    with pytest.raises(EmlocError, match="check_base=False"):
-        load_adapter(model, result.adapter_dir)
-
-
-def test_adapter_refuses_another_base(toy_task, tmp_path):
-    model, tok, emulator = _emulator(toy_task)
-    result = finetune(emulator.model, tok, toy_task, tmp_path / "emu", lora=LoraSpec(r=2, alpha=2),
-                      config=TrainConfig(steps=1, checkpoint_every=0, **FAST), progress=False)
-    with pytest.raises(EmlocError, match="fingerprint"):
-        load_adapter(model, result.adapter_dir)
-    naive = load_adapter(model, result.adapter_dir, check_base=False)  # the deliberate naive transfer
-    assert len(lora_factors(naive)) == 14
-    naive.unload()
-
-
-@pytest.mark.parametrize("rslora", [False, True])
-def test_scaling_is_read_from_peft(toy_task, tmp_path, rslora):
-    model, tok, emulator = _emulator(toy_task)
-    spec = LoraSpec(r=4, alpha=6, rslora=rslora)
-    result = finetune(emulator.model, tok, toy_task, tmp_path / "emu", lora=spec,
-                      config=TrainConfig(steps=1, checkpoint_every=0, **FAST), progress=False)
-    peft_model = load_adapter(emulator.model, result.adapter_dir)
-    scalings = [s for _, _, s in lora_factors(peft_model).values()]
-    peft_model.unload()
-    assert scalings == pytest.approx([spec.scaling()] * 14)
-    assert spec.scaling() == pytest.approx(6 / (2 if rslora else 4))
-
-
 def test_hf_trainer_runs_with_the_same_collator(toy_task, tmp_path):
-    model, tok, emulator = _emulator(toy_task)
+    model, tok, emulator = tiny_emulator(toy_task)
     events = []
     trainer = hf_trainer(emulator.model, tok, toy_task, tmp_path / "hf", lora=LoraSpec(r=4, alpha=8),
-                         config=TrainConfig(steps=3, checkpoint_every=0, **FAST), callbacks=[events.append])
+                         config=TrainSpec(steps=3, checkpoint_every=0, **FAST), callbacks=[events.append])
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     after = dict(trainer.model.named_parameters())
@@ -144,12 +103,12 @@ def test_hf_trainer_runs_with_the_same_collator(toy_task, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_weights(toy_task, tmp_path):
-    model, tok, emulator = _emulator(toy_task)
+    model, tok, emulator = tiny_emulator(toy_task)
     lora = LoraSpec(r=4, alpha=8, dropout=0.0)
     plain = finetune(emulator.model, tok, toy_task, tmp_path / "plain", lora=lora,
-                     config=TrainConfig(steps=3, checkpoint_every=0, **FAST), progress=False)
+                     config=TrainSpec(steps=3, checkpoint_every=0, **FAST), progress=False)
     recomputed = finetune(emulator.model, tok, toy_task, tmp_path / "gc", lora=lora,
-                          config=TrainConfig(steps=3, checkpoint_every=0, gradient_checkpointing=True, **FAST), progress=False)
+                          config=TrainSpec(steps=3, checkpoint_every=0, gradient_checkpointing=True, **FAST), progress=False)
     a = load_file(str(plain.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(recomputed.adapter_dir / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -13,7 +13,7 @@ def run_dir(tiny_run):
 
 @pytest.fixture(scope="session")
 def spectra(tiny_run) -> SpectrumTable:
-    return SpectrumTable.load(tiny_run.path("emulator/spectra"))
+    return tiny_run.spectra()
 
 
 @pytest.fixture(scope="session")

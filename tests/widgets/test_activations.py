@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from emloc_nb.widgets import ActivationsView
-from emloc_nb.widgets.figures import trace
+from emloc_nb.widgets.plots.common import trace
 
 
 def peaked_input(stats) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 import emloc_nb.widgets.toy as toy_module
 from emloc_nb.widgets import CorrectionView, ToyCorrection
-from emloc_nb.widgets.figures import trace
+from emloc_nb.widgets.plots.common import trace
 
 
 def after(view, part):
@@ -16,7 +16,7 @@ def after(view, part):
 
 
 def expected(report, L, key):
-    return [report.errors_at(r["name"], L)[key] for r in report.layers]
+    return [report.errors_at(r["name"], L)[key] for r in report.rows]
 
 
 def test_errors_follow_L(correction_report):
@@ -36,9 +36,9 @@ def test_L_zero_is_the_naive_transfer(correction_report):
     view = CorrectionView(correction_report)
     view.clamp.mode.value = "naive"
     assert view.L == 0.0
-    assert after(view, "overall") == pytest.approx([r["before_all"] for r in correction_report.layers])
-    assert after(view, "LoRA subspace") == pytest.approx([r["before_subspace"] for r in correction_report.layers])
-    assert list(trace(view.errors, "naive, overall").y) == pytest.approx([r["before_all"] for r in correction_report.layers])
+    assert after(view, "overall") == pytest.approx([r["before_all"] for r in correction_report.rows])
+    assert after(view, "LoRA subspace") == pytest.approx([r["before_subspace"] for r in correction_report.rows])
+    assert list(trace(view.errors, "naive, overall").y) == pytest.approx([r["before_all"] for r in correction_report.rows])
 
 
 def test_no_clamp_is_exact_on_the_lora_subspace(correction_report):
@@ -47,18 +47,18 @@ def test_no_clamp_is_exact_on_the_lora_subspace(correction_report):
     assert view.clamp.slider.disabled
     assert max(after(view, "LoRA subspace")) < 1e-6
     assert list(trace(view.norms, "mean κ").y) == pytest.approx(
-        [1.0 if r["lora_rank"] else 0.0 for r in correction_report.layers])
+        [1.0 if r["lora_rank"] else 0.0 for r in correction_report.rows])
     assert "0 of" in view.summary.value
 
 
 def test_kappa_and_norms(correction_report):
     report = correction_report
     view = CorrectionView(report)
-    name = report.layers[5]["name"]
+    name = report.rows[5]["name"]
     view.layer.value = name
     view.clamp.set(1.0)
     np.testing.assert_allclose(trace(view.kappa, "κ").y, report.kappa_at(name, 1.0).numpy())
-    assert list(trace(view.norms, "‖D‖").y) == [r["d_norm"] for r in report.layers]
+    assert list(trace(view.norms, "‖D‖").y) == [r["d_norm"] for r in report.rows]
     assert list(trace(view.norms, "mean κ").y) == pytest.approx([r["kappa_mean"] for r in report.rows_at(1.0)])
 
 

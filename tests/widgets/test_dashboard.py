@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 
+from emloc_nb.run import Run
 from emloc_nb.widgets import ActivationsView, CorrectionView, Dashboard, DriftView, RankPlanner, SpectrumView
 
 
@@ -26,12 +27,13 @@ def test_every_tab_builds_from_the_run_directory(run_dir, tiny_run):
 def test_missing_artifacts_show_a_note(run_dir, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
-    (partial / "drift.json").unlink()
-    shutil.rmtree(partial / "correction")
+    run = Run(partial)
+    shutil.rmtree(run.path("drift"))
+    shutil.rmtree(run.path("correction"))
     dash = Dashboard(partial)
     assert dash.view("Drift") is None and dash.view("Correction") is None
-    assert "drift.json" in dash.tabs.children[4].children[0].value
-    assert "correction/" in dash.tabs.children[5].children[0].value
+    assert "the drift stage" in dash.tabs.children[4].children[0].value
+    assert "the correct stage" in dash.tabs.children[5].children[0].value
     assert isinstance(dash.view("Spectra"), SpectrumView)
 
 
@@ -48,7 +50,6 @@ def test_a_tab_that_fails_to_build_says_so(run_dir, monkeypatch):
 
 
 def test_views_and_report_need_no_model(run_dir, tmp_path, monkeypatch):
-    from emloc_nb.pipeline import Run
     from emloc_nb.widgets import write_report
 
     def no_model(*args, **kwargs):

@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import re
 
-from emloc_nb.evaluate import DriftReport
+from emloc_nb.drift import DriftReport
 from emloc_nb.widgets import DriftView
-from emloc_nb.widgets.figures import readable_tokens, token_kl_html, trace
+from emloc_nb.widgets.plots.common import trace
+from emloc_nb.widgets.tokens import readable_tokens, token_kl_html
 
 
 def test_layer_errors_regroup_by_kind(drift_report):
     view = DriftView(drift_report)
     measured = trace(view.layers, "measured (held-out)")
-    assert list(measured.y) == [r["measured_error"] for r in drift_report.layers]  # model order = block order
-    assert list(trace(view.layers, "predicted (calibration)").y) == [r["predicted_error"] for r in drift_report.layers]
+    assert list(measured.y) == [r["measured_error"] for r in drift_report.rows]  # model order = block order
+    assert list(trace(view.layers, "predicted (calibration)").y) == [r["predicted_error"] for r in drift_report.rows]
     view.group.value = "kind"
     groups, blocks = measured.x
-    kinds = list(dict.fromkeys(r["kind"] for r in drift_report.layers))
+    kinds = list(dict.fromkeys(r["kind"] for r in drift_report.rows))
     assert list(groups) == [k for k in kinds for _ in range(2)]
-    by_name = {(r["kind"], str(r["block"])): r["measured_error"] for r in drift_report.layers}
+    by_name = {(r["kind"], str(r["block"])): r["measured_error"] for r in drift_report.rows}
     assert list(measured.y) == [by_name[(g, b)] for g, b in zip(groups, blocks)]
 
 

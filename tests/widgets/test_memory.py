@@ -1,7 +1,8 @@
 """The memory figures of 05_memory_budget: each component and measure of `emloc_nb.memory.budget`'s rows, per setting."""
 from __future__ import annotations
 
-from emloc_nb.widgets.figures import memory_components_figure, memory_measured_figure, trace
+from emloc_nb.widgets.plots.common import trace
+from emloc_nb.widgets.plots.memory import memory_components_figure, memory_measured_figure
 
 # Rows as emloc_nb.memory.budget returns them (computing real ones needs the models); a stage not run measures None.
 ROWS = [

@@ -9,7 +9,7 @@ import torch
 from emloc_nb.errors import EmlocError
 from emloc_nb.ranks import RankPlan
 from emloc_nb.widgets import RankPlanner
-from emloc_nb.widgets.figures import trace
+from emloc_nb.widgets.plots.common import trace
 
 
 def kept_params(spectra, plan: RankPlan) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from emloc_nb.widgets import SpectrumView
-from emloc_nb.widgets.figures import trace
+from emloc_nb.widgets.plots.common import trace
 
 
 def kept_energy(spectra, name: str, rank: int) -> float:
@@ -26,7 +26,7 @@ def test_rank_slider_energy_is_top_r_whitened_energy(spectra):
         assert trace(view.energy, "selected").y[0] == pytest.approx(expected, rel=1e-9)
         assert trace(view.energy, "whitened energy").y[rank] == pytest.approx(expected, rel=1e-9)
         assert view.current["error"] == pytest.approx(math.sqrt(1 - expected), rel=1e-9)
-        row = spectra.row(name)
+        row = spectra.layer(name)
         assert view.current["params"] == rank * (row["d_out"] + row["d_in"])
         assert f"{expected:.2%}" in view.readout.value
         assert trace(view.spectrum, "selected rank").x == (rank, rank)
@@ -36,7 +36,7 @@ def test_ratio_slider_sets_the_rank_and_one_keeps_dense(spectra):
     view = SpectrumView(spectra)
     name = spectra.names[1]  # k_proj: 32 × 64
     view.layer.value = name
-    row = spectra.row(name)
+    row = spectra.layer(name)
     view.ratio.value = 0.3
     rank = math.floor(0.3 * row["d_in"] * row["d_out"] / (row["d_in"] + row["d_out"]))
     assert view.rank.value == rank and view.current["rank"] == rank
@@ -54,7 +54,7 @@ def test_layer_switch_redraws_both_spectra(spectra):
     for kind, label in (("plain", "plain σ(W)"), ("whitened", "whitened σ(W S)")):
         s = spectra.spectrum(name, kind).double().numpy()
         np.testing.assert_allclose(trace(view.spectrum, label).y, s / s[0], rtol=1e-6)
-    plan = spectra.row(name)["rank"]
+    plan = spectra.layer(name)["rank"]
     assert trace(view.spectrum, "plan rank").x == (plan, plan)
 
 

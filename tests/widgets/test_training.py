@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from emloc_nb.widgets import TrainingMonitor
-from emloc_nb.widgets.figures import trace
+from emloc_nb.widgets.plots.common import trace
 
 
 def test_each_event_grows_the_curves():

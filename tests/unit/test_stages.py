@@ -4,9 +4,10 @@ import sys
 
 import pytest
 
-from emloc_nb import EmlocError, Run, RunConfig
+from emloc_nb import EmlocError, Run
 from emloc_nb.cli import main as cli
-from emloc_nb.pipeline import SETTINGS, small_settings
+from emloc_nb.run import LAYOUT
+from emloc_nb.stages import SETTINGS, STAGES, settings
 
 from ..conftest import tiny_run_config
 
@@ -26,14 +27,15 @@ def test_whole_pipeline_in_process_then_resume(tiny_setup):
     rows = run.results()
     assert [r["setting"] for r in rows] == list(SETTINGS)
     assert all(0 <= r["accuracy"] <= 1 and r["answer_loss"] > 0 for r in rows)
-    assert "| original + corrected LoRA |" in (run.dir / "results.md").read_text()
-    assert run.correction().layers and run.drift().layers and run.history("emulator")
+    assert "| original + corrected LoRA |" in run.path("results_markdown").read_text()
+    assert run.correction().rows and run.drift().rows and run.history("emulator")
+    assert [run.eval_result(s).accuracy for s in SETTINGS] == [r["accuracy"] for r in rows]
     # the stages leave the shared in-process models as loaded: no LoRA layers
     assert not any("lora" in n for n, _ in run.original()[0].named_modules())
-    stamp = (run.dir / "emulator" / "emulator.json").stat().st_mtime_ns
+    stamp = run.path("emulator").stat().st_mtime_ns
     again = Run(root / "run", _config(model, data))
     again.run_all(isolate=False)  # everything is done: nothing is recomputed
-    assert (run.dir / "emulator" / "emulator.json").stat().st_mtime_ns == stamp
+    assert run.path("emulator").stat().st_mtime_ns == stamp
     with pytest.raises(EmlocError, match="different run"):
         Run(root / "run", _config(model, data, clamp=1.0))
 
@@ -74,17 +76,6 @@ def test_cli_build_emulator_and_overwrite(tiny_setup, capsys):
     assert Run(root / "cli").config.emulator.plan["ratio"] == 0.4
 
 
-def test_config_files_and_small_settings(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("model: x\ntrain:\n  steps: 7\nclamp: .inf\n")
-    config = RunConfig.load(path)
-    assert config.train.steps == 7 and config.clamp == float("inf")
-    assert small_settings(config).train.steps < 7
-    path.write_text("trian:\n  steps: 7\n")
-    with pytest.raises(EmlocError, match="Unknown setting"):
-        RunConfig.load(path)
-
-
 def test_ddp_finetune_with_two_cpu_processes(tiny_setup):
     root, model, data = tiny_setup
     run = Run(root / "ddp", _config(model, data, baseline=False))
@@ -93,33 +84,40 @@ def test_ddp_finetune_with_two_cpu_processes(tiny_setup):
            "-m", "emloc_nb.cli", "finetune", "--run-dir", str(run.dir), "--trainer", "hf"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    adapter = run.dir / "finetune_emulator" / "adapter"
+    adapter = run.adapter_dir("emulator")
     meta = json.loads((adapter / "emloc.json").read_text())
     assert meta["world_size"] == 2 and meta["trainer"] == "hf"
     assert (adapter / "adapter_model.safetensors").is_file()
     run.run_stage("correct", isolate=False)  # the DDP adapter is a normal adapter
-    assert (run.dir / "corrected" / "adapter_model.safetensors").is_file()
+    assert (run.adapter_dir("corrected") / "adapter_model.safetensors").is_file()
 
 
-def test_core_imports_no_notebook_stack():
-    code = ("import sys, emloc_nb, emloc_nb.pipeline, emloc_nb.cli; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('ipywidgets', 'plotly', 'IPython', 'anywidget')]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_the_registry_names_each_stage_once_with_artifacts_of_the_layout():
+    assert list(STAGES) == ["calibrate", "emulator", "drift", "finetune_emulator", "finetune_original", "correct",
+                            "evaluate"]
+    for stage in STAGES.values():
+        for artifact in (*stage.reads, *stage.writes, stage.part_writes):
+            if artifact:
+                assert artifact.partition(":")[0] in LAYOUT, (stage.name, artifact)
+        assert stage.model in ("original", "emulator", None)
+    written = [a for s in STAGES.values() for a in s.writes]
+    assert len(written) == len(set(written))  # one owner for each artifact
+    for stage in STAGES.values():  # every stage reads only what an earlier stage writes
+        earlier = {a for s in list(STAGES.values())[:list(STAGES).index(stage.name)] for a in s.writes}
+        assert set(stage.reads) <= earlier, stage.name
 
 
-def test_default_config_file_is_the_default_run():
-    from pathlib import Path
-    assert RunConfig.load(Path(__file__).parents[2] / "configs" / "default.yaml").to_dict() == RunConfig().to_dict()
+def test_settings_follow_the_baseline_switch(tiny_setup):
+    root, model, data = tiny_setup
+    assert settings(_config(model, data)) == list(SETTINGS)
+    assert settings(_config(model, data, baseline=False)) == [s for s in SETTINGS if s != "original+lora"]
+    assert STAGES["finetune_original"].done(Run(root / "nobase", _config(model, data, baseline=False)))
 
 
-def test_a_plan_file_is_read_relative_to_its_config_and_stored_whole(tmp_path, monkeypatch):
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "plan.json").write_text(json.dumps({"ratio": 0.6, "rules": {"down_proj": 1.0}}))
-    (tmp_path / "configs" / "run.json").write_text(json.dumps({"emulator": {"plan": "plan.json"}}))
-    monkeypatch.chdir(tmp_path)  # not the config's folder
-    config = RunConfig.load("configs/run.json")
-    assert config.emulator.plan == {"ratio": 0.6, "rules": {"down_proj": 1.0}, "ranks": {}}
-    (tmp_path / "configs" / "plan.json").write_text(json.dumps({"ratio": 0.3}))  # a later edit does not change the run
-    assert RunConfig.from_dict(config.to_dict()).emulator.plan["ratio"] == 0.6
+def test_a_stage_whose_inputs_are_missing_names_the_stage_that_writes_them(tiny_setup):
+    root, model, data = tiny_setup
+    run = Run(root / "early", _config(model, data))
+    with pytest.raises(EmlocError, match="needs calibration:train.*calibrate"):
+        run.run_stage("emulator", isolate=False)
+    with pytest.raises(EmlocError, match="Unknown stage"):
+        run.run_stage("compress")

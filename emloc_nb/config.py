@@ -1,0 +1,182 @@
+"""What a run is: RunConfig and its sections, one `*Spec` per stage that has settings.
+
+    RunConfig
+      task: TaskSpec               which task, and how its examples are read
+      calibration: CalibrationSpec how many examples the statistics see
+      emulator: EmulatorSpec       the rank plan and the SVD mode
+      lora: LoraSpec               the LoRA's shape and targets
+      train: TrainSpec             the fine-tuning schedule
+      evaluation: EvalSpec         how many test examples are scored
+
+A RunConfig is saved as a run's run.json and loads from YAML or JSON. This module is
+plain data: it imports neither torch, transformers nor peft, so a run.json can be read
+anywhere. The check that needs the model's structure is `emloc_nb.run.check_config`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import EmlocError
+
+
+@dataclass
+class TaskSpec:
+    source: str = "movie-sentiment"  # the default task, or a .jsonl/.csv file
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    choices: list[str] | None = None
+    test_size: float | int | None = None  # a share or a count; None: 1000 for the default task, 0.2 for files
+
+
+@dataclass
+class CalibrationSpec:
+    examples: int = 64
+    heldout_examples: int = 64
+    batch_size: int = 8
+    max_length: int = 256
+
+
+@dataclass
+class EmulatorSpec:
+    plan: dict | str = field(default_factory=lambda: {"ratio": 0.8})  # RankPlan fields, or a plan file
+    mode: str = "whitened"
+    eps: float = 1e-6
+
+
+@dataclass
+class LoraSpec:
+    """Which layers get a LoRA, and its shape: ΔW = s · B A with s = alpha / r (alpha / √r for rsLoRA).
+
+    `emloc_nb.lora.peft_config(spec, model)` turns it into peft's LoraConfig.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0  # peft materialises a dropped-out copy of every LoRA input: 40% more activation memory
+    targets: list[str] | str | None = None  # layer-name suffixes, or a regex (peft's fullmatch); None: every block linear
+    rslora: bool = False
+
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    checkpoint_every: int = 50  # steps; 0: a checkpoint only when stop_after ends a call early
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to a tenth of `lr` (step counts from 0)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class EvalSpec:
+    limit: int = 300
+    batch_size: int = 16
+
+
+SECTIONS = {"task": TaskSpec, "calibration": CalibrationSpec, "emulator": EmulatorSpec, "lora": LoraSpec,
+            "train": TrainSpec, "evaluation": EvalSpec}
+
+
+def _build(cls, value, where: str):
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise EmlocError(f"{where} must be a mapping of {[f.name for f in fields(cls)]}, not {value!r}.")
+    names = {f.name for f in fields(cls)}
+    unknown = set(value) - names
+    if unknown:
+        raise EmlocError(f"Unknown setting(s) {sorted(unknown)} in {where}. Known: {sorted(names)}.")
+    return cls(**value)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as run.json and loadable from YAML or JSON."""
+
+    model: str = "smollm2-135m-instruct"
+    trust_remote_code: bool = False
+    seed: int = 0
+    baseline: bool = True  # also fine-tune the original model (the upper bound EMLoC avoids paying for)
+    clamp: float = 3.0  # the correction's L (inf: no clamp)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    emulator: EmulatorSpec = field(default_factory=EmulatorSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    # The README's main job must finish in about 15 minutes on 2 CPU cores: fewer, larger steps than TrainSpec().
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=60, lr=5e-4, checkpoint_every=20))
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self):
+        if self.clamp < 0:
+            raise EmlocError(f"clamp={self.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
+        if self.emulator.mode not in ("whitened", "plain"):
+            raise EmlocError(f"emulator.mode={self.emulator.mode!r}: use 'whitened' or 'plain'.")
+        # Validated early and stored as the plan itself, not a file name: run.json then says what was built.
+        self.emulator.plan = self.rank_plan().to_dict()
+
+    def rank_plan(self):
+        from .ranks import RankPlan
+
+        plan = self.emulator.plan
+        return RankPlan.load(plan) if isinstance(plan, str) else RankPlan.from_dict(plan)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise EmlocError(f"Unknown setting(s) {sorted(unknown)} in the run config. Known: {sorted(names)}.")
+        values = {k: (_build(SECTIONS[k], v, k) if k in SECTIONS else v) for k, v in d.items()}
+        if isinstance(values.get("clamp"), str):
+            values["clamp"] = float(values["clamp"])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise EmlocError(f"Config file {path} does not exist. See configs/ for examples.")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+        plan = d.get("emulator", {}).get("plan")
+        if isinstance(plan, str):  # a plan file named in a config is relative to the config
+            d["emulator"]["plan"] = str(path.parent / Path(plan).expanduser())
+        return cls.from_dict(d)
+
+
+def small_settings(config: RunConfig) -> RunConfig:
+    """The same run, shrunk to finish in a couple of minutes (EMLOC_SMALL=1: tests, CI, notebooks)."""
+    d = config.to_dict()
+    d["calibration"].update(examples=16, heldout_examples=16)
+    d["train"].update(steps=6, batch_size=4, checkpoint_every=0, warmup_steps=2)
+    d["evaluation"].update(limit=32)
+    return RunConfig.from_dict(d)
+
+
+def is_small() -> bool:
+    return os.environ.get("EMLOC_SMALL", "") not in ("", "0")

@@ -1,0 +1,87 @@
+"""The one shape every report object has: save/load as a directory, rows, to_frame, layer(name).
+
+A report is a plain data object a stage returns and a widget draws:
+
+    report.save(path, overwrite=False)   a directory, written atomically: <kind>.json (metadata, with
+                                         format_version and kind) and, when there are tensors,
+                                         <kind>.safetensors (per-layer tensors keyed "layer/field")
+    Report.load(path)                    the same object back, without any model
+    report.rows                          a list of dicts: one per layer, input or example
+    report.to_frame()                    those rows as a pandas DataFrame (indexed by layer name when rows have one)
+    report.layer(name)                   what the report holds for one layer, where it has layers
+
+Subclasses say what goes into the files (`_metadata`, `_tensors`) and how to rebuild
+themselves from them (`_from_saved`); they never write files themselves.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from .artifacts import FORMAT_VERSION, atomic_dir, read_grouped, read_json, write_grouped, write_json
+from .errors import EmlocError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Report:
+    """Base class of the saveable report objects; see the module docstring."""
+
+    kind: ClassVar[str]  # names the files and is recorded in the metadata
+    # A subclass also has `rows` (list[dict]), a field or a property. It is not declared here,
+    # where it would be an inherited default that dataclass subclasses pick up.
+
+    # -- what a subclass provides
+    def _metadata(self) -> dict:
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
+
+    @classmethod
+    def _from_saved(cls, meta: dict, tensors: dict[str, dict[str, torch.Tensor]]):
+        raise NotImplementedError
+
+    # -- the shared shape
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the report as a directory; a non-empty `path` is refused unless `overwrite=True`."""
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            tensors = self._tensors()
+            if tensors:
+                write_grouped(tmp / f"{self.kind}.safetensors", tensors)
+            write_json(tmp / f"{self.kind}.json",
+                       {"format_version": FORMAT_VERSION, "kind": self.kind, **self._metadata()})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        meta = read_json(path / f"{cls.kind}.json")
+        if meta.get("kind") != cls.kind:
+            raise EmlocError(f"{path} holds a {meta.get('kind')!r} artifact, not a {cls.kind!r} one. "
+                             f"Load it with the class that wrote it.")
+        tensor_file = path / f"{cls.kind}.safetensors"
+        return cls._from_saved(meta, read_grouped(tensor_file) if tensor_file.is_file() else {})
+
+    def to_frame(self):
+        """The rows as a pandas DataFrame, indexed by layer name when the rows name layers."""
+        import pandas as pd  # pandas comes with datasets; imported here to keep `import emloc_nb` light
+
+        frame = pd.DataFrame(self.rows)
+        return frame.set_index("name") if "name" in frame.columns else frame
+
+
+class LayerReport(Report):
+    """A report with one row per layer (each row has a "name"): `layer(name)` is that row."""
+
+    @property
+    def names(self) -> list[str]:
+        return [r["name"] for r in self.rows]
+
+    def layer(self, name: str):
+        for row in self.rows:
+            if row["name"] == name:
+                return row
+        shown = ", ".join(self.names[:3])
+        raise EmlocError(f"{name!r} is not a layer of this {self.kind} report. Layers: {shown}, ...")

@@ -1,0 +1,306 @@
+"""The stages of a run, one function each in one registry; running them; the results table.
+
+    calibrate → emulator → drift → finetune_emulator (→ finetune_original) → correct → evaluate
+
+Each `Stage` in `STAGES` says what it reads and writes (run artifacts, see
+emloc_nb.run.LAYOUT; a stage is done when everything it writes exists) and which
+model it loads. Adding a stage is one function and one entry here.
+
+By default every stage runs in a fresh Python process, which both frees memory
+between stages and records each stage's true peak resident memory (a stage record:
+seconds, peak and baseline RSS). The evaluate stage runs one process per setting
+(`SETTINGS`), then writes the results table.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from .artifacts import atomic_path, write_json
+from .config import RunConfig
+from .errors import EmlocError
+from .run import Run
+
+Body = Callable[[Run, "Stage", "str | None", bool], dict]  # (run, stage, part, progress) -> extra record fields
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    body: Body
+    reads: tuple[str, ...]  # run artifacts it needs
+    writes: tuple[str, ...]  # run artifacts it writes: the stage is done when they all exist
+    model: str | None  # the model it loads: "original" or "emulator" (evaluate: each setting says)
+    doc: str
+    enabled: Callable[[RunConfig], bool] = lambda config: True  # a disabled stage counts as done
+    parts: Callable[[RunConfig], list[str]] | None = None  # run one process each (evaluate: one per setting)
+    part_writes: str = ""  # the artifact each part writes, "{}" standing for the part
+    finish: Callable[[Run], None] | None = None  # after every part
+
+    def done(self, run: Run) -> bool:
+        return not self.enabled(run.config) or all(run.has(a) for a in self.writes)
+
+
+def base_model(run: Run, which: str):
+    """(model, tokenizer) of the "original" or the "emulator": the one place that picks them."""
+    if which == "original":
+        return run.original()
+    if which == "emulator":
+        return run.emulator().model, run.emulator_tokenizer()
+    raise EmlocError(f"Unknown base model {which!r}: use 'original' or 'emulator'.")
+
+
+# ----------------------------------------------------------------------------- the stage functions
+
+def _calibrate(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
+    from .calibration import collect_stats
+    from .memory import weights_mb
+
+    model, _ = run.original()
+    for stats, examples in (("train", "train"), ("heldout", "test")):
+        collect_stats(model, run.batches(examples), progress=progress).save(run.path(f"calibration:{stats}"),
+                                                                            overwrite=True)
+    return {"weights_mb": weights_mb(model)}
+
+
+def _emulator(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
+    from .emulator import build_emulator
+    from .memory import weights_mb
+
+    model, tokenizer = run.original()
+    e = run.config.emulator
+    emulator = build_emulator(model, run.calibration("train"), run.config.rank_plan(), mode=e.mode, eps=e.eps,
+                              progress=progress)
+    emulator.save(run.path("emulator"), tokenizer=tokenizer, overwrite=True)
+    return {"weights_mb": weights_mb(emulator.model)}
+
+
+def _drift(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
+    from .drift import drift
+
+    model, tokenizer = run.original()
+    report = drift(model, run.emulator(with_original=True), run.batches("test"), heldout=run.calibration("heldout"),
+                   tokenizer=tokenizer, progress=progress)
+    report.save(run.path("drift"), overwrite=True)
+    return {}
+
+
+def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
+    from .memory import weights_mb
+    from .training import finetune
+
+    model, tokenizer = base_model(run, stage.model)
+    result = finetune(model, tokenizer, run.task(), run.path(f"finetune:{stage.model}"), lora=run.config.lora,
+                      config=run.config.train, progress=progress)
+    return {"weights_mb": weights_mb(model), "final_loss": result.history[-1]["loss"]}
+
+
+def _correct(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
+    from .correction import correct_lora
+
+    model, _ = run.original()
+    report = correct_lora(model, run.emulator(with_original=True), run.adapter_dir("emulator"),
+                          run.path("corrected_adapter"), clamp=run.config.clamp, heldout=run.calibration("heldout"),
+                          overwrite=True)
+    report.save(run.path("correction"), overwrite=True)
+    return {}
+
+
+class Setting(NamedTuple):
+    description: str
+    base: str  # "original" or "emulator"
+    adapter: str | None  # Run.adapter_dir(adapter): "original", "emulator" or "corrected"
+    check_base: bool  # False: apply an adapter trained on another base (the naive transfer)
+
+
+SETTINGS = {
+    "original": Setting("original, zero-shot", "original", None, True),
+    "original+lora": Setting("original + LoRA trained on the original (upper bound)", "original", "original", True),
+    "emulator": Setting("emulator, zero-shot", "emulator", None, True),
+    "emulator+lora": Setting("emulator + LoRA", "emulator", "emulator", True),
+    "original+naive": Setting("original + naive (uncorrected) emulator LoRA", "original", "emulator", False),
+    "original+corrected": Setting("original + corrected LoRA", "original", "corrected", True),
+}
+TRAINED_BY = {"original": "finetune_original", "emulator": "finetune_emulator", "corrected": "finetune_emulator"}
+
+
+def settings(config: RunConfig) -> list[str]:
+    """The settings a run evaluates: the LoRA trained on the original only with `baseline`."""
+    return [s for s, v in SETTINGS.items() if config.baseline or v.adapter != "original"]
+
+
+def _evaluate(run: Run, stage: Stage, setting: str | None, progress: bool) -> dict:
+    from peft import PeftModel
+
+    from .evaluate import evaluate
+    from .lora import load_adapter
+    from .memory import weights_mb
+
+    s = SETTINGS[setting]
+    model, tokenizer = base_model(run, s.base)
+    if s.adapter:
+        model = load_adapter(model, run.adapter_dir(s.adapter), check_base=s.check_base)
+    ev = run.config.evaluation
+    try:
+        result = evaluate(model, tokenizer, run.task(), limit=ev.limit, batch_size=ev.batch_size, progress=progress)
+        record = {"weights_mb": weights_mb(model)}
+    finally:
+        if isinstance(model, PeftModel):  # in-process runs share the loaded models across stages
+            model.unload()
+    result.save(run.path(f"evaluation:{setting}"), overwrite=True)
+    return record
+
+
+def write_results(run: Run) -> None:
+    """evaluate/results.json and results.md: accuracy, loss and memory per setting."""
+    records = run.stage_records()
+    rows = []
+    for setting in settings(run.config):
+        ev, s = run.eval_result(setting), SETTINGS[setting]
+        train = records.get(TRAINED_BY.get(s.adapter), {})
+        rows.append({"setting": setting, "description": s.description, "accuracy": ev.accuracy,
+                     "answer_loss": ev.answer_loss, "examples": ev.examples,
+                     "eval_peak_mb": records.get(record_name(f"evaluate:{setting}"), {}).get("peak_rss_mb"),
+                     "train_peak_mb": train.get("peak_rss_mb"), "train_weights_mb": train.get("weights_mb")})
+    write_json(run.path("results"), {"kind": "results", "config": run.config.to_dict(), "rows": rows})
+    with atomic_path(run.path("results_markdown")) as tmp:
+        tmp.write_text(results_markdown(rows))
+
+
+def results_markdown(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    lines = ["| setting | accuracy | answer loss | examples | fine-tuning peak (MB) | eval peak (MB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['description']} | {r['accuracy']:.3f} | {r['answer_loss']:.3f} | {r['examples']} | "
+                     f"{fmt(r['train_peak_mb'], '.0f')} | {fmt(r['eval_peak_mb'], '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the registry
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("calibrate", _calibrate, reads=(), writes=("calibration:train", "calibration:heldout"), model="original",
+          doc="second moments of every block linear's input, on training and on held-out examples"),
+    Stage("emulator", _emulator, reads=("calibration:train",), writes=("emulator",), model="original",
+          doc="the activation-aware SVD emulator and its spectra"),
+    Stage("drift", _drift, reads=("emulator", "calibration:heldout"), writes=("drift",), model="original",
+          doc="how far the emulator strays from the original, per layer, per block and end to end"),
+    Stage("finetune_emulator", _finetune, reads=("emulator",), writes=("adapter:emulator",), model="emulator",
+          doc="LoRA fine-tuning on the emulator"),
+    Stage("finetune_original", _finetune, reads=(), writes=("adapter:original",), model="original",
+          doc="LoRA fine-tuning on the original: the upper bound EMLoC avoids paying for",
+          enabled=lambda config: config.baseline),
+    Stage("correct", _correct, reads=("emulator", "adapter:emulator", "calibration:heldout"),
+          writes=("corrected_adapter", "correction"), model="original",
+          doc="the emulator's LoRA corrected for the original model (Algorithm 1)"),
+    Stage("evaluate", _evaluate, reads=("emulator", "adapter:emulator", "corrected_adapter"), writes=("results",),
+          model=None, doc="task accuracy of every setting, and the results table",
+          parts=settings, part_writes="evaluation:{}", finish=write_results),
+]}
+
+
+def get(name: str) -> Stage:
+    if name not in STAGES:
+        raise EmlocError(f"Unknown stage {name!r}. Stages: {', '.join(STAGES)}.")
+    return STAGES[name]
+
+
+def record_name(step: str) -> str:
+    """The stage record's name of a step ("evaluate:original" -> "evaluate-original")."""
+    return step.replace(":", "-")
+
+
+# ----------------------------------------------------------------------------- running
+
+def run_stage(run: Run, name: str, *, isolate: bool = True) -> None:
+    stage = get(name)
+    if stage.done(run):
+        return
+    missing = [a for a in stage.reads if not run.has(a)]
+    if missing:
+        writers = [s.name for s in STAGES.values() if set(s.writes) & set(missing)]
+        raise EmlocError(f"Stage {name} needs {', '.join(missing)} in {run.dir}, which {' and '.join(writers)} "
+                         "writes. Run that stage first (`emloc run`, or Run.run_all).")
+    if stage.parts is None:
+        _run_step(run, name, isolate)
+        return
+    for part in stage.parts(run.config):
+        if not run.has(stage.part_writes.format(part)):
+            _run_step(run, f"{name}:{part}", isolate)
+    stage.finish(run)
+
+
+def run_all(run: Run, *, isolate: bool = True, until: str | None = None) -> None:
+    names = list(STAGES)
+    if until is not None:
+        names = names[:names.index(get(until).name) + 1]
+    for name in names:
+        run_stage(run, name, isolate=isolate)
+
+
+def _run_step(run: Run, step: str, isolate: bool) -> None:
+    if not isolate:
+        execute(run, step, isolated=False)
+        return
+    started = time.time()
+    print(f"[emloc] {step} ...", flush=True)
+    code = "import sys; from emloc_nb.stages import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run.dir), step],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tail: list[str] = []
+    for line in proc.stdout:
+        tail = (tail + [line.rstrip()])[-20:]
+        print("   ", line.rstrip(), flush=True)
+    if proc.wait() != 0:
+        raise EmlocError(f"Stage {step} failed:\n" + "\n".join(tail))
+    record = run.stage_records()[record_name(step)]
+    print(f"[emloc] {step} done in {time.time() - started:.0f} s, peak {record['peak_rss_mb']:.0f} MB", flush=True)
+
+
+def execute(run: Run, step: str, *, isolated: bool) -> None:
+    """Run one step ("calibrate", "evaluate:original", ...) in this process and write its stage record."""
+    from .memory import peak_rss_mb, rss_mb
+
+    name, _, part = step.partition(":")
+    stage = get(name)
+    progress = sys.stderr.isatty() or not isolated
+    baseline = rss_mb()
+    started = time.time()
+    record = stage.body(run, stage, part or None, progress)
+    record.update(step=step, seconds=time.time() - started, isolated=isolated, baseline_rss_mb=baseline,
+                  peak_rss_mb=peak_rss_mb() if isolated else None)
+    write_json(run.path(f"stage_record:{record_name(step)}"), record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child-process entry point: main([RUN_DIR, STEP]) runs one step and records its memory."""
+    run_dir, step = (argv or sys.argv[1:])[:2]
+    if not sys.stderr.isatty():
+        import datasets
+
+        datasets.disable_progress_bars()
+    try:
+        execute(Run(run_dir), step, isolated=True)
+    except EmlocError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def finetune_with_trainer(run: Run, target: str = "emulator", **training_args) -> Path:
+    """The fine-tuning stage through transformers' Trainer (runs under torchrun); same adapter format."""
+    from .training import finetune_hf
+
+    model, tokenizer = base_model(run, target)
+    return finetune_hf(model, tokenizer, run.task(), run.path(f"finetune:{target}"), lora=run.config.lora,
+                       config=run.config.train, **training_args).adapter_dir

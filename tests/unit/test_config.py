@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emloc_nb import EmlocError, RunConfig
+from emloc_nb.config import LoraSpec, TrainSpec, small_settings
+
+
+def test_config_files_and_small_settings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: x\ntrain:\n  steps: 7\nclamp: .inf\n")
+    config = RunConfig.load(path)
+    assert config.train.steps == 7 and config.clamp == float("inf")
+    assert isinstance(config.train, TrainSpec) and isinstance(config.lora, LoraSpec)
+    assert small_settings(config).train.steps < 7
+    path.write_text("trian:\n  steps: 7\n")
+    with pytest.raises(EmlocError, match="Unknown setting"):
+        RunConfig.load(path)
+    with pytest.raises(EmlocError, match="Unknown setting"):
+        RunConfig.from_dict({"lora": {"rank": 4}})
+    with pytest.raises(EmlocError, match="mode"):
+        RunConfig.from_dict({"emulator": {"mode": "svd"}})
+
+
+def test_default_config_file_is_the_default_run():
+    assert RunConfig.load(Path(__file__).parents[2] / "configs" / "default.yaml").to_dict() == RunConfig().to_dict()
+
+
+def test_a_plan_file_is_read_relative_to_its_config_and_stored_whole(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "plan.json").write_text(json.dumps({"ratio": 0.6, "rules": {"down_proj": 1.0}}))
+    (tmp_path / "configs" / "run.json").write_text(json.dumps({"emulator": {"plan": "plan.json"}}))
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    config = RunConfig.load("configs/run.json")
+    assert config.emulator.plan == {"ratio": 0.6, "rules": {"down_proj": 1.0}, "ranks": {}}
+    (tmp_path / "configs" / "plan.json").write_text(json.dumps({"ratio": 0.3}))  # a later edit does not change the run
+    assert RunConfig.from_dict(config.to_dict()).emulator.plan["ratio"] == 0.6
+
+
+def _loaded_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+def test_reading_a_config_needs_neither_peft_nor_torch():
+    loaded = _loaded_after("import emloc_nb.config; emloc_nb.config.RunConfig()")
+    assert not loaded & {"peft", "torch", "transformers"}
+
+
+def test_core_imports_no_notebook_stack():
+    loaded = _loaded_after("import emloc_nb, emloc_nb.config, emloc_nb.run, emloc_nb.stages, emloc_nb.cli")
+    assert not loaded & {"ipywidgets", "plotly", "IPython", "anywidget"}

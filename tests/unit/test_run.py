@@ -1,0 +1,60 @@
+"""Run: the one owner of a run directory's layout, with a loader for every artifact."""
+import pytest
+
+from emloc_nb import EmlocError, Run
+from emloc_nb.calibration import CalibrationStats
+from emloc_nb.correction import CorrectionReport
+from emloc_nb.drift import DriftReport
+from emloc_nb.evaluate import EvalResult
+from emloc_nb.run import LAYOUT
+from emloc_nb.spectra import SpectrumTable
+from emloc_nb.stages import SETTINGS
+
+from ..conftest import tiny_run_config
+
+
+def test_every_stage_writes_a_directory_named_for_it(tiny_run):
+    top = {p.name for p in tiny_run.dir.iterdir()}
+    assert top == {"run.json", "calibrate", "emulator", "drift", "finetune_emulator", "finetune_original", "correct",
+                   "evaluate", "stages"}
+    assert {p.name for p in tiny_run.path("evaluation:original").parent.iterdir()} == {*SETTINGS, "results.json",
+                                                                                       "results.md"}
+
+
+def test_a_loader_for_every_artifact(tiny_run):
+    assert isinstance(tiny_run.calibration(), CalibrationStats)
+    assert tiny_run.calibration("heldout").examples == tiny_run.config.calibration.heldout_examples
+    assert isinstance(tiny_run.spectra(), SpectrumTable) and tiny_run.spectra().rows == tiny_run.emulator().spectra.rows
+    assert isinstance(tiny_run.drift(), DriftReport) and isinstance(tiny_run.correction(), CorrectionReport)
+    assert isinstance(tiny_run.eval_result("original"), EvalResult)
+    for which in ("emulator", "original", "corrected"):
+        assert (tiny_run.adapter_dir(which) / "adapter_config.json").is_file()
+    assert len(tiny_run.history("original")) == tiny_run.config.train.steps
+    assert set(tiny_run.stage_records()) >= {"calibrate", "evaluate-original"}
+    assert tiny_run.emulator_tokenizer().pad_token_id == tiny_run.original()[1].pad_token_id
+    with pytest.raises(EmlocError, match="split"):
+        tiny_run.calibration("test")
+    with pytest.raises(EmlocError, match="Unknown adapter"):
+        tiny_run.adapter_dir("naive")
+
+
+def test_paths_come_from_the_layout_only(tiny_run):
+    assert tiny_run.path("spectra") == tiny_run.dir / LAYOUT["spectra"]
+    assert tiny_run.path("calibration:heldout") == tiny_run.dir / "calibrate" / "heldout"
+    assert tiny_run.has("correction") and not tiny_run.has("report")
+    assert tiny_run.scratch("plan.json").parent.name == "scratch"
+    with pytest.raises(EmlocError, match="Unknown run artifact"):
+        tiny_run.path("calibration.json")
+    with pytest.raises(EmlocError, match="needs a key"):
+        tiny_run.path("calibration")
+    with pytest.raises(EmlocError, match="takes no key"):
+        tiny_run.path("drift:x")
+
+
+def test_a_directory_that_is_no_run_is_refused(tiny_files, tmp_path):
+    _, model, data = tiny_files
+    with pytest.raises(EmlocError, match="not a run directory"):
+        Run(tmp_path)
+    (tmp_path / "other.txt").write_text("x")
+    with pytest.raises(EmlocError, match="not empty and holds no run"):
+        Run(tmp_path, tiny_run_config(model, data))
