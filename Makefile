@@ -1,5 +1,5 @@
 # make demo: set up everything, then run EMLoC on SmolLM2 and the movie-review task (~15 min on 2 CPU cores).
-# make test: the full suite (unit, widgets, slow end-to-end, notebooks under nbval, browser).
+# make test: lint and format checks (ruff), then the full suite (unit, widgets, slow end-to-end, notebooks under nbval, browser).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ CONSTRAINTS := requirements/constraints.txt
 export EMLOC_CACHE ?= $(HOME)/.cache/emloc_nb
 SMALL_RUN := $(CURDIR)/runs/ci-small
 
-.PHONY: setup demo test clean
+.PHONY: setup demo lint test clean
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: setup
 	$(BIN)/emloc run configs/default.yaml --run-dir runs/demo
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
 	rm -rf $(SMALL_RUN)  # the slow tests build it afresh; the notebooks and the browser test then reuse it
 	EMLOC_RUN_DIR=$(SMALL_RUN) $(BIN)/python -m pytest tests -m "not browser" -p no:cacheprovider
 	EMLOC_SMALL=1 EMLOC_RUN_DIR=$(SMALL_RUN) $(BIN)/python -m pytest --nbval-lax \

@@ -3,6 +3,7 @@
 Each measurement runs in a fresh process so that its peak resident memory is its own.
 Writes results/emulator_vs_original.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ def measure(path: str, steps: int, batch_size: int, checkpointing: bool) -> dict
     from transformers import AutoTokenizer
 
     from emloc_nb import Emulator, LoraSpec, attach_lora, batches, load_model, movie_sentiment
-    from emloc_nb.scoring import answer_nll
     from emloc_nb.memory import footprint, peak_rss_mb, rss_mb, weights_mb
+    from emloc_nb.scoring import answer_nll
 
     torch.manual_seed(0)
     baseline = rss_mb()
@@ -60,9 +61,16 @@ def measure(path: str, steps: int, batch_size: int, checkpointing: bool) -> dict
         optim.step()
         optim.zero_grad(set_to_none=True)
     train = (time.perf_counter() - start) / steps
-    return {"weights_mb": weights_mb(model), "inference_s_per_batch": infer, "train_s_per_step": train,
-            "predicted_train_mb": predicted["total_mb"], "predicted_activations_mb": predicted["activations_mb"],
-            "rss_after_load_mb": after_load, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+    return {
+        "weights_mb": weights_mb(model),
+        "inference_s_per_batch": infer,
+        "train_s_per_step": train,
+        "predicted_train_mb": predicted["total_mb"],
+        "predicted_activations_mb": predicted["activations_mb"],
+        "rss_after_load_mb": after_load,
+        "peak_rss_mb": peak_rss_mb(),
+        "baseline_rss_mb": baseline,
+    }
 
 
 def _child(*args: str) -> str:
@@ -95,27 +103,36 @@ def main() -> None:
                 path = str(Path(tmp) / f"emulator-{ratio}")
                 _child("--build", str(ratio), path, "--calibration", str(args.calibration))
             extra = ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-            row = json.loads(_child("--measure", path, "--steps", str(args.steps), "--batch-size", str(args.batch_size), *extra))
+            row = json.loads(
+                _child("--measure", path, "--steps", str(args.steps), "--batch-size", str(args.batch_size), *extra)
+            )
             rows.append({"model": kind, "ratio": ratio, **row})
             print(rows[-1], flush=True)
     base = rows[0]
     for r in rows:
         r["weights_ratio"] = r["weights_mb"] / base["weights_mb"]
         r["peak_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
-        r["peak_above_baseline_ratio"] = (r["peak_rss_mb"] - r["baseline_rss_mb"]) / (base["peak_rss_mb"] - base["baseline_rss_mb"])
+        r["peak_above_baseline_ratio"] = (r["peak_rss_mb"] - r["baseline_rss_mb"]) / (
+            base["peak_rss_mb"] - base["baseline_rss_mb"]
+        )
         r["train_speed_ratio"] = base["train_s_per_step"] / r["train_s_per_step"]
         r["inference_speed_ratio"] = base["inference_s_per_batch"] / r["inference_s_per_batch"]
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     name = "emulator_vs_original" + ("_checkpointing" if args.gradient_checkpointing else "")
     (out / f"{name}.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
-    lines = ["| model | ρ | weights MB (×orig) | peak RSS MB (×orig) | peak above imports (×orig) | predicted train MB | train s/step (speed ×orig) | inference s/batch (speed ×orig) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | ρ | weights MB (×orig) | peak RSS MB (×orig) | peak above imports (×orig) | predicted train MB | "
+        "train s/step (speed ×orig) | inference s/batch (speed ×orig) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['ratio']:g} | {r['weights_mb']:.0f} ({r['weights_ratio']:.2f}) | "
-                     f"{r['peak_rss_mb']:.0f} ({r['peak_ratio']:.2f}) | {r['peak_above_baseline_ratio']:.2f} | "
-                     f"{r['predicted_train_mb']:.0f} | {r['train_s_per_step']:.2f} ({r['train_speed_ratio']:.2f}) | "
-                     f"{r['inference_s_per_batch']:.2f} ({r['inference_speed_ratio']:.2f}) |")
+        lines.append(
+            f"| {r['model']} | {r['ratio']:g} | {r['weights_mb']:.0f} ({r['weights_ratio']:.2f}) | "
+            f"{r['peak_rss_mb']:.0f} ({r['peak_ratio']:.2f}) | {r['peak_above_baseline_ratio']:.2f} | "
+            f"{r['predicted_train_mb']:.0f} | {r['train_s_per_step']:.2f} ({r['train_speed_ratio']:.2f}) | "
+            f"{r['inference_s_per_batch']:.2f} ({r['inference_speed_ratio']:.2f}) |"
+        )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -7,6 +7,7 @@ IPython; the interactive views live in `emloc_nb.widgets`.
 The names below load their module on first use, so `import emloc_nb` (or reading a
 run's config through `emloc_nb.config`) does not import torch, transformers or peft.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,21 +17,47 @@ import types
 __version__ = "0.1.0"
 
 _EXPORTS = {  # name -> the module that defines it
-    "CalibrationStats": "calibration", "InputStats": "calibration", "collect_stats": "calibration",
-    "CalibrationSpec": "config", "EmulatorSpec": "config", "EvalSpec": "config", "LoraSpec": "config",
-    "RunConfig": "config", "TaskSpec": "config", "TrainSpec": "config",
-    "CorrectionReport": "correction", "correct_layer": "correction", "correct_lora": "correction",
-    "MOVIE_SENTIMENT": "data", "Task": "data", "batches": "data", "load_task": "data", "movie_sentiment": "data",
-    "DriftReport": "drift", "drift": "drift",
-    "Emulator": "emulator", "LowRankLinear": "emulator", "build_emulator": "emulator",
+    "CalibrationStats": "calibration",
+    "InputStats": "calibration",
+    "collect_stats": "calibration",
+    "CalibrationSpec": "config",
+    "EmulatorSpec": "config",
+    "EvalSpec": "config",
+    "LoraSpec": "config",
+    "RunConfig": "config",
+    "TaskSpec": "config",
+    "TrainSpec": "config",
+    "CorrectionReport": "correction",
+    "correct_layer": "correction",
+    "correct_lora": "correction",
+    "MOVIE_SENTIMENT": "data",
+    "Task": "data",
+    "batches": "data",
+    "load_task": "data",
+    "movie_sentiment": "data",
+    "DriftReport": "drift",
+    "drift": "drift",
+    "Emulator": "emulator",
+    "LowRankLinear": "emulator",
+    "build_emulator": "emulator",
     "EmlocError": "errors",
-    "EvalResult": "evaluate", "evaluate": "evaluate",
-    "attach_lora": "lora", "load_adapter": "lora", "save_adapter": "lora",
-    "DEFAULT_MODEL": "models", "fingerprint": "models", "load_model": "models", "tiny_model": "models",
-    "RankPlan": "ranks", "allocate": "ranks",
-    "Run": "run", "notebook_run": "run",
+    "EvalResult": "evaluate",
+    "evaluate": "evaluate",
+    "attach_lora": "lora",
+    "load_adapter": "lora",
+    "save_adapter": "lora",
+    "DEFAULT_MODEL": "models",
+    "fingerprint": "models",
+    "load_model": "models",
+    "tiny_model": "models",
+    "RankPlan": "ranks",
+    "allocate": "ranks",
+    "Run": "run",
+    "notebook_run": "run",
     "SpectrumTable": "spectra",
-    "finetune": "training", "finetune_hf": "training", "hf_trainer": "training",
+    "finetune": "training",
+    "finetune_hf": "training",
+    "hf_trainer": "training",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -5,6 +5,7 @@ place, so an interrupted or failed write never leaves a partial file behind.
 torch and safetensors are imported only by the tensor helpers, so that reading and
 writing JSON (a run's config, a rank plan) stays light.
 """
+
 from __future__ import annotations
 
 import contextlib

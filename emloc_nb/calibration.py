@@ -6,6 +6,7 @@ plus per-channel mean |x| and max |x|. Layers that read the same tensor (q/k/v,
 gate/up) share one entry. The hooks are removed even if the forward raises, and no
 state is left on the modules.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -92,27 +93,40 @@ class CalibrationStats(Report):
         rows = []
         for key, s in self.inputs.items():
             eig = s.eigenvalues()
-            rows.append({
-                "input": key, "layers": list(s.layers), "dim": s.dim, "tokens": s.tokens,
-                "mean_abs": float(s.mean_abs.mean()), "max_abs": float(s.abs_max.max()),
-                "outlier_channels": s.outlier_channels().tolist(),
-                "top_eigenvalue": float(eig[0]),
-                "effective_rank": float(eig.sum() ** 2 / (eig ** 2).sum()) if eig.sum() > 0 else 0.0,
-            })
+            rows.append(
+                {
+                    "input": key,
+                    "layers": list(s.layers),
+                    "dim": s.dim,
+                    "tokens": s.tokens,
+                    "mean_abs": float(s.mean_abs.mean()),
+                    "max_abs": float(s.abs_max.max()),
+                    "outlier_channels": s.outlier_channels().tolist(),
+                    "top_eigenvalue": float(eig[0]),
+                    "effective_rank": float(eig.sum() ** 2 / (eig**2).sum()) if eig.sum() > 0 else 0.0,
+                }
+            )
         return rows
 
     def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {key: {"second_moment": s.second_moment, "abs_sum": s.abs_sum, "abs_max": s.abs_max}
-                for key, s in self.inputs.items()}
+        return {
+            key: {"second_moment": s.second_moment, "abs_sum": s.abs_sum, "abs_max": s.abs_max}
+            for key, s in self.inputs.items()
+        }
 
     def _metadata(self) -> dict:
-        return {"model_fingerprint": self.model_fingerprint, "examples": self.examples,
-                "inputs": {key: {"tokens": s.tokens, "layers": s.layers} for key, s in self.inputs.items()}}
+        return {
+            "model_fingerprint": self.model_fingerprint,
+            "examples": self.examples,
+            "inputs": {key: {"tokens": s.tokens, "layers": s.layers} for key, s in self.inputs.items()},
+        }
 
     @classmethod
     def _from_saved(cls, meta: dict, tensors: dict) -> CalibrationStats:
-        inputs = {key: InputStats(**tensors[key], tokens=info["tokens"], layers=list(info["layers"]))
-                  for key, info in meta["inputs"].items()}
+        inputs = {
+            key: InputStats(**tensors[key], tokens=info["tokens"], layers=list(info["layers"]))
+            for key, info in meta["inputs"].items()
+        }
         return cls(inputs, meta["model_fingerprint"], meta["examples"])
 
 
@@ -143,7 +157,9 @@ def collect_stats(
     if unknown:
         raise EmlocError(f"Layers {unknown[:3]} are not modules of this model. Use names from model.named_modules().")
     if not names:
-        raise EmlocError("No layers to calibrate: the model has no linear layers inside numbered blocks. Pass layers=[...].")
+        raise EmlocError(
+            "No layers to calibrate: the model has no linear layers inside numbered blocks. Pass layers=[...]."
+        )
     forward_fn = forward_fn or _default_forward
 
     inputs: dict[str, InputStats] = {}
@@ -169,7 +185,8 @@ def collect_stats(
             if mask is not None:
                 if mask.numel() != x.shape[0]:
                     raise EmlocError(
-                        f"The input of {name} has {x.shape[0]} token positions but the attention mask has {mask.numel()}, "
+                        f"The input of {name} has {x.shape[0]} token positions but the attention mask has "
+                        f"{mask.numel()}, "
                         "so padding cannot be told apart. Calibrate with batches of equal-length examples and no "
                         "attention_mask, or pass a forward_fn whose layer inputs follow the mask."
                     )
@@ -178,8 +195,13 @@ def collect_stats(
             s = inputs.get(key)
             if s is None:
                 d = x.shape[-1]
-                s = inputs[key] = InputStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
-                                             torch.zeros(d, dtype=torch.float64), 0, [name])
+                s = inputs[key] = InputStats(
+                    torch.zeros(d, d, dtype=torch.float64),
+                    torch.zeros(d, dtype=torch.float64),
+                    torch.zeros(d, dtype=torch.float64),
+                    0,
+                    [name],
+                )
             if x.shape[0] == 0:
                 return
             magnitude = x.abs()
@@ -194,6 +216,7 @@ def collect_stats(
             s.abs_sum += column_sums.double().cpu()
             s.abs_max = torch.maximum(s.abs_max, magnitude.amax(0).double().cpu())
             s.tokens += x.shape[0]
+
         return pre_hook
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
@@ -216,8 +239,12 @@ def collect_stats(
     if examples == 0:
         raise EmlocError("The calibration set is empty. Pass at least one batch of examples (64 is the usual size).")
     if not inputs or all(s.tokens == 0 for s in inputs.values()):
-        raise EmlocError("Every calibration token is padding (attention_mask is all 0). Check the collator and the examples.")
+        raise EmlocError(
+            "Every calibration token is padding (attention_mask is all 0). Check the collator and the examples."
+        )
     missing = [n for n in names if n not in owner]
     if missing:
-        raise EmlocError(f"Layers {missing[:3]} never ran during calibration. Drop them from `layers`, or check the forward.")
+        raise EmlocError(
+            f"Layers {missing[:3]} never ran during calibration. Drop them from `layers`, or check the forward."
+        )
     return CalibrationStats(inputs, fingerprint(model), examples)

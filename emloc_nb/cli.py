@@ -1,12 +1,13 @@
 """`emloc`: the pipeline from the command line.
 
-    emloc run CONFIG --run-dir DIR          build → fine-tune → correct → evaluate; prints the table
-    emloc build-emulator --output DIR ...   calibrate, build the emulator, measure its drift
-    emloc finetune --run-dir DIR            LoRA on the emulator (or --target original); --trainer hf for Trainer/torchrun
-    emloc correct --run-dir DIR             the corrected adapter for the original model
-    emloc evaluate --run-dir DIR            the results table
-    emloc report RUN_DIR                    one self-contained HTML report (needs the notebook extra)
+emloc run CONFIG --run-dir DIR          build → fine-tune → correct → evaluate; prints the table
+emloc build-emulator --output DIR ...   calibrate, build the emulator, measure its drift
+emloc finetune --run-dir DIR            LoRA on the emulator (or --target original); --trainer hf for Trainer/torchrun
+emloc correct --run-dir DIR             the corrected adapter for the original model
+emloc evaluate --run-dir DIR            the results table
+emloc report RUN_DIR                    one self-contained HTML report (needs the notebook extra)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,18 @@ from .errors import EmlocError
 
 def _summary(run) -> None:
     totals = run.spectra().totals()
-    print(f"emulator: {totals['compressed']}/{totals['layers']} block linears compressed, "
-          f"{totals['share_kept']:.2f} of their parameters kept")
+    print(
+        f"emulator: {totals['compressed']}/{totals['layers']} block linears compressed, "
+        f"{totals['share_kept']:.2f} of their parameters kept"
+    )
     if run.has("drift"):
         drift = run.drift()
         s = drift.summary
-        print(f"drift on {s['tokens']} held-out tokens: KL {s['kl']:.3f} nats/token, perplexity "
-              f"{s['ppl_original']:.1f} → {s['ppl_emulator']:.1f} (×{s['ppl_ratio']:.2f}), "
-              f"mean layer error {s['mean_measured_error']:.3f}")
+        print(
+            f"drift on {s['tokens']} held-out tokens: KL {s['kl']:.3f} nats/token, perplexity "
+            f"{s['ppl_original']:.1f} → {s['ppl_emulator']:.1f} (×{s['ppl_ratio']:.2f}), "
+            f"mean layer error {s['mean_measured_error']:.3f}"
+        )
         print("\n| block | hidden-state cosine |\n|---|---|")
         for b in drift.blocks:
             print(f"| {b['block']} | {b['cosine']:.4f} |")
@@ -61,13 +66,17 @@ def _config_from_flags(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="emloc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="emloc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, run_dir=True):
         if run_dir:
             p.add_argument("--run-dir", required=True, type=Path, help="the run directory")
-        p.add_argument("--in-process", action="store_true", help="run stages in this process (no per-stage memory figures)")
+        p.add_argument(
+            "--in-process", action="store_true", help="run stages in this process (no per-stage memory figures)"
+        )
 
     p = sub.add_parser("run", help="the whole pipeline from a YAML/JSON config")
     p.add_argument("config", type=Path)
@@ -87,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--plan", help="a rank plan JSON file (ratio, rules, ranks)")
     p.add_argument("--mode", choices=["whitened", "plain"])
     p.add_argument("--calibration-examples", type=int)
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--small", action="store_true")
     p.add_argument("--in-process", action="store_true")
@@ -95,10 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("finetune", help="train the LoRA on the emulator (or the original)")
     common(p)
     p.add_argument("--target", choices=["emulator", "original"], default="emulator")
-    p.add_argument("--trainer", choices=["loop", "hf"], default="loop", help="built-in loop, or transformers' Trainer (torchrun-ready)")
+    p.add_argument(
+        "--trainer",
+        choices=["loop", "hf"],
+        default="loop",
+        help="built-in loop, or transformers' Trainer (torchrun-ready)",
+    )
 
-    for name, text in [("correct", "write the corrected adapter for the original model"),
-                       ("evaluate", "evaluate every setting and write the results table")]:
+    for name, text in [
+        ("correct", "write the corrected adapter for the original model"),
+        ("evaluate", "evaluate every setting and write the results table"),
+    ]:
         common(sub.add_parser(name, help=text))
 
     p = sub.add_parser("report", help="a self-contained HTML report of a run (plotly.js embedded)")
@@ -153,7 +171,9 @@ def _dispatch(args) -> int:
         try:  # the report lives on the widgets side (plotly); the core never imports it otherwise
             write_report = importlib.import_module("emloc_nb.widgets.report").write_report
         except ImportError as e:
-            raise EmlocError(f"The HTML report needs the notebook extra ({e}). Install it with `pip install 'emloc-nb[notebook]'`.") from None
+            raise EmlocError(
+                f"The HTML report needs the notebook extra ({e}). Install it with `pip install 'emloc-nb[notebook]'`."
+            ) from None
         out = write_report(args.run_dir, args.output or args.run_dir / "report.html")
         print(f"report: {out}")
     return 0

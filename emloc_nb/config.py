@@ -12,6 +12,7 @@ A RunConfig is saved as a run's run.json and loads from YAML or JSON. This modul
 plain data: it imports neither torch, transformers nor peft, so a run.json can be read
 anywhere. The check that needs the model's structure is `emloc_nb.run.check_config`.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,9 @@ class LoraSpec:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0  # peft materialises a dropped-out copy of every LoRA input: 40% more activation memory
-    targets: list[str] | str | None = None  # layer-name suffixes, or a regex (peft's fullmatch); None: every block linear
+    targets: list[str] | str | None = (
+        None  # layer-name suffixes, or a regex (peft's fullmatch); None: every block linear
+    )
     rslora: bool = False
 
     def scaling(self) -> float:
@@ -90,8 +93,14 @@ class EvalSpec:
     batch_size: int = 16
 
 
-SECTIONS = {"task": TaskSpec, "calibration": CalibrationSpec, "emulator": EmulatorSpec, "lora": LoraSpec,
-            "train": TrainSpec, "evaluation": EvalSpec}
+SECTIONS = {
+    "task": TaskSpec,
+    "calibration": CalibrationSpec,
+    "emulator": EmulatorSpec,
+    "lora": LoraSpec,
+    "train": TrainSpec,
+    "evaluation": EvalSpec,
+}
 
 
 def _build(cls, value, where: str):

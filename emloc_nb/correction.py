@@ -12,6 +12,7 @@ The result is a standard peft adapter for the original model with the scaling fo
 (lora_alpha = r). Directions where A is zero are not in the LoRA's subspace and get no
 correction, so a zero LoRA stays zero. L = 0 is the naive transfer, L = inf no clamp.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,9 @@ def clamp_factors(b_mean: torch.Tensor, d_mean: torch.Tensor, clamp: float) -> t
     return torch.where(d_mean > 0, ratio.clamp(max=1.0), torch.ones_like(ratio))
 
 
-def correct_layer(w: torch.Tensor, w_e: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                  clamp: float = 3.0) -> LayerCorrection:
+def correct_layer(
+    w: torch.Tensor, w_e: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, clamp: float = 3.0
+) -> LayerCorrection:
     """Algorithm 1 for one layer, in float64: W (d_out, d_in), W_E, A (r, d_in), B (d_out, r), ΔW = s·B A."""
     w, w_e, a, b = (t.detach().double().cpu() for t in (w, w_e, a, b))
     u_a, sigma, v_at = torch.linalg.svd(a.T, full_matrices=False)  # Aᵀ = U_A Σ_A V_Aᵀ
@@ -71,7 +73,9 @@ def correct_layer(w: torch.Tensor, w_e: torch.Tensor, a: torch.Tensor, b: torch.
     return LayerCorrection(u_a.T.contiguous(), b_prime - d * kappa, kappa, b_mean, d_mean, d, b_prime, valid)
 
 
-def error_terms(w: torch.Tensor, w_e: torch.Tensor, lc: LayerCorrection, covariance: torch.Tensor) -> dict[str, torch.Tensor]:
+def error_terms(
+    w: torch.Tensor, w_e: torch.Tensor, lc: LayerCorrection, covariance: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Quadratic-form terms giving, for any κ, the error against the fine-tuned emulator on held-out inputs.
 
     With Δ = W − W_E, U = U_A (valid columns) and C the held-out E[x xᵀ]:
@@ -142,12 +146,19 @@ class CorrectionReport(LayerReport):
         for row in self.layers:
             kappa = self.kappa_at(row["name"], clamp)
             valid = self.stats[row["name"]]["valid"].bool()
-            new = {**row, "clamped": int((kappa[valid] < 1).sum()),
-                   "kappa_mean": float(kappa[valid].mean()) if valid.any() else 0.0}
+            new = {
+                **row,
+                "clamped": int((kappa[valid] < 1).sum()),
+                "kappa_mean": float(kappa[valid].mean()) if valid.any() else 0.0,
+            }
             if "q" in self.stats[row["name"]]:
                 before, after = self.errors_at(row["name"], 0.0), self.errors_at(row["name"], clamp)
-                new.update(before_all=before["error_all"], before_subspace=before["error_subspace"],
-                           after_all=after["error_all"], after_subspace=after["error_subspace"])
+                new.update(
+                    before_all=before["error_all"],
+                    before_subspace=before["error_subspace"],
+                    after_all=after["error_all"],
+                    after_subspace=after["error_subspace"],
+                )
             rows.append(new)
         return rows
 
@@ -184,33 +195,50 @@ def correct_lora(
     original_fp = fingerprint(original)
     check_fingerprint(emulator.original_fingerprint, original_fp, artifact="The emulator", model="the original model")
     if heldout is not None:
-        check_fingerprint(heldout.model_fingerprint, original_fp, artifact="The held-out statistics", model="the original model")
+        check_fingerprint(
+            heldout.model_fingerprint, original_fp, artifact="The held-out statistics", model="the original model"
+        )
     peft_emulator = load_adapter(emulator.model, adapter_dir)  # refuses an adapter trained on another base
     try:
         factors = lora_factors(peft_emulator)
         config = peft_emulator.peft_config[peft_emulator.active_adapter]
-        trained = {n.removeprefix("base_model.model.").split(".lora_")[0] for n, _ in peft_emulator.named_parameters()
-                   if ".lora_" in n}
+        trained = {
+            n.removeprefix("base_model.model.").split(".lora_")[0]
+            for n, _ in peft_emulator.named_parameters()
+            if ".lora_" in n
+        }
     finally:
         peft_emulator.unload()
-    unsupported = [what for what, used in [("DoRA", getattr(config, "use_dora", False)), (f"bias={config.bias!r}", config.bias != "none"),
-                                           ("modules_to_save", bool(config.modules_to_save)),
-                                           (f"LoRA on non-linear layers {sorted(trained - set(factors))[:3]}", trained - set(factors))]
-                   if used]
+    unsupported = [
+        what
+        for what, used in [
+            ("DoRA", getattr(config, "use_dora", False)),
+            (f"bias={config.bias!r}", config.bias != "none"),
+            ("modules_to_save", bool(config.modules_to_save)),
+            (f"LoRA on non-linear layers {sorted(trained - set(factors))[:3]}", trained - set(factors)),
+        ]
+        if used
+    ]
     if unsupported:
-        raise EmlocError(f"The adapter at {adapter_dir} uses {', '.join(unsupported)}, which the correction cannot carry "
-                         "over to the original. Train a plain LoRA on linear layers (emloc_nb.LoraSpec) instead.")
+        raise EmlocError(
+            f"The adapter at {adapter_dir} uses {', '.join(unsupported)}, which the correction cannot carry "
+            "over to the original. Train a plain LoRA on linear layers (emloc_nb.LoraSpec) instead."
+        )
     originals, emulated = dict(original.named_modules()), dict(emulator.model.named_modules())
 
     tensors, rows, stats, ranks = {}, [], {}, {}
     for name, (a, b, s) in factors.items():
         if name not in originals:
-            raise EmlocError(f"The adapter targets {name}, which the original model lacks. Correct it against the "
-                             "original model its emulator was built from.")
+            raise EmlocError(
+                f"The adapter targets {name}, which the original model lacks. Correct it against the "
+                "original model its emulator was built from."
+            )
         w, w_e = linear_weight(originals[name]), linear_weight(emulated[name])
         if tuple(w.shape) != (b.shape[0], a.shape[1]) or w.shape != w_e.shape:
-            raise EmlocError(f"Shapes disagree at {name}: W {tuple(w.shape)}, W_E {tuple(w_e.shape)}, "
-                             f"B·A {(b.shape[0], a.shape[1])}. The adapter does not belong to this model.")
+            raise EmlocError(
+                f"Shapes disagree at {name}: W {tuple(w.shape)}, W_E {tuple(w_e.shape)}, "
+                f"B·A {(b.shape[0], a.shape[1])}. The adapter does not belong to this model."
+            )
         lc = correct_layer(w, w_e, a, b, s, clamp)
         dtype = originals[name].weight.dtype
         tensors[f"base_model.model.{name}.lora_A.weight"] = lc.a.to(dtype)
@@ -219,20 +247,44 @@ def correct_lora(
         stats[name] = {"b_mean": lc.b_mean, "d_mean": lc.d_mean, "valid": lc.valid}
         if heldout is not None:
             stats[name].update(error_terms(w, w_e, lc, heldout.layer(name).covariance))
-        rows.append({"name": name, "block": block_index(name), "kind": name.rsplit(".", 1)[-1], "lora_rank": a.shape[0],
-                     "scaling": s, "d_norm": float(lc.d.norm()), "b_norm": float(lc.b_prime.norm())})
+        rows.append(
+            {
+                "name": name,
+                "block": block_index(name),
+                "kind": name.rsplit(".", 1)[-1],
+                "lora_rank": a.shape[0],
+                "scaling": s,
+                "d_norm": float(lc.d.norm()),
+                "b_norm": float(lc.b_prime.norm()),
+            }
+        )
 
     r_values = set(ranks.values())
     r = max(r_values)
     corrected = LoraConfig(
-        r=r, lora_alpha=r, target_modules=sorted(ranks), use_rslora=False, lora_dropout=0.0, bias="none",
-        task_type=config.task_type, fan_in_fan_out=any(isinstance(originals[n], Conv1D) for n in ranks),
-        rank_pattern={n: k for n, k in ranks.items() if k != r}, alpha_pattern={n: k for n, k in ranks.items() if k != r},
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(ranks),
+        use_rslora=False,
+        lora_dropout=0.0,
+        bias="none",
+        task_type=config.task_type,
+        fan_in_fan_out=any(isinstance(originals[n], Conv1D) for n in ranks),
+        rank_pattern={n: k for n, k in ranks.items() if k != r},
+        alpha_pattern={n: k for n, k in ranks.items() if k != r},
     )
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         corrected.save_pretrained(str(tmp))
         write_tensors(tmp / "adapter_model.safetensors", tensors)
-        write_json(tmp / "emloc.json", {"format_version": FORMAT_VERSION, "kind": "corrected_adapter",
-                                         "base_fingerprint": original_fp, "emulator_fingerprint": emulator.fingerprint,
-                                         "clamp": clamp, "source_adapter": str(adapter_dir)})
+        write_json(
+            tmp / "emloc.json",
+            {
+                "format_version": FORMAT_VERSION,
+                "kind": "corrected_adapter",
+                "base_fingerprint": original_fp,
+                "emulator_fingerprint": emulator.fingerprint,
+                "clamp": clamp,
+                "source_adapter": str(adapter_dir),
+            },
+        )
     return CorrectionReport(clamp, rows, stats)

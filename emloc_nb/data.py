@@ -5,6 +5,7 @@ reply). Tokenisation uses the model's chat template, and the labels mask out the
 prompt, so training and scoring see only the answer tokens. Padding is masked out
 of everything downstream through `attention_mask` and label -100.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,7 @@ import logging
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
@@ -51,16 +53,23 @@ class Task:
 
 # ----------------------------------------------------------------------------- default task
 
+
 def movie_reviews_file() -> Path:
     """The Rotten Tomatoes snippets of VADER's ground truth, fetched once from the vaderSentiment sdist."""
     target = cache_dir() / "data" / "movieReviewSnippets_GroundTruth.txt"
     if target.is_file():
         return target
     log.info("Fetching the movie-review data from the vaderSentiment==3.3.2 source distribution")
-    with pip_download("vaderSentiment==3.3.2", sdist=True, sha256=_VADER_SHA256,
-                      hint=f"place movieReviewSnippets_GroundTruth.txt at {target} by hand") as sdist:
-        with tarfile.open(sdist) as outer:
-            inner_bytes = outer.extractfile(_VADER_INNER).read()
+    with (
+        pip_download(
+            "vaderSentiment==3.3.2",
+            sdist=True,
+            sha256=_VADER_SHA256,
+            hint=f"place movieReviewSnippets_GroundTruth.txt at {target} by hand",
+        ) as sdist,
+        tarfile.open(sdist) as outer,
+    ):
+        inner_bytes = outer.extractfile(_VADER_INNER).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
         text = inner.extractfile(_MOVIE_MEMBER).read()
     with atomic_path(target) as tmp_path:
@@ -77,20 +86,38 @@ def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, se
             continue
         rating, text = float(parts[1]), parts[2].strip()
         if abs(rating) > threshold and text:
-            rows.append({"messages": [{"role": "user", "content": _MOVIE_PROMPT.format(text=text)}],
-                         "answer": "positive" if rating > 0 else "negative", "rating": rating})
+            rows.append(
+                {
+                    "messages": [{"role": "user", "content": _MOVIE_PROMPT.format(text=text)}],
+                    "answer": "positive" if rating > 0 else "negative",
+                    "rating": rating,
+                }
+            )
     split = Dataset.from_list(rows).train_test_split(test_size=test_size, seed=seed)
-    return Task(MOVIE_SENTIMENT, split["train"], split["test"], choices=["positive", "negative"],
-                meta={"source": "vaderSentiment==3.3.2 movieReviewSnippets_GroundTruth.txt", "threshold": threshold, "seed": seed})
+    return Task(
+        MOVIE_SENTIMENT,
+        split["train"],
+        split["test"],
+        choices=["positive", "negative"],
+        meta={
+            "source": "vaderSentiment==3.3.2 movieReviewSnippets_GroundTruth.txt",
+            "threshold": threshold,
+            "seed": seed,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- user data
+
 
 def _normalise(record: dict, where: str, prompt_field: str, answer_field: str) -> dict:
     if "messages" in record:
         messages = list(record["messages"])
         if not messages or messages[-1].get("role") != "assistant":
-            raise EmlocError(f"{where}: 'messages' must end with an assistant turn, which is the answer. Add it, or use '{prompt_field}'/'{answer_field}' fields.")
+            raise EmlocError(
+                f"{where}: 'messages' must end with an assistant turn, which is the answer. Add it, or use "
+                f"'{prompt_field}'/'{answer_field}' fields."
+            )
         return {"messages": messages[:-1], "answer": str(messages[-1]["content"])}
     missing = [f for f in (prompt_field, answer_field) if record.get(f) in (None, "")]
     if missing:
@@ -110,12 +137,16 @@ def _read_records(path: Path) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise EmlocError(f"{path}:{i} is not valid JSON ({e}). Each line must be one JSON object.") from None
+                    raise EmlocError(
+                        f"{path}:{i} is not valid JSON ({e}). Each line must be one JSON object."
+                    ) from None
         return records
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
-    raise EmlocError(f"{path} is neither .jsonl nor .csv. Convert it to one of those, or load it as a datasets.Dataset.")
+    raise EmlocError(
+        f"{path} is neither .jsonl nor .csv. Convert it to one of those, or load it as a datasets.Dataset."
+    )
 
 
 def load_task(
@@ -136,13 +167,18 @@ def load_task(
     if isinstance(source, str) and source == MOVIE_SENTIMENT:
         task = movie_sentiment(seed=seed, **({} if test_size is None else {"test_size": test_size}))
         if choices is not None and choices != task.choices:
-            raise EmlocError(f"The {MOVIE_SENTIMENT} task's choices are {task.choices}, not {choices}. Leave choices unset.")
+            raise EmlocError(
+                f"The {MOVIE_SENTIMENT} task's choices are {task.choices}, not {choices}. Leave choices unset."
+            )
         return task
     test_size = 0.2 if test_size is None else test_size
     if isinstance(source, DatasetDict):
         if "train" not in source:
             raise EmlocError(f"The DatasetDict has splits {list(source)} but no 'train'. Rename a split to 'train'.")
-        splits = {k: [_normalise(r, f"{k}[{i}]", prompt_field, answer_field) for i, r in enumerate(v)] for k, v in source.items()}
+        splits = {
+            k: [_normalise(r, f"{k}[{i}]", prompt_field, answer_field) for i, r in enumerate(v)]
+            for k, v in source.items()
+        }
         name = "dataset"
     else:
         if isinstance(source, Dataset):
@@ -150,11 +186,15 @@ def load_task(
         else:
             path = Path(source).expanduser()
             if not path.is_file():
-                raise EmlocError(f"Data file {path} does not exist. Pass a .jsonl or .csv file, or '{MOVIE_SENTIMENT}'.")
+                raise EmlocError(
+                    f"Data file {path} does not exist. Pass a .jsonl or .csv file, or '{MOVIE_SENTIMENT}'."
+                )
             records, name = _read_records(path), path.stem
         if len(records) < 2:
             raise EmlocError(f"{name} has {len(records)} example(s); a task needs at least 2 (train and test).")
-        splits = {"all": [_normalise(r, f"{name} example {i + 1}", prompt_field, answer_field) for i, r in enumerate(records)]}
+        splits = {
+            "all": [_normalise(r, f"{name} example {i + 1}", prompt_field, answer_field) for i, r in enumerate(records)]
+        }
     if "all" in splits:
         both = Dataset.from_list(splits["all"]).train_test_split(test_size=test_size, seed=seed)
         train, test = both["train"], both["test"]
@@ -170,12 +210,15 @@ def load_task(
         choices = answers if len(answers) <= 16 else []
     stray = [a for a in answers if choices and a not in choices]
     if stray:
-        raise EmlocError(f"Answers {stray[:5]} are not among the choices {choices}. Add them to the choices, "
-                         "or pass choices=[] to score by exact match.")
+        raise EmlocError(
+            f"Answers {stray[:5]} are not among the choices {choices}. Add them to the choices, "
+            "or pass choices=[] to score by exact match."
+        )
     return Task(name, train, test, choices=choices or None, meta={"seed": seed})
 
 
 # ----------------------------------------------------------------------------- tokenisation
+
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], answer: str | None) -> tuple[str, str]:
     """The prompt text (ending where the model starts its reply) and the answer text."""
@@ -185,9 +228,11 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], answer: st
             return prompt, ""
         full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
         if not full.startswith(prompt):
-            raise EmlocError("The tokenizer's chat template renders the prompt differently once an answer follows. "
-                             "Use a template whose generation prompt is a prefix of the full chat.")
-        return prompt, full[len(prompt):]
+            raise EmlocError(
+                "The tokenizer's chat template renders the prompt differently once an answer follows. "
+                "Use a template whose generation prompt is a prefix of the full chat."
+            )
+        return prompt, full[len(prompt) :]
     prompt = "\n".join(m["content"] for m in messages) + "\n"
     return prompt, "" if answer is None else answer + (tokenizer.eos_token or "")
 
@@ -202,11 +247,13 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, messages: list[dict], ans
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, max_length: int | None = 512) -> Dataset:
     """Add input_ids/labels columns; examples longer than max_length keep their end (the answer)."""
+
     def one(row):
         enc = encode_example(tokenizer, row["messages"], row["answer"])
         if max_length and len(enc["input_ids"]) > max_length:
             enc = {k: v[-max_length:] for k, v in enc.items()}
         return enc
+
     return dataset.map(one, remove_columns=dataset.column_names)
 
 
@@ -247,12 +294,18 @@ def collator_for(tokenizer: PreTrainedTokenizerBase) -> Collator:
     return Collator(pad)
 
 
-def batches(tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, batch_size: int = 8,
-            limit: int | None = None, max_length: int | None = 512) -> list[dict[str, torch.Tensor]]:
+def batches(
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    max_length: int | None = 512,
+) -> list[dict[str, torch.Tensor]]:
     """Padded batches of the first `limit` examples (prompt + answer), e.g. for calibration."""
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     encoded = tokenize(tokenizer, dataset, max_length=max_length)
     collate = collator_for(tokenizer)
     rows = encoded.to_list()
-    return [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]

@@ -5,6 +5,7 @@ spectra predicted); per block, the hidden-state cosine; end to end, next-token K
 and perplexity. `output_energy` and `relative_error` are the quadratic forms the
 correction's report uses as well.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,16 @@ def relative_error(delta: torch.Tensor, weight: torch.Tensor, covariance: torch.
 
 
 @torch.no_grad()
-def drift(original: nn.Module, emulator, batches: list[dict], *, heldout: CalibrationStats | None = None,
-          tokenizer: PreTrainedTokenizerBase | None = None, token_examples: int = 4, progress: bool = True) -> DriftReport:
+def drift(
+    original: nn.Module,
+    emulator,
+    batches: list[dict],
+    *,
+    heldout: CalibrationStats | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    token_examples: int = 4,
+    progress: bool = True,
+) -> DriftReport:
     """Compare `emulator` (an Emulator) with `original` on held-out `batches`.
 
     Per-layer errors use the second moments of the original's inputs on these
@@ -70,16 +79,25 @@ def drift(original: nn.Module, emulator, batches: list[dict], *, heldout: Calibr
     check_fingerprint(emulator.original_fingerprint, original_fp, artifact="The emulator", model="the original model")
     if heldout is None:
         heldout = collect_stats(original, batches, layers=emulator.spectra.names, progress=progress)
-    check_fingerprint(heldout.model_fingerprint, original_fp, artifact="The held-out statistics", model="the original model")
+    check_fingerprint(
+        heldout.model_fingerprint, original_fp, artifact="The held-out statistics", model="the original model"
+    )
     originals = dict(original.named_modules())
     emulated = dict(emulator.model.named_modules())
     layers = []
     for row in emulator.spectra.rows:
         w = linear_weight(originals[row["name"]]).detach()
         delta = w - linear_weight(emulated[row["name"]]).detach()
-        layers.append({"name": row["name"], "block": row["block"], "kind": row["kind"], "rank": row["rank"],
-                       "predicted_error": row["predicted_error"],
-                       "measured_error": relative_error(delta, w, heldout.layer(row["name"]).covariance)})
+        layers.append(
+            {
+                "name": row["name"],
+                "block": row["block"],
+                "kind": row["kind"],
+                "rank": row["rank"],
+                "predicted_error": row["predicted_error"],
+                "measured_error": relative_error(delta, w, heldout.layer(row["name"]).covariance),
+            }
+        )
 
     cos_sum: torch.Tensor | None = None
     kl_sum = nll_o = nll_e = 0.0
@@ -91,8 +109,12 @@ def drift(original: nn.Module, emulator, batches: list[dict], *, heldout: Calibr
         out_o = original(**inputs, output_hidden_states=True, use_cache=False)
         out_e = emulator.model(**inputs, output_hidden_states=True, use_cache=False)
         mask = batch["attention_mask"].bool()
-        cos = torch.stack([F.cosine_similarity(a.float(), b.float(), dim=-1)[mask].sum()
-                           for a, b in zip(out_o.hidden_states[1:], out_e.hidden_states[1:])])
+        cos = torch.stack(
+            [
+                F.cosine_similarity(a.float(), b.float(), dim=-1)[mask].sum()
+                for a, b in zip(out_o.hidden_states[1:], out_e.hidden_states[1:])
+            ]
+        )
         cos_sum = cos if cos_sum is None else cos_sum + cos
         n_tok += int(mask.sum())
         lo, le = out_o.logits.float().log_softmax(-1), out_e.logits.float().log_softmax(-1)
@@ -106,9 +128,17 @@ def drift(original: nn.Module, emulator, batches: list[dict], *, heldout: Calibr
         for i in range(len(batch["input_ids"])):
             if len(examples) < token_examples and tokenizer is not None:
                 ids = batch["input_ids"][i][mask[i]]
-                examples.append({"tokens": tokenizer.convert_ids_to_tokens(ids.tolist()), "kl": kl[i][mask[i]].tolist()})
+                examples.append(
+                    {"tokens": tokenizer.convert_ids_to_tokens(ids.tolist()), "kl": kl[i][mask[i]].tolist()}
+                )
     blocks = [{"block": b, "cosine": float(c) / n_tok} for b, c in enumerate(cos_sum.tolist())]
     ppl_o, ppl_e = math.exp(nll_o / n_pred), math.exp(nll_e / n_pred)
-    summary = {"kl": kl_sum / n_tok, "ppl_original": ppl_o, "ppl_emulator": ppl_e, "ppl_ratio": ppl_e / ppl_o,
-               "tokens": n_tok, "mean_measured_error": sum(r["measured_error"] for r in layers) / max(len(layers), 1)}
+    summary = {
+        "kl": kl_sum / n_tok,
+        "ppl_original": ppl_o,
+        "ppl_emulator": ppl_e,
+        "ppl_ratio": ppl_e / ppl_o,
+        "tokens": n_tok,
+        "mean_measured_error": sum(r["measured_error"] for r in layers) / max(len(layers), 1),
+    }
     return DriftReport(layers, blocks, summary, examples)

@@ -13,6 +13,7 @@ and a full rank reproduces W to float precision.
 The emulator is a copy of the model (same class, same module names) whose chosen
 layers are LowRankLinear; every other tensor is shared with the original, not copied.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,10 +30,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json, write_tensors
 from .calibration import CalibrationStats
 from .errors import EmlocError
-from .models import block_index, block_linears, fingerprint, linear_bias, linear_weight, linear_layers
+from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight
 from .ranks import RankPlan
 from .spectra import SpectrumTable
-
 
 MODES = ("whitened", "plain")
 
@@ -110,46 +110,80 @@ class Emulator:
             self.spectra.save(tmp / "spectra")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            write_json(tmp / "emulator.json", {
-                "format_version": FORMAT_VERSION, "kind": "emulator", "model_class": type(self.model).__name__,
-                "original_fingerprint": self.original_fingerprint, "emulator_fingerprint": self.fingerprint,
-                "mode": self.mode, "plan": self.plan.to_dict(), "ranks": self.ranks,
-                "layer_bias": {n: m.up.bias is not None for n, m in self.model.named_modules() if isinstance(m, LowRankLinear)},
-                "calibration": self.calibration,
-            })
+            write_json(
+                tmp / "emulator.json",
+                {
+                    "format_version": FORMAT_VERSION,
+                    "kind": "emulator",
+                    "model_class": type(self.model).__name__,
+                    "original_fingerprint": self.original_fingerprint,
+                    "emulator_fingerprint": self.fingerprint,
+                    "mode": self.mode,
+                    "plan": self.plan.to_dict(),
+                    "ranks": self.ranks,
+                    "layer_bias": {
+                        n: m.up.bias is not None for n, m in self.model.named_modules() if isinstance(m, LowRankLinear)
+                    },
+                    "calibration": self.calibration,
+                },
+            )
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, *, original: nn.Module | None = None) -> "Emulator":
+    def load(cls, path: str | Path, *, original: nn.Module | None = None) -> Emulator:
         """Load an emulator without its original. With `original`, refuse one built from another model."""
         from accelerate import init_empty_weights
 
         path = Path(path)
         meta = read_json(path / "emulator.json")
         if meta.get("kind") != "emulator":
-            raise EmlocError(f"{path} is not an emulator directory (no emulator.json of kind 'emulator'). Point at the output of build_emulator.")
+            raise EmlocError(
+                f"{path} is not an emulator directory (no emulator.json of kind 'emulator'). Point at the output of "
+                "build_emulator."
+            )
         if original is not None:
-            check_fingerprint(meta["original_fingerprint"], fingerprint(original),
-                              artifact=f"The emulator at {path}", model="the given original model")
+            check_fingerprint(
+                meta["original_fingerprint"],
+                fingerprint(original),
+                artifact=f"The emulator at {path}",
+                model="the given original model",
+            )
         config = AutoConfig.from_pretrained(path, local_files_only=True)  # trust_remote_code stays off
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
         for name, rank in meta["ranks"].items():
             old = model.get_submodule(name)
             w = linear_weight(old)
-            _replace(model, name, LowRankLinear(w.shape[1], w.shape[0], rank, bias=meta["layer_bias"][name],
-                                                device="meta", dtype=w.dtype))
+            _replace(
+                model,
+                name,
+                LowRankLinear(
+                    w.shape[1], w.shape[0], rank, bias=meta["layer_bias"][name], device="meta", dtype=w.dtype
+                ),
+            )
         state = load_file(str(path / "emulator.safetensors"))
         model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         on_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
         if on_meta:
-            raise EmlocError(f"{path}/emulator.safetensors lacks {on_meta[:3]}. The file is incomplete: rebuild the emulator.")
+            raise EmlocError(
+                f"{path}/emulator.safetensors lacks {on_meta[:3]}. The file is incomplete: rebuild the emulator."
+            )
         model.eval()
-        emulator = cls(model, SpectrumTable.load(path / "spectra"), RankPlan.from_dict(meta["plan"]), meta["mode"],
-                       meta["original_fingerprint"], meta.get("calibration", {}))
-        check_fingerprint(meta["emulator_fingerprint"], emulator.fingerprint, artifact=f"{path}/emulator.json",
-                          model=f"{path}/emulator.safetensors")
+        emulator = cls(
+            model,
+            SpectrumTable.load(path / "spectra"),
+            RankPlan.from_dict(meta["plan"]),
+            meta["mode"],
+            meta["original_fingerprint"],
+            meta.get("calibration", {}),
+        )
+        check_fingerprint(
+            meta["emulator_fingerprint"],
+            emulator.fingerprint,
+            artifact=f"{path}/emulator.json",
+            model=f"{path}/emulator.safetensors",
+        )
         return emulator
 
 
@@ -199,13 +233,21 @@ def build_emulator(
         raise EmlocError(f"Unknown mode {mode!r}. Use 'whitened' (activation-aware) or 'plain' (the SVD baseline).")
     plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
     if stats is None and mode == "whitened":
-        raise EmlocError("The whitened emulator needs calibration statistics. Run collect_stats(model, batches) first, or use mode='plain'.")
+        raise EmlocError(
+            "The whitened emulator needs calibration statistics. Run collect_stats(model, batches) first, or use "
+            "mode='plain'."
+        )
     if stats is not None:
-        check_fingerprint(stats.model_fingerprint, fingerprint(model), artifact="The calibration statistics", model="this model")
+        check_fingerprint(
+            stats.model_fingerprint, fingerprint(model), artifact="The calibration statistics", model="this model"
+        )
 
     targets = block_linears(model)
-    skipped = [{"name": n, "reason": "outside the repeated blocks (embeddings and the LM head are kept)"}
-               for n in linear_layers(model) if n not in targets]
+    skipped = [
+        {"name": n, "reason": "outside the repeated blocks (embeddings and the LM head are kept)"}
+        for n in linear_layers(model)
+        if n not in targets
+    ]
     choices = plan.resolve({n: tuple(linear_weight(m).shape) for n, m in targets.items()})
     emulator_model = _shallow_copy(model)
     rows, spectra, cache = [], {}, {}
@@ -227,18 +269,25 @@ def build_emulator(
             error = 0.0
         else:
             r = choice.rank
-            u, sv, _ = (t.double() for t in torch.linalg.svd((ws if mode == "whitened" else w).float(), full_matrices=False))
+            u, sv, _ = (
+                t.double() for t in torch.linalg.svd((ws if mode == "whitened" else w).float(), full_matrices=False)
+            )
             up = u[:, :r] * sv[:r].sqrt()
             down = (u[:, :r].T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
             if mode == "whitened":
                 sv_white = sv
-                error = float((sv[r:] ** 2).sum().sqrt() / (sv ** 2).sum().sqrt())
+                error = float((sv[r:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())
             else:
                 sv_white = _svdvals(ws) if ws is not None else None
-                error = float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws)) if ws is not None else float("nan")
+                error = (
+                    float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws))
+                    if ws is not None
+                    else float("nan")
+                )
             bias = linear_bias(module)
-            low = LowRankLinear(w.shape[1], w.shape[0], r, bias=bias is not None, dtype=module.weight.dtype,
-                                device=module.weight.device)
+            low = LowRankLinear(
+                w.shape[1], w.shape[0], r, bias=bias is not None, dtype=module.weight.dtype, device=module.weight.device
+            )
             low.up.weight.copy_(up)
             low.down.weight.copy_(down)
             if bias is not None:
@@ -249,14 +298,24 @@ def build_emulator(
         if choice.rank is None:
             kept = 1.0
         elif error == error:  # not NaN: the error is in the whitened metric
-            kept = 1.0 - error ** 2
+            kept = 1.0 - error**2
         else:  # plain mode without statistics: only the plain energy is known
-            kept = float((sv_plain[:choice.rank] ** 2).sum() / (sv_plain ** 2).sum())
-        rows.append({
-            "name": name, "block": block_index(name), "kind": name.rsplit(".", 1)[-1],
-            "d_out": choice.d_out, "d_in": choice.d_in, "rank": choice.rank, "dense": choice.rank is None,
-            "reason": choice.reason, "params_kept": choice.params_kept, "energy_kept": kept,
-            "predicted_error": error, "whitening": method,
-        })
+            kept = float((sv_plain[: choice.rank] ** 2).sum() / (sv_plain**2).sum())
+        rows.append(
+            {
+                "name": name,
+                "block": block_index(name),
+                "kind": name.rsplit(".", 1)[-1],
+                "d_out": choice.d_out,
+                "d_in": choice.d_in,
+                "rank": choice.rank,
+                "dense": choice.rank is None,
+                "reason": choice.reason,
+                "params_kept": choice.params_kept,
+                "energy_kept": kept,
+                "predicted_error": error,
+                "whitening": method,
+            }
+        )
     calibration = {"examples": stats.examples, "tokens": stats.tokens} if stats is not None else {}
     return Emulator(emulator_model, SpectrumTable(rows, spectra, skipped), plan, mode, fingerprint(model), calibration)

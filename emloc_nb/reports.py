@@ -13,6 +13,7 @@ A report is a plain data object a stage returns and a widget draws:
 Subclasses say what goes into the files (`_metadata`, `_tensors`) and how to rebuild
 themselves from them (`_from_saved`); they never write files themselves.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,8 +51,9 @@ class Report:
             tensors = self._tensors()
             if tensors:
                 write_grouped(tmp / f"{self.kind}.safetensors", tensors)
-            write_json(tmp / f"{self.kind}.json",
-                       {"format_version": FORMAT_VERSION, "kind": self.kind, **self._metadata()})
+            write_json(
+                tmp / f"{self.kind}.json", {"format_version": FORMAT_VERSION, "kind": self.kind, **self._metadata()}
+            )
         return Path(path)
 
     @classmethod
@@ -59,8 +61,10 @@ class Report:
         path = Path(path)
         meta = read_json(path / f"{cls.kind}.json")
         if meta.get("kind") != cls.kind:
-            raise EmlocError(f"{path} holds a {meta.get('kind')!r} artifact, not a {cls.kind!r} one. "
-                             f"Load it with the class that wrote it.")
+            raise EmlocError(
+                f"{path} holds a {meta.get('kind')!r} artifact, not a {cls.kind!r} one. "
+                f"Load it with the class that wrote it."
+            )
         tensor_file = path / f"{cls.kind}.safetensors"
         return cls._from_saved(meta, read_grouped(tensor_file) if tensor_file.is_file() else {})
 

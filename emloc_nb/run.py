@@ -9,9 +9,11 @@ hand a path to another library (peft, a training loop) asks `Run.path(artifact)`
     calibrate/train/ calibrate/heldout/   CalibrationStats on training / held-out examples
     emulator/                         the Emulator (weights, tokenizer) with emulator/spectra/ (SpectrumTable)
     drift/                            DriftReport
-    finetune_emulator/                adapter/ (peft), history.json, checkpoint/ (while training); finetune_original/ likewise
+    finetune_emulator/                adapter/ (peft), history.json, checkpoint/ (while training)
+    finetune_original/                the same for the LoRA trained on the original (the baseline)
     correct/adapter/ correct/report/  the corrected peft adapter for the original model; CorrectionReport
-    evaluate/<setting>/               EvalResult of each setting; evaluate/results.json and results.md: the results table
+    evaluate/<setting>/               EvalResult of each setting
+    evaluate/results.json, results.md the results table
     stages/<step>.json                seconds, peak and baseline RSS of each step's process
     report.html                       the static report, `emloc report`
     scratch/                          files notebooks write beside a run (not read by any stage)
@@ -19,6 +21,7 @@ hand a path to another library (peft, a training loop) asks `Run.path(artifact)`
 Every artifact is written atomically, so it is complete exactly when its path exists.
 Running the stages is `Run.run_stage` / `Run.run_all` (implemented in emloc_nb.stages).
 """
+
 from __future__ import annotations
 
 import os
@@ -70,13 +73,20 @@ class Run:
             self.config = existing
         else:
             if config is None:
-                raise EmlocError(f"{self.dir} is not a run directory (no run.json). "
-                                 f"Start one with `emloc run CONFIG --run-dir {self.dir}`.")
+                raise EmlocError(
+                    f"{self.dir} is not a run directory (no run.json). "
+                    f"Start one with `emloc run CONFIG --run-dir {self.dir}`."
+                )
             if self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
-                what = ("already holds a different run (its run.json differs from this config)" if existing
-                        else "is not empty and holds no run")
-                raise EmlocError(f"{self.dir} {what}. Choose another run directory, or pass overwrite=True "
-                                 "(--overwrite) to replace it.")
+                what = (
+                    "already holds a different run (its run.json differs from this config)"
+                    if existing
+                    else "is not empty and holds no run"
+                )
+                raise EmlocError(
+                    f"{self.dir} {what}. Choose another run directory, or pass overwrite=True "
+                    "(--overwrite) to replace it."
+                )
             check_config(config)
             with atomic_dir(self.dir, overwrite=True) as tmp:
                 write_json(tmp / LAYOUT["config"], config.to_dict())
@@ -97,8 +107,9 @@ class Run:
             raise EmlocError(f"Unknown run artifact {name!r}. Artifacts: {', '.join(LAYOUT)}.")
         template = LAYOUT[name]
         if ("{}" in template) != bool(key):
-            raise EmlocError(f"Run artifact {name!r} " + (f"needs a key: '{name}:KEY'." if "{}" in template
-                                                          else "takes no key."))
+            raise EmlocError(
+                f"Run artifact {name!r} " + (f"needs a key: '{name}:KEY'." if "{}" in template else "takes no key.")
+            )
         return self.dir / template.format(key)
 
     def has(self, artifact: str) -> bool:
@@ -123,8 +134,14 @@ class Run:
             from .data import load_task
 
             t = self.config.task
-            self._cache["task"] = load_task(t.source, prompt_field=t.prompt_field, answer_field=t.answer_field,
-                                            choices=t.choices, test_size=t.test_size, seed=self.config.seed)
+            self._cache["task"] = load_task(
+                t.source,
+                prompt_field=t.prompt_field,
+                answer_field=t.answer_field,
+                choices=t.choices,
+                test_size=t.test_size,
+                seed=self.config.seed,
+            )
         return self._cache["task"]
 
     def batches(self, split: str) -> list[dict]:
@@ -133,8 +150,9 @@ class Run:
 
         c = self.config.calibration
         n = c.examples if split == "train" else c.heldout_examples
-        return batches(self.original()[1], getattr(self.task(), split), batch_size=c.batch_size, limit=n,
-                       max_length=c.max_length)
+        return batches(
+            self.original()[1], getattr(self.task(), split), batch_size=c.batch_size, limit=n, max_length=c.max_length
+        )
 
     # -- a loader per artifact
     def calibration(self, split: str = "train"):

@@ -4,6 +4,7 @@ The training loss (`answer_nll`), the evaluation (`emloc_nb.evaluate`) and the m
 accounting all score answers through these functions, so they agree on what an
 answer's likelihood is.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,14 +32,15 @@ def answer_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tenso
     keep = min(width, width - int(labelled[0]) + 1)
     extra = {"logits_to_keep": keep} if accepts(model, "logits_to_keep") else {}
     logits = model(**model_inputs(model, batch), use_cache=False, **extra).logits[:, -keep:]
-    target = labels[:, width - keep + 1:]
+    target = labels[:, width - keep + 1 :]
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
     return nll, target != IGNORE_INDEX
 
 
 @torch.no_grad()
-def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]],
-                    choices: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def choice_logprobs(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], choices: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each choice's answer tokens after each prompt: (N, K), and token counts.
 
     The prompt runs once; its key/value cache is repeated for the K continuations.
@@ -60,8 +62,8 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     cont = torch.full((len(conts), width), collate.pad_token_id, dtype=torch.long)
     cont_mask = torch.zeros_like(cont)
     for i, c in enumerate(conts):
-        cont[i, :len(c)] = torch.as_tensor(c)
-        cont_mask[i, :len(c)] = 1
+        cont[i, : len(c)] = torch.as_tensor(c)
+        cont_mask[i, : len(c)] = 1
     cont, cont_mask = cont.to(device), cont_mask.to(device)
     logp = torch.zeros(cont.shape, device=device)
     logp[:, 0] = first.gather(1, cont[:, :1]).squeeze(1)
@@ -70,8 +72,13 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
         cache = getattr(out, cache_arg)
         cache.batch_repeat_interleave(k)
         mask = torch.cat([batch["attention_mask"].repeat_interleave(k, 0), cont_mask], dim=1)
-        step = {"input_ids": cont, "attention_mask": mask,
-                "position_ids": batch["position_ids"][:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(width, device=device)}
+        step = {
+            "input_ids": cont,
+            "attention_mask": mask,
+            "position_ids": batch["position_ids"][:, -1:].repeat_interleave(k, 0)
+            + 1
+            + torch.arange(width, device=device),
+        }
         rest = model(**model_inputs(model, step), **{cache_arg: cache}, use_cache=True).logits.float().log_softmax(-1)
         logp[:, 1:] = rest[:, :-1].gather(2, cont[:, 1:, None]).squeeze(2)
     logp = logp * cont_mask
@@ -79,11 +86,17 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]],
-             max_new_tokens: int) -> list[str]:
+def generate(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], max_new_tokens: int
+) -> list[str]:
     """Greedy replies to each prompt, as text (special tokens dropped)."""
     collate = collator_for(tokenizer)
     batch = on_device(model, collate([{"input_ids": encode_example(tokenizer, m)["input_ids"]} for m in prompts]))
-    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=collate.pad_token_id)
-    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=collate.pad_token_id,
+    )
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)

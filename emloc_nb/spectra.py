@@ -6,6 +6,7 @@ values (of W) and whitened ones (of W S). Everything a rank slider needs (energy
 error and parameters at any rank or kept share ρ) is computed here from the stored
 spectra alone, without the model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from .reports import LayerReport
 class SpectrumTable(LayerReport):
     kind = "spectra"
 
-    rows: list[dict]  # name, block, kind, d_out, d_in, rank, dense, reason, params_kept, energy_kept, predicted_error, whitening
+    rows: list[
+        dict
+    ]  # name, block, kind, d_out, d_in, rank, dense, reason, params_kept, energy_kept, predicted_error, whitening
     spectra: dict[str, dict[str, torch.Tensor]]  # name -> {"plain": σ(W), "whitened": σ(W S)}
     skipped: list[dict] = field(default_factory=list)  # linear layers left out, each with a reason
 
@@ -62,8 +65,13 @@ class SpectrumTable(LayerReport):
     def totals(self) -> dict:
         dense = sum(r["d_out"] * r["d_in"] for r in self.rows)
         kept = sum(self.params_at(r["name"], r["rank"]) for r in self.rows)
-        return {"layers": len(self.rows), "compressed": sum(not r["dense"] for r in self.rows),
-                "params_dense": dense, "params_kept": kept, "share_kept": kept / dense if dense else 1.0}
+        return {
+            "layers": len(self.rows),
+            "compressed": sum(not r["dense"] for r in self.rows),
+            "params_dense": dense,
+            "params_kept": kept,
+            "share_kept": kept / dense if dense else 1.0,
+        }
 
     def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.spectra

@@ -11,6 +11,7 @@ between stages and records each stage's true peak resident memory (a stage recor
 seconds, peak and baseline RSS). The evaluate stage runs one process per setting
 (`SETTINGS`), then writes the results table.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,14 +59,16 @@ def base_model(run: Run, which: str):
 
 # ----------------------------------------------------------------------------- the stage functions
 
+
 def _calibrate(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .calibration import collect_stats
     from .memory import weights_mb
 
     model, _ = run.original()
     for stats, examples in (("train", "train"), ("heldout", "test")):
-        collect_stats(model, run.batches(examples), progress=progress).save(run.path(f"calibration:{stats}"),
-                                                                            overwrite=True)
+        collect_stats(model, run.batches(examples), progress=progress).save(
+            run.path(f"calibration:{stats}"), overwrite=True
+        )
     return {"weights_mb": weights_mb(model)}
 
 
@@ -75,8 +78,9 @@ def _emulator(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
 
     model, tokenizer = run.original()
     e = run.config.emulator
-    emulator = build_emulator(model, run.calibration("train"), run.config.rank_plan(), mode=e.mode, eps=e.eps,
-                              progress=progress)
+    emulator = build_emulator(
+        model, run.calibration("train"), run.config.rank_plan(), mode=e.mode, eps=e.eps, progress=progress
+    )
     emulator.save(run.path("emulator"), tokenizer=tokenizer, overwrite=True)
     return {"weights_mb": weights_mb(emulator.model)}
 
@@ -85,8 +89,14 @@ def _drift(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .drift import drift
 
     model, tokenizer = run.original()
-    report = drift(model, run.emulator(with_original=True), run.batches("test"), heldout=run.calibration("heldout"),
-                   tokenizer=tokenizer, progress=progress)
+    report = drift(
+        model,
+        run.emulator(with_original=True),
+        run.batches("test"),
+        heldout=run.calibration("heldout"),
+        tokenizer=tokenizer,
+        progress=progress,
+    )
     report.save(run.path("drift"), overwrite=True)
     return {}
 
@@ -96,8 +106,15 @@ def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .training import finetune
 
     model, tokenizer = base_model(run, stage.model)
-    result = finetune(model, tokenizer, run.task(), run.path(f"finetune:{stage.model}"), lora=run.config.lora,
-                      config=run.config.train, progress=progress)
+    result = finetune(
+        model,
+        tokenizer,
+        run.task(),
+        run.path(f"finetune:{stage.model}"),
+        lora=run.config.lora,
+        config=run.config.train,
+        progress=progress,
+    )
     return {"weights_mb": weights_mb(model), "final_loss": result.history[-1]["loss"]}
 
 
@@ -105,9 +122,15 @@ def _correct(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .correction import correct_lora
 
     model, _ = run.original()
-    report = correct_lora(model, run.emulator(with_original=True), run.adapter_dir("emulator"),
-                          run.path("corrected_adapter"), clamp=run.config.clamp, heldout=run.calibration("heldout"),
-                          overwrite=True)
+    report = correct_lora(
+        model,
+        run.emulator(with_original=True),
+        run.adapter_dir("emulator"),
+        run.path("corrected_adapter"),
+        clamp=run.config.clamp,
+        heldout=run.calibration("heldout"),
+        overwrite=True,
+    )
     report.save(run.path("correction"), overwrite=True)
     return {}
 
@@ -164,10 +187,18 @@ def write_results(run: Run) -> None:
     for setting in settings(run.config):
         ev, s = run.eval_result(setting), SETTINGS[setting]
         train = records.get(TRAINED_BY.get(s.adapter), {})
-        rows.append({"setting": setting, "description": s.description, "accuracy": ev.accuracy,
-                     "answer_loss": ev.answer_loss, "examples": ev.examples,
-                     "eval_peak_mb": records.get(record_name(f"evaluate:{setting}"), {}).get("peak_rss_mb"),
-                     "train_peak_mb": train.get("peak_rss_mb"), "train_weights_mb": train.get("weights_mb")})
+        rows.append(
+            {
+                "setting": setting,
+                "description": s.description,
+                "accuracy": ev.accuracy,
+                "answer_loss": ev.answer_loss,
+                "examples": ev.examples,
+                "eval_peak_mb": records.get(record_name(f"evaluate:{setting}"), {}).get("peak_rss_mb"),
+                "train_peak_mb": train.get("peak_rss_mb"),
+                "train_weights_mb": train.get("weights_mb"),
+            }
+        )
     write_json(run.path("results"), {"kind": "results", "config": run.config.to_dict(), "rows": rows})
     with atomic_path(run.path("results_markdown")) as tmp:
         tmp.write_text(results_markdown(rows))
@@ -177,35 +208,85 @@ def results_markdown(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "–" if v is None else format(v, spec)
 
-    lines = ["| setting | accuracy | answer loss | examples | fine-tuning peak (MB) | eval peak (MB) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | accuracy | answer loss | examples | fine-tuning peak (MB) | eval peak (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['description']} | {r['accuracy']:.3f} | {r['answer_loss']:.3f} | {r['examples']} | "
-                     f"{fmt(r['train_peak_mb'], '.0f')} | {fmt(r['eval_peak_mb'], '.0f')} |")
+        lines.append(
+            f"| {r['description']} | {r['accuracy']:.3f} | {r['answer_loss']:.3f} | {r['examples']} | "
+            f"{fmt(r['train_peak_mb'], '.0f')} | {fmt(r['eval_peak_mb'], '.0f')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- the registry
 
-STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("calibrate", _calibrate, reads=(), writes=("calibration:train", "calibration:heldout"), model="original",
-          doc="second moments of every block linear's input, on training and on held-out examples"),
-    Stage("emulator", _emulator, reads=("calibration:train",), writes=("emulator",), model="original",
-          doc="the activation-aware SVD emulator and its spectra"),
-    Stage("drift", _drift, reads=("emulator", "calibration:heldout"), writes=("drift",), model="original",
-          doc="how far the emulator strays from the original, per layer, per block and end to end"),
-    Stage("finetune_emulator", _finetune, reads=("emulator",), writes=("adapter:emulator",), model="emulator",
-          doc="LoRA fine-tuning on the emulator"),
-    Stage("finetune_original", _finetune, reads=(), writes=("adapter:original",), model="original",
-          doc="LoRA fine-tuning on the original: the upper bound EMLoC avoids paying for",
-          enabled=lambda config: config.baseline),
-    Stage("correct", _correct, reads=("emulator", "adapter:emulator", "calibration:heldout"),
-          writes=("corrected_adapter", "correction"), model="original",
-          doc="the emulator's LoRA corrected for the original model (Algorithm 1)"),
-    Stage("evaluate", _evaluate, reads=("emulator", "adapter:emulator", "corrected_adapter"), writes=("results",),
-          model=None, doc="task accuracy of every setting, and the results table",
-          parts=settings, part_writes="evaluation:{}", finish=write_results),
-]}
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage(
+            "calibrate",
+            _calibrate,
+            reads=(),
+            writes=("calibration:train", "calibration:heldout"),
+            model="original",
+            doc="second moments of every block linear's input, on training and on held-out examples",
+        ),
+        Stage(
+            "emulator",
+            _emulator,
+            reads=("calibration:train",),
+            writes=("emulator",),
+            model="original",
+            doc="the activation-aware SVD emulator and its spectra",
+        ),
+        Stage(
+            "drift",
+            _drift,
+            reads=("emulator", "calibration:heldout"),
+            writes=("drift",),
+            model="original",
+            doc="how far the emulator strays from the original, per layer, per block and end to end",
+        ),
+        Stage(
+            "finetune_emulator",
+            _finetune,
+            reads=("emulator",),
+            writes=("adapter:emulator",),
+            model="emulator",
+            doc="LoRA fine-tuning on the emulator",
+        ),
+        Stage(
+            "finetune_original",
+            _finetune,
+            reads=(),
+            writes=("adapter:original",),
+            model="original",
+            doc="LoRA fine-tuning on the original: the upper bound EMLoC avoids paying for",
+            enabled=lambda config: config.baseline,
+        ),
+        Stage(
+            "correct",
+            _correct,
+            reads=("emulator", "adapter:emulator", "calibration:heldout"),
+            writes=("corrected_adapter", "correction"),
+            model="original",
+            doc="the emulator's LoRA corrected for the original model (Algorithm 1)",
+        ),
+        Stage(
+            "evaluate",
+            _evaluate,
+            reads=("emulator", "adapter:emulator", "corrected_adapter"),
+            writes=("results",),
+            model=None,
+            doc="task accuracy of every setting, and the results table",
+            parts=settings,
+            part_writes="evaluation:{}",
+            finish=write_results,
+        ),
+    ]
+}
 
 
 def get(name: str) -> Stage:
@@ -221,6 +302,7 @@ def record_name(step: str) -> str:
 
 # ----------------------------------------------------------------------------- running
 
+
 def run_stage(run: Run, name: str, *, isolate: bool = True) -> None:
     stage = get(name)
     if stage.done(run):
@@ -228,8 +310,10 @@ def run_stage(run: Run, name: str, *, isolate: bool = True) -> None:
     missing = [a for a in stage.reads if not run.has(a)]
     if missing:
         writers = [s.name for s in STAGES.values() if set(s.writes) & set(missing)]
-        raise EmlocError(f"Stage {name} needs {', '.join(missing)} in {run.dir}, which {' and '.join(writers)} "
-                         "writes. Run that stage first (`emloc run`, or Run.run_all).")
+        raise EmlocError(
+            f"Stage {name} needs {', '.join(missing)} in {run.dir}, which {' and '.join(writers)} "
+            "writes. Run that stage first (`emloc run`, or Run.run_all)."
+        )
     if stage.parts is None:
         _run_step(run, name, isolate)
         return
@@ -242,7 +326,7 @@ def run_stage(run: Run, name: str, *, isolate: bool = True) -> None:
 def run_all(run: Run, *, isolate: bool = True, until: str | None = None) -> None:
     names = list(STAGES)
     if until is not None:
-        names = names[:names.index(get(until).name) + 1]
+        names = names[: names.index(get(until).name) + 1]
     for name in names:
         run_stage(run, name, isolate=isolate)
 
@@ -254,9 +338,13 @@ def _run_step(run: Run, step: str, isolate: bool) -> None:
     started = time.time()
     print(f"[emloc] {step} ...", flush=True)
     code = "import sys; from emloc_nb.stages import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run.dir), step],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(run.dir), step],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     tail: list[str] = []
     for line in proc.stdout:
         tail = (tail + [line.rstrip()])[-20:]
@@ -277,8 +365,13 @@ def execute(run: Run, step: str, *, isolated: bool) -> None:
     baseline = rss_mb()
     started = time.time()
     record = stage.body(run, stage, part or None, progress)
-    record.update(step=step, seconds=time.time() - started, isolated=isolated, baseline_rss_mb=baseline,
-                  peak_rss_mb=peak_rss_mb() if isolated else None)
+    record.update(
+        step=step,
+        seconds=time.time() - started,
+        isolated=isolated,
+        baseline_rss_mb=baseline,
+        peak_rss_mb=peak_rss_mb() if isolated else None,
+    )
     write_json(run.path(f"stage_record:{record_name(step)}"), record)
 
 
@@ -302,5 +395,12 @@ def finetune_with_trainer(run: Run, target: str = "emulator", **training_args) -
     from .training import finetune_hf
 
     model, tokenizer = base_model(run, target)
-    return finetune_hf(model, tokenizer, run.task(), run.path(f"finetune:{target}"), lora=run.config.lora,
-                       config=run.config.train, **training_args).adapter_dir
+    return finetune_hf(
+        model,
+        tokenizer,
+        run.task(),
+        run.path(f"finetune:{target}"),
+        lora=run.config.lora,
+        config=run.config.train,
+        **training_args,
+    ).adapter_dir

@@ -5,6 +5,7 @@ resumable safetensors checkpoints, for notebooks and the CLI) and `hf_trainer` (
 transformers Trainer over the same collator, which also runs under torchrun / DDP).
 Both write the same adapter (emloc_nb.lora) and history.json to an output directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ Callback = Callable[[dict], None]  # receives {"step", "steps", "loss", "lr"} af
 
 # ----------------------------------------------------------------------------- the built-in loop
 
+
 @dataclass
 class TrainResult:
     adapter_dir: Path
@@ -50,8 +52,9 @@ def _order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
     return order
 
 
-def _save_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer, step: int,
-                     history: list[dict], signature: dict) -> None:
+def _save_checkpoint(
+    path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer, step: int, history: list[dict], signature: dict
+) -> None:
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     opt_state = optimizer.state_dict()
     tensors = {f"param/{n}": p for n, p in trainable.items()}
@@ -61,8 +64,10 @@ def _save_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.O
     tensors["rng/torch"] = torch.get_rng_state()
     with atomic_dir(path, overwrite=True) as tmp:
         write_tensors(tmp / "state.safetensors", tensors)
-        write_json(tmp / "state.json", {"step": step, "history": history, "param_groups": opt_state["param_groups"],
-                                        "run": signature})
+        write_json(
+            tmp / "state.json",
+            {"step": step, "history": history, "param_groups": opt_state["param_groups"], "run": signature},
+        )
 
 
 def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
@@ -86,15 +91,19 @@ def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.O
 def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec) -> dict:
     """What decides the trained weights: an adapter or checkpoint is reused only for the same signature."""
     train = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "gradient_checkpointing")}
-    return json.loads(json.dumps({"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train}))  # as read back
+    return json.loads(
+        json.dumps({"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train})
+    )  # as read back
 
 
 def _check_same_run(recorded: dict | None, signature: dict, where: Path) -> None:
     if recorded == signature:
         return
     differ = sorted(k for k in signature if (recorded or {}).get(k) != signature[k])
-    raise EmlocError(f"{where} was written by another fine-tuning run (it differs in: {', '.join(differ)}). "
-                     "Use another output directory, or delete this one to start again.")
+    raise EmlocError(
+        f"{where} was written by another fine-tuning run (it differs in: {', '.join(differ)}). "
+        "Use another output directory, or delete this one to start again."
+    )
 
 
 def _finished(output_dir: Path, signature: dict) -> TrainResult | None:
@@ -106,11 +115,17 @@ def _finished(output_dir: Path, signature: dict) -> TrainResult | None:
     return TrainResult(adapter_dir, read_json(output_dir / "history.json"))
 
 
-def _write_adapter(peft_model: PeftModel, output_dir: Path, history: list[dict], signature: dict, **info) -> TrainResult:
+def _write_adapter(
+    peft_model: PeftModel, output_dir: Path, history: list[dict], signature: dict, **info
+) -> TrainResult:
     write_json(output_dir / "history.json", history)
-    adapter_dir = save_adapter(peft_model, output_dir / "adapter", base_fingerprint=signature["base_fingerprint"],
-                               info={"run": signature, "final_loss": history[-1]["loss"] if history else None, **info},
-                               overwrite=True)
+    adapter_dir = save_adapter(
+        peft_model,
+        output_dir / "adapter",
+        base_fingerprint=signature["base_fingerprint"],
+        info={"run": signature, "final_loss": history[-1]["loss"] if history else None, **info},
+        overwrite=True,
+    )
     return TrainResult(adapter_dir, history)
 
 
@@ -152,8 +167,9 @@ def finetune(
 
     torch.manual_seed(config.seed)
     peft_model = attach_lora(model, lora)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
-                                  lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in peft_model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:  # whatever happens, `model` comes back without the LoRA layers
@@ -162,11 +178,13 @@ def finetune(
         end = config.steps if stop_after is None else min(config.steps, start + stop_after)
         peft_model.train()
         for step in tqdm(range(start, end), desc="finetune", initial=start, total=config.steps, disable=not progress):
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             nll, mask = answer_nll(peft_model, collate(encoded.select(idx).to_list()))
             loss = nll[mask].mean()
             if not torch.isfinite(loss):
-                raise EmlocError(f"The loss became {float(loss)} at step {step}. Lower the learning rate (now {config.lr}).")
+                raise EmlocError(
+                    f"The loss became {float(loss)} at step {step}. Lower the learning rate (now {config.lr})."
+                )
             lr = config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -179,7 +197,9 @@ def finetune(
                 cb(event)
             done = step + 1
             # Periodically, and always when stop_after ends the call early, so that the next call resumes.
-            if done < config.steps and (done == end or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+            if done < config.steps and (
+                done == end or (config.checkpoint_every and done % config.checkpoint_every == 0)
+            ):
                 _save_checkpoint(checkpoint_dir, peft_model, optimizer, done, history, signature)
         peft_model.eval()
         if len(history) < config.steps:  # stopped early: the checkpoint holds the progress
@@ -196,6 +216,7 @@ def finetune(
 
 # ----------------------------------------------------------------------------- HF Trainer
 
+
 class CallbackBridge(TrainerCallback):
     """Forwards a Trainer's logs to emloc callbacks (e.g. the training monitor widget)."""
 
@@ -204,15 +225,27 @@ class CallbackBridge(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and state.is_world_process_zero:
-            event = {"step": state.global_step, "steps": state.max_steps, "loss": float(logs["loss"]),
-                     "lr": float(logs.get("learning_rate", float("nan")))}
+            event = {
+                "step": state.global_step,
+                "steps": state.max_steps,
+                "loss": float(logs["loss"]),
+                "lr": float(logs.get("learning_rate", float("nan"))),
+            }
             for cb in self.callbacks:
                 cb(event)
 
 
-def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, output_dir: str | Path, *,
-               lora: LoraSpec | None = None, config: TrainSpec | None = None, callbacks: Iterable[Callback] = (),
-               **training_args):
+def hf_trainer(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    output_dir: str | Path,
+    *,
+    lora: LoraSpec | None = None,
+    config: TrainSpec | None = None,
+    callbacks: Iterable[Callback] = (),
+    **training_args,
+):
     """A transformers Trainer for the same LoRA, data and schedule; works under torchrun (gloo on CPU).
 
     It saves no checkpoints by default: a Trainer's checkpoints are pickles. Pass
@@ -225,39 +258,74 @@ def hf_trainer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
     peft_model = attach_lora(model, lora)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
     defaults = dict(
-        output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
-        learning_rate=config.lr, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},  # as TrainSpec.lr_at
-        logging_steps=1, gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no",
-        seed=config.seed, report_to=[], remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None, disable_tqdm=True,
+        output_dir=str(output_dir),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},  # as TrainSpec.lr_at
+        logging_steps=1,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="no",
+        seed=config.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        disable_tqdm=True,
     )
     args = TrainingArguments(**{**defaults, **training_args})
     train = tokenize(tokenizer, task.train, max_length=config.max_length)
-    return Trainer(model=peft_model, args=args, train_dataset=train, data_collator=collator_for(tokenizer),
-                   callbacks=[CallbackBridge(callbacks)])
+    return Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train,
+        data_collator=collator_for(tokenizer),
+        callbacks=[CallbackBridge(callbacks)],
+    )
 
 
-def finetune_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, output_dir: str | Path, *,
-                lora: LoraSpec | None = None, config: TrainSpec | None = None, callbacks: Iterable[Callback] = (),
-                **training_args) -> TrainResult:
+def finetune_hf(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    output_dir: str | Path,
+    *,
+    lora: LoraSpec | None = None,
+    config: TrainSpec | None = None,
+    callbacks: Iterable[Callback] = (),
+    **training_args,
+) -> TrainResult:
     """`finetune` through transformers' Trainer (and so torchrun, accelerate, DeepSpeed); the same adapter format."""
     lora, config = lora or LoraSpec(), config or TrainSpec()
     output_dir = Path(output_dir)
     signature = _signature(fingerprint(model), lora, config)
     if done := _finished(output_dir, signature):
         return done
-    trainer = hf_trainer(model, tokenizer, task, output_dir / "trainer", lora=lora, config=config,
-                         callbacks=callbacks, **training_args)
+    trainer = hf_trainer(
+        model, tokenizer, task, output_dir / "trainer", lora=lora, config=config, callbacks=callbacks, **training_args
+    )
     try:
         trainer.train()
-        history = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
-                   for h in trainer.state.log_history if "loss" in h]
+        history = [
+            {"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+            for h in trainer.state.log_history
+            if "loss" in h
+        ]
         result = TrainResult(output_dir / "adapter", history)
         if trainer.is_world_process_zero():
-            result = _write_adapter(trainer.model, output_dir, history, signature, task=task.name, trainer="hf",
-                                    world_size=trainer.args.world_size)
+            result = _write_adapter(
+                trainer.model,
+                output_dir,
+                history,
+                signature,
+                task=task.name,
+                trainer="hf",
+                world_size=trainer.args.world_size,
+            )
         trainer.accelerator.wait_for_everyone()  # other ranks return once the adapter is on disk
     finally:
         trainer.model.unload()

@@ -1,4 +1,5 @@
 """Shared fixtures: a toy classification task and tiny randomly initialised models of several families."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,15 @@ import torch
 from datasets import Dataset
 
 from emloc_nb.calibration import collect_stats
+from emloc_nb.config import LoraSpec, RunConfig, TrainSpec
 from emloc_nb.data import batches, load_task
 from emloc_nb.emulator import build_emulator
 from emloc_nb.models import tiny_model
-from emloc_nb.config import RunConfig
 from emloc_nb.run import Run
+from emloc_nb.training import finetune
 
 FAMILIES = ["llama", "gpt2", "qwen2", "opt"]
+FAST = dict(batch_size=8, lr=1e-2, warmup_steps=1)  # training settings that move a tiny model in a few steps
 
 
 def toy_rows(n: int = 96, seed: int = 0) -> list[dict]:
@@ -64,6 +67,12 @@ def tiny_emulator(task):
     return model, tok, build_emulator(model, collect_stats(model, calib, progress=False), 0.5, progress=False)
 
 
+def quick_finetune(model, tok, task, output_dir, lora: LoraSpec, *, steps: int, **kwargs):
+    """A few LoRA steps at a high learning rate: batch 8, lr 1e-2, one warm-up step, no periodic checkpoints."""
+    config = TrainSpec(steps=steps, checkpoint_every=0, **FAST)
+    return finetune(model, tok, task, output_dir, lora=lora, config=config, progress=False, **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -71,11 +80,15 @@ def _seed():
 
 def tiny_run_config(model_dir, data_file, **overrides) -> RunConfig:
     """A full-pipeline config on a tiny local model and a toy JSONL task (seconds, in process)."""
-    d = {"model": str(model_dir), "task": {"source": str(data_file), "test_size": 0.25},
-         "calibration": {"examples": 16, "heldout_examples": 8, "batch_size": 8},
-         "emulator": {"plan": {"ratio": 0.5, "rules": {r"layers\.1\.mlp\.down_proj": 1.0}}},
-         "lora": {"r": 4, "alpha": 8}, "train": {"steps": 3, "batch_size": 8, "lr": 0.01, "checkpoint_every": 0},
-         "evaluation": {"limit": 8}}
+    d = {
+        "model": str(model_dir),
+        "task": {"source": str(data_file), "test_size": 0.25},
+        "calibration": {"examples": 16, "heldout_examples": 8, "batch_size": 8},
+        "emulator": {"plan": {"ratio": 0.5, "rules": {r"layers\.1\.mlp\.down_proj": 1.0}}},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"steps": 3, "batch_size": 8, "lr": 0.01, "checkpoint_every": 0},
+        "evaluation": {"limit": 8},
+    }
     d.update(overrides)
     return RunConfig.from_dict(d)
 

@@ -11,6 +11,7 @@ To clean notebooks after working in them:
 
     python tests/test_notebooks_clean.py --fix [notebooks/NAME.ipynb ...]
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,11 +23,25 @@ import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-EXPECTED = ["00_quickstart", "01_calibration_activations", "02_spectra_and_rank_choices",
-            "03_finetune_the_emulator", "04_lora_correction_explained", "05_memory_budget"]
+EXPECTED = [
+    "00_quickstart",
+    "01_calibration_activations",
+    "02_spectra_and_rank_choices",
+    "03_finetune_the_emulator",
+    "04_lora_correction_explained",
+    "05_memory_budget",
+]
 ALLOWED_METADATA = {"kernelspec", "language_info"}
-LOGIC = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.AsyncFor, ast.While, ast.Lambda,
-         ast.comprehension)
+LOGIC = (
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.For,
+    ast.AsyncFor,
+    ast.While,
+    ast.Lambda,
+    ast.comprehension,
+)
 FIX = "python tests/test_notebooks_clean.py --fix"
 
 
@@ -44,6 +59,7 @@ def source(cell: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- checks
+
 
 def test_the_tutorials_are_all_there():
     assert [p.stem for p in notebook_paths()] == EXPECTED
@@ -90,13 +106,21 @@ def test_first_code_cell_uses_notebook_run(notebook):
     path, nb = notebook
     first = source(code_cells(nb)[0])
     tree = ast.parse(first)
-    imported = any(isinstance(n, ast.ImportFrom) and n.module == "emloc_nb.run"
-                   and any(a.name == "notebook_run" for a in n.names) for n in ast.walk(tree))
-    called = any(isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
-                 and getattr(n.value.func, "id", None) == "notebook_run"
-                 and [getattr(t, "id", None) for t in n.targets] == ["run"] for n in ast.walk(tree))
-    assert imported and called, (f"{path.name}: the first code cell must do `from emloc_nb.run import notebook_run` "
-                                 f"and `run = notebook_run()`, so that EMLOC_SMALL and EMLOC_RUN_DIR apply; it is:\n{first}")
+    imported = any(
+        isinstance(n, ast.ImportFrom) and n.module == "emloc_nb.run" and any(a.name == "notebook_run" for a in n.names)
+        for n in ast.walk(tree)
+    )
+    called = any(
+        isinstance(n, ast.Assign)
+        and isinstance(n.value, ast.Call)
+        and getattr(n.value.func, "id", None) == "notebook_run"
+        and [getattr(t, "id", None) for t in n.targets] == ["run"]
+        for n in ast.walk(tree)
+    )
+    assert imported and called, (
+        f"{path.name}: the first code cell must do `from emloc_nb.run import notebook_run` "
+        f"and `run = notebook_run()`, so that EMLOC_SMALL and EMLOC_RUN_DIR apply; it is:\n{first}"
+    )
 
 
 def test_notebooks_define_no_logic(notebook):
@@ -104,11 +128,14 @@ def test_notebooks_define_no_logic(notebook):
     for i, cell in enumerate(code_cells(nb)):
         tree = ast.parse(source(cell))
         found = sorted({type(n).__name__ for n in ast.walk(tree) if isinstance(n, LOGIC)})
-        assert not found, (f"{path.name} code cell {i} defines logic ({', '.join(found)}). Notebooks only call the "
-                           f"API; move the logic into emloc_nb or emloc_nb.widgets:\n{source(cell)}")
+        assert not found, (
+            f"{path.name} code cell {i} defines logic ({', '.join(found)}). Notebooks only call the "
+            f"API; move the logic into emloc_nb or emloc_nb.widgets:\n{source(cell)}"
+        )
 
 
 # ----------------------------------------------------------------------------- the cleaner
+
 
 def clean(path: Path) -> None:
     """Strip `path` in place as the checks above require."""

@@ -5,6 +5,7 @@ the core's data objects (or a run directory via `from_run`), never recomputes th
 pipeline and needs no model. `write_report` writes the same figures as one offline
 HTML file.
 """
+
 from .activations import ActivationsView
 from .correction import CorrectionView, ToyCorrection
 from .dashboard import Dashboard
@@ -14,5 +15,14 @@ from .report import write_report
 from .spectra import SpectrumView
 from .training import TrainingMonitor
 
-__all__ = ["ActivationsView", "CorrectionView", "Dashboard", "DriftView", "RankPlanner", "SpectrumView",
-           "ToyCorrection", "TrainingMonitor", "write_report"]
+__all__ = [
+    "ActivationsView",
+    "CorrectionView",
+    "Dashboard",
+    "DriftView",
+    "RankPlanner",
+    "SpectrumView",
+    "ToyCorrection",
+    "TrainingMonitor",
+    "write_report",
+]

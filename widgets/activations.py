@@ -1,4 +1,5 @@
 """Calibration activations: what the emulator's whitening sees at each layer input."""
+
 from __future__ import annotations
 
 import html
@@ -27,11 +28,13 @@ class ActivationsView(View):
         self.stats = stats
         self.keys = list(stats.inputs)
         blocks = sorted({block_index(k) for k in self.keys}, key=lambda b: -1 if b is None else b)
-        self.block = W.Dropdown(options=[(ALL, ALL)] + [(f"block {b}", b) for b in blocks if b is not None],
-                                value=ALL, description="block")
+        self.block = W.Dropdown(
+            options=[(ALL, ALL)] + [(f"block {b}", b) for b in blocks if b is not None], value=ALL, description="block"
+        )
         self.input = W.Dropdown(options=self._options(ALL), description="input", layout=W.Layout(width="420px"))
-        self.factor = W.FloatSlider(value=6.0, min=2.0, max=50.0, step=0.5, description="outlier ×",
-                                    continuous_update=False)
+        self.factor = W.FloatSlider(
+            value=6.0, min=2.0, max=50.0, step=0.5, description="outlier ×", continuous_update=False
+        )
         self.info = W.HTML()
         self._eigenvalues: dict = {}  # input key -> eigenvalues of its C, computed once
         self._eigen_shown: str | None = None  # the input the eigen figure shows
@@ -42,10 +45,13 @@ class ActivationsView(View):
         self.input.observe(lambda _: self._update(), names="value")
         self.factor.observe(lambda _: self._update(), names="value")
         self._update()
-        header = W.HTML(f"<h3>{html.escape(title)}</h3><p>{stats.examples} examples, up to {stats.tokens} real tokens "
-                        f"per input, {len(self.keys)} distinct inputs read by {len(stats.layers)} layers.</p>")
-        self.widget = W.VBox([header, W.HBox([self.block, self.input, self.factor]), self.info,
-                              self.channels, self.eigen, self.heatmap])
+        header = W.HTML(
+            f"<h3>{html.escape(title)}</h3><p>{stats.examples} examples, up to {stats.tokens} real tokens "
+            f"per input, {len(self.keys)} distinct inputs read by {len(stats.layers)} layers.</p>"
+        )
+        self.widget = W.VBox(
+            [header, W.HBox([self.block, self.input, self.factor]), self.info, self.channels, self.eigen, self.heatmap]
+        )
 
     @classmethod
     def from_run(cls, run_dir: str | Path, split: str = "train") -> ActivationsView:
@@ -86,13 +92,19 @@ class ActivationsView(View):
         label = input_label(self.stats, key)
         fresh = [(self.channels, channel_figure(s, factor=self.factor.value, title=f"Per-channel |x| · {label}"))]
         if key != self._eigen_shown:  # the eigen-spectrum depends on the input alone, not on the outlier factor
-            fresh.append((self.eigen, eigen_figure(s, title=f"Eigen-spectrum of C · {label}",
-                                                     eigenvalues=self._eigenvalues_of(key))))
+            fresh.append(
+                (
+                    self.eigen,
+                    eigen_figure(s, title=f"Eigen-spectrum of C · {label}", eigenvalues=self._eigenvalues_of(key)),
+                )
+            )
             self._eigen_shown = key
         for live, fig in fresh:
             refresh(live, fig, "x", "y")
         outliers = s.outlier_channels(self.factor.value).tolist()
         shown = ", ".join(map(str, outliers[:20])) + (" …" if len(outliers) > 20 else "")
-        self.info.value = (f"<b>{html.escape(key)}</b> read by {html.escape(', '.join(s.layers))}<br>"
-                           f"{s.dim} channels · {s.tokens} tokens seen · {len(outliers)} outlier channel(s)"
-                           f"{': ' + shown if outliers else ''} · largest max |x| {float(s.abs_max.max()):.3g}")
+        self.info.value = (
+            f"<b>{html.escape(key)}</b> read by {html.escape(', '.join(s.layers))}<br>"
+            f"{s.dim} channels · {s.tokens} tokens seen · {len(outliers)} outlier channel(s)"
+            f"{': ' + shown if outliers else ''} · largest max |x| {float(s.abs_max.max()):.3g}"
+        )

@@ -3,6 +3,7 @@
 Views are plain classes (not widget subclasses), so their state and query methods
 stay ordinary Python and the ipywidgets container is only how they are drawn.
 """
+
 from __future__ import annotations
 
 import html

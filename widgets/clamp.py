@@ -3,6 +3,7 @@
 A log slider cannot reach either end, so a three-way toggle picks the ends and the
 slider sets L in between.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,21 @@ class ClampControl:
     """`.value` is the effective L; `.widget` holds the toggle and the slider; `observe(fn)` calls fn(L)."""
 
     def __init__(self, value: float = 3.0):
-        self.mode = W.ToggleButtons(options=[("naive (L = 0)", "naive"), ("clamp L", "clamp"), ("no clamp (L = ∞)", "inf")],
-                                    value="clamp", description="L")
-        self.slider = W.FloatLogSlider(value=3.0, base=10, min=math.log10(L_MIN), max=math.log10(L_MAX), step=0.05,
-                                       description="L", readout_format=".3g", continuous_update=True)
+        self.mode = W.ToggleButtons(
+            options=[("naive (L = 0)", "naive"), ("clamp L", "clamp"), ("no clamp (L = ∞)", "inf")],
+            value="clamp",
+            description="L",
+        )
+        self.slider = W.FloatLogSlider(
+            value=3.0,
+            base=10,
+            min=math.log10(L_MIN),
+            max=math.log10(L_MAX),
+            step=0.05,
+            description="L",
+            readout_format=".3g",
+            continuous_update=True,
+        )
         self.widget = W.HBox([self.mode, self.slider])
         self._callbacks: list = []
         self._holding = False

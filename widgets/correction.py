@@ -4,6 +4,7 @@ Every number is recomputed from the CorrectionReport alone (`rows_at`, `errors_a
 `kappa_at` evaluate stored quadratic-form terms), so moving L needs no model. The
 toy teaching mode lives in toy.py and is re-exported here.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,12 @@ class CorrectionView(View):
         names = [r["name"] for r in report.layers]  # the layers the adapter trained
         self.has_errors = all("q" in report.stats.get(n, {}) for n in names) and bool(names)
         self.clamp = ClampControl(report.clamp)
-        self.layer = W.Dropdown(options=list(zip(short_names(names), names)), value=layer or names[0],
-                                description="layer", layout=W.Layout(width="380px"))
+        self.layer = W.Dropdown(
+            options=list(zip(short_names(names), names)),
+            value=layer or names[0],
+            description="layer",
+            layout=W.Layout(width="380px"),
+        )
         self.summary = W.HTML()
         self.rows = report.rows_at(self.L)
         self.errors = figure_widget(correction_error_figure(self.rows, clamp=self.L)) if self.has_errors else None
@@ -49,9 +54,17 @@ class CorrectionView(View):
             "<h3>LoRA correction</h3><p>The LoRA was trained on the emulator W_E. The corrected adapter subtracts the "
             "discrepancy D = (W − W_E) U_A on the LoRA's input subspace, each column scaled by "
             "κᵢ = min(1, L · mean|B′ᵢ| / mean|Dᵢ|). Errors are against the fine-tuned emulator on held-out inputs. "
-            f"The adapter was written with L = {clamp_label(report.clamp)}.</p>")
-        body = [self.errors] if self.errors is not None else [
-            note("This report has no held-out statistics, so no before/after errors: run correct_lora with heldout=.")]
+            f"The adapter was written with L = {clamp_label(report.clamp)}.</p>"
+        )
+        body = (
+            [self.errors]
+            if self.errors is not None
+            else [
+                note(
+                    "This report has no held-out statistics, so no before/after errors: run correct_lora with heldout=."
+                )
+            ]
+        )
         self.widget = W.VBox([intro, self.clamp.widget, self.summary, *body, self.norms, self.layer, self.kappa])
 
     @classmethod
@@ -75,10 +88,12 @@ class CorrectionView(View):
         columns = sum(int(self.report.stats[r["name"]]["valid"].sum()) for r in self.rows)
         text = f"At L = {clamp_label(L, '.3g')}: {clamped} of {columns} LoRA directions clamped (κ < 1)"
         if self.has_errors:
-            text += (f" · mean error overall {_mean(r['before_all'] for r in self.rows):.4f} naive → "
-                     f"<b>{_mean(r['after_all'] for r in self.rows):.4f}</b> corrected · on the LoRA subspace "
-                     f"{_mean(r['before_subspace'] for r in self.rows):.4f} → "
-                     f"<b>{_mean(r['after_subspace'] for r in self.rows):.4f}</b>")
+            text += (
+                f" · mean error overall {_mean(r['before_all'] for r in self.rows):.4f} naive → "
+                f"<b>{_mean(r['after_all'] for r in self.rows):.4f}</b> corrected · on the LoRA subspace "
+                f"{_mean(r['before_subspace'] for r in self.rows):.4f} → "
+                f"<b>{_mean(r['after_subspace'] for r in self.rows):.4f}</b>"
+            )
         self.summary.value = f"<p>{text}</p>"
 
     def _update_kappa(self) -> None:

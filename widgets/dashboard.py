@@ -5,11 +5,12 @@ statistics are hundreds of MB) only loads what is looked at. A tab whose artifac
 do not exist yet says which stage writes them instead of failing; a tab that fails
 to build for any other reason says "<title> failed: <error>" in its place.
 """
+
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import ipywidgets as W
 
@@ -45,8 +46,13 @@ class Dashboard(View):
             "Training": self._training,
         }
         self._missing_hint = {  # the stage that writes what a tab shows
-            "Results": "evaluate", "Spectra": "emulator", "Rank plan": "emulator", "Activations": "calibrate",
-            "Drift": "drift", "Correction": "correct", "Training": "finetune_emulator",
+            "Results": "evaluate",
+            "Spectra": "emulator",
+            "Rank plan": "emulator",
+            "Activations": "calibrate",
+            "Drift": "drift",
+            "Correction": "correct",
+            "Training": "finetune_emulator",
         }
         self.titles = list(self._builders)
         self._views: dict[str, View | W.Widget | None] = {}
@@ -57,7 +63,8 @@ class Dashboard(View):
         self.widget = W.VBox([header, self.tabs])
 
     def view(self, title: str):
-        """The view shown in tab `title` (built now if it was not yet), or None if its artifacts are missing or it failed."""
+        """The view shown in tab `title` (built now if it was not yet), or None if its artifacts are missing or it "
+        "failed."""
         self._open(self.titles.index(title))
         return self._views[title]
 
@@ -73,8 +80,10 @@ class Dashboard(View):
         except MISSING as e:
             view = None
             stage = self._missing_hint[title]
-            shown = note(f"Nothing to show yet: the {stage} stage has not written it in {self.run.dir} ({e}). "
-                         f"Run that stage (e.g. `emloc run` or Run.run_stage({stage!r})) and reopen the dashboard.")
+            shown = note(
+                f"Nothing to show yet: the {stage} stage has not written it in {self.run.dir} ({e}). "
+                f"Run that stage (e.g. `emloc run` or Run.run_stage({stage!r})) and reopen the dashboard."
+            )
         except Exception as e:  # one broken tab must not take the dashboard down, nor go unnoticed
             view = None
             shown = note(f"{title} failed: {type(e).__name__}: {e}")
@@ -88,17 +97,25 @@ class Dashboard(View):
     def _results(self) -> W.Widget:
         parts = [W.HTML(config_summary(self.run))]
         rows = self._results_rows()
-        parts.append(W.HTML("<h4>Results per setting</h4>" + T.results_table(rows)) if rows
-                     else note("No results yet: run the evaluate stage to fill this table."))
+        parts.append(
+            W.HTML("<h4>Results per setting</h4>" + T.results_table(rows))
+            if rows
+            else note("No results yet: run the evaluate stage to fill this table.")
+        )
         records = self.run.stage_records()
         if records:
             parts.append(W.HTML("<h4>Stages</h4>" + T.stages_table(records)))
         return W.VBox(parts)
 
     def _training(self) -> W.Widget:
-        monitors = [TrainingMonitor.from_history(self.run.history("emulator"), title="Training loss · LoRA on the emulator")]
+        monitors = [
+            TrainingMonitor.from_history(self.run.history("emulator"), title="Training loss · LoRA on the emulator")
+        ]
         if self.run.has("history:original"):
-            monitors.append(TrainingMonitor.from_history(self.run.history("original"),
-                                                         title="Training loss · LoRA on the original (baseline)"))
+            monitors.append(
+                TrainingMonitor.from_history(
+                    self.run.history("original"), title="Training loss · LoRA on the original (baseline)"
+                )
+            )
         self.monitors = monitors
         return W.VBox([m.widget for m in monitors])

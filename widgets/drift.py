@@ -1,4 +1,5 @@
 """Drift: how far the emulator strays from its original, per layer, per block, per token and end to end."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,18 +24,29 @@ class DriftView(View):
 
     def __init__(self, drift: DriftReport, results: list[dict] | None = None):
         self.drift, self.results = drift, results
-        self.group = W.ToggleButtons(options=[("by block", "block"), ("by layer kind", "kind")], value="block",
-                                     description="group")
-        self.example = W.Dropdown(options=[(f"example {i} ({len(t['tokens'])} tokens)", i) for i, t in enumerate(drift.tokens)],
-                                  description="example", disabled=not drift.tokens)
+        self.group = W.ToggleButtons(
+            options=[("by block", "block"), ("by layer kind", "kind")], value="block", description="group"
+        )
+        self.example = W.Dropdown(
+            options=[(f"example {i} ({len(t['tokens'])} tokens)", i) for i, t in enumerate(drift.tokens)],
+            description="example",
+            disabled=not drift.tokens,
+        )
         self.layers = figure_widget(layer_error_figure(drift.rows, by=self.group.value))
         self.cosine = figure_widget(block_cosine_figure(drift.blocks))
         self.tokens = W.HTML()
         self.group.observe(lambda _: self._regroup(), names="value")
         self.example.observe(lambda _: self._show_example(), names="value")
         self._show_example()
-        parts = [W.HTML("<h3>Drift: emulator vs original</h3>" + T.drift_summary_table(drift.summary)),
-                 self.group, self.layers, self.cosine, W.HTML("<h4>Next-token KL per token</h4>"), self.example, self.tokens]
+        parts = [
+            W.HTML("<h3>Drift: emulator vs original</h3>" + T.drift_summary_table(drift.summary)),
+            self.group,
+            self.layers,
+            self.cosine,
+            W.HTML("<h4>Next-token KL per token</h4>"),
+            self.example,
+            self.tokens,
+        ]
         if results:
             parts.append(W.HTML("<h4>Task accuracy</h4>" + T.results_table(results)))
         self.widget = W.VBox(parts)
@@ -51,7 +63,9 @@ class DriftView(View):
 
     def _show_example(self) -> None:
         if not self.drift.tokens:
-            self.tokens.value = note("This drift report holds no token examples (drift() was run without a tokenizer).").value
+            self.tokens.value = note(
+                "This drift report holds no token examples (drift() was run without a tokenizer)."
+            ).value
             return
         # One colour scale for all examples, so they can be compared by eye.
         vmax = max((max(t["kl"], default=0.0) for t in self.drift.tokens), default=0.0)

@@ -1,4 +1,5 @@
 """The rank planner: spend a parameter or memory budget across layers, see what it keeps, save the plan for the CLI."""
+
 from __future__ import annotations
 
 import html
@@ -37,22 +38,48 @@ class RankPlanner(View):
     numbers come from the stored spectra: no model is needed.
     """
 
-    def __init__(self, spectra: SpectrumTable, *, budget: float | None = None, memory_gb: float | None = None,
-                 strategy: str = "uniform", dense: list[str] | tuple[str, ...] = (), bytes_per_param: int = 4):
+    def __init__(
+        self,
+        spectra: SpectrumTable,
+        *,
+        budget: float | None = None,
+        memory_gb: float | None = None,
+        strategy: str = "uniform",
+        dense: list[str] | tuple[str, ...] = (),
+        bytes_per_param: int = 4,
+    ):
         """`memory_gb` sets the budget in GB (and `unit` to "gb") instead of a share `budget`."""
         self.spectra = spectra
         self.shapes = {r["name"]: (r["d_out"], r["d_in"]) for r in spectra.rows}
         self.params_dense = sum(d_out * d_in for d_out, d_in in self.shapes.values())
         start = budget if budget is not None else round(spectra.totals()["share_kept"], 2)
-        self.budget = W.FloatSlider(value=min(1.0, max(0.05, start)), min=0.05, max=1.0, step=0.01,
-                                    description="budget", readout_format=".2f", continuous_update=False)
-        self.unit = W.ToggleButtons(options=UNITS, value="share" if memory_gb is None else "gb", description="budget in")
+        self.budget = W.FloatSlider(
+            value=min(1.0, max(0.05, start)),
+            min=0.05,
+            max=1.0,
+            step=0.01,
+            description="budget",
+            readout_format=".2f",
+            continuous_update=False,
+        )
+        self.unit = W.ToggleButtons(
+            options=UNITS, value="share" if memory_gb is None else "gb", description="budget in"
+        )
         self.memory = W.FloatSlider(description="budget GB", readout_format=".3g", continuous_update=False)
         self.strategy = W.ToggleButtons(options=["uniform", "energy"], value=strategy, description="strategy")
-        self.dense_text = W.Text(value=", ".join(dense), description="dense regex", continuous_update=False,
-                                 placeholder=r"e.g. layers\.29\.mlp\.down_proj", layout=W.Layout(width="480px"))
-        self.dense_layers = W.SelectMultiple(options=list(zip(short_names(spectra.names), spectra.names)),
-                                             description="keep dense", rows=6, layout=W.Layout(width="380px"))
+        self.dense_text = W.Text(
+            value=", ".join(dense),
+            description="dense regex",
+            continuous_update=False,
+            placeholder=r"e.g. layers\.29\.mlp\.down_proj",
+            layout=W.Layout(width="480px"),
+        )
+        self.dense_layers = W.SelectMultiple(
+            options=list(zip(short_names(spectra.names), spectra.names)),
+            description="keep dense",
+            rows=6,
+            layout=W.Layout(width="380px"),
+        )
         self.dtype = W.Dropdown(options=DTYPES, value=bytes_per_param, description="weights")
         self._fit_memory_range()
         self.memory.value = memory_gb if memory_gb is not None else self.budget.value * self._dense_gb()
@@ -62,16 +89,35 @@ class RankPlanner(View):
         self.figure = figure_widget(ranks_figure(spectra, RankPlan(1.0).resolve(self.shapes)))
         self.dtype.observe(lambda _: self._fit_memory_range(), names="value")  # before the refresh below
         self.unit.observe(lambda _: self._on_unit(), names="value")
-        for control in (self.budget, self.unit, self.memory, self.strategy, self.dense_text, self.dense_layers, self.dtype):
+        for control in (
+            self.budget,
+            self.unit,
+            self.memory,
+            self.strategy,
+            self.dense_text,
+            self.dense_layers,
+            self.dtype,
+        ):
             control.observe(lambda _: self._refresh(), names="value")
         self._show_unit()
         self._refresh()
-        header = W.HTML("<h3>Rank planner</h3><p>The budget is the share of the block linears' parameters the "
-                        "emulator keeps, or the GB their weights take while fine-tuning the emulator. Save the plan "
-                        "and build with <code>emloc build-emulator --plan FILE</code>, or pass <code>planner.plan</code> "
-                        "to <code>build_emulator</code>.</p>")
-        self.widget = W.VBox([header, W.HBox([self.unit, self.strategy]), W.HBox([self.budget, self.memory]),
-                              W.HBox([self.dense_text, self.dtype]), self.dense_layers, self.status, self.figure])
+        header = W.HTML(
+            "<h3>Rank planner</h3><p>The budget is the share of the block linears' parameters the "
+            "emulator keeps, or the GB their weights take while fine-tuning the emulator. Save the plan "
+            "and build with <code>emloc build-emulator --plan FILE</code>, or pass <code>planner.plan</code> "
+            "to <code>build_emulator</code>.</p>"
+        )
+        self.widget = W.VBox(
+            [
+                header,
+                W.HBox([self.unit, self.strategy]),
+                W.HBox([self.budget, self.memory]),
+                W.HBox([self.dense_text, self.dtype]),
+                self.dense_layers,
+                self.status,
+                self.figure,
+            ]
+        )
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **kwargs) -> RankPlanner:
@@ -114,10 +160,16 @@ class RankPlanner(View):
         energy = [self.spectra.energy_at(n, c.rank) for n, c in choices.items()]
         errors = [self.spectra.error_at(n, c.rank) for n, c in choices.items()]
         bpp = self.dtype.value
-        return {"params_dense": dense, "params_kept": kept, "share_kept": kept / dense,
-                "layers_dense": sum(c.rank is None for c in choices.values()),
-                "mean_energy_kept": sum(energy) / len(energy), "max_predicted_error": max(errors),
-                "weights_bytes": kept * bpp, "dense_weights_bytes": dense * bpp}
+        return {
+            "params_dense": dense,
+            "params_kept": kept,
+            "share_kept": kept / dense,
+            "layers_dense": sum(c.rank is None for c in choices.values()),
+            "mean_energy_kept": sum(energy) / len(energy),
+            "max_predicted_error": max(errors),
+            "weights_bytes": kept * bpp,
+            "dense_weights_bytes": dense * bpp,
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON for `emloc build-emulator --plan PATH`."""
@@ -164,4 +216,5 @@ class RankPlanner(View):
             f"<b>{t['mean_energy_kept']:.1%}</b> · worst predicted layer error {t['max_predicted_error']:.3f}<br>"
             f"Weights of these layers while fine-tuning the emulator: <b>{_size(t['weights_bytes'])}</b> "
             f"(dense: {_size(t['dense_weights_bytes'])}). Not counted: embeddings, LM head and norms (kept dense), "
-            "LoRA weights with their gradients and optimiser state, and activations.")
+            "LoRA weights with their gradients and optimiser state, and activations."
+        )

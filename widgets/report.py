@@ -4,6 +4,7 @@ plotly.js is embedded once, inline, in the page head; every figure is a div draw
 it, so the file opens offline, with no CDN and no require.js. Sections whose
 artifacts are missing say so. The file is written atomically.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -28,8 +29,10 @@ from .plots.training import loss_figure
 from .tables import MISSING, config_summary
 from .tokens import token_kl_html
 
-PAGE_STYLE = ("body{font:14px sans-serif;max-width:1200px;margin:20px auto;padding:0 16px;color:#222}"
-              "h2{border-bottom:2px solid #eee;padding-bottom:4px;margin-top:32px}.note{color:#666;font-style:italic}")
+PAGE_STYLE = (
+    "body{font:14px sans-serif;max-width:1200px;margin:20px auto;padding:0 16px;color:#222}"
+    "h2{border-bottom:2px solid #eee;padding-bottom:4px;margin-top:32px}.note{color:#666;font-style:italic}"
+)
 
 
 class _Page:
@@ -51,8 +54,15 @@ class _Page:
     def figure(self, fig_id: str, fig: go.Figure) -> None:
         fig_id = "fig-" + re.sub(r"[^A-Za-z0-9_-]+", "-", fig_id)
         height = fig.layout.height or 450
-        self.parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=fig_id,
-                                      default_height=f"{height}px", config={"displaylogo": False}))
+        self.parts.append(
+            fig.to_html(
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=fig_id,
+                default_height=f"{height}px",
+                config={"displaylogo": False},
+            )
+        )
         self.figure_ids.append(fig_id)
 
 
@@ -64,8 +74,10 @@ def _spectra_section(page: _Page, run: Run) -> None:
         page.note("No spectra yet (the emulator stage writes them).")
         return
     t = spectra.totals()
-    page.text(f"<p>{t['compressed']} of {t['layers']} block linears compressed; {t['share_kept']:.1%} of their "
-              f"{t['params_dense']:,} parameters kept.</p>")
+    page.text(
+        f"<p>{t['compressed']} of {t['layers']} block linears compressed; {t['share_kept']:.1%} of their "
+        f"{t['params_dense']:,} parameters kept.</p>"
+    )
     page.figure("kept-energy", kept_energy_figure(spectra))
     choices = {r["name"]: LayerChoice(r["name"], r["d_out"], r["d_in"], r["rank"], r["reason"]) for r in spectra.rows}
     page.figure("ranks", ranks_figure(spectra, choices))
@@ -119,16 +131,26 @@ def _correction_section(page: _Page, run: Run) -> None:
         page.note("No correction report yet (the correct stage writes it).")
         return
     rows = report.rows
-    page.text(f"<p>Corrected with L = {clamp_label(report.clamp)}; {sum(r['clamped'] for r in rows)} LoRA directions clamped.</p>")
+    page.text(
+        f"<p>Corrected with L = {clamp_label(report.clamp)}; {sum(r['clamped'] for r in rows)} LoRA directions "
+        "clamped.</p>"
+    )
     if all("before_all" in r for r in rows):
         page.figure("correction-errors", correction_error_figure(rows, clamp=report.clamp))
     else:
         page.note("The report has no held-out statistics, so no before/after errors.")
     page.figure("correction-norms", correction_norms_figure(rows))
-    columns = [("name", "layer", "text"), ("d_norm", "‖D‖", ".4g"), ("b_norm", "‖B′‖", ".4g"),
-               ("clamped", "clamped", "d"), ("kappa_mean", "mean κ", ".3f"), ("before_all", "naive error", ".4f"),
-               ("after_all", "corrected error", ".4f"), ("before_subspace", "naive, subspace", ".4f"),
-               ("after_subspace", "corrected, subspace", ".4f")]
+    columns = [
+        ("name", "layer", "text"),
+        ("d_norm", "‖D‖", ".4g"),
+        ("b_norm", "‖B′‖", ".4g"),
+        ("clamped", "clamped", "d"),
+        ("kappa_mean", "mean κ", ".3f"),
+        ("before_all", "naive error", ".4f"),
+        ("after_all", "corrected error", ".4f"),
+        ("before_subspace", "naive, subspace", ".4f"),
+        ("after_subspace", "corrected, subspace", ".4f"),
+    ]
     page.text(f"<details><summary>Per-layer table</summary>{T.html_table(rows, columns)}</details>")
 
 
@@ -139,8 +161,9 @@ def _training_section(page: _Page, run: Run) -> None:
         if run.has(f"history:{target}"):
             history = run.history(target)
             total = max((h.get("steps") or 0 for h in history), default=0) or None
-            page.figure(f"loss-{target}", loss_figure(history, total_steps=total,
-                                                        title=f"Training loss · LoRA on the {target}"))
+            page.figure(
+                f"loss-{target}", loss_figure(history, total_steps=total, title=f"Training loss · LoRA on the {target}")
+            )
             shown = True
     if not shown:
         page.note("No fine-tuning history yet (the finetune stages write it).")
@@ -151,8 +174,10 @@ def write_report(run_dir: str | Path, output_path: str | Path | None = None) -> 
     run = Run(run_dir)
     output = Path(output_path) if output_path is not None else run.path("report")
     page = _Page()
-    page.text(f"<h1>EMLoC run report</h1><p>{html.escape(str(run.dir))} · written "
-              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>" + config_summary(run))
+    page.text(
+        f"<h1>EMLoC run report</h1><p>{html.escape(str(run.dir))} · written "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>" + config_summary(run)
+    )
     page.section("Results")
     if run.has("results"):
         page.text(T.results_table(run.results()))
@@ -167,7 +192,9 @@ def write_report(run_dir: str | Path, output_path: str | Path | None = None) -> 
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>EMLoC report · {html.escape(run.dir.name)}</title><style>{PAGE_STYLE}</style>"
         f"<script type='text/javascript'>{get_plotlyjs()}</script></head>\n<body>\n"
-        + "\n".join(page.parts) + "\n</body></html>\n")
+        + "\n".join(page.parts)
+        + "\n</body></html>\n"
+    )
     with atomic_path(output) as tmp:
         tmp.write_text(document, encoding="utf-8")
     return output

@@ -1,4 +1,5 @@
 """Singular-value spectra: what a rank costs and keeps, per layer, from the stored spectra alone."""
+
 from __future__ import annotations
 
 import html
@@ -27,10 +28,15 @@ class SpectrumView(View):
         self.spectra = spectra
         names = spectra.names
         layer = layer or names[0]
-        self.layer = W.Dropdown(options=list(zip(short_names(names), names)), value=layer, description="layer",
-                                layout=W.Layout(width="380px"))
-        self.ratio = W.FloatSlider(value=1.0, min=0.01, max=1.0, step=0.01, description="ρ kept",
-                                   readout_format=".2f", continuous_update=True)
+        self.layer = W.Dropdown(
+            options=list(zip(short_names(names), names)),
+            value=layer,
+            description="layer",
+            layout=W.Layout(width="380px"),
+        )
+        self.ratio = W.FloatSlider(
+            value=1.0, min=0.01, max=1.0, step=0.01, description="ρ kept", readout_format=".2f", continuous_update=True
+        )
         self.rank = W.IntSlider(value=1, min=1, max=self._full(layer), description="rank", continuous_update=True)
         self.readout = W.HTML()
         self._dense = False  # ρ = 1 means "keep dense", which no rank on the slider expresses
@@ -51,9 +57,18 @@ class SpectrumView(View):
         header = W.HTML(
             f"<h3>Spectra</h3><p>{totals['compressed']} of {totals['layers']} block linears compressed; the built plan "
             f"keeps {totals['share_kept']:.1%} of their parameters. Whitened values are those of W S (S Sᵀ = C): "
-            "their energy is E‖W x‖² on the calibration inputs, which the emulator's truncation maximises.</p>")
-        self.widget = W.VBox([header, W.HBox([self.layer, self.ratio, self.rank]), self.readout,
-                              self.spectrum, self.energy, self.summary])
+            "their energy is E‖W x‖² on the calibration inputs, which the emulator's truncation maximises.</p>"
+        )
+        self.widget = W.VBox(
+            [
+                header,
+                W.HBox([self.layer, self.ratio, self.rank]),
+                self.readout,
+                self.spectrum,
+                self.energy,
+                self.summary,
+            ]
+        )
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **kwargs) -> SpectrumView:
@@ -75,9 +90,14 @@ class SpectrumView(View):
         name, r = self.layer.value, self._rank
         row = self.spectra.layer(name)
         params = self.spectra.params_at(name, r)
-        return {"layer": name, "rank": r, "energy": self.spectra.energy_at(name, r),
-                "error": self.spectra.error_at(name, r), "params": params,
-                "share": params / (row["d_out"] * row["d_in"])}
+        return {
+            "layer": name,
+            "rank": r,
+            "energy": self.spectra.energy_at(name, r),
+            "error": self.spectra.error_at(name, r),
+            "params": params,
+            "share": params / (row["d_out"] * row["d_in"]),
+        }
 
     def _slider_ratio(self, share: float) -> float:
         """The ρ slider position that shows a share of parameters."""
@@ -96,7 +116,11 @@ class SpectrumView(View):
 
     def _set_rank_from_ratio(self) -> None:
         self._dense = self.ratio.value >= 1.0
-        r = self._full(self.layer.value) if self._dense else self.spectra.rank_at_ratio(self.layer.value, self.ratio.value)
+        r = (
+            self._full(self.layer.value)
+            if self._dense
+            else self.spectra.rank_at_ratio(self.layer.value, self.ratio.value)
+        )
         self._syncing = True
         try:
             self.rank.max = self._full(self.layer.value)
@@ -159,4 +183,5 @@ class SpectrumView(View):
             f"<b>{html.escape(name)}</b> ({row['d_out']}×{row['d_in']}, built with {plan}) · "
             f"{chosen}: "
             f"<b>{c['energy']:.2%}</b> of the whitened energy kept · predicted output error "
-            f"<b>{c['error']:.3f}</b> · {c['params']:,} of {dense:,} parameters (<b>{c['share']:.1%}</b>)")
+            f"<b>{c['error']:.3f}</b> · {c['params']:,} of {dense:,} parameters (<b>{c['share']:.1%}</b>)"
+        )

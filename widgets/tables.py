@@ -4,20 +4,23 @@ Plain HTML rather than a DataFrame styler: it renders the same in JupyterLab, in
 ipywidgets HTML widget and in the offline report, and needs no pandas. Nothing here
 imports ipywidgets or plotly.
 """
+
 from __future__ import annotations
 
 import html
 import json
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from emloc_nb.errors import EmlocError
 
 MISSING = (EmlocError, FileNotFoundError)  # what the core's loaders raise for an absent artifact
 
-STYLE = ("<style>.emloc-table{border-collapse:collapse;font:13px sans-serif;margin:4px 0}"
-         ".emloc-table th,.emloc-table td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
-         ".emloc-table th{background:#f4f4f4}.emloc-table td.text,.emloc-table th.text{text-align:left}</style>")
+STYLE = (
+    "<style>.emloc-table{border-collapse:collapse;font:13px sans-serif;margin:4px 0}"
+    ".emloc-table th,.emloc-table td{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}"
+    ".emloc-table th{background:#f4f4f4}.emloc-table td.text,.emloc-table th.text{text-align:left}</style>"
+)
 
 
 def fmt(value, spec: str = ".3f") -> str:
@@ -38,8 +41,9 @@ def fmt(value, spec: str = ".3f") -> str:
 
 def html_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str | Callable]]) -> str:
     """`columns`: (key, header, format spec or a function of the value). Text cells are left-aligned."""
-    head = "".join(f"<th class='{'text' if spec == 'text' else ''}'>{html.escape(title)}</th>"
-                   for _, title, spec in columns)
+    head = "".join(
+        f"<th class='{'text' if spec == 'text' else ''}'>{html.escape(title)}</th>" for _, title, spec in columns
+    )
     body = []
     for row in rows:
         cells = []
@@ -52,9 +56,13 @@ def html_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str | Cal
 
 
 RESULT_COLUMNS = [
-    ("description", "setting", "text"), ("accuracy", "accuracy", ".3f"), ("answer_loss", "answer loss", ".3f"),
-    ("examples", "examples", "d"), ("train_peak_mb", "fine-tuning peak (MB)", ".0f"),
-    ("train_weights_mb", "weights while fine-tuning (MB)", ".1f"), ("eval_peak_mb", "eval peak (MB)", ".0f"),
+    ("description", "setting", "text"),
+    ("accuracy", "accuracy", ".3f"),
+    ("answer_loss", "answer loss", ".3f"),
+    ("examples", "examples", "d"),
+    ("train_peak_mb", "fine-tuning peak (MB)", ".0f"),
+    ("train_weights_mb", "weights while fine-tuning (MB)", ".1f"),
+    ("eval_peak_mb", "eval peak (MB)", ".0f"),
 ]
 
 
@@ -66,9 +74,17 @@ def results_table(rows: Sequence[dict]) -> str:
 def stages_table(records: dict[str, dict]) -> str:
     """Seconds and memory per stage (`Run.stage_records()`)."""
     rows = [{"stage": name, **rec} for name, rec in records.items()]
-    return html_table(rows, [("stage", "stage", "text"), ("seconds", "seconds", ".1f"),
-                             ("peak_rss_mb", "peak RSS (MB)", ".0f"), ("baseline_rss_mb", "process baseline (MB)", ".0f"),
-                             ("weights_mb", "weights (MB)", ".1f"), ("isolated", "own process", "text")])
+    return html_table(
+        rows,
+        [
+            ("stage", "stage", "text"),
+            ("seconds", "seconds", ".1f"),
+            ("peak_rss_mb", "peak RSS (MB)", ".0f"),
+            ("baseline_rss_mb", "process baseline (MB)", ".0f"),
+            ("weights_mb", "weights (MB)", ".1f"),
+            ("isolated", "own process", "text"),
+        ],
+    )
 
 
 def drift_summary_table(summary: dict) -> str:
@@ -87,7 +103,13 @@ def config_summary(run) -> str:
     """The run's main settings (an `emloc_nb.run.Run`), headed by its directory."""
     c = run.config
     plan = c.emulator.plan if isinstance(c.emulator.plan, str) else json.dumps(c.emulator.plan)
-    rows = [("model", c.model), ("task", c.task.source), ("rank plan", plan), ("emulator mode", c.emulator.mode),
-            ("LoRA", f"r = {c.lora.r}, alpha = {c.lora.alpha}"), ("training", f"{c.train.steps} steps × {c.train.batch_size}"),
-            ("correction clamp L", f"{c.clamp:g}")]
+    rows = [
+        ("model", c.model),
+        ("task", c.task.source),
+        ("rank plan", plan),
+        ("emulator mode", c.emulator.mode),
+        ("LoRA", f"r = {c.lora.r}, alpha = {c.lora.alpha}"),
+        ("training", f"{c.train.steps} steps × {c.train.batch_size}"),
+        ("correction clamp L", f"{c.clamp:g}"),
+    ]
     return html_table([{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", str(run.dir), "text")])

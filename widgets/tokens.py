@@ -1,4 +1,5 @@
 """Tokens as text, coloured by next-token KL: the drift view's and the report's per-token HTML."""
+
 from __future__ import annotations
 
 import html
@@ -46,10 +47,16 @@ def token_kl_html(example: dict, *, vmax: float | None = None) -> str:
     for text, value in zip(readable_tokens(example["tokens"]), kl):
         alpha = 0.0 if top <= 0 else min(1.0, max(0.0, value / top))
         shown = html.escape(text).replace("\n", "↵<br>")
-        spans.append(f"<span title='KL {value:.4f}' style='background:rgba(214,39,40,{alpha:.3f});"
-                     f"border-radius:2px'>{shown}</span>")
-    legend = (f"<div style='font-size:12px;color:#555;margin-top:4px'>colour: KL(original ‖ emulator) of the "
-              f"prediction made at each token, white = 0, red = {top:.3g} nats; mean {np.mean(kl) if kl else 0:.3g} "
-              f"over {len(kl)} tokens</div>")
-    return (f"<div style='font-family:monospace;white-space:pre-wrap;line-height:1.6;border:1px solid #ddd;"
-            f"padding:6px'>{''.join(spans)}</div>{legend}")
+        spans.append(
+            f"<span title='KL {value:.4f}' style='background:rgba(214,39,40,{alpha:.3f});"
+            f"border-radius:2px'>{shown}</span>"
+        )
+    legend = (
+        f"<div style='font-size:12px;color:#555;margin-top:4px'>colour: KL(original ‖ emulator) of the "
+        f"prediction made at each token, white = 0, red = {top:.3g} nats; mean {np.mean(kl) if kl else 0:.3g} "
+        f"over {len(kl)} tokens</div>"
+    )
+    return (
+        f"<div style='font-family:monospace;white-space:pre-wrap;line-height:1.6;border:1px solid #ddd;"
+        f"padding:6px'>{''.join(spans)}</div>{legend}"
+    )

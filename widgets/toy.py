@@ -11,6 +11,7 @@ those images shows what each weight matrix does. The correction itself is the co
 With no clamp, the corrected layer matches the target on the LoRA's subspace and
 equals W off it; at L = 0 it is the naive transfer.
 """
+
 from __future__ import annotations
 
 import html
@@ -63,15 +64,22 @@ class ToyCorrection(View):
     readout (mismatch with the target on the LoRA subspace, change to W off it).
     """
 
-    def __init__(self, dim: int = 2, seed: int = 0, *, lora_rank: int | None = None, error: float = 0.3,
-                 clamp: float = 3.0):
+    def __init__(
+        self, dim: int = 2, seed: int = 0, *, lora_rank: int | None = None, error: float = 0.3, clamp: float = 3.0
+    ):
         if dim not in (2, 3):
             raise ValueError("The toy layer is drawn in 2 or 3 dimensions: use dim=2 or dim=3.")
         self.dim, self.r = dim, lora_rank or dim - 1
         if not 1 <= self.r < dim:
-            raise ValueError(f"lora_rank must be between 1 and {dim - 1}, so that some inputs lie outside the LoRA's subspace.")
+            raise ValueError(
+                f"lora_rank must be between 1 and {dim - 1}, so that some inputs lie outside the LoRA's subspace."
+            )
         g = torch.Generator().manual_seed(seed)
-        self.w = _orthonormal(dim, g) @ torch.diag(torch.linspace(1.6, 0.6, dim, dtype=torch.float64)) @ _orthonormal(dim, g).T
+        self.w = (
+            _orthonormal(dim, g)
+            @ torch.diag(torch.linspace(1.6, 0.6, dim, dtype=torch.float64))
+            @ _orthonormal(dim, g).T
+        )
         e = torch.randn(dim, dim, generator=g, dtype=torch.float64)
         self.direction = e / e.norm()
         self.a = torch.randn(self.r, dim, generator=g, dtype=torch.float64)
@@ -82,8 +90,15 @@ class ToyCorrection(View):
         self.extent = self._extent()
 
         self.clamp = ClampControl(clamp)
-        self.error = W.FloatSlider(value=error, min=0.0, max=1.0, step=0.01, description="emulator error",
-                                   readout_format=".2f", style={"description_width": "initial"})
+        self.error = W.FloatSlider(
+            value=error,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            description="emulator error",
+            readout_format=".2f",
+            style={"description_width": "initial"},
+        )
         self.readout = W.HTML()
         self.figure = figure_widget(self._figure())
         self.clamp.observe(lambda _: self._update())
@@ -94,7 +109,8 @@ class ToyCorrection(View):
             f"{'circle' if dim == 2 else 'sphere (three great circles)'} under a weight matrix. The LoRA only reads "
             f"inputs along its {'direction' if self.r == 1 else 'plane'} (drawn in input space). The correction makes "
             "W + ΔW_c agree with the fine-tuned emulator there, and leaves W alone elsewhere; L limits how much of "
-            "the discrepancy D is subtracted.</p>")
+            "the discrepancy D is subtracted.</p>"
+        )
         self.widget = W.VBox([intro, self.clamp.widget, self.error, self.readout, self.figure])
 
     @property
@@ -106,8 +122,15 @@ class ToyCorrection(View):
         w_e = self.w + self.error.value * self.w.norm() * self.direction
         lc = correct_layer(self.w, w_e, self.a, self.b, self.scaling, self.L)
         valid = lc.valid
-        return {"w": self.w, "w_e": w_e, "delta": self.scaling * self.b @ self.a, "delta_c": lc.b @ lc.a,
-                "u": lc.a[valid].T, "kappa": lc.kappa[valid], "d": lc.d[:, valid]}
+        return {
+            "w": self.w,
+            "w_e": w_e,
+            "delta": self.scaling * self.b @ self.a,
+            "delta_c": lc.b @ lc.a,
+            "u": lc.a[valid].T,
+            "kappa": lc.kappa[valid],
+            "d": lc.d[:, valid],
+        }
 
     @property
     def numbers(self) -> dict:
@@ -116,11 +139,14 @@ class ToyCorrection(View):
         target = (s["w_e"] + s["delta"]) @ u
         outside = torch.eye(self.dim, dtype=torch.float64) - u @ u.T
         rel = lambda m: float(m.norm() / target.norm())
-        return {"d_norm": float(s["d"].norm()), "kappa": s["kappa"].tolist(),
-                "naive_subspace_error": rel((self.w + s["delta"]) @ u - target),
-                "corrected_subspace_error": rel((self.w + s["delta_c"]) @ u - target),
-                "corrected_change_off_subspace": float((s["delta_c"] @ outside).norm()),
-                "emulator_error_off_subspace": float(((s["w_e"] - self.w) @ outside).norm())}
+        return {
+            "d_norm": float(s["d"].norm()),
+            "kappa": s["kappa"].tolist(),
+            "naive_subspace_error": rel((self.w + s["delta"]) @ u - target),
+            "corrected_subspace_error": rel((self.w + s["delta_c"]) @ u - target),
+            "corrected_change_off_subspace": float((s["delta_c"] @ outside).norm()),
+            "emulator_error_off_subspace": float(((s["w_e"] - self.w) @ outside).norm()),
+        }
 
     # -- drawing
     def _maps(self, s: dict) -> list[torch.Tensor]:
@@ -147,27 +173,64 @@ class ToyCorrection(View):
         s = self.state
         three = self.dim == 3
         Line = go.Scatter3d if three else go.Scatter
-        data = [Line(name="unit " + ("sphere" if three else "circle"), mode="lines", **_xyz(self.curves),
-                     line=dict(color="#cccccc", width=2))]
+        data = [
+            Line(
+                name="unit " + ("sphere" if three else "circle"),
+                mode="lines",
+                **_xyz(self.curves),
+                line=dict(color="#cccccc", width=2),
+            )
+        ]
         for (name, color, dash), m in zip(MAPS, self._maps(s)):
-            data.append(Line(name=name, mode="lines", **_xyz(m.numpy() @ self.curves),
-                             line=dict(color=color, dash=dash, width=3 if "corrected" in name else 2)))
+            data.append(
+                Line(
+                    name=name,
+                    mode="lines",
+                    **_xyz(m.numpy() @ self.curves),
+                    line=dict(color=color, dash=dash, width=3 if "corrected" in name else 2),
+                )
+            )
         u = s["u"].numpy()
         if self.r == 1 or not three:
             ends = np.concatenate([-1.3 * u[:, :1], 1.3 * u[:, :1]], axis=1)
-            data.append(Line(name="LoRA input subspace", mode="lines", **_xyz(ends),
-                             line=dict(color="black", width=3, dash="longdash")))
+            data.append(
+                Line(
+                    name="LoRA input subspace",
+                    mode="lines",
+                    **_xyz(ends),
+                    line=dict(color="black", width=3, dash="longdash"),
+                )
+            )
         else:
-            corners = np.stack([1.3 * (i * u[:, 0] + j * u[:, 1]) for i, j in ((-1, -1), (1, -1), (1, 1), (-1, 1))], axis=1)
-            data.append(go.Mesh3d(name="LoRA input subspace", **_xyz(corners), i=[0, 0], j=[1, 2], k=[2, 3],
-                                  color="black", opacity=0.15, showlegend=True))
+            corners = np.stack(
+                [1.3 * (i * u[:, 0] + j * u[:, 1]) for i, j in ((-1, -1), (1, -1), (1, 1), (-1, 1))], axis=1
+            )
+            data.append(
+                go.Mesh3d(
+                    name="LoRA input subspace",
+                    **_xyz(corners),
+                    i=[0, 0],
+                    j=[1, 2],
+                    k=[2, 3],
+                    color="black",
+                    opacity=0.15,
+                    showlegend=True,
+                )
+            )
         Dots = go.Scatter3d if three else go.Scatter
-        for name, m, symbol in (("target on subspace", s["w_e"] + s["delta"], "circle"),
-                                ("naive on subspace", s["w"] + s["delta"], "x"),
-                                ("corrected on subspace", s["w"] + s["delta_c"], "diamond-open")):
-            data.append(Dots(name=name, mode="markers", **_xyz(m.numpy() @ u),
-                             marker=dict(size=11 if not three else 5, symbol=symbol,
-                                         color=DOT_COLOR[name.split()[0]])))
+        for name, m, symbol in (
+            ("target on subspace", s["w_e"] + s["delta"], "circle"),
+            ("naive on subspace", s["w"] + s["delta"], "x"),
+            ("corrected on subspace", s["w"] + s["delta_c"], "diamond-open"),
+        ):
+            data.append(
+                Dots(
+                    name=name,
+                    mode="markers",
+                    **_xyz(m.numpy() @ u),
+                    marker=dict(size=11 if not three else 5, symbol=symbol, color=DOT_COLOR[name.split()[0]]),
+                )
+            )
         fig = go.Figure(data)
         extent = self.extent
         if three:
@@ -176,8 +239,12 @@ class ToyCorrection(View):
         else:
             fig.update_xaxes(range=[-extent, extent], zeroline=True)
             fig.update_yaxes(range=[-extent, extent], scaleanchor="x", scaleratio=1, zeroline=True)
-        fig.update_layout(template="plotly_white", height=560, margin=dict(l=40, r=20, t=50, b=40),
-                          title="Images of the unit " + ("sphere" if three else "circle") + " (input and output share the axes)")
+        fig.update_layout(
+            template="plotly_white",
+            height=560,
+            margin=dict(l=40, r=20, t=50, b=40),
+            title="Images of the unit " + ("sphere" if three else "circle") + " (input and output share the axes)",
+        )
         return fig
 
     def _update(self) -> None:
@@ -189,5 +256,7 @@ class ToyCorrection(View):
             f"<p>L = {L} · ‖D‖ = {n['d_norm']:.3f} · κ = [{html.escape(kappa)}]<br>"
             f"mismatch with the fine-tuned emulator on the LoRA subspace: naive {n['naive_subspace_error']:.3f}, "
             f"<b>corrected {n['corrected_subspace_error']:.3f}</b><br>"
-            f"off the subspace the corrected layer keeps the original W (change {n['corrected_change_off_subspace']:.1e}) "
-            f"instead of copying the emulator's error there ({n['emulator_error_off_subspace']:.3f})</p>")
+            "off the subspace the corrected layer keeps the original W (change "
+            f"{n['corrected_change_off_subspace']:.1e}) "
+            f"instead of copying the emulator's error there ({n['emulator_error_off_subspace']:.3f})</p>"
+        )

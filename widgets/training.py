@@ -1,9 +1,10 @@
 """The training monitor: a live loss curve (and learning rate) fed by the core's training callbacks.
 
-    monitor = TrainingMonitor()
-    display(monitor)
-    finetune(model, tokenizer, task, out, callbacks=[monitor])
+monitor = TrainingMonitor()
+display(monitor)
+finetune(model, tokenizer, task, out, callbacks=[monitor])
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,7 @@ class TrainingMonitor(View):
         self.widget = W.VBox([self.status, self.figure])
 
     @classmethod
-    def from_history(cls, history: list[dict], *, title: str = "Training loss") -> "TrainingMonitor":
+    def from_history(cls, history: list[dict], *, title: str = "Training loss") -> TrainingMonitor:
         """Replay a saved history (`Run.history()`, or `TrainResult.history`)."""
         total = max((h.get("steps") or 0 for h in history), default=0) or None
         monitor = cls(total, title=title)
@@ -55,5 +56,8 @@ class TrainingMonitor(View):
         refresh(self.figure, loss_figure(self.history, title=self.title), "x", "y", title=False)
         of = f"/{self.total_steps}" if self.total_steps else ""
         lr = finite(last.get("lr"))
-        self.status.value = (f"<p>step {last['step']}{of} · loss <b>{last['loss']:.4f}</b>"
-                             + (f" · lr {lr:.3g}" if lr is not None else "") + "</p>")
+        self.status.value = (
+            f"<p>step {last['step']}{of} · loss <b>{last['loss']:.4f}</b>"
+            + (f" · lr {lr:.3g}" if lr is not None else "")
+            + "</p>"
+        )

@@ -18,8 +18,10 @@ Screenshots and timings go to artifacts/browser/. With EMLOC_UPDATE_SCREENSHOT=1
 the dashboard screenshot is also copied to docs/dashboard.png (used by the README).
 Without chromium the tests skip, unless EMLOC_REQUIRE_BROWSER=1 (CI), where they fail.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,15 +46,23 @@ pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts" / "browser"
 NOTEBOOK = "notebooks/00_quickstart.ipynb"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
-SERVER_START_S = 180      # JupyterLab up and answering
-LAB_LOAD_S = 180          # the lab page, the notebook and its kernel ready
-RUN_ALL_S = 1200          # every quickstart cell (seconds when the run exists; a from-scratch run takes minutes)
-RENDER_S = 120            # widget views and figures in the DOM once the cells have run
-TAB_BUILD_S = 400         # a dashboard tab is built in the kernel when first opened (eigen-decompositions: slow on a busy CPU)
+SERVER_START_S = 180  # JupyterLab up and answering
+LAB_LOAD_S = 180  # the lab page, the notebook and its kernel ready
+RUN_ALL_S = 1200  # every quickstart cell (seconds when the run exists; a from-scratch run takes minutes)
+RENDER_S = 120  # widget views and figures in the DOM once the cells have run
+TAB_BUILD_S = 400  # a dashboard tab is built in the kernel when first opened (eigen-decompositions: slow on a busy CPU)
 # The quickstart's run has every stage, so each of these dashboard tabs draws at least one figure;
 # the other tabs (Results) hold only tables.
 FIGURE_TABS = ["Spectra", "Rank plan", "Activations", "Drift", "Correction", "Training"]
@@ -61,6 +71,7 @@ TIMINGS: dict[str, float] = {}
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def chromium_path() -> str | None:
     for candidate in ("/usr/bin/chromium", shutil.which("chromium")):
@@ -115,13 +126,16 @@ class Guard:
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def chromium() -> str:
     path = chromium_path()
     reason = None
     if path is None:
-        reason = ("Debian's chromium is not installed (/usr/bin/chromium); install it with "
-                  "`apt-get install -y chromium` to run the browser tests")
+        reason = (
+            "Debian's chromium is not installed (/usr/bin/chromium); install it with "
+            "`apt-get install -y chromium` to run the browser tests"
+        )
     else:
         try:
             import playwright.sync_api  # noqa: F401
@@ -157,8 +171,14 @@ def browser(chromium, tmp_path_factory):
     guard = Guard()
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1500, "height": 1000}, device_scale_factor=1, accept_downloads=False)
+            str(profile),
+            executable_path=chromium,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1500, "height": 1000},
+            device_scale_factor=1,
+            accept_downloads=False,
+        )
         try:
             context.set_default_timeout(60_000)
             context.set_default_navigation_timeout(120_000)
@@ -176,11 +196,19 @@ def jupyter_lab(small_run, tmp_path_factory):
     config_dir.mkdir()
     # No news feed, no update check, no PyPI extension manager, no language servers (which write
     # .virtual_documents into the root): the server makes no outside request and writes nothing in the repo.
-    (config_dir / "jupyter_server_config.json").write_text(json.dumps({
-        "ServerApp": {"jpserver_extensions": {"jupyter_lsp": False}},
-        "LabApp": {"news_url": None, "extension_manager": "readonly", "expose_app_in_browser": True,
-                   "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate"},
-    }))
+    (config_dir / "jupyter_server_config.json").write_text(
+        json.dumps(
+            {
+                "ServerApp": {"jpserver_extensions": {"jupyter_lsp": False}},
+                "LabApp": {
+                    "news_url": None,
+                    "extension_manager": "readonly",
+                    "expose_app_in_browser": True,
+                    "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate",
+                },
+            }
+        )
+    )
     # Never autosave (the committed notebook must stay without outputs), ask nothing about news,
     # and attach every cell to the DOM so the dashboard at the bottom is rendered.
     for plugin, values in {
@@ -192,19 +220,34 @@ def jupyter_lab(small_run, tmp_path_factory):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(values))
 
-    env = {**os.environ, "EMLOC_SMALL": "1", "EMLOC_RUN_DIR": str(small_run.dir), "PYTHONUNBUFFERED": "1",
-           "JUPYTER_CONFIG_DIR": str(config_dir), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-           "JUPYTERLAB_SETTINGS_DIR": str(settings_dir), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
-           "IPYTHONDIR": str(home / "ipython")}
+    env = {
+        **os.environ,
+        "EMLOC_SMALL": "1",
+        "EMLOC_RUN_DIR": str(small_run.dir),
+        "PYTHONUNBUFFERED": "1",
+        "JUPYTER_CONFIG_DIR": str(config_dir),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(settings_dir),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+        "IPYTHONDIR": str(home / "ipython"),
+    }
     port, token = free_port(), secrets.token_hex(24)
     log = home / "server.log"
     notebook_file = REPO / NOTEBOOK
     committed = notebook_file.read_bytes()
     checkpoints = notebook_file.parent / ".ipynb_checkpoints"
     had_checkpoints = checkpoints.exists()
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={REPO}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={REPO}",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")  # CI containers run as root
     started = time.time()
@@ -231,7 +274,7 @@ def jupyter_lab(small_run, tmp_path_factory):
         _stop(proc, base, token)
         if notebook_file.read_bytes() != committed:  # belt and braces: autosave is off
             notebook_file.write_bytes(committed)
-            warnings.warn(f"JupyterLab modified {NOTEBOOK}; the committed version was restored.")
+            warnings.warn(f"JupyterLab modified {NOTEBOOK}; the committed version was restored.", stacklevel=2)
         if not had_checkpoints and checkpoints.is_dir():
             shutil.rmtree(checkpoints, ignore_errors=True)
 
@@ -257,12 +300,18 @@ def _stop(proc: subprocess.Popen, base: str, token: str) -> None:
 
 # ----------------------------------------------------------------------------- the HTML report
 
+
 def test_html_report_renders_offline(browser, small_run):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     report = ARTIFACTS / "report.html"
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "emloc_nb.cli", "report", str(small_run.dir), "--output", str(report)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "emloc_nb.cli", "report", str(small_run.dir), "--output", str(report)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"`emloc report` failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     html = report.read_text(encoding="utf-8")
     assert not re.search(r"<script[^>]+src=[\"']https?://", html), "the report loads a script from the network"
@@ -280,11 +329,15 @@ def test_html_report_renders_offline(browser, small_run):
             page.wait_for_function(
                 "n => document.querySelectorAll('.js-plotly-plot .main-svg').length >= n && "
                 "[...document.querySelectorAll('.plotly-graph-div')].every(d => d.querySelector('.main-svg'))",
-                arg=expected, timeout=RENDER_S * 1000)
+                arg=expected,
+                timeout=RENDER_S * 1000,
+            )
         except Exception:
             rendered = page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
-            pytest.fail(f"{rendered} of the report's {expected} plotly figures rendered within {RENDER_S} s. "
-                        f"Page errors: {errors}\nPage text:\n{page_text(page)}")
+            pytest.fail(
+                f"{rendered} of the report's {expected} plotly figures rendered within {RENDER_S} s. "
+                f"Page errors: {errors}\nPage text:\n{page_text(page)}"
+            )
         rendered = page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
         assert rendered == expected, f"{rendered} plotly figures rendered, the report holds {expected}"
         assert not errors, f"JavaScript errors in the report: {errors}"
@@ -363,13 +416,17 @@ def test_quickstart_runs_and_renders_in_jupyterlab(browser, jupyter_lab):
     page.on("pageerror", lambda e: errors.append(str(e)))
     started = time.time()
     try:
-        page.goto(f"{jupyter_lab['base']}/lab/tree/{NOTEBOOK}?token={jupyter_lab['token']}", wait_until="domcontentloaded")
+        page.goto(
+            f"{jupyter_lab['base']}/lab/tree/{NOTEBOOK}?token={jupyter_lab['token']}", wait_until="domcontentloaded"
+        )
         try:
             page.wait_for_function("() => window.jupyterapp !== undefined", timeout=LAB_LOAD_S * 1000)
             kernel = page.evaluate(OPEN_NOTEBOOK_JS, NOTEBOOK)
         except Exception as e:
-            pytest.fail(f"JupyterLab did not open {NOTEBOOK} with a kernel: {e}\nPage text:\n{page_text(page)}\n"
-                        f"Server log:\n{tail(jupyter_lab['log'])}")
+            pytest.fail(
+                f"JupyterLab did not open {NOTEBOOK} with a kernel: {e}\nPage text:\n{page_text(page)}\n"
+                f"Server log:\n{tail(jupyter_lab['log'])}"
+            )
         assert kernel == "python3", f"the notebook started kernel {kernel!r}, expected python3"
         record_timing("lab_open_notebook_s", time.time() - started)
 
@@ -384,18 +441,24 @@ def test_quickstart_runs_and_renders_in_jupyterlab(browser, jupyter_lab):
                 break
             time.sleep(2)
         else:
-            pytest.fail(f"{NOTEBOOK} did not finish within {RUN_ALL_S} s ({state}).\nPage text:\n{page_text(page)}\n"
-                        f"Server log:\n{tail(jupyter_lab['log'])}")
+            pytest.fail(
+                f"{NOTEBOOK} did not finish within {RUN_ALL_S} s ({state}).\nPage text:\n{page_text(page)}\n"
+                f"Server log:\n{tail(jupyter_lab['log'])}"
+            )
         record_timing("lab_run_all_s", time.time() - started)
 
         started = time.time()
-        for what, selector in (("the results table", ".jp-OutputArea-output table.dataframe"),
-                               ("the dashboard's widget view", ".jp-OutputArea-output .jupyter-widgets .widget-tab")):
+        for what, selector in (
+            ("the results table", ".jp-OutputArea-output table.dataframe"),
+            ("the dashboard's widget view", ".jp-OutputArea-output .jupyter-widgets .widget-tab"),
+        ):
             try:
                 page.wait_for_selector(selector, state="visible", timeout=RENDER_S * 1000)
             except Exception as e:
-                pytest.fail(f"{what} ({selector}) did not render within {RENDER_S} s ({type(e).__name__}). "
-                            f"Page errors: {errors}\nPage text:\n{page_text(page)}")
+                pytest.fail(
+                    f"{what} ({selector}) did not render within {RENDER_S} s ({type(e).__name__}). "
+                    f"Page errors: {errors}\nPage text:\n{page_text(page)}"
+                )
         text = page_text(page, limit=10**6)
         for problem in ("Error displaying widget", "Model not found", "No version of module"):
             assert problem not in text, f"a widget failed to render ({problem!r}):\n{page_text(page)}"
@@ -408,31 +471,35 @@ def test_quickstart_runs_and_renders_in_jupyterlab(browser, jupyter_lab):
         page.set_viewport_size({"width": 1500, "height": 2200})  # room for a whole tab in the screenshots
         plots: dict[str, int] = {}
         failed: dict[str, str] = {}
-        visible = ("() => [...document.querySelectorAll('.widget-tab .js-plotly-plot')]"
-                   ".filter(p => p.querySelector('.main-svg') && p.getBoundingClientRect().width > 0).length")
+        visible = (
+            "() => [...document.querySelectorAll('.widget-tab .js-plotly-plot')]"
+            ".filter(p => p.querySelector('.main-svg') && p.getBoundingClientRect().width > 0).length"
+        )
         for i, title in enumerate(titles):
             tabs.nth(i).click()
             # A tab is built in the kernel the first time it is opened: wait for the kernel, then for its figures.
             page.wait_for_timeout(500)
             if not wait_for_idle_kernel(page, TAB_BUILD_S):
                 pytest.fail(f"the kernel stayed busy for {TAB_BUILD_S} s after opening the dashboard tab {title!r}")
-            try:
+            with contextlib.suppress(Exception):  # a tab without figures is reported below, with every tab's count
                 page.wait_for_function(visible + " > 0", timeout=(10 if title in TABLE_TABS else RENDER_S) * 1000)
-            except Exception:
-                pass  # a tab without figures is reported below, with every tab's count
             plots[title] = page.evaluate(visible)
             # Only the open tab is in innerText, so look for the Dashboard's "<title> failed: <error>" note now.
             text = page_text(page, limit=10**6)
             if f"{title} failed:" in text:
-                failed[title] = text[text.index(f"{title} failed:"):][:500]
+                failed[title] = text[text.index(f"{title} failed:") :][:500]
             dashboard.screenshot(path=str(ARTIFACTS / f"dashboard-tab{i}.png"))
         assert not failed, f"dashboard tabs failed to build: {failed}"
-        assert sum(plots.values()) > 0, (f"no plotly figure rendered in any dashboard tab: {plots}. "
-                                         f"Page errors: {errors}\nPage text:\n{page_text(page)}")
+        assert sum(plots.values()) > 0, (
+            f"no plotly figure rendered in any dashboard tab: {plots}. "
+            f"Page errors: {errors}\nPage text:\n{page_text(page)}"
+        )
         assert set(FIGURE_TABS) <= set(titles), f"the dashboard lacks tabs {set(FIGURE_TABS) - set(titles)}: {titles}"
         blank = [t for t in FIGURE_TABS if plots[t] == 0]
-        assert not blank, (f"dashboard tabs {blank} drew no plotly figure (figures per tab: {plots}). "
-                           f"Page errors: {errors}\nPage text:\n{page_text(page)}")
+        assert not blank, (
+            f"dashboard tabs {blank} drew no plotly figure (figures per tab: {plots}). "
+            f"Page errors: {errors}\nPage text:\n{page_text(page)}"
+        )
         assert page.locator(".jupyter-widgets").count() > 0
         assert not browser.guard.blocked, f"JupyterLab tried to reach the network: {browser.guard.blocked}"
         record_timing("lab_render_s", time.time() - started)

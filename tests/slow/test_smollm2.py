@@ -3,6 +3,7 @@
 The run directory is EMLOC_RUN_DIR when set (make test shares it with the notebooks,
 which then resume instead of recomputing), else a temporary one.
 """
+
 import math
 import os
 from pathlib import Path

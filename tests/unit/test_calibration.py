@@ -94,9 +94,9 @@ def test_save_load_round_trip_is_exact(calibrated, tmp_path):
     loaded = CalibrationStats.load(tmp_path / "calib")
     assert loaded.model_fingerprint == stats.model_fingerprint and loaded.examples == stats.examples
     for key, s in stats.inputs.items():
-        l = loaded.inputs[key]
-        assert torch.equal(l.second_moment, s.second_moment) and torch.equal(l.abs_max, s.abs_max)
-        assert l.layers == s.layers and l.tokens == s.tokens
+        back = loaded.inputs[key]
+        assert torch.equal(back.second_moment, s.second_moment) and torch.equal(back.abs_max, s.abs_max)
+        assert back.layers == s.layers and back.tokens == s.tokens
     with pytest.raises(EmlocError, match="not empty"):
         stats.save(tmp_path / "calib")
     summary = loaded.rows

@@ -4,11 +4,22 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from emloc_nb import EmlocError, LoraSpec, TrainSpec, build_emulator, collect_stats, correct_layer, correct_lora, finetune, fingerprint, tiny_model
+from emloc_nb import (
+    EmlocError,
+    LoraSpec,
+    TrainSpec,
+    build_emulator,
+    collect_stats,
+    correct_layer,
+    correct_lora,
+    finetune,
+    fingerprint,
+    tiny_model,
+)
 from emloc_nb.correction import CorrectionReport, clamp_factors, error_terms
 from emloc_nb.data import batches
-from emloc_nb.models import linear_weight, model_inputs
 from emloc_nb.lora import load_adapter, lora_factors, peft_config, save_adapter
+from emloc_nb.models import linear_weight, model_inputs
 
 D_OUT, D_IN, R = 12, 10, 3
 
@@ -77,6 +88,7 @@ def test_error_terms_match_activations():
     lc = correct_layer(w, w_e, a, b, 1.3, clamp=0.8)
     terms = error_terms(w, w_e, lc, cov)
     from emloc_nb.correction import _errors
+
     tuned = w_e + 1.3 * b @ a
     proj = lc.a.T @ lc.a
     for kappa in (torch.zeros(R, dtype=torch.float64), lc.kappa, torch.ones(R, dtype=torch.float64)):
@@ -85,7 +97,9 @@ def test_error_terms_match_activations():
         overall, sub = _errors(terms, kappa)
         assert overall == pytest.approx(float((out - x @ tuned.T).norm() / (x @ tuned.T).norm()), rel=1e-8)
         xs = x @ proj
-        assert sub == pytest.approx(float((xs @ (w + b_c @ lc.a).T - xs @ tuned.T).norm() / (xs @ tuned.T).norm()), rel=1e-8, abs=1e-12)
+        assert sub == pytest.approx(
+            float((xs @ (w + b_c @ lc.a).T - xs @ tuned.T).norm() / (xs @ tuned.T).norm()), rel=1e-8, abs=1e-12
+        )
 
 
 @pytest.fixture
@@ -94,8 +108,15 @@ def trained(toy_task, tmp_path):
     calib = batches(tok, toy_task.train, batch_size=8, limit=32)
     emulator = build_emulator(model, collect_stats(model, calib, progress=False), 0.5, progress=False)
     heldout = collect_stats(model, batches(tok, toy_task.test, batch_size=8), progress=False)
-    result = finetune(emulator.model, tok, toy_task, tmp_path / "ft", lora=LoraSpec(r=4, alpha=8, dropout=0.0),
-                      config=TrainSpec(steps=4, batch_size=8, lr=1e-2, checkpoint_every=0), progress=False)
+    result = finetune(
+        emulator.model,
+        tok,
+        toy_task,
+        tmp_path / "ft",
+        lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+        config=TrainSpec(steps=4, batch_size=8, lr=1e-2, checkpoint_every=0),
+        progress=False,
+    )
     return model, tok, emulator, heldout, result.adapter_dir
 
 
@@ -157,7 +178,10 @@ def test_written_adapter_fits_the_original_exactly(trained, tmp_path, clamp):
 
 def emulator_task_rows(tok):
     from datasets import Dataset
-    return Dataset.from_list([{"messages": [{"role": "user", "content": f"sample {i}"}], "answer": "yes"} for i in range(4)])
+
+    return Dataset.from_list(
+        [{"messages": [{"role": "user", "content": f"sample {i}"}], "answer": "yes"} for i in range(4)]
+    )
 
 
 def test_correction_refuses_a_foreign_adapter_or_original(trained, tmp_path):

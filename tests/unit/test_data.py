@@ -15,8 +15,14 @@ def test_jsonl_csv_and_messages(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("prompt,answer\n" + "\n".join(f"{r['prompt']},{r['answer']}" for r in rows))
     chats = tmp_path / "c.jsonl"
-    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                                        {"role": "assistant", "content": r["answer"]}]}) for r in rows))
+    chats.write_text(
+        "\n".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
+            )
+            for r in rows
+        )
+    )
     for path in (jsonl, csv, chats):
         task = load_task(path, test_size=0.2)
         assert len(task.train) == 8 and len(task.test) == 2
@@ -41,8 +47,12 @@ def test_answers_outside_the_choices_are_refused():
 
 
 def test_dataset_dict_keeps_its_splits():
-    d = DatasetDict({"train": Dataset.from_list([{"prompt": "p", "answer": "a"}] * 3),
-                     "test": Dataset.from_list([{"prompt": "q", "answer": "b"}] * 2)})
+    d = DatasetDict(
+        {
+            "train": Dataset.from_list([{"prompt": "p", "answer": "a"}] * 3),
+            "test": Dataset.from_list([{"prompt": "q", "answer": "b"}] * 2),
+        }
+    )
     task = load_task(d)
     assert (len(task.train), len(task.test)) == (3, 2)
 
@@ -50,7 +60,7 @@ def test_dataset_dict_keeps_its_splits():
 def test_labels_mask_the_prompt_and_padding_is_left():
     tok = tiny_tokenizer()
     enc = encode_example(tok, [{"role": "user", "content": "hello"}], "yes")
-    answer = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE_INDEX]
+    answer = [t for t, label in zip(enc["input_ids"], enc["labels"]) if label != IGNORE_INDEX]
     assert tok.decode(answer).startswith("yes")
     prompt_len = enc["labels"].count(IGNORE_INDEX)
     assert tok.decode(enc["input_ids"][:prompt_len]).endswith("assistant\n")

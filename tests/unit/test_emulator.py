@@ -3,8 +3,8 @@ import torch
 
 from emloc_nb import EmlocError, Emulator, RankPlan, allocate, build_emulator, collect_stats, fingerprint, tiny_model
 from emloc_nb.data import batches
-from emloc_nb.emulator import LowRankLinear, whitening
 from emloc_nb.drift import relative_error
+from emloc_nb.emulator import LowRankLinear, whitening
 from emloc_nb.models import block_linears, linear_weight, model_inputs
 from emloc_nb.ranks import rank_for_ratio
 
@@ -72,7 +72,7 @@ def test_spectrum_table(calibrated):
         assert (sv[:-1] >= sv[1:] - 1e-5).all()
         if not row["dense"]:
             # kept energy at rank r is the top-r squared whitened singular values over the total
-            assert row["energy_kept"] == pytest.approx(float((sv[:row["rank"]] ** 2).sum() / (sv ** 2).sum()), rel=1e-4)
+            assert row["energy_kept"] == pytest.approx(float((sv[: row["rank"]] ** 2).sum() / (sv**2).sum()), rel=1e-4)
             assert table.error_at(row["name"], row["rank"]) == pytest.approx(row["predicted_error"], rel=1e-3, abs=1e-6)
             assert row["params_kept"] <= 0.5 + 1e-9 or row["name"].endswith("q_proj")
     assert emulator.parameter_count() < sum(p.numel() for p in model.parameters())

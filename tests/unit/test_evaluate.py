@@ -27,7 +27,7 @@ def test_generation_tasks_use_exact_match(llama, toy_task, monkeypatch):
     answers = list(task.test.select(range(4))["answer"])
     replies = [f" {answers[0]} ", answers[1], "something else", answers[3] + "!"]  # exact match after strip only
     module = sys.modules["emloc_nb.evaluate"]  # the package's `evaluate` attribute is the function
-    monkeypatch.setattr(module, "generate", lambda model, tok, prompts, n: replies[:len(prompts)])
+    monkeypatch.setattr(module, "generate", lambda model, tok, prompts, n: replies[: len(prompts)])
     result = evaluate(model, tok, task, limit=4, batch_size=4, progress=False)
     assert result.examples == 4 and math.isfinite(result.answer_loss)
     assert result.accuracy == pytest.approx(2 / 4)

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from emloc_nb import EmlocError, fingerprint, load_model, tiny_model
-from emloc_nb.models import block_linears, linear_weight, default_model_dir
+from emloc_nb.models import block_linears, default_model_dir, linear_weight
 
 
 def test_tiny_families_have_block_linears(tiny):
     model, tokenizer = tiny
     layers = block_linears(model)
     assert len(layers) >= 8
-    for name, module in layers.items():
+    for module in layers.values():
         w = linear_weight(module)
         assert w.ndim == 2 and w.shape[1] > 0
     assert "lm_head" not in layers

@@ -1,4 +1,5 @@
 """Every report has the same shape: save(path, overwrite=) / load(path), rows, to_frame(), layer(name)."""
+
 import pytest
 import torch
 
@@ -14,19 +15,53 @@ LAYER = "model.layers.0.mlp.up_proj"
 
 
 def _reports() -> list[Report]:
-    stats = CalibrationStats({LAYER: InputStats(torch.eye(3, dtype=torch.float64) * 4, torch.ones(3, dtype=torch.float64),
-                                                torch.ones(3, dtype=torch.float64), 4, [LAYER, "model.layers.0.mlp.gate_proj"])},
-                             "abc", 2)
-    row = {"name": LAYER, "block": 0, "kind": "up_proj", "d_out": 4, "d_in": 3, "rank": 1, "dense": False,
-           "reason": "uniform", "params_kept": 0.5, "energy_kept": 0.9, "predicted_error": 0.3, "whitening": "cholesky"}
-    spectra = SpectrumTable([row], {LAYER: {"plain": torch.tensor([3.0, 1.0, 0.5]), "whitened": torch.tensor([2.0, 1.0, 0.1])}})
-    drift = DriftReport([{"name": LAYER, "block": 0, "kind": "up_proj", "rank": 1, "predicted_error": 0.3,
-                          "measured_error": 0.4}], [{"block": 0, "cosine": 0.99}], {"kl": 0.1}, [])
-    correction = CorrectionReport(3.0, [{"name": LAYER, "block": 0, "kind": "up_proj", "lora_rank": 2, "scaling": 2.0,
-                                         "d_norm": 0.5, "b_norm": 1.0}],
-                                  {LAYER: {"b_mean": torch.tensor([1.0, 0.1], dtype=torch.float64),
-                                           "d_mean": torch.tensor([0.2, 1.0], dtype=torch.float64),
-                                           "valid": torch.tensor([True, True])}})
+    stats = CalibrationStats(
+        {
+            LAYER: InputStats(
+                torch.eye(3, dtype=torch.float64) * 4,
+                torch.ones(3, dtype=torch.float64),
+                torch.ones(3, dtype=torch.float64),
+                4,
+                [LAYER, "model.layers.0.mlp.gate_proj"],
+            )
+        },
+        "abc",
+        2,
+    )
+    row = {
+        "name": LAYER,
+        "block": 0,
+        "kind": "up_proj",
+        "d_out": 4,
+        "d_in": 3,
+        "rank": 1,
+        "dense": False,
+        "reason": "uniform",
+        "params_kept": 0.5,
+        "energy_kept": 0.9,
+        "predicted_error": 0.3,
+        "whitening": "cholesky",
+    }
+    spectra = SpectrumTable(
+        [row], {LAYER: {"plain": torch.tensor([3.0, 1.0, 0.5]), "whitened": torch.tensor([2.0, 1.0, 0.1])}}
+    )
+    drift = DriftReport(
+        [{"name": LAYER, "block": 0, "kind": "up_proj", "rank": 1, "predicted_error": 0.3, "measured_error": 0.4}],
+        [{"block": 0, "cosine": 0.99}],
+        {"kl": 0.1},
+        [],
+    )
+    correction = CorrectionReport(
+        3.0,
+        [{"name": LAYER, "block": 0, "kind": "up_proj", "lora_rank": 2, "scaling": 2.0, "d_norm": 0.5, "b_norm": 1.0}],
+        {
+            LAYER: {
+                "b_mean": torch.tensor([1.0, 0.1], dtype=torch.float64),
+                "d_mean": torch.tensor([0.2, 1.0], dtype=torch.float64),
+                "valid": torch.tensor([True, True]),
+            }
+        },
+    )
     evaluation = EvalResult(0.5, 0.7, 2, ["yes", "no"], ["yes", "yes"])
     return [stats, spectra, drift, correction, evaluation]
 
@@ -42,7 +77,7 @@ def test_every_report_round_trips_and_refuses_to_overwrite_by_default(report, tm
     with pytest.raises(EmlocError, match="overwrite=True"):
         report.save(path)
     report.save(path, overwrite=True)
-    if isinstance(report, LayerReport) or isinstance(report, CalibrationStats):
+    if isinstance(report, (LayerReport, CalibrationStats)):
         assert report.layer(LAYER) is not None
     if isinstance(report, LayerReport):
         assert frame.index.name == "name" and report.names == [LAYER]
@@ -60,8 +95,10 @@ def test_loading_a_report_of_another_kind_is_refused(tmp_path):
 
 def test_eval_rows_are_one_per_example_with_the_prediction():
     result = _reports()[4]
-    assert result.rows == [{"example": 0, "answer": "yes", "prediction": "yes", "correct": True},
-                           {"example": 1, "answer": "yes", "prediction": "no", "correct": False}]
+    assert result.rows == [
+        {"example": 0, "answer": "yes", "prediction": "yes", "correct": True},
+        {"example": 1, "answer": "yes", "prediction": "no", "correct": False},
+    ]
 
 
 def test_calibration_layer_is_the_input_a_layer_reads():

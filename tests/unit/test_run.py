@@ -1,4 +1,5 @@
 """Run: the one owner of a run directory's layout, with a loader for every artifact."""
+
 import pytest
 
 from emloc_nb import EmlocError, Run
@@ -8,17 +9,18 @@ from emloc_nb.drift import DriftReport
 from emloc_nb.evaluate import EvalResult
 from emloc_nb.run import LAYOUT
 from emloc_nb.spectra import SpectrumTable
-from emloc_nb.stages import SETTINGS
+from emloc_nb.stages import SETTINGS, STAGES
 
 from ..conftest import tiny_run_config
 
 
 def test_every_stage_writes_a_directory_named_for_it(tiny_run):
-    top = {p.name for p in tiny_run.dir.iterdir()}
-    assert top == {"run.json", "calibrate", "emulator", "drift", "finetune_emulator", "finetune_original", "correct",
-                   "evaluate", "stages"}
-    assert {p.name for p in tiny_run.path("evaluation:original").parent.iterdir()} == {*SETTINGS, "results.json",
-                                                                                       "results.md"}
+    assert {p.name for p in tiny_run.dir.iterdir()} == {"run.json", "stages", *STAGES}
+    assert {p.name for p in tiny_run.path("evaluation:original").parent.iterdir()} == {
+        *SETTINGS,
+        "results.json",
+        "results.md",
+    }
 
 
 def test_a_loader_for_every_artifact(tiny_run):

@@ -49,13 +49,18 @@ def test_isolated_stage_records_its_peak_memory(tiny_setup):
     assert run.calibration().examples == 16
 
 
+def _build(model, data, output, *flags) -> int:
+    """`emloc build-emulator` on the tiny model and task."""
+    return cli(["build-emulator", "--model", str(model), "--data", str(data), "--output", str(output), *flags])
+
+
 def test_bad_plans_and_models_write_nothing(tiny_setup, capsys):
     root, model, data = tiny_setup
-    assert cli(["build-emulator", "--model", str(model), "--data", str(data), "--ratio", "1.5", "--output", str(root / "a")]) == 2
+    assert _build(model, data, root / "a", "--ratio", "1.5") == 2
     assert "outside (0, 1]" in capsys.readouterr().err
     plan = root / "plan.json"
     plan.write_text(json.dumps({"ratio": 0.5, "rules": {"layers\\.42\\.": 1.0}}))
-    assert cli(["build-emulator", "--model", str(model), "--data", str(data), "--plan", str(plan), "--output", str(root / "b")]) == 2
+    assert _build(model, data, root / "b", "--plan", str(plan)) == 2
     assert "match no layer" in capsys.readouterr().err
     assert cli(["build-emulator", "--model", str(root / "missing"), "--output", str(root / "c")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -65,14 +70,13 @@ def test_bad_plans_and_models_write_nothing(tiny_setup, capsys):
 
 def test_cli_build_emulator_and_overwrite(tiny_setup, capsys):
     root, model, data = tiny_setup
-    args = ["build-emulator", "--model", str(model), "--data", str(data), "--calibration-examples", "8",
-            "--output", str(root / "cli"), "--in-process"]
-    assert cli(args + ["--ratio", "0.5"]) == 0
+    args = ["--calibration-examples", "8", "--in-process"]
+    assert _build(model, data, root / "cli", *args, "--ratio", "0.5") == 0
     out = capsys.readouterr().out
     assert "block linears compressed" in out and "KL" in out
-    assert cli(args + ["--ratio", "0.4"]) == 2
+    assert _build(model, data, root / "cli", *args, "--ratio", "0.4") == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert cli(args + ["--ratio", "0.4", "--overwrite"]) == 0
+    assert _build(model, data, root / "cli", *args, "--ratio", "0.4", "--overwrite") == 0
     assert Run(root / "cli").config.emulator.plan["ratio"] == 0.4
 
 
@@ -80,8 +84,22 @@ def test_ddp_finetune_with_two_cpu_processes(tiny_setup):
     root, model, data = tiny_setup
     run = Run(root / "ddp", _config(model, data, baseline=False))
     run.run_all(isolate=False, until="emulator")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "emloc_nb.cli", "finetune", "--run-dir", str(run.dir), "--trainer", "hf"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "emloc_nb.cli",
+        "finetune",
+        "--run-dir",
+        str(run.dir),
+        "--trainer",
+        "hf",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     adapter = run.adapter_dir("emulator")
@@ -93,8 +111,15 @@ def test_ddp_finetune_with_two_cpu_processes(tiny_setup):
 
 
 def test_the_registry_names_each_stage_once_with_artifacts_of_the_layout():
-    assert list(STAGES) == ["calibrate", "emulator", "drift", "finetune_emulator", "finetune_original", "correct",
-                            "evaluate"]
+    assert list(STAGES) == [
+        "calibrate",
+        "emulator",
+        "drift",
+        "finetune_emulator",
+        "finetune_original",
+        "correct",
+        "evaluate",
+    ]
     for stage in STAGES.values():
         for artifact in (*stage.reads, *stage.writes, stage.part_writes):
             if artifact:
@@ -103,7 +128,7 @@ def test_the_registry_names_each_stage_once_with_artifacts_of_the_layout():
     written = [a for s in STAGES.values() for a in s.writes]
     assert len(written) == len(set(written))  # one owner for each artifact
     for stage in STAGES.values():  # every stage reads only what an earlier stage writes
-        earlier = {a for s in list(STAGES.values())[:list(STAGES).index(stage.name)] for a in s.writes}
+        earlier = {a for s in list(STAGES.values())[: list(STAGES).index(stage.name)] for a in s.writes}
         assert set(stage.reads) <= earlier, stage.name
 
 

@@ -4,19 +4,17 @@ from safetensors.torch import load_file
 
 from emloc_nb import EmlocError, LoraSpec, TrainSpec, finetune, hf_trainer, tiny_model
 
-from ..conftest import tiny_emulator
-
-FAST = dict(batch_size=8, lr=1e-2, warmup_steps=1)
+from ..conftest import FAST, quick_finetune, tiny_emulator
 
 
 def test_lora_on_the_emulator_uses_the_original_names(toy_task, tmp_path):
     model, tok, emulator = tiny_emulator(toy_task)
     events = []
-    result = finetune(emulator.model, tok, toy_task, tmp_path / "emu", lora=LoraSpec(r=4, alpha=8),
-                      config=TrainSpec(steps=3, checkpoint_every=0, **FAST), callbacks=[events.append], progress=False)
+    result = quick_finetune(
+        emulator.model, tok, toy_task, tmp_path / "emu", LoraSpec(r=4, alpha=8), steps=3, callbacks=[events.append]
+    )
     on_emulator = set(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
-    result = finetune(model, tok, toy_task, tmp_path / "orig", lora=LoraSpec(r=4, alpha=8),
-                      config=TrainSpec(steps=3, checkpoint_every=0, **FAST), progress=False)
+    result = quick_finetune(model, tok, toy_task, tmp_path / "orig", LoraSpec(r=4, alpha=8), steps=3)
     on_original = set(load_file(str(result.adapter_dir / "adapter_model.safetensors")))
     assert on_emulator == on_original and len(on_original) == 2 * 14
     assert [e["step"] for e in events] == [1, 2, 3] and all("loss" in e and "lr" in e for e in events)
@@ -27,8 +25,15 @@ def test_lora_on_the_emulator_uses_the_original_names(toy_task, tmp_path):
 
 def test_training_lowers_the_loss(toy_task, tmp_path):
     model, tok = tiny_model("llama")
-    result = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=8, alpha=16, dropout=0.0),
-                      config=TrainSpec(steps=30, checkpoint_every=0, batch_size=8, lr=1e-2, warmup_steps=2), progress=False)
+    result = finetune(
+        model,
+        tok,
+        toy_task,
+        tmp_path / "run",
+        lora=LoraSpec(r=8, alpha=16, dropout=0.0),
+        config=TrainSpec(steps=30, checkpoint_every=0, batch_size=8, lr=1e-2, warmup_steps=2),
+        progress=False,
+    )
     first = sum(h["loss"] for h in result.history[:3]) / 3
     last = sum(h["loss"] for h in result.history[-3:]) / 3
     assert last < 0.7 * first
@@ -39,7 +44,9 @@ def test_resumed_run_matches_an_uninterrupted_one(toy_task, tmp_path):
     config = TrainSpec(steps=6, checkpoint_every=2, **FAST)
     lora = LoraSpec(r=4, alpha=8, dropout=0.1)  # dropout makes the RNG state part of what must resume
     whole = finetune(emulator.model, tok, toy_task, tmp_path / "whole", lora=lora, config=config, progress=False)
-    part = finetune(emulator.model, tok, toy_task, tmp_path / "parts", lora=lora, config=config, stop_after=3, progress=False)
+    part = finetune(
+        emulator.model, tok, toy_task, tmp_path / "parts", lora=lora, config=config, stop_after=3, progress=False
+    )
     assert len(part.history) == 3 and not (tmp_path / "parts" / "adapter").exists()
     assert (tmp_path / "parts" / "checkpoint" / "state.safetensors").is_file()
     resumed = finetune(emulator.model, tok, toy_task, tmp_path / "parts", lora=lora, config=config, progress=False)
@@ -53,8 +60,9 @@ def test_resumed_run_matches_an_uninterrupted_one(toy_task, tmp_path):
 def test_stop_after_keeps_the_progress_without_periodic_checkpoints(toy_task, tmp_path):
     model, tok = tiny_model("llama")
     config = TrainSpec(steps=4, checkpoint_every=0, **FAST)
-    part = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config,
-                    stop_after=2, progress=False)
+    part = finetune(
+        model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, stop_after=2, progress=False
+    )
     rest = finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
     assert len(part.history) == 2 and [h["step"] for h in rest.history] == [1, 2, 3, 4]
     assert rest.history[:2] == part.history
@@ -63,16 +71,26 @@ def test_stop_after_keeps_the_progress_without_periodic_checkpoints(toy_task, tm
 def test_a_checkpoint_or_adapter_of_another_run_is_refused(toy_task, tmp_path):
     model, tok, emulator = tiny_emulator(toy_task)
     config = TrainSpec(steps=4, checkpoint_every=0, **FAST)
-    finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config,
-             stop_after=2, progress=False)
+    quick_finetune(emulator.model, tok, toy_task, tmp_path / "run", LoraSpec(r=2, alpha=2), steps=4, stop_after=2)
     with pytest.raises(EmlocError, match="another fine-tuning run.*base_fingerprint"):  # same names, other weights
         finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
     with pytest.raises(EmlocError, match="another fine-tuning run.*train"):
-        finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2),
-                 config=TrainSpec(steps=4, checkpoint_every=0, batch_size=8, lr=1.0, warmup_steps=1), progress=False)
-    finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
+        finetune(
+            emulator.model,
+            tok,
+            toy_task,
+            tmp_path / "run",
+            lora=LoraSpec(r=2, alpha=2),
+            config=TrainSpec(steps=4, checkpoint_every=0, batch_size=8, lr=1.0, warmup_steps=1),
+            progress=False,
+        )
+    finetune(
+        emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False
+    )
     with pytest.raises(EmlocError, match="another fine-tuning run.*lora"):  # a finished adapter is not reused either
-        finetune(emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=4, alpha=2), config=config, progress=False)
+        finetune(
+            emulator.model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=4, alpha=2), config=config, progress=False
+        )
 
 
 def test_a_failed_run_leaves_the_model_without_lora(toy_task, tmp_path):
@@ -82,19 +100,24 @@ def test_a_failed_run_leaves_the_model_without_lora(toy_task, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(model, tok, toy_task, tmp_path / "a", lora=LoraSpec(r=2, alpha=2),
-                 config=TrainSpec(steps=3, checkpoint_every=0, **FAST), callbacks=[interrupt], progress=False)
+        quick_finetune(model, tok, toy_task, tmp_path / "a", LoraSpec(r=2, alpha=2), steps=3, callbacks=[interrupt])
     assert not any("lora" in n for n, _ in model.named_modules())
-    again = finetune(model, tok, toy_task, tmp_path / "b", lora=LoraSpec(r=2, alpha=2),
-                     config=TrainSpec(steps=1, checkpoint_every=0, **FAST), progress=False)
+    again = quick_finetune(model, tok, toy_task, tmp_path / "b", LoraSpec(r=2, alpha=2), steps=1)
     assert (again.adapter_dir / "adapter_model.safetensors").is_file()
 
 
 def test_hf_trainer_runs_with_the_same_collator(toy_task, tmp_path):
     model, tok, emulator = tiny_emulator(toy_task)
     events = []
-    trainer = hf_trainer(emulator.model, tok, toy_task, tmp_path / "hf", lora=LoraSpec(r=4, alpha=8),
-                         config=TrainSpec(steps=3, checkpoint_every=0, **FAST), callbacks=[events.append])
+    trainer = hf_trainer(
+        emulator.model,
+        tok,
+        toy_task,
+        tmp_path / "hf",
+        lora=LoraSpec(r=4, alpha=8),
+        config=TrainSpec(steps=3, checkpoint_every=0, **FAST),
+        callbacks=[events.append],
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     after = dict(trainer.model.named_parameters())
@@ -105,10 +128,24 @@ def test_hf_trainer_runs_with_the_same_collator(toy_task, tmp_path):
 def test_gradient_checkpointing_gives_the_same_weights(toy_task, tmp_path):
     model, tok, emulator = tiny_emulator(toy_task)
     lora = LoraSpec(r=4, alpha=8, dropout=0.0)
-    plain = finetune(emulator.model, tok, toy_task, tmp_path / "plain", lora=lora,
-                     config=TrainSpec(steps=3, checkpoint_every=0, **FAST), progress=False)
-    recomputed = finetune(emulator.model, tok, toy_task, tmp_path / "gc", lora=lora,
-                          config=TrainSpec(steps=3, checkpoint_every=0, gradient_checkpointing=True, **FAST), progress=False)
+    plain = finetune(
+        emulator.model,
+        tok,
+        toy_task,
+        tmp_path / "plain",
+        lora=lora,
+        config=TrainSpec(steps=3, checkpoint_every=0, **FAST),
+        progress=False,
+    )
+    recomputed = finetune(
+        emulator.model,
+        tok,
+        toy_task,
+        tmp_path / "gc",
+        lora=lora,
+        config=TrainSpec(steps=3, checkpoint_every=0, gradient_checkpointing=True, **FAST),
+        progress=False,
+    )
     a = load_file(str(plain.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(recomputed.adapter_dir / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -1,4 +1,5 @@
 """Artifacts of the shared tiny run, loaded once for all widget tests (no model is loaded here)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """ActivationsView: the chosen input's channel statistics, outliers and eigen-spectrum, and the overview heatmap."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ def test_chosen_input_shows_its_own_statistics(stats):
     np.testing.assert_allclose(trace(view.channels, "max |x|").y, s.abs_max.numpy())
     np.testing.assert_allclose(trace(view.channels, "mean |x|").y, (s.abs_sum / s.tokens).numpy())
     eig = trace(view.eigen, "eigenvalues").y
-    np.testing.assert_allclose([v for v in eig if v is not None], [v for v in s.eigenvalues().tolist() if v > 0], rtol=1e-9)
+    np.testing.assert_allclose(
+        [v for v in eig if v is not None], [v for v in s.eigenvalues().tolist() if v > 0], rtol=1e-9
+    )
     assert len(eig) == s.dim == 160
     assert f"{s.tokens} tokens seen" in view.info.value
     view.select("model.layers.0.self_attn.v_proj")  # a layer name selects the input it reads

@@ -1,4 +1,5 @@
 """CorrectionView and ToyCorrection: everything recomputes live in L from the report (or core correct_layer)."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ def test_errors_follow_L(correction_report):
     assert after(view, "LoRA subspace") == pytest.approx(expected(report, 3.0, "error_subspace"))
     view.clamp.slider.value = 0.5
     L = view.L
-    assert L == pytest.approx(0.5, rel=0.15)
+    assert pytest.approx(0.5, rel=0.15) == L
     assert after(view, "overall") == pytest.approx(expected(report, L, "error_all"))
     assert after(view, "overall") != pytest.approx(expected(report, 3.0, "error_all"))
 
@@ -38,7 +39,9 @@ def test_L_zero_is_the_naive_transfer(correction_report):
     assert view.L == 0.0
     assert after(view, "overall") == pytest.approx([r["before_all"] for r in correction_report.rows])
     assert after(view, "LoRA subspace") == pytest.approx([r["before_subspace"] for r in correction_report.rows])
-    assert list(trace(view.errors, "naive, overall").y) == pytest.approx([r["before_all"] for r in correction_report.rows])
+    assert list(trace(view.errors, "naive, overall").y) == pytest.approx(
+        [r["before_all"] for r in correction_report.rows]
+    )
 
 
 def test_no_clamp_is_exact_on_the_lora_subspace(correction_report):
@@ -47,7 +50,8 @@ def test_no_clamp_is_exact_on_the_lora_subspace(correction_report):
     assert view.clamp.slider.disabled
     assert max(after(view, "LoRA subspace")) < 1e-6
     assert list(trace(view.norms, "mean κ").y) == pytest.approx(
-        [1.0 if r["lora_rank"] else 0.0 for r in correction_report.rows])
+        [1.0 if r["lora_rank"] else 0.0 for r in correction_report.rows]
+    )
     assert "0 of" in view.summary.value
 
 
@@ -84,7 +88,9 @@ def test_toy_geometry(dim, monkeypatch):
     assert n["corrected_change_off_subspace"] < 1e-9 < n["emulator_error_off_subspace"]
 
     toy.error.value = 0.0  # a perfect emulator: nothing to correct, every transfer is exact
-    np.testing.assert_allclose(points("W_E + ΔW (target: fine-tuned emulator)"), points("W + ΔW (naive transfer)"), atol=1e-9)
+    np.testing.assert_allclose(
+        points("W_E + ΔW (target: fine-tuned emulator)"), points("W + ΔW (naive transfer)"), atol=1e-9
+    )
     assert toy.numbers["d_norm"] == pytest.approx(0.0, abs=1e-12)
 
 

@@ -1,4 +1,5 @@
 """Dashboard: tabs built lazily from saved files; missing artifacts become notes."""
+
 from __future__ import annotations
 
 import shutil
@@ -17,11 +18,19 @@ def test_every_tab_builds_from_the_run_directory(run_dir, tiny_run):
     dash.tabs.selected_index = 4
     assert isinstance(dash._views["Drift"], DriftView)
     assert dash.tabs.children[4].children[0] is dash._views["Drift"].widget
-    kinds = {"Spectra": SpectrumView, "Rank plan": RankPlanner, "Activations": ActivationsView, "Correction": CorrectionView}
+    kinds = {
+        "Spectra": SpectrumView,
+        "Rank plan": RankPlanner,
+        "Activations": ActivationsView,
+        "Correction": CorrectionView,
+    }
     for title, cls in kinds.items():
         assert isinstance(dash.view(title), cls)
     dash.view("Training")
-    assert [len(m.history) for m in dash.monitors] == [len(tiny_run.history("emulator")), len(tiny_run.history("original"))]
+    assert [len(m.history) for m in dash.monitors] == [
+        len(tiny_run.history("emulator")),
+        len(tiny_run.history("original")),
+    ]
 
 
 def test_missing_artifacts_show_a_note(run_dir, tmp_path):

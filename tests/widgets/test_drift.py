@@ -1,4 +1,5 @@
 """DriftView: per-layer errors grouped two ways, block cosines, token KL as escaped coloured text."""
+
 from __future__ import annotations
 
 import re
@@ -46,7 +47,13 @@ def test_results_table_only_when_given(drift_report, tiny_run):
 
 
 def test_tokens_are_readable_and_escaped():
-    assert readable_tokens(["ĠHello", "Ċ", "Ã©", "▁word", "<|im_start|>"]) == [" Hello", "\n", "é", " word", "<|im_start|>"]
+    assert readable_tokens(["ĠHello", "Ċ", "Ã©", "▁word", "<|im_start|>"]) == [
+        " Hello",
+        "\n",
+        "é",
+        " word",
+        "<|im_start|>",
+    ]
     html = token_kl_html({"tokens": ["<script>", "Ġx", "Ċ"], "kl": [0.5, 1.0, 0.0]})
     assert "<script>" not in html and "&lt;script&gt;" in html
     alphas = [float(a) for a in re.findall(r"rgba\(214,39,40,([0-9.]+)\)", html)]
@@ -55,18 +62,42 @@ def test_tokens_are_readable_and_escaped():
 
 
 def test_report_without_token_examples_shows_a_note():
-    report = DriftReport([{"name": "model.layers.0.mlp.up_proj", "block": 0, "kind": "up_proj", "rank": 4,
-                           "predicted_error": 0.1, "measured_error": 0.2}], [{"block": 0, "cosine": 0.9}],
-                         {"kl": 0.1, "ppl_original": 2.0, "ppl_emulator": 2.2, "ppl_ratio": 1.1, "tokens": 3})
+    report = DriftReport(
+        [
+            {
+                "name": "model.layers.0.mlp.up_proj",
+                "block": 0,
+                "kind": "up_proj",
+                "rank": 4,
+                "predicted_error": 0.1,
+                "measured_error": 0.2,
+            }
+        ],
+        [{"block": 0, "cosine": 0.9}],
+        {"kl": 0.1, "ppl_original": 2.0, "ppl_emulator": 2.2, "ppl_ratio": 1.1, "tokens": 3},
+    )
     view = DriftView(report)
     assert "no token examples" in view.tokens.value and view.example.disabled
 
 
 def test_layer_axis_stays_unique_when_kinds_repeat_in_a_block():
     # GPT-2 has attn.c_proj and mlp.c_proj in every block: bars must not collapse onto one category.
-    names = [f"transformer.h.{b}.{part}" for b in range(2) for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    layers = [{"name": n, "block": int(n.split(".")[2]), "kind": n.rsplit(".", 1)[-1], "rank": 4,
-               "predicted_error": 0.1, "measured_error": i / 10} for i, n in enumerate(names)]
+    names = [
+        f"transformer.h.{b}.{part}"
+        for b in range(2)
+        for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    layers = [
+        {
+            "name": n,
+            "block": int(n.split(".")[2]),
+            "kind": n.rsplit(".", 1)[-1],
+            "rank": 4,
+            "predicted_error": 0.1,
+            "measured_error": i / 10,
+        }
+        for i, n in enumerate(names)
+    ]
     view = DriftView(DriftReport(layers, [], {}))
     for by in ("block", "kind"):
         view.group.value = by

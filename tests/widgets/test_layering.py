@@ -1,5 +1,6 @@
 """Layering: the core never imports the notebook stack; the pure builders never import ipywidgets;
 nothing outside emloc_nb.run spells out a path inside a run directory."""
+
 from __future__ import annotations
 
 import ast
@@ -9,10 +10,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_STACK = {"ipywidgets", "plotly", "IPython", "anywidget"}
-PACKAGES = {ROOT / "emloc_nb": "emloc_nb", ROOT / "widgets": "emloc_nb.widgets",
-            ROOT / "widgets" / "plots": "emloc_nb.widgets.plots"}  # folder -> the package it installs as
+PACKAGES = {
+    ROOT / "emloc_nb": "emloc_nb",
+    ROOT / "widgets": "emloc_nb.widgets",
+    ROOT / "widgets" / "plots": "emloc_nb.widgets.plots",
+}  # folder -> the package it installs as
 CORE = sorted((ROOT / "emloc_nb").glob("*.py"))
-PURE = sorted((ROOT / "widgets" / "plots").glob("*.py")) + [ROOT / "widgets" / "tables.py", ROOT / "widgets" / "tokens.py"]
+PURE = sorted((ROOT / "widgets" / "plots").glob("*.py")) + [
+    ROOT / "widgets" / "tables.py",
+    ROOT / "widgets" / "tokens.py",
+]
 RUN_LAYOUT = ("emulator/spectra", "results.json", "history.json", "calibrate/", "correct/")
 
 
@@ -26,7 +33,7 @@ def imported_modules(source: str, package: str) -> set[str]:
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
-                anchor = ".".join(parts[:len(parts) - node.level + 1])
+                anchor = ".".join(parts[: len(parts) - node.level + 1])
                 base = f"{anchor}.{base}" if base else anchor
                 modules |= {f"{base}.{a.name}" for a in node.names}  # `from . import x` may import a submodule
             modules.add(base)
@@ -48,8 +55,10 @@ def test_core_imports_no_notebook_stack(path):
 
 def test_relative_imports_are_checked_too():
     old_cli = "def report():\n    from .widgets.report import write_report\n"
-    assert notebook_stack(imported_modules(old_cli, "emloc_nb")) == {"emloc_nb.widgets.report",
-                                                                     "emloc_nb.widgets.report.write_report"}
+    assert notebook_stack(imported_modules(old_cli, "emloc_nb")) == {
+        "emloc_nb.widgets.report",
+        "emloc_nb.widgets.report.write_report",
+    }
     assert imported_modules("from ..base import View", "emloc_nb.widgets.plots") >= {"emloc_nb.widgets.base"}
     assert imported_modules("from .common import trace", "emloc_nb.widgets.plots") >= {"emloc_nb.widgets.plots.common"}
 
@@ -63,8 +72,11 @@ def test_pure_builders_import_no_ipywidgets(path):
             assert module in pure or module.rsplit(".", 1)[0] in pure, f"{path.name} imports {module}"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "widgets").rglob("*.py")) + [ROOT / "emloc_nb" / "cli.py"]
-                         + sorted((ROOT / "bench").glob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path",
+    sorted((ROOT / "widgets").rglob("*.py")) + [ROOT / "emloc_nb" / "cli.py"] + sorted((ROOT / "bench").glob("*.py")),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_only_run_spells_out_paths_in_a_run(path):
     text = path.read_text()
     assert not [s for s in RUN_LAYOUT if s in text], "use emloc_nb.run.Run's loaders and Run.path(artifact)"

@@ -1,4 +1,6 @@
-"""The memory figures of 05_memory_budget: each component and measure of `emloc_nb.memory.budget`'s rows, per setting."""
+"""The memory figures of 05_memory_budget: each component and measure of `emloc_nb.memory.budget`'s rows, per "
+"setting."""
+
 from __future__ import annotations
 
 from emloc_nb.widgets.plots.common import trace
@@ -6,18 +8,35 @@ from emloc_nb.widgets.plots.memory import memory_components_figure, memory_measu
 
 # Rows as emloc_nb.memory.budget returns them (computing real ones needs the models); a stage not run measures None.
 ROWS = [
-    {"setting": "inference, original", "weights_mb": 520.0, "trainable_state_mb": 0.0, "activations_mb": 0.0,
-     "total_mb": 520.0, "measured_peak_mb": 1400.0, "process_baseline_mb": 430.0},
-    {"setting": "LoRA fine-tuning, emulator", "weights_mb": 430.0, "trainable_state_mb": 19.0, "activations_mb": 800.0,
-     "total_mb": 1249.0, "measured_peak_mb": None, "process_baseline_mb": None},
+    {
+        "setting": "inference, original",
+        "weights_mb": 520.0,
+        "trainable_state_mb": 0.0,
+        "activations_mb": 0.0,
+        "total_mb": 520.0,
+        "measured_peak_mb": 1400.0,
+        "process_baseline_mb": 430.0,
+    },
+    {
+        "setting": "LoRA fine-tuning, emulator",
+        "weights_mb": 430.0,
+        "trainable_state_mb": 19.0,
+        "activations_mb": 800.0,
+        "total_mb": 1249.0,
+        "measured_peak_mb": None,
+        "process_baseline_mb": None,
+    },
 ]
 
 
 def test_components_are_stacked_per_setting():
     fig = memory_components_figure(ROWS)
     assert fig.layout.barmode == "stack"
-    for key, name in (("weights_mb", "weights"), ("trainable_state_mb", "LoRA trainable state"),
-                      ("activations_mb", "saved activations")):
+    for key, name in (
+        ("weights_mb", "weights"),
+        ("trainable_state_mb", "LoRA trainable state"),
+        ("activations_mb", "saved activations"),
+    ):
         bars = trace(fig, name)
         assert list(bars.x) == [r["setting"] for r in ROWS]
         assert list(bars.y) == [r[key] for r in ROWS]

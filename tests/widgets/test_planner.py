@@ -1,4 +1,5 @@
 """RankPlanner: allocations hit the budget, dense layers stay dense, and the plan builds an emulator."""
+
 from __future__ import annotations
 
 import re
@@ -57,7 +58,10 @@ def test_dense_layers_by_regex_and_by_pick(spectra):
     assert re.escape("model.layers.1.mlp.up_proj") in planner.plan.rules
     names = spectra.names
     bars = trace(planner.figure, "kept dense").y
-    assert bars[names.index("model.layers.0.self_attn.q_proj")] == 64 and bars[names.index("model.layers.0.mlp.up_proj")] == 0
+    assert (
+        bars[names.index("model.layers.0.self_attn.q_proj")] == 64
+        and bars[names.index("model.layers.0.mlp.up_proj")] == 0
+    )
 
 
 def test_impossible_budget_is_reported_not_raised_by_the_controls(spectra):
@@ -66,7 +70,7 @@ def test_impossible_budget_is_reported_not_raised_by_the_controls(spectra):
     planner.budget.value = 0.1
     assert "cannot even hold" in planner.status.value
     with pytest.raises(EmlocError):
-        planner.plan
+        _ = planner.plan
     planner.dense_text.value = "("  # an invalid regex is reported the same way
     assert "color:#b00" in planner.status.value
 

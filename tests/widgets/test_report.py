@@ -1,4 +1,5 @@
 """The static report: one offline HTML file with inline plotly.js, every figure, and the tables."""
+
 from __future__ import annotations
 
 import re
@@ -10,9 +11,22 @@ from emloc_nb.cli import main
 from emloc_nb.run import Run
 from emloc_nb.widgets import write_report
 
-FIGURES = {"fig-kept-energy", "fig-ranks", "fig-spectrum-worst", "fig-energy-worst", "fig-activation-heatmap",
-           "fig-activation-channels", "fig-activation-eigen", "fig-drift-by-block", "fig-drift-by-kind", "fig-block-cosine",
-           "fig-correction-errors", "fig-correction-norms", "fig-loss-emulator", "fig-loss-original"}
+FIGURES = {
+    "fig-kept-energy",
+    "fig-ranks",
+    "fig-spectrum-worst",
+    "fig-energy-worst",
+    "fig-activation-heatmap",
+    "fig-activation-channels",
+    "fig-activation-eigen",
+    "fig-drift-by-block",
+    "fig-drift-by-kind",
+    "fig-block-cosine",
+    "fig-correction-errors",
+    "fig-correction-norms",
+    "fig-loss-emulator",
+    "fig-loss-original",
+}
 
 
 def test_report_is_self_contained(run_dir, tiny_run, tmp_path):

@@ -1,4 +1,5 @@
 """SpectrumView: the ρ/rank slider recomputes energy, parameters and error from the stored spectra alone."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from emloc_nb.widgets.plots.common import trace
 
 def kept_energy(spectra, name: str, rank: int) -> float:
     s = spectra.spectrum(name).double().numpy()
-    return float((s[:rank] ** 2).sum() / (s ** 2).sum())
+    return float((s[:rank] ** 2).sum() / (s**2).sum())
 
 
 def test_rank_slider_energy_is_top_r_whitened_energy(spectra):
@@ -42,8 +43,14 @@ def test_ratio_slider_sets_the_rank_and_one_keeps_dense(spectra):
     assert view.rank.value == rank and view.current["rank"] == rank
     assert view.current["energy"] == pytest.approx(kept_energy(spectra, name, rank))
     view.ratio.value = 1.0
-    assert view.current == {"layer": name, "rank": None, "energy": 1.0, "error": 0.0,
-                            "params": row["d_out"] * row["d_in"], "share": 1.0}
+    assert view.current == {
+        "layer": name,
+        "rank": None,
+        "energy": 1.0,
+        "error": 0.0,
+        "params": row["d_out"] * row["d_in"],
+        "share": 1.0,
+    }
     assert "kept dense" in view.readout.value
 
 
@@ -64,8 +71,10 @@ def test_summary_shows_plan_rows_and_live_uniform_ratio(spectra):
     before = list(trace(view.summary, "uniform ρ").y)
     view.ratio.value = 0.2
     after = list(trace(view.summary, "uniform ρ").y)
-    expected = [kept_energy(spectra, r["name"], math.floor(0.2 * r["d_in"] * r["d_out"] / (r["d_in"] + r["d_out"])))
-                for r in spectra.rows]
+    expected = [
+        kept_energy(spectra, r["name"], math.floor(0.2 * r["d_in"] * r["d_out"] / (r["d_in"] + r["d_out"])))
+        for r in spectra.rows
+    ]
     assert after == pytest.approx(expected, rel=1e-9)
     assert all(a < b for a, b in zip(after, before))  # fewer parameters keep strictly less energy here
 
@@ -76,8 +85,10 @@ def test_rank_slider_moves_the_summary_to_the_new_ratio(spectra):
     view.rank.value = 5
     rho = view.ratio.value
     assert rho == pytest.approx(round(view.current["share"], 2)) and rho != 0.5
-    expected = [kept_energy(spectra, r["name"], max(1, math.floor(rho * r["d_in"] * r["d_out"] / (r["d_in"] + r["d_out"]))))
-                for r in spectra.rows]
+    expected = [
+        kept_energy(spectra, r["name"], max(1, math.floor(rho * r["d_in"] * r["d_out"] / (r["d_in"] + r["d_out"]))))
+        for r in spectra.rows
+    ]
     assert list(trace(view.summary, "uniform ρ").y) == pytest.approx(expected, rel=1e-9)
     assert f"ρ = {rho:.2f}" in view.summary.layout.title.text
 

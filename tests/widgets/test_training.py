@@ -1,4 +1,5 @@
 """TrainingMonitor: each callback event extends the loss and lr traces; saved histories replay."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Calibration activations: per-channel magnitudes, the eigen-spectrum of C, and an overview heatmap."""
+
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import plotly.graph_objects as go
 
 from emloc_nb.models import block_index
 
-from .common import LAYOUT, WHITENED, positive, layout_title
+from .common import LAYOUT, WHITENED, layout_title, positive
 
 
 def input_label(stats, key: str) -> str:
@@ -24,15 +25,26 @@ def channel_figure(inp, *, factor: float = 6.0, title: str = "") -> go.Figure:
     mean, peak = inp.mean_abs.double().numpy(), inp.abs_max.double().numpy()
     outliers = inp.outlier_channels(factor).numpy()
     ch = np.arange(inp.dim)
-    fig = go.Figure([
-        go.Scatter(name="max |x|", x=ch, y=positive(peak), mode="lines", line=dict(color="#d62728", width=1)),
-        go.Scatter(name="mean |x|", x=ch, y=positive(mean), mode="lines", line=dict(color=WHITENED, width=1)),
-        go.Scatter(name="outliers", x=outliers, y=positive(peak[outliers]), mode="markers",
-                   marker=dict(symbol="circle-open", size=10, color="black", line=dict(width=2))),
-    ])
-    fig.update_layout(**LAYOUT, title=layout_title(f"{title or 'Per-channel magnitude'} (outlier: max > {factor:g}× median)"),
-                      xaxis_title="channel",
-                      yaxis_title="|x| over real tokens", yaxis_type="log")
+    fig = go.Figure(
+        [
+            go.Scatter(name="max |x|", x=ch, y=positive(peak), mode="lines", line=dict(color="#d62728", width=1)),
+            go.Scatter(name="mean |x|", x=ch, y=positive(mean), mode="lines", line=dict(color=WHITENED, width=1)),
+            go.Scatter(
+                name="outliers",
+                x=outliers,
+                y=positive(peak[outliers]),
+                mode="markers",
+                marker=dict(symbol="circle-open", size=10, color="black", line=dict(width=2)),
+            ),
+        ]
+    )
+    fig.update_layout(
+        **LAYOUT,
+        title=layout_title(f"{title or 'Per-channel magnitude'} (outlier: max > {factor:g}× median)"),
+        xaxis_title="channel",
+        yaxis_title="|x| over real tokens",
+        yaxis_type="log",
+    )
     return fig
 
 
@@ -42,10 +54,24 @@ def eigen_figure(inp, *, title: str = "", eigenvalues=None) -> go.Figure:
     `eigenvalues`: `inp.eigenvalues()` if the caller already has them (an eigen-decomposition is the slow part).
     """
     eig = (inp.eigenvalues() if eigenvalues is None else eigenvalues).double().numpy()
-    fig = go.Figure(go.Scatter(name="eigenvalues", x=np.arange(1, len(eig) + 1), y=positive(eig), mode="lines+markers",
-                               marker=dict(size=3), line=dict(color=WHITENED)))
-    fig.update_layout(**LAYOUT, title=layout_title(title or "Eigen-spectrum of C = E[x xᵀ]"), xaxis_title="index (largest first)",
-                      yaxis_title="eigenvalue", yaxis_type="log", showlegend=False)
+    fig = go.Figure(
+        go.Scatter(
+            name="eigenvalues",
+            x=np.arange(1, len(eig) + 1),
+            y=positive(eig),
+            mode="lines+markers",
+            marker=dict(size=3),
+            line=dict(color=WHITENED),
+        )
+    )
+    fig.update_layout(
+        **LAYOUT,
+        title=layout_title(title or "Eigen-spectrum of C = E[x xᵀ]"),
+        xaxis_title="index (largest first)",
+        yaxis_title="eigenvalue",
+        yaxis_type="log",
+        showlegend=False,
+    )
     return fig
 
 
@@ -65,15 +91,30 @@ def activation_heatmap(stats, *, bins: int = 64) -> go.Figure:
         peak = np.sort(s.numpy())[::-1]
         chunks = np.array_split(peak, width)
         z.append([math.log10(max(float(c.max()) / median, 1e-12)) for c in chunks])
-        hover.append([f"{key}<br>channels {sum(map(len, chunks[:j]))}–{sum(map(len, chunks[:j + 1])) - 1} "
-                      f"of {len(peak)}<br>max |x| = {float(c.max()):.3g} (median {median:.3g})"
-                      for j, c in enumerate(chunks)])
+        hover.append(
+            [
+                f"{key}<br>channels {sum(map(len, chunks[:j]))}–{sum(map(len, chunks[: j + 1])) - 1} "
+                f"of {len(peak)}<br>max |x| = {float(c.max()):.3g} (median {median:.3g})"
+                for j, c in enumerate(chunks)
+            ]
+        )
     labels = [input_label(stats, k) for k in keys]
-    fig = go.Figure(go.Heatmap(name="channel magnitude", z=z, y=labels, x=[f"{(j + 0.5) / width:.0%}" for j in range(width)],
-                               text=hover, hoverinfo="text", colorscale="Viridis",
-                               colorbar=dict(title="log10(max / median)")))
-    fig.update_layout(**{**LAYOUT, "height": max(300, 22 * len(keys) + 120)},
-                      title=layout_title("Channel magnitude per input: max |x| relative to the median channel, channels sorted"),
-                      xaxis_title="channel quantile (sorted by max |x|, largest first)",
-                      yaxis=dict(autorange="reversed", type="category"))
+    fig = go.Figure(
+        go.Heatmap(
+            name="channel magnitude",
+            z=z,
+            y=labels,
+            x=[f"{(j + 0.5) / width:.0%}" for j in range(width)],
+            text=hover,
+            hoverinfo="text",
+            colorscale="Viridis",
+            colorbar=dict(title="log10(max / median)"),
+        )
+    )
+    fig.update_layout(
+        **{**LAYOUT, "height": max(300, 22 * len(keys) + 120)},
+        title=layout_title("Channel magnitude per input: max |x| relative to the median channel, channels sorted"),
+        xaxis_title="channel quantile (sorted by max |x|, largest first)",
+        yaxis=dict(autorange="reversed", type="category"),
+    )
     return fig

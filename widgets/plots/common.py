@@ -6,6 +6,7 @@ and the static HTML report draw with them, so a figure looks the same in both.
 Traces have stable names; the views and the tests find them by name with `trace`.
 Nothing in plots/ imports ipywidgets, and nothing recomputes the pipeline.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,12 @@ import plotly.graph_objects as go
 PLAIN, WHITENED, SELECTED, PLAN = "#9e9e9e", "#1f77b4", "#d62728", "#2ca02c"
 BEFORE, AFTER = "#ff7f0e", "#1f77b4"
 # The title sits at the top of the canvas and the legend in a row under it, above the plot.
-LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=95, b=50), height=400,
-              legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left"))
+LAYOUT = dict(
+    template="plotly_white",
+    margin=dict(l=60, r=20, t=95, b=50),
+    height=400,
+    legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left"),
+)
 LEGEND_RIGHT = dict(orientation="v", yanchor="top", y=1.0, x=1.02, xanchor="left")  # for stacked subplots
 
 
@@ -33,6 +38,7 @@ def trace(fig: go.Figure, name: str):
         if t.name == name:
             return t
     raise KeyError(f"No trace named {name!r}; traces: {[t.name for t in fig.data]}")
+
 
 def short_names(names: Sequence[str]) -> list[str]:
     """Layer names without their shared prefix ('model.layers.0.self_attn.q_proj' → '0.self_attn.q_proj')."""
@@ -63,6 +69,7 @@ def group_axis(rows: Sequence[dict], by: str) -> tuple[list[int], list[list[str]
     if len(set(zip(groups, labels))) < len(order):  # e.g. GPT-2 has attn.c_proj and mlp.c_proj in a block
         labels = [short[i] for i in order]
     return order, [groups, labels]
+
 
 def positive(values: np.ndarray) -> list:
     """Zeros and negatives cannot sit on a log axis: leave gaps instead of plotting at -inf."""
