@@ -37,7 +37,7 @@ class Stage:
     body: Body
     reads: tuple[str, ...]  # run artifacts it needs
     writes: tuple[str, ...]  # run artifacts it writes: the stage is done when they all exist
-    model: str | None  # the model it loads: "original" or "emulator" (evaluate: each setting says)
+    model: str | None  # the model its function loads (base_model): "original" or "emulator"; evaluate: per setting
     doc: str
     enabled: Callable[[RunConfig], bool] = lambda config: True  # a disabled stage counts as done
     parts: Callable[[RunConfig], list[str]] | None = None  # run one process each (evaluate: one per setting)
@@ -64,7 +64,7 @@ def _calibrate(run: Run, stage: Stage, part: str | None, progress: bool) -> dict
     from .calibration import collect_stats
     from .memory import weights_mb
 
-    model, _ = run.original()
+    model, _ = base_model(run, stage.model)
     for stats, examples in (("train", "train"), ("heldout", "test")):
         collect_stats(model, run.batches(examples), progress=progress).save(
             run.path(f"calibration:{stats}"), overwrite=True
@@ -76,7 +76,7 @@ def _emulator(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .emulator import build_emulator
     from .memory import weights_mb
 
-    model, tokenizer = run.original()
+    model, tokenizer = base_model(run, stage.model)
     e = run.config.emulator
     emulator = build_emulator(
         model, run.calibration("train"), run.config.rank_plan(), mode=e.mode, eps=e.eps, progress=progress
@@ -88,7 +88,7 @@ def _emulator(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
 def _drift(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .drift import drift
 
-    model, tokenizer = run.original()
+    model, tokenizer = base_model(run, stage.model)
     report = drift(
         model,
         run.emulator(with_original=True),
@@ -121,7 +121,7 @@ def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
 def _correct(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .correction import correct_lora
 
-    model, _ = run.original()
+    model, _ = base_model(run, stage.model)
     report = correct_lora(
         model,
         run.emulator(with_original=True),
@@ -181,7 +181,7 @@ def _evaluate(run: Run, stage: Stage, setting: str | None, progress: bool) -> di
 
 
 def write_results(run: Run) -> None:
-    """evaluate/results.json and results.md: accuracy, loss and memory per setting."""
+    """The results table (json and markdown): accuracy, loss and memory per setting."""
     records = run.stage_records()
     rows = []
     for setting in settings(run.config):
