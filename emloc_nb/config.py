@@ -4,9 +4,10 @@
       task: TaskSpec               which task, and how its examples are read
       calibration: CalibrationSpec how many examples the statistics see
       emulator: EmulatorSpec       the rank plan and the SVD mode
-      lora: LoraSpec               the LoRA's shape and targets
+      lora: LoraSpec               the LoRA's shape, targets and initialisation
       train: TrainSpec             the fine-tuning schedule
-      evaluation: EvalSpec         how many test examples are scored
+      correction: CorrectionSpec   how the emulator's LoRA is carried over to the original
+      evaluation: EvalSpec         which split is scored, and how many of its examples
 
 A RunConfig is saved as a run's run.json and loads from YAML or JSON. This module is
 plain data: it imports neither torch, transformers nor peft, so a run.json can be read
@@ -26,17 +27,25 @@ from .errors import EmlocError
 
 @dataclass
 class TaskSpec:
-    source: str = "movie-sentiment"  # the default task, or a .jsonl/.csv file
+    """Where the examples come from and how they split into train, validation and test.
+
+    The split is fixed by `split_seed`, not by the run's seed, so runs with different
+    seeds are scored on the same test examples (and can be compared pair by pair).
+    """
+
+    source: str = "movie-sentiment"  # a built-in task (movie-sentiment, word-analogies), or a .jsonl/.csv file
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     choices: list[str] | None = None
-    test_size: float | int | None = None  # a share or a count; None: 1000 for the default task, 0.2 for files
+    test_size: float | int | None = None  # a share or a count; None: 1000 for built-in tasks, 0.2 for files
+    validation_size: float | int | None = None  # likewise; None: 500 for built-in tasks, 0.1 for files
+    split_seed: int = 0
 
 
 @dataclass
 class CalibrationSpec:
-    examples: int = 64
-    heldout_examples: int = 64
+    examples: int = 64  # training examples, drawn by the run's seed
+    heldout_examples: int = 64  # validation examples: drift and correction errors are measured on them
     batch_size: int = 8
     max_length: int = 256
 
@@ -46,6 +55,7 @@ class EmulatorSpec:
     plan: dict | str = field(default_factory=lambda: {"ratio": 0.8})  # RankPlan fields, or a plan file
     mode: str = "whitened"
     eps: float = 1e-6
+    shrinkage: float = 0.0  # whiten with C + λ·diag(C): less trust in directions 64 examples barely see
 
 
 @dataclass
@@ -62,6 +72,7 @@ class LoraSpec:
         None  # layer-name suffixes, or a regex (peft's fullmatch); None: every block linear
     )
     rslora: bool = False
+    init: str = "random"  # "random" (peft's), or "eigen": A starts on the top-r eigenvectors of the input's C
 
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
@@ -75,7 +86,6 @@ class TrainSpec:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_length: int = 256
-    seed: int = 0
     checkpoint_every: int = 50  # steps; 0: a checkpoint only when stop_after ends a call early
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
 
@@ -88,7 +98,24 @@ class TrainSpec:
 
 
 @dataclass
+class CorrectionSpec:
+    """How the LoRA trained on the emulator becomes an adapter for the original.
+
+    `clamp` is the paper's L (0: the naive transfer, inf: no clamp). `kappa="lstsq"`
+    replaces the clamp by the per-column factors that minimise the held-out error
+    against the fine-tuned emulator. `prior` adds the prior correction: a rank-1 LoRA
+    on the output layer that gives the original + corrected LoRA the fine-tuned
+    emulator's mean answer distribution on the (unlabelled) calibration prompts.
+    """
+
+    clamp: float = 3.0
+    kappa: str = "clamp"  # "clamp" (the paper's κ = min(1, L·mean|B'|/mean|D|)) or "lstsq"
+    prior: bool = True
+
+
+@dataclass
 class EvalSpec:
+    split: str = "test"  # "validation" while choosing settings; "test" only for the final table
     limit: int = 300
     batch_size: int = 16
 
@@ -99,6 +126,7 @@ SECTIONS = {
     "emulator": EmulatorSpec,
     "lora": LoraSpec,
     "train": TrainSpec,
+    "correction": CorrectionSpec,
     "evaluation": EvalSpec,
 }
 
@@ -121,20 +149,27 @@ class RunConfig:
 
     model: str = "smollm2-135m-instruct"
     trust_remote_code: bool = False
-    seed: int = 0
+    seed: int = 0  # the LoRA's initialisation, the order of the training data and the calibration subset
     baseline: bool = True  # also fine-tune the original model (the upper bound EMLoC avoids paying for)
-    clamp: float = 3.0  # the correction's L (inf: no clamp)
     task: TaskSpec = field(default_factory=TaskSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     emulator: EmulatorSpec = field(default_factory=EmulatorSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     # The README's main job must finish in about 15 minutes on 2 CPU cores: fewer, larger steps than TrainSpec().
     train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=60, lr=5e-4, checkpoint_every=20))
+    correction: CorrectionSpec = field(default_factory=CorrectionSpec)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self):
-        if self.clamp < 0:
-            raise EmlocError(f"clamp={self.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
+        c = self.correction
+        if math.isnan(c.clamp) or c.clamp < 0:
+            raise EmlocError(f"correction.clamp={c.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
+        if c.kappa not in ("clamp", "lstsq"):
+            raise EmlocError(f"correction.kappa={c.kappa!r}: use 'clamp' (the paper's) or 'lstsq'.")
+        if self.lora.init not in ("random", "eigen"):
+            raise EmlocError(f"lora.init={self.lora.init!r}: use 'random' (peft's) or 'eigen'.")
+        if self.evaluation.split not in ("validation", "test"):
+            raise EmlocError(f"evaluation.split={self.evaluation.split!r}: use 'validation' or 'test'.")
         if self.emulator.mode not in ("whitened", "plain"):
             raise EmlocError(f"emulator.mode={self.emulator.mode!r}: use 'whitened' or 'plain'.")
         # Validated early and stored as the plan itself, not a file name: run.json then says what was built.
@@ -156,8 +191,9 @@ class RunConfig:
         if unknown:
             raise EmlocError(f"Unknown setting(s) {sorted(unknown)} in the run config. Known: {sorted(names)}.")
         values = {k: (_build(SECTIONS[k], v, k) if k in SECTIONS else v) for k, v in d.items()}
-        if isinstance(values.get("clamp"), str):
-            values["clamp"] = float(values["clamp"])
+        correction = values.get("correction")
+        if correction is not None and isinstance(correction.clamp, str):  # JSON stores inf as "inf"
+            correction.clamp = float(correction.clamp)
         return cls(**values)
 
     @classmethod

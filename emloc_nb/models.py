@@ -277,6 +277,14 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The name under which `module` sits in `model`."""
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise EmlocError(f"{type(module).__name__} is not a module of this model. Pass a module taken from the model.")
+
+
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The linear layers inside the repeated blocks: what EMLoC compresses by default.
 

@@ -140,19 +140,28 @@ class Run:
                 answer_field=t.answer_field,
                 choices=t.choices,
                 test_size=t.test_size,
-                seed=self.config.seed,
+                validation_size=t.validation_size,
+                seed=t.split_seed,
             )
         return self._cache["task"]
 
+    def calibration_examples(self, split: str):
+        """The examples calibration sees: "train" ones drawn by the run's seed, or the first "validation" ones."""
+        c, task = self.config.calibration, self.task()
+        if split == "train":
+            data = task.train.shuffle(seed=self.config.seed)
+            return data.select(range(min(c.examples, len(data))))
+        if split == "validation":
+            return task.validation.select(range(min(c.heldout_examples, len(task.validation))))
+        raise EmlocError(f"Calibration examples come from 'train' or 'validation', not {split!r}.")
+
     def batches(self, split: str) -> list[dict]:
-        """Calibration batches of the task's "train" or "test" split."""
+        """Padded batches of `calibration_examples(split)`."""
         from .data import batches
 
         c = self.config.calibration
-        n = c.examples if split == "train" else c.heldout_examples
-        return batches(
-            self.original()[1], getattr(self.task(), split), batch_size=c.batch_size, limit=n, max_length=c.max_length
-        )
+        examples = self.calibration_examples(split)
+        return batches(self.original()[1], examples, batch_size=c.batch_size, max_length=c.max_length)
 
     # -- a loader per artifact
     def calibration(self, split: str = "train"):

@@ -65,7 +65,7 @@ def _calibrate(run: Run, stage: Stage, part: str | None, progress: bool) -> dict
     from .memory import weights_mb
 
     model, _ = base_model(run, stage.model)
-    for stats, examples in (("train", "train"), ("heldout", "test")):
+    for stats, examples in (("train", "train"), ("heldout", "validation")):
         collect_stats(model, run.batches(examples), progress=progress).save(
             run.path(f"calibration:{stats}"), overwrite=True
         )
@@ -79,7 +79,13 @@ def _emulator(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     model, tokenizer = base_model(run, stage.model)
     e = run.config.emulator
     emulator = build_emulator(
-        model, run.calibration("train"), run.config.rank_plan(), mode=e.mode, eps=e.eps, progress=progress
+        model,
+        run.calibration("train"),
+        run.config.rank_plan(),
+        mode=e.mode,
+        eps=e.eps,
+        shrinkage=e.shrinkage,
+        progress=progress,
     )
     emulator.save(run.path("emulator"), tokenizer=tokenizer, overwrite=True)
     return {"weights_mb": weights_mb(emulator.model)}
@@ -92,13 +98,18 @@ def _drift(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     report = drift(
         model,
         run.emulator(with_original=True),
-        run.batches("test"),
+        run.batches("validation"),
         heldout=run.calibration("heldout"),
         tokenizer=tokenizer,
         progress=progress,
     )
     report.save(run.path("drift"), overwrite=True)
     return {}
+
+
+def _init_stats(run: Run):
+    """The calibration statistics a data-aligned LoRA starts from (lora.init="eigen"), else None."""
+    return run.calibration("train") if run.config.lora.init == "eigen" else None
 
 
 def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
@@ -113,6 +124,8 @@ def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
         run.path(f"finetune:{stage.model}"),
         lora=run.config.lora,
         config=run.config.train,
+        seed=run.config.seed,
+        stats=_init_stats(run),
         progress=progress,
     )
     return {"weights_mb": weights_mb(model), "final_loss": result.history[-1]["loss"]}
@@ -121,14 +134,20 @@ def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
 def _correct(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .correction import correct_lora
 
-    model, _ = base_model(run, stage.model)
+    model, tokenizer = base_model(run, stage.model)
+    c = run.config.correction
+    prompts = list(run.calibration_examples("train")["messages"]) if c.prior else None
     report = correct_lora(
         model,
         run.emulator(with_original=True),
         run.adapter_dir("emulator"),
         run.path("corrected_adapter"),
-        clamp=run.config.clamp,
+        clamp=c.clamp,
+        kappa=c.kappa,
         heldout=run.calibration("heldout"),
+        calibration=run.calibration("train"),
+        prior_prompts=prompts,
+        tokenizer=tokenizer,
         overwrite=True,
     )
     report.save(run.path("correction"), overwrite=True)
@@ -171,7 +190,9 @@ def _evaluate(run: Run, stage: Stage, setting: str | None, progress: bool) -> di
         model = load_adapter(model, run.adapter_dir(s.adapter), check_base=s.check_base)
     ev = run.config.evaluation
     try:
-        result = evaluate(model, tokenizer, run.task(), limit=ev.limit, batch_size=ev.batch_size, progress=progress)
+        result = evaluate(
+            model, tokenizer, run.task(), split=ev.split, limit=ev.limit, batch_size=ev.batch_size, progress=progress
+        )
         record = {"weights_mb": weights_mb(model)}
     finally:
         if isinstance(model, PeftModel):  # in-process runs share the loaded models across stages
@@ -191,9 +212,7 @@ def write_results(run: Run) -> None:
             {
                 "setting": setting,
                 "description": s.description,
-                "accuracy": ev.accuracy,
-                "answer_loss": ev.answer_loss,
-                "examples": ev.examples,
+                **ev.summary(),
                 "eval_peak_mb": records.get(record_name(f"evaluate:{setting}"), {}).get("peak_rss_mb"),
                 "train_peak_mb": train.get("peak_rss_mb"),
                 "train_weights_mb": train.get("weights_mb"),
@@ -205,16 +224,28 @@ def write_results(run: Run) -> None:
 
 
 def results_markdown(rows: list[dict]) -> str:
+    """The results table; for a choice task also the bias-free views (AUC, balanced accuracy, predictions)."""
+
     def fmt(v, spec):
         return "–" if v is None else format(v, spec)
 
+    def predicted(counts):
+        return "–" if not counts else " / ".join(str(n) for n in counts.values())
+
+    choice_task = any(r.get("auc") is not None for r in rows)
+    extra = " AUC | balanced accuracy | predicted " + " / ".join(rows[0]["predicted"]) + " |" if choice_task else ""
     lines = [
-        "| setting | accuracy | answer loss | examples | fine-tuning peak (MB) | eval peak (MB) |",
-        "|---|---|---|---|---|---|",
+        "| setting | accuracy | answer loss |" + extra + " examples | fine-tuning peak (MB) | eval peak (MB) |",
+        "|---|---|---|" + ("---|---|---|" if choice_task else "") + "---|---|---|",
     ]
     for r in rows:
+        views = (
+            f" {fmt(r['auc'], '.3f')} | {fmt(r['balanced_accuracy'], '.3f')} | {predicted(r['predicted'])} |"
+            if choice_task
+            else ""
+        )
         lines.append(
-            f"| {r['description']} | {r['accuracy']:.3f} | {r['answer_loss']:.3f} | {r['examples']} | "
+            f"| {r['description']} | {r['accuracy']:.3f} | {r['answer_loss']:.3f} |{views} {r['examples']} | "
             f"{fmt(r['train_peak_mb'], '.0f')} | {fmt(r['eval_peak_mb'], '.0f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -252,7 +283,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "finetune_emulator",
             _finetune,
-            reads=("emulator",),
+            reads=("emulator", "calibration:train"),
             writes=("adapter:emulator",),
             model="emulator",
             doc="LoRA fine-tuning on the emulator",
@@ -260,7 +291,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "finetune_original",
             _finetune,
-            reads=(),
+            reads=("calibration:train",),  # for a data-aligned LoRA (lora.init="eigen")
             writes=("adapter:original",),
             model="original",
             doc="LoRA fine-tuning on the original: the upper bound EMLoC avoids paying for",
@@ -269,10 +300,10 @@ STAGES: dict[str, Stage] = {
         Stage(
             "correct",
             _correct,
-            reads=("emulator", "adapter:emulator", "calibration:heldout"),
+            reads=("emulator", "adapter:emulator", "calibration:train", "calibration:heldout"),
             writes=("corrected_adapter", "correction"),
             model="original",
-            doc="the emulator's LoRA corrected for the original model (Algorithm 1)",
+            doc="the emulator's LoRA corrected for the original model (Algorithm 1, then the prior correction)",
         ),
         Stage(
             "evaluate",
@@ -402,5 +433,7 @@ def finetune_with_trainer(run: Run, target: str = "emulator", **training_args) -
         run.path(f"finetune:{target}"),
         lora=run.config.lora,
         config=run.config.train,
+        seed=run.config.seed,
+        stats=_init_stats(run),
         **training_args,
     ).adapter_dir

@@ -25,7 +25,7 @@ from .artifacts import atomic_dir, read_json, read_tensors, write_json, write_te
 from .config import LoraSpec, TrainSpec
 from .data import Task, collator_for, tokenize
 from .errors import EmlocError
-from .lora import attach_lora, save_adapter
+from .lora import attach_lora, initial_factors, save_adapter
 from .models import fingerprint
 from .scoring import answer_nll
 
@@ -88,12 +88,11 @@ def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.O
     return meta["step"], meta["history"]
 
 
-def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec) -> dict:
+def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec, seed: int) -> dict:
     """What decides the trained weights: an adapter or checkpoint is reused only for the same signature."""
     train = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "gradient_checkpointing")}
-    return json.loads(
-        json.dumps({"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train})
-    )  # as read back
+    signature = {"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train, "seed": seed}
+    return json.loads(json.dumps(signature))  # as read back
 
 
 def _check_same_run(recorded: dict | None, signature: dict, where: Path) -> None:
@@ -116,7 +115,7 @@ def _finished(output_dir: Path, signature: dict) -> TrainResult | None:
 
 
 def _write_adapter(
-    peft_model: PeftModel, output_dir: Path, history: list[dict], signature: dict, **info
+    peft_model: PeftModel, output_dir: Path, history: list[dict], signature: dict, initial: dict, **info
 ) -> TrainResult:
     write_json(output_dir / "history.json", history)
     adapter_dir = save_adapter(
@@ -124,6 +123,7 @@ def _write_adapter(
         output_dir / "adapter",
         base_fingerprint=signature["base_fingerprint"],
         info={"run": signature, "final_loss": history[-1]["loss"] if history else None, **info},
+        initial=initial,
         overwrite=True,
     )
     return TrainResult(adapter_dir, history)
@@ -137,11 +137,16 @@ def finetune(
     *,
     lora: LoraSpec | None = None,
     config: TrainSpec | None = None,
+    seed: int = 0,
+    stats=None,
     callbacks: Iterable[Callback] = (),
     stop_after: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train a LoRA on `model` (emulator or original) and write `output_dir/adapter`; `model` itself is left as it was.
+
+    `seed` decides the LoRA's initialisation and the order of the training data; `stats`
+    (the original's CalibrationStats) are needed for `lora.init="eigen"`.
 
     Checkpoints (safetensors: LoRA weights, AdamW moments, RNG state) go to
     `output_dir/checkpoint` every `config.checkpoint_every` steps; a later call with
@@ -152,7 +157,7 @@ def finetune(
     lora, config = lora or LoraSpec(), config or TrainSpec()
     output_dir = Path(output_dir)
     adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / "checkpoint"
-    signature = _signature(fingerprint(model), lora, config)
+    signature = _signature(fingerprint(model), lora, config, seed)
     if done := _finished(output_dir, signature):
         return done
     if len(task.train) == 0:
@@ -162,11 +167,12 @@ def finetune(
         _check_same_run(read_json(checkpoint_dir / "state.json").get("run"), signature, checkpoint_dir)
     encoded = tokenize(tokenizer, task.train, max_length=config.max_length)
     collate = collator_for(tokenizer)
-    order = _order(len(encoded), config.steps, config.batch_size, config.seed)
+    order = _order(len(encoded), config.steps, config.batch_size, seed)
     callbacks = list(callbacks)
 
-    torch.manual_seed(config.seed)
-    peft_model = attach_lora(model, lora)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(model, lora, stats=stats)
+    initial = initial_factors(peft_model)
     optimizer = torch.optim.AdamW(
         [p for p in peft_model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
@@ -204,7 +210,7 @@ def finetune(
         peft_model.eval()
         if len(history) < config.steps:  # stopped early: the checkpoint holds the progress
             return TrainResult(adapter_dir, history)
-        result = _write_adapter(peft_model, output_dir, history, signature, task=task.name)
+        result = _write_adapter(peft_model, output_dir, history, signature, initial, task=task.name)
     finally:
         if config.gradient_checkpointing:
             model.gradient_checkpointing_disable()
@@ -243,6 +249,8 @@ def hf_trainer(
     *,
     lora: LoraSpec | None = None,
     config: TrainSpec | None = None,
+    seed: int = 0,
+    stats=None,
     callbacks: Iterable[Callback] = (),
     **training_args,
 ):
@@ -254,8 +262,8 @@ def hf_trainer(
     from transformers import Trainer, TrainingArguments
 
     lora, config = lora or LoraSpec(), config or TrainSpec()
-    torch.manual_seed(config.seed)
-    peft_model = attach_lora(model, lora)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(model, lora, stats=stats)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
     defaults = dict(
         output_dir=str(output_dir),
@@ -270,7 +278,7 @@ def hf_trainer(
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="no",
-        seed=config.seed,
+        seed=seed,
         report_to=[],
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
@@ -296,18 +304,30 @@ def finetune_hf(
     *,
     lora: LoraSpec | None = None,
     config: TrainSpec | None = None,
+    seed: int = 0,
+    stats=None,
     callbacks: Iterable[Callback] = (),
     **training_args,
 ) -> TrainResult:
     """`finetune` through transformers' Trainer (and so torchrun, accelerate, DeepSpeed); the same adapter format."""
     lora, config = lora or LoraSpec(), config or TrainSpec()
     output_dir = Path(output_dir)
-    signature = _signature(fingerprint(model), lora, config)
+    signature = _signature(fingerprint(model), lora, config, seed)
     if done := _finished(output_dir, signature):
         return done
     trainer = hf_trainer(
-        model, tokenizer, task, output_dir / "trainer", lora=lora, config=config, callbacks=callbacks, **training_args
+        model,
+        tokenizer,
+        task,
+        output_dir / "trainer",
+        lora=lora,
+        config=config,
+        seed=seed,
+        stats=stats,
+        callbacks=callbacks,
+        **training_args,
     )
+    initial = initial_factors(trainer.model)
     try:
         trainer.train()
         history = [
@@ -322,6 +342,7 @@ def finetune_hf(
                 output_dir,
                 history,
                 signature,
+                initial,
                 task=task.name,
                 trainer="hf",
                 world_size=trainer.args.world_size,

@@ -59,6 +59,9 @@ RESULT_COLUMNS = [
     ("description", "setting", "text"),
     ("accuracy", "accuracy", ".3f"),
     ("answer_loss", "answer loss", ".3f"),
+    ("auc", "AUC", ".3f"),
+    ("balanced_accuracy", "balanced accuracy", ".3f"),
+    ("predicted", "predicted", lambda counts: "–" if not counts else ", ".join(f"{k} {n}" for k, n in counts.items())),
     ("examples", "examples", "d"),
     ("train_peak_mb", "fine-tuning peak (MB)", ".0f"),
     ("train_weights_mb", "weights while fine-tuning (MB)", ".1f"),
@@ -110,6 +113,7 @@ def config_summary(run) -> str:
         ("emulator mode", c.emulator.mode),
         ("LoRA", f"r = {c.lora.r}, alpha = {c.lora.alpha}"),
         ("training", f"{c.train.steps} steps × {c.train.batch_size}"),
-        ("correction clamp L", f"{c.clamp:g}"),
+        ("correction", f"L = {c.correction.clamp:g}, κ: {c.correction.kappa}, prior: {c.correction.prior}"),
+        ("seed", c.seed),
     ]
     return html_table([{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", str(run.dir), "text")])

@@ -11,9 +11,9 @@ from emloc_nb.config import LoraSpec, TrainSpec, small_settings
 
 def test_config_files_and_small_settings(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model: x\ntrain:\n  steps: 7\nclamp: .inf\n")
+    path.write_text("model: x\ntrain:\n  steps: 7\ncorrection:\n  clamp: .inf\n")
     config = RunConfig.load(path)
-    assert config.train.steps == 7 and config.clamp == float("inf")
+    assert config.train.steps == 7 and config.correction.clamp == float("inf")
     assert isinstance(config.train, TrainSpec) and isinstance(config.lora, LoraSpec)
     assert small_settings(config).train.steps < 7
     path.write_text("trian:\n  steps: 7\n")

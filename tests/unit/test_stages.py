@@ -37,7 +37,7 @@ def test_whole_pipeline_in_process_then_resume(tiny_setup):
     again.run_all(isolate=False)  # everything is done: nothing is recomputed
     assert run.path("emulator").stat().st_mtime_ns == stamp
     with pytest.raises(EmlocError, match="different run"):
-        Run(root / "run", _config(model, data, clamp=1.0))
+        Run(root / "run", _config(model, data, correction={"clamp": 1.0}))
 
 
 def test_isolated_stage_records_its_peak_memory(tiny_setup):
