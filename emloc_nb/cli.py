@@ -6,6 +6,7 @@ emloc finetune --run-dir DIR            LoRA on the emulator (or --target origin
 emloc correct --run-dir DIR             the corrected adapter for the original model
 emloc evaluate --run-dir DIR            the results table
 emloc report RUN_DIR                    one self-contained HTML report (needs the notebook extra)
+emloc ablate CONFIG --dir DIR           the paper-style table over seeds, budgets and corrections
 """
 
 from __future__ import annotations
@@ -123,6 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--output", type=Path, help="default: RUN_DIR/report.html")
 
+    p = sub.add_parser("ablate", help="a paper-style table over seeds, budgets and corrections (ablation.md)")
+    p.add_argument("config", type=Path, help="the base run config (YAML/JSON); every row varies it")
+    p.add_argument("--dir", required=True, type=Path, help="the ablation directory (resumed if it exists)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: LoRA init, data order, calibration subset")
+    p.add_argument(
+        "--budgets", type=float, nargs="+", default=[0.8, 0.6], help="kept shares ρ; the first is the main one"
+    )
+    p.add_argument("--split", choices=["validation", "test"], default="test", help="validation to choose settings")
+    p.add_argument("--methods", nargs="+", help="only these rows (default: all; see emloc_nb.ablation)")
+    p.add_argument("--small", action="store_true", help="tiny settings that finish in minutes (also EMLOC_SMALL=1)")
+    p.add_argument("--in-process", action="store_true", help="train in this process (no per-stage processes)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -176,6 +189,15 @@ def _dispatch(args) -> int:
             ) from None
         out = write_report(args.run_dir, args.output or args.run_dir / "report.html")
         print(f"report: {out}")
+    elif args.command == "ablate":
+        from .ablation import AblationSpec, ablate
+
+        config = RunConfig.load(args.config)
+        if args.small or is_small():
+            config = small_settings(config)
+        spec = AblationSpec(seeds=args.seeds, budgets=args.budgets, split=args.split, methods=args.methods)
+        report = ablate(config, args.dir, spec, isolate=isolate)
+        print(report.markdown())
     return 0
 
 

@@ -123,13 +123,12 @@ def _errors(terms: dict[str, torch.Tensor], kappa: torch.Tensor) -> tuple[float,
     return rel(overall, terms["ref_all"]), rel(sub, terms["ref_sub"])
 
 
-def lstsq_kappa(terms: dict[str, torch.Tensor], ridge: float = 1e-6) -> torch.Tensor:
-    """κ minimising the held-out error tr(ΔCΔᵀ) − 2κ·m + κᵀQκ: (Q + εI) κ = m, ε relative to Q's diagonal."""
-    q = terms["q"]
-    if q.numel() == 0:
-        return q.new_zeros(0)
-    eps = ridge * float(q.diagonal().mean().clamp_min(torch.finfo(q.dtype).tiny))
-    return torch.linalg.solve(q + eps * torch.eye(len(q), dtype=q.dtype), terms["m"])
+def lstsq_kappa(terms: dict[str, torch.Tensor], rtol: float = 1e-10) -> torch.Tensor:
+    """κ minimising the held-out error tr(ΔCΔᵀ) − 2κ·m + κᵀQκ: the least-norm solution of Q κ = m.
+
+    Directions Q cannot tell apart (a layer kept dense has D = 0, so Q = 0) get κ = 0.
+    """
+    return torch.linalg.pinv(terms["q"], rtol=rtol, hermitian=True) @ terms["m"]
 
 
 def subspace_cosines(u: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -48,13 +48,24 @@ class Report:
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the report as a directory; a non-empty `path` is refused unless `overwrite=True`."""
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            tensors = self._tensors()
-            if tensors:
-                write_grouped(tmp / f"{self.kind}.safetensors", tensors)
-            write_json(
-                tmp / f"{self.kind}.json", {"format_version": FORMAT_VERSION, "kind": self.kind, **self._metadata()}
-            )
+            self._write_files(tmp)
         return Path(path)
+
+    def save_into(self, directory: str | Path) -> Path:
+        """Write the report's files into an existing directory that holds other things too, each file atomically.
+
+        For a report that lives beside the artifacts it sums up (an ablation's runs); `load(directory)` reads it.
+        """
+        self._write_files(Path(directory))
+        return Path(directory)
+
+    def _write_files(self, directory: Path) -> None:
+        tensors = self._tensors()
+        if tensors:
+            write_grouped(directory / f"{self.kind}.safetensors", tensors)
+        write_json(
+            directory / f"{self.kind}.json", {"format_version": FORMAT_VERSION, "kind": self.kind, **self._metadata()}
+        )
 
     @classmethod
     def load(cls, path: str | Path):

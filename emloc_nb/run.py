@@ -129,6 +129,14 @@ class Run:
             self._cache["original"] = load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
         return self._cache["original"]
 
+    def use_original(self, model, tokenizer) -> None:
+        """Share an original this process already loaded from `config.model`, instead of loading another copy.
+
+        Several runs of one model in one process (an ablation's) then hold it once; artifacts are
+        still checked against it by fingerprint wherever they are loaded with it.
+        """
+        self._cache["original"] = (model, tokenizer)
+
     def task(self):
         if "task" not in self._cache:
             from .data import load_task
