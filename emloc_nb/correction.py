@@ -161,6 +161,7 @@ class PriorFit:
     """The prior correction's logit offset and what it did, on the tokens it acts on (its support)."""
 
     token_ids: list[int]
+    tokens: list[str]  # the support tokens as text
     bias: list[float]  # logit offset per support token
     target: list[float]  # the fine-tuned emulator's mean probability of each support token
     before: list[float]  # the original + corrected LoRA's, without the offset
@@ -177,6 +178,7 @@ def fit_prior(
     head: nn.Module,
     target: torch.Tensor,
     *,
+    tokenizer=None,
     min_prob: float = 1e-3,
     steps: int = 200,
     tol: float = 1e-7,
@@ -206,8 +208,10 @@ def fit_prior(
     shifted = logits.clone()
     shifted[:, support] += t[:, None] * b
     after = shifted.softmax(-1).mean(0)
+    ids = support.tolist()
     return PriorFit(
-        support.tolist(),
+        ids,
+        [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids],
         b.tolist(),
         target[support].tolist(),
         before[support].tolist(),
@@ -475,7 +479,7 @@ def correct_lora(
             finally:
                 corrected.unload()
             head = original.get_output_embeddings()
-            prior = fit_prior(states, head, target)
+            prior = fit_prior(states, head, target, tokenizer=tokenizer)
             head_name = module_name(original, head)
             a_p, b_p = prior_tensors(prior, head)
             tensors[f"base_model.model.{head_name}.lora_A.weight"] = a_p.to(head.weight.dtype)

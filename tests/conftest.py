@@ -112,3 +112,16 @@ def tiny_run(tiny_files) -> Run:
     run = Run(root / "run", tiny_run_config(model, data))
     run.run_all(isolate=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_ablation(tiny_files, tmp_path_factory):
+    """A finished ablation of the tiny model (2 seeds, 2 budgets, every method, validation split)."""
+    from emloc_nb.ablation import Ablation, AblationSpec
+
+    root, model, data = tiny_files
+    config = tiny_run_config(model, data)
+    spec = AblationSpec(seeds=2, budgets=[0.5, 0.8], split="validation")
+    directory = tmp_path_factory.mktemp("ablation")
+    report = Ablation(directory, config, spec).execute(isolate=False, log=lambda _: None)
+    return directory, config, spec, report

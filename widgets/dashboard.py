@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
+from emloc_nb.errors import EmlocError
 from emloc_nb.run import Run
 
 from . import tables as T
@@ -25,17 +26,20 @@ from .planner import RankPlanner
 from .spectra import SpectrumView
 from .tables import MISSING, config_summary
 from .training import TrainingMonitor
+from .transfer import AblationView, TransferView
 
 
 class Dashboard(View):
-    """Tabs: results, spectra, rank plan, activations, drift, correction, training.
+    """Tabs: results, spectra, rank plan, activations, drift, correction, transfer, training, ablation.
 
     `view(title)` builds (once) and returns the view of a tab, or None when its
     artifacts are missing or it failed to build; `tabs` is the ipywidgets.Tab.
+    `ablation`: the directory of an `emloc ablate` run, for the Ablation tab.
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, *, ablation: str | Path | None = None):
         self.run = Run(run_dir)
+        self.ablation = ablation
         self._builders: dict[str, Callable[[], View | W.Widget]] = {
             "Results": self._results,
             "Spectra": lambda: SpectrumView(self.run.spectra()),
@@ -43,16 +47,24 @@ class Dashboard(View):
             "Activations": lambda: ActivationsView(self.run.calibration()),
             "Drift": lambda: DriftView(self.run.drift(), self._results_rows()),
             "Correction": lambda: CorrectionView(self.run.correction()),
+            "Transfer": lambda: TransferView.of(self.run),
             "Training": self._training,
+            "Ablation": self._ablation,
         }
-        self._missing_hint = {  # the stage that writes what a tab shows
-            "Results": "evaluate",
-            "Spectra": "emulator",
-            "Rank plan": "emulator",
-            "Activations": "calibrate",
-            "Drift": "drift",
-            "Correction": "correct",
-            "Training": "finetune_emulator",
+
+        def stage(name: str) -> str:
+            return f"Run the {name} stage (`emloc run`, or Run.run_stage({name!r})) and reopen the dashboard."
+
+        self._missing_hint = {  # what to do when a tab has nothing to show yet
+            "Results": stage("evaluate"),
+            "Spectra": stage("emulator"),
+            "Rank plan": stage("emulator"),
+            "Activations": stage("calibrate"),
+            "Drift": stage("drift"),
+            "Correction": stage("correct"),
+            "Transfer": stage("evaluate"),
+            "Training": stage("finetune_emulator"),
+            "Ablation": "Run `emloc ablate CONFIG --dir DIR`, then open Dashboard(run_dir, ablation=DIR).",
         }
         self.titles = list(self._builders)
         self._views: dict[str, View | W.Widget | None] = {}
@@ -79,11 +91,7 @@ class Dashboard(View):
             shown = view.widget if isinstance(view, View) else view
         except MISSING as e:
             view = None
-            stage = self._missing_hint[title]
-            shown = note(
-                f"Nothing to show yet: the {stage} stage has not written it in {self.run.dir} ({e}). "
-                f"Run that stage (e.g. `emloc run` or Run.run_stage({stage!r})) and reopen the dashboard."
-            )
+            shown = note(f"Nothing to show yet in {self.run.dir.name} ({e}). {self._missing_hint[title]}")
         except Exception as e:  # one broken tab must not take the dashboard down, nor go unnoticed
             view = None
             shown = note(f"{title} failed: {type(e).__name__}: {e}")
@@ -106,6 +114,11 @@ class Dashboard(View):
         if records:
             parts.append(W.HTML("<h4>Stages</h4>" + T.stages_table(records)))
         return W.VBox(parts)
+
+    def _ablation(self) -> AblationView:
+        if self.ablation is None:
+            raise EmlocError("no ablation directory was given")
+        return AblationView.from_dir(self.ablation)
 
     def _training(self) -> W.Widget:
         monitors = [

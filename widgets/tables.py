@@ -69,6 +69,29 @@ RESULT_COLUMNS = [
 ]
 
 
+SCORE_COLUMNS = [
+    ("setting", "setting", "text"),
+    ("accuracy", "accuracy", ".3f"),
+    ("auc", "AUC", ".3f"),
+    ("balanced_accuracy", "balanced accuracy", ".3f"),
+    ("mean_margin", "mean margin", "+.3f"),
+    ("predicted", "predicted", lambda counts: "–" if not counts else ", ".join(f"{k} {n}" for k, n in counts.items())),
+    ("examples", "examples", "d"),
+]
+
+ABLATION_COLUMNS = [
+    ("label", "method", "text"),
+    ("budget", "ρ", "g"),
+    ("seeds", "seeds", "d"),
+    ("accuracy", "accuracy", ".3f"),
+    ("accuracy_std", "± std", ".3f"),
+    ("auc", "AUC", ".3f"),
+    ("recovered", "recovered share", ".2f"),
+    ("diff", "Δ vs naive", "+.3f"),
+    ("p_mcnemar", "McNemar p", ".3g"),
+]
+
+
 def results_table(rows: Sequence[dict]) -> str:
     """Accuracy, answer loss and memory per setting (`Run.results()`)."""
     return html_table(rows, RESULT_COLUMNS)

@@ -12,14 +12,9 @@ from emloc_nb.cli import main as cli
 from ..conftest import tiny_run_config
 
 
-@pytest.fixture(scope="module")
-def ablation(tiny_files, tmp_path_factory):
-    root, model, data = tiny_files
-    config = tiny_run_config(model, data)
-    spec = AblationSpec(seeds=2, budgets=[0.5, 0.8], split="validation")
-    directory = tmp_path_factory.mktemp("ablation")
-    report = Ablation(directory, config, spec).execute(isolate=False, log=lambda _: None)
-    return directory, config, spec, report
+@pytest.fixture
+def ablation(tiny_ablation):
+    return tiny_ablation
 
 
 def test_every_method_has_a_row_per_seed_and_budget(ablation):

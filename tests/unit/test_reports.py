@@ -66,7 +66,14 @@ def _reports() -> list[Report]:
             }
         },
         "clamp",
-        {"token_ids": [5, 9], "bias": [-1.0, 0.5], "target": [0.4, 0.5], "before": [0.6, 0.3], "after": [0.4, 0.5]},
+        {
+            "token_ids": [5, 9],
+            "tokens": ["yes", "no"],
+            "bias": [-1.0, 0.5],
+            "target": [0.4, 0.5],
+            "before": [0.6, 0.3],
+            "after": [0.4, 0.5],
+        },
     )
     evaluation = EvalResult(0.5, 0.7, 2, ["yes", "no"], ["yes", "yes"], ["yes", "no"], [[-0.1, -2.0], [-3.0, -0.2]])
     return [stats, spectra, drift, correction, evaluation]
