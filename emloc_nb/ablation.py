@@ -372,8 +372,9 @@ class Ablation:
         # zero-shot depends on no seed: scored once
         where = self.dir / "transfers" / ("zero-shot" if method.key == "zero-shot" else f"{run.dir.name}/{method.key}")
         if not (where / "evaluation").is_dir():
-            stages = ["calibrate"] if method.adapter else []
-            stages += ["emulator", "finetune_emulator"] if method.variant else []
+            if method.adapter:
+                self._calibrate(run, seed, isolate)
+            stages = ["emulator", "finetune_emulator"] if method.variant else []
             stages += ["finetune_original"] if method.adapter == "original" else []
             for stage in stages:
                 run.run_stage(stage, isolate=isolate)
@@ -388,6 +389,14 @@ class Ablation:
             "predicted": result.prediction_counts() if result.choices else None,
             "correct": result.correct,
         }
+
+    def _calibrate(self, run, seed: int, isolate: bool) -> None:
+        """Every run of a seed sees the same calibration examples: compute them once, copy them to the others."""
+        first = self.run(seed, self.spec.budgets[0], "whitened")
+        first.run_stage("calibrate", isolate=isolate)
+        if run.dir != first.dir and not run.has("calibration:heldout"):
+            for split in ("train", "heldout"):
+                run.copy_from(first, f"calibration:{split}")
 
     def _evaluate(self, run, method: Method, where: Path) -> None:
         from peft import PeftModel

@@ -25,6 +25,7 @@ Running the stages is `Run.run_stage` / `Run.run_all` (implemented in emloc_nb.s
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from .artifacts import atomic_dir, read_json, write_json
@@ -50,6 +51,8 @@ LAYOUT: dict[str, str] = {
     "report": "report.html",  # the static HTML report (emloc report)
     "scratch": "scratch/{}",
 }
+# What decides an artifact, by config key: two runs that agree on these may share it (Run.copy_from).
+SHARED_BY = {"calibration": ("model", "seed", "task", "calibration")}
 TARGETS = ("emulator", "original")  # the models a LoRA is trained on
 ADAPTERS = {"emulator": "adapter:emulator", "original": "adapter:original", "corrected": "corrected_adapter"}
 
@@ -115,6 +118,26 @@ class Run:
     def has(self, artifact: str) -> bool:
         """Whether `artifact` has been written (artifacts are written atomically: complete when present)."""
         return self.path(artifact).exists()
+
+    def copy_from(self, other: Run, artifact: str) -> None:
+        """Take `other`'s `artifact` (a calibration, say) instead of computing the same thing again.
+
+        Allowed only where what decides that artifact is the same in both configs; see SHARED_BY.
+        """
+        name = artifact.partition(":")[0]
+        keys = SHARED_BY.get(name)
+        if keys is None:
+            raise EmlocError(f"Run artifact {name!r} cannot be shared between runs. Shareable: {', '.join(SHARED_BY)}.")
+        mine, theirs = self.config.to_dict(), other.config.to_dict()
+        differ = [k for k in keys if mine[k] != theirs[k]]
+        if differ:
+            raise EmlocError(
+                f"{other} differs from {self} in {', '.join(differ)}, so its {artifact} is not this run's."
+            )
+        if not other.has(artifact):
+            raise EmlocError(f"{other} has no {artifact} yet. Compute it there first.")
+        with atomic_dir(self.path(artifact), overwrite=True) as tmp:
+            shutil.copytree(other.path(artifact), tmp, dirs_exist_ok=True)
 
     def scratch(self, name: str) -> Path:
         """A path for files a notebook writes beside the run (a saved plan, an extra adapter)."""

@@ -73,3 +73,24 @@ def test_cli_ablate_and_bad_specs(tiny_files, tmp_path, capsys):
         AblationSpec(methods=["nope"])
     with pytest.raises(EmlocError, match="budgets in"):
         AblationSpec(budgets=[1.5])
+
+
+def test_runs_of_a_seed_share_one_calibration(ablation):
+    directory, _, _, _ = ablation
+    contents = []
+    for seed in (0, 1):
+        files = sorted((directory / "runs").glob(f"seed{seed}-*/calibrate/train/calibration.safetensors"))
+        assert len(files) == 5  # whitened at two budgets, plain, eigen, shrinkage
+        contents.append({f.read_bytes() for f in files})
+        assert len(contents[-1]) == 1
+    assert contents[0] != contents[1]  # another seed draws other examples
+
+
+def test_copy_from_refuses_a_run_that_calibrated_otherwise(ablation):
+    directory, config, spec, _ = ablation
+    abl = Ablation(directory, config, spec)
+    seed0, seed1 = abl.run(0, 0.5, "whitened"), abl.run(1, 0.8, "whitened")
+    with pytest.raises(EmlocError, match="differs from .* in seed"):
+        seed1.copy_from(seed0, "calibration:train")
+    with pytest.raises(EmlocError, match="cannot be shared"):
+        seed1.copy_from(seed0, "emulator")
