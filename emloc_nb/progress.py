@@ -25,13 +25,20 @@ def progress(
     """`iterable`, reporting its progress on stderr (a bar or lines, see the module) unless not `enabled`."""
     if not enabled:
         return iterable
-    if "ipykernel" in sys.modules or sys.stderr.isatty():
+    if _in_notebook() or sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         return tqdm(iterable, desc=desc, total=total, initial=initial)
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable) + initial
     return _lines(iterable, desc, total, initial, float(os.environ.get("EMLOC_PROGRESS_SECONDS", "5")))
+
+
+def _in_notebook() -> bool:
+    """A Jupyter kernel runs this (checked without importing IPython, which the core never does itself)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _duration(seconds: float) -> str:

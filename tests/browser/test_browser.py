@@ -306,7 +306,7 @@ def test_html_report_renders_offline(browser, small_run):
     report = ARTIFACTS / "report.html"
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "emloc_nb.cli", "report", str(small_run.dir), "--output", str(report)],
+        [sys.executable, "-m", "emloc_nb.cli", "report", "--run-dir", str(small_run.dir), "--output", str(report)],
         cwd=REPO,
         capture_output=True,
         text=True,
