@@ -28,9 +28,13 @@ demo: setup
 lab: setup
 	$(BIN)/jupyter lab notebooks/
 
-# The notebooks share runs/demo (`make demo`), or runs/notebooks-small under EMLOC_SMALL=1; missing stages run first.
+# The README's tutorials and pictures, from one run: runs/demo (`make demo`), or runs/notebooks-small under
+# EMLOC_SMALL=1 (missing stages run first). Static HTML to docs/notebooks/, then the browser test's screenshots
+# to docs/*.png (skipped without Chromium).
+DOCS_RUN = $(CURDIR)/runs/$(if $(filter-out 0,$(EMLOC_SMALL)),notebooks-small,demo)
 docs: setup
-	$(BIN)/python docs/build.py
+	EMLOC_RUN_DIR=$(DOCS_RUN) $(BIN)/python docs/build.py
+	EMLOC_RUN_DIR=$(DOCS_RUN) EMLOC_UPDATE_SCREENSHOT=1 $(BIN)/python -m pytest tests/browser -m browser -p no:cacheprovider
 
 lint: setup
 	$(BIN)/ruff check .
