@@ -95,10 +95,17 @@ def build(notebook: Path, output: Path) -> Path:
     from emloc_nb.artifacts import atomic_path
 
     nb = nbformat.read(notebook, as_version=4)
-    os.environ["EMLOC_STATIC_VIEWS"] = "1"  # the kernel inherits it
-    ExecutePreprocessor(timeout=CELL_TIMEOUT_S, kernel_name="python3").preprocess(
-        nb, {"metadata": {"path": str(notebook.parent)}}
-    )
+    saved = os.environ.get("EMLOC_STATIC_VIEWS")
+    os.environ["EMLOC_STATIC_VIEWS"] = "1"  # for the kernel, which inherits it; this process gets its own back
+    try:
+        ExecutePreprocessor(timeout=CELL_TIMEOUT_S, kernel_name="python3").preprocess(
+            nb, {"metadata": {"path": str(notebook.parent)}}
+        )
+    finally:
+        if saved is None:
+            del os.environ["EMLOC_STATIC_VIEWS"]
+        else:
+            os.environ["EMLOC_STATIC_VIEWS"] = saved
     static_outputs(nb)
     target = output / f"{notebook.stem}.html"
     with atomic_path(target) as tmp:

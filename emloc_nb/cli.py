@@ -228,7 +228,7 @@ def _dispatch(args) -> int:
         print()
         print(results_markdown(run.results()))
         _adapter_hint(run)
-        print(f"Everything is in {run.dir}. Open it with: jupyter lab notebooks/00_quickstart.ipynb")
+        print(f"Everything is in {run.dir}. Open the tutorials on it with: make lab")
     elif args.command == "build-emulator":
         run = Run(args.run_dir, _new_config(args), overwrite=args.overwrite)
         run.run_all(isolate=isolate, until="drift")

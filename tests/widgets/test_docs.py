@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def test_a_notebook_page_has_its_outputs_and_loads_nothing_remote(docs_build, ru
     out.mkdir()
     docs_build.write_plotly_js(out)
     page = docs_build.build(notebook, out).read_text(encoding="utf-8")
+    assert "EMLOC_STATIC_VIEWS" not in os.environ  # only the kernel rendered statically
     assert (out / "plotly.min.js").stat().st_size > 1_000_000
     assert '<script src="plotly.min.js"></script>' in page
     assert not re.search(r"<script[^>]+src=[\"']https?://", page), "the page loads a script from the network"
