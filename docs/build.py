@@ -65,6 +65,7 @@ def _scrub(text: str) -> str:
 
 def static_outputs(nb: nbformat.NotebookNode) -> None:
     """Outputs a page can show without a kernel: plotly figures as divs, no widget views, no machine paths."""
+    nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             cell.source = latex_to_mathml(cell.source)
@@ -98,7 +99,8 @@ def build(notebook: Path, output: Path) -> Path:
     saved = os.environ.get("EMLOC_STATIC_VIEWS")
     os.environ["EMLOC_STATIC_VIEWS"] = "1"  # for the kernel, which inherits it; this process gets its own back
     try:
-        ExecutePreprocessor(timeout=CELL_TIMEOUT_S, kernel_name="python3").preprocess(
+        # No widget state: the views are static HTML already, and the state would copy every figure's data.
+        ExecutePreprocessor(timeout=CELL_TIMEOUT_S, kernel_name="python3", store_widget_state=False).preprocess(
             nb, {"metadata": {"path": str(notebook.parent)}}
         )
     finally:

@@ -79,6 +79,7 @@ def test_a_notebook_page_has_its_outputs_and_loads_nothing_remote(docs_build, ru
     page = docs_build.build(notebook, out).read_text(encoding="utf-8")
     assert "EMLOC_STATIC_VIEWS" not in os.environ  # only the kernel rendered statically
     assert (out / "plotly.min.js").stat().st_size > 1_000_000
+    assert "widget-state+json" not in page  # the views are static: no kernel state copied into the page
     assert '<script src="plotly.min.js"></script>' in page
     assert not re.search(r"<script[^>]+src=[\"']https?://", page), "the page loads a script from the network"
     assert "<math" in page and "$W_E" not in page
