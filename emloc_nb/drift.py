@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .artifacts import check_fingerprint
 from .calibration import CalibrationStats, collect_stats
 from .models import fingerprint, linear_weight, model_inputs, on_device
+from .progress import progress as progress_bar
 from .reports import LayerReport
 
 
@@ -103,7 +103,7 @@ def drift(
     kl_sum = nll_o = nll_e = 0.0
     n_tok = n_pred = 0
     examples = []
-    for batch in tqdm(batches, desc="drift", disable=not progress):
+    for batch in progress_bar(batches, desc="drift", enabled=progress):
         batch = on_device(original, batch)
         inputs = model_inputs(original, batch)
         out_o = original(**inputs, output_hidden_states=True, use_cache=False)

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json, write_tensors
 from .calibration import CalibrationStats
 from .errors import EmlocError
 from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight
+from .progress import progress as progress_bar
 from .ranks import RankPlan
 from .spectra import SpectrumTable
 
@@ -258,7 +258,7 @@ def build_emulator(
     emulator_model = _shallow_copy(model)
     rows, spectra, cache = [], {}, {}
 
-    for name, module in tqdm(targets.items(), desc="emulator", disable=not progress):
+    for name, module in progress_bar(targets.items(), desc="emulator", total=len(targets), enabled=progress):
         choice = choices[name]
         w = linear_weight(module).detach().double().cpu()
         sv_plain = _svdvals(w)

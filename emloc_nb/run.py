@@ -139,6 +139,21 @@ class Run:
         with atomic_dir(self.path(artifact), overwrite=True) as tmp:
             shutil.copytree(other.path(artifact), tmp, dirs_exist_ok=True)
 
+    def discard(self, artifact: str) -> None:
+        """Remove an artifact that a settings change made stale (`emloc_nb.stages.reconfigure`)."""
+        path = self.path(artifact)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def update_config(self, config: RunConfig) -> None:
+        """Replace run.json; only `emloc_nb.stages.reconfigure` calls it, after dropping the stale results."""
+        check_config(config)
+        write_json(self.path("config"), config.to_dict())
+        self.config = config
+        self._cache.clear()
+
     def scratch(self, name: str) -> Path:
         """A path for files a notebook writes beside the run (a saved plan, an extra adapter)."""
         return self.path(f"scratch:{name}")
@@ -162,18 +177,13 @@ class Run:
 
     def task(self):
         if "task" not in self._cache:
+            from dataclasses import asdict
+
             from .data import load_task
 
-            t = self.config.task
-            self._cache["task"] = load_task(
-                t.source,
-                prompt_field=t.prompt_field,
-                answer_field=t.answer_field,
-                choices=t.choices,
-                test_size=t.test_size,
-                validation_size=t.validation_size,
-                seed=t.split_seed,
-            )
+            spec = asdict(self.config.task)
+            spec["seed"] = spec.pop("split_seed")
+            self._cache["task"] = load_task(**spec)
         return self._cache["task"]
 
     def calibration_examples(self, split: str):

@@ -39,6 +39,7 @@ class Stage:
     writes: tuple[str, ...]  # run artifacts it writes: the stage is done when they all exist
     model: str | None  # the model its function loads (base_model): "original" or "emulator"; evaluate: per setting
     doc: str
+    settings: tuple[str, ...] = ()  # the config keys (top level or section) its result depends on directly
     enabled: Callable[[RunConfig], bool] = lambda config: True  # a disabled stage counts as done
     parts: Callable[[RunConfig], list[str]] | None = None  # run one process each (evaluate: one per setting)
     part_writes: str = ""  # the artifact each part writes, "{}" standing for the part
@@ -46,6 +47,11 @@ class Stage:
 
     def done(self, run: Run) -> bool:
         return not self.enabled(run.config) or all(run.has(a) for a in self.writes)
+
+    def outputs(self, config: RunConfig) -> list[str]:
+        """Every artifact it writes, its parts' included."""
+        parts = self.parts(config) if self.parts else []
+        return [*self.writes, *(self.part_writes.format(p) for p in parts)]
 
 
 def base_model(run: Run, which: str):
@@ -149,6 +155,7 @@ def _correct(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
         prior_prompts=prompts,
         tokenizer=tokenizer,
         overwrite=True,
+        progress=progress,
     )
     report.save(run.path("correction"), overwrite=True)
     return {}
@@ -263,6 +270,7 @@ STAGES: dict[str, Stage] = {
             writes=("calibration:train", "calibration:heldout"),
             model="original",
             doc="second moments of every block linear's input, on training and on held-out examples",
+            settings=("model", "trust_remote_code", "seed", "task", "calibration"),
         ),
         Stage(
             "emulator",
@@ -271,6 +279,7 @@ STAGES: dict[str, Stage] = {
             writes=("emulator",),
             model="original",
             doc="the activation-aware SVD emulator and its spectra",
+            settings=("emulator",),
         ),
         Stage(
             "drift",
@@ -287,6 +296,7 @@ STAGES: dict[str, Stage] = {
             writes=("adapter:emulator",),
             model="emulator",
             doc="LoRA fine-tuning on the emulator",
+            settings=("model", "trust_remote_code", "seed", "task", "lora", "train"),
         ),
         Stage(
             "finetune_original",
@@ -295,6 +305,7 @@ STAGES: dict[str, Stage] = {
             writes=("adapter:original",),
             model="original",
             doc="LoRA fine-tuning on the original: the upper bound EMLoC avoids paying for",
+            settings=("model", "trust_remote_code", "seed", "task", "baseline", "lora", "train"),
             enabled=lambda config: config.baseline,
         ),
         Stage(
@@ -304,6 +315,7 @@ STAGES: dict[str, Stage] = {
             writes=("corrected_adapter", "correction"),
             model="original",
             doc="the emulator's LoRA corrected for the original model (Algorithm 1, then the prior correction)",
+            settings=("correction",),
         ),
         Stage(
             "evaluate",
@@ -312,12 +324,51 @@ STAGES: dict[str, Stage] = {
             writes=("results",),
             model=None,
             doc="task accuracy of every setting, and the results table",
+            settings=("model", "trust_remote_code", "seed", "task", "baseline", "evaluation"),
             parts=settings,
             part_writes="evaluation:{}",
             finish=write_results,
         ),
     ]
 }
+
+
+def stale_stages(changed: set[str]) -> list[str]:
+    """The stages whose results a change of these config keys invalidates, and every stage that reads theirs."""
+    stale: list[str] = []
+    for stage in STAGES.values():  # registry order: readers come after writers
+        upstream = {a for name in stale for a in STAGES[name].writes}
+        if set(stage.settings) & changed or set(stage.reads) & upstream:
+            stale.append(stage.name)
+    return stale
+
+
+def reconfigure(run: Run, changes: list[tuple[str, object]], *, command_stage: str) -> list[str]:
+    """Change an existing run's settings (`--set`) and drop the results they make stale; returns those stages.
+
+    Only `command_stage` and later stages may go stale: `emloc correct --clamp 10` redoes the correction and
+    the evaluation, but a change that reaches back to an earlier stage needs `emloc run --overwrite`.
+    """
+    from .config import with_settings
+
+    config = with_settings(run.config, changes)
+    old, new = run.config.to_dict(), config.to_dict()
+    changed = {k for k in new if new[k] != old[k]}
+    if not changed:
+        return []
+    stale = stale_stages(changed)
+    order = list(STAGES)
+    early = [s for s in stale if order.index(s) < order.index(command_stage)]
+    if early:
+        raise EmlocError(
+            f"Changing {', '.join(sorted(changed))} makes the {', '.join(early)} stage(s) stale, which this command "
+            f"does not run. Start again with `emloc run CONFIG --run-dir {run.dir} --overwrite --set ...`."
+        )
+    for name in stale:
+        for artifact in STAGES[name].outputs(run.config):
+            run.discard(artifact)
+    run.update_config(config)
+    return stale
 
 
 def get(name: str) -> Stage:
@@ -392,7 +443,7 @@ def execute(run: Run, step: str, *, isolated: bool) -> None:
 
     name, _, part = step.partition(":")
     stage = get(name)
-    progress = sys.stderr.isatty() or not isolated
+    progress = True  # a bar in a terminal or notebook, else a line every few seconds (emloc_nb.progress)
     baseline = rss_mb()
     started = time.time()
     record = stage.body(run, stage, part or None, progress)
@@ -408,8 +459,11 @@ def execute(run: Run, step: str, *, isolated: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Child-process entry point: main([RUN_DIR, STEP]) runs one step and records its memory."""
+    from . import progress
+
     run_dir, step = (argv or sys.argv[1:])[:2]
-    if not sys.stderr.isatty():
+    progress.stage = step
+    if not sys.stderr.isatty():  # datasets' own bars (tokenising) would print carriage returns into the pipe
         import datasets
 
         datasets.disable_progress_bars()
@@ -417,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         execute(Run(run_dir), step, isolated=True)
     except EmlocError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 

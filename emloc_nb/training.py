@@ -8,17 +8,17 @@ Both write the same adapter (emloc_nb.lora) and history.json to an output direct
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from .artifacts import atomic_dir, read_json, read_tensors, write_json, write_tensors
@@ -27,6 +27,7 @@ from .data import Task, collator_for, tokenize
 from .errors import EmlocError
 from .lora import attach_lora, initial_factors, save_adapter
 from .models import fingerprint
+from .progress import progress as progress_bar
 from .scoring import answer_nll
 
 Callback = Callable[[dict], None]  # receives {"step", "steps", "loss", "lr"} after every optimiser step
@@ -183,7 +184,8 @@ def finetune(
             start, history = _load_checkpoint(checkpoint_dir, peft_model, optimizer)
         end = config.steps if stop_after is None else min(config.steps, start + stop_after)
         peft_model.train()
-        for step in tqdm(range(start, end), desc="finetune", initial=start, total=config.steps, disable=not progress):
+        steps = progress_bar(range(start, end), desc="finetune", initial=start, total=config.steps, enabled=progress)
+        for step in steps:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             nll, mask = answer_nll(peft_model, collate(encoded.select(idx).to_list()))
             loss = nll[mask].mean()
@@ -285,6 +287,15 @@ def hf_trainer(
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         disable_tqdm=True,
     )
+    known = {f.name for f in fields(TrainingArguments)}
+    for key in training_args:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3)
+            raise EmlocError(
+                f"{key!r} is not a transformers TrainingArguments setting"
+                + (f" (did you mean {', '.join(near)}?)" if near else "")
+                + ". See the TrainingArguments reference for the names."
+            )
     args = TrainingArguments(**{**defaults, **training_args})
     train = tokenize(tokenizer, task.train, max_length=config.max_length)
     return Trainer(

@@ -71,7 +71,8 @@ class Dashboard(View):
         self.tabs = W.Tab(children=[W.VBox() for _ in self.titles], titles=self.titles)
         self.tabs.observe(lambda change: self._open(change["new"]), names="selected_index")
         self._open(0)
-        header = W.HTML(f"<h2>EMLoC run · {html.escape(str(self.run.dir))}</h2>")
+        # The folder's name only: a machine path means nothing to a reader of a screenshot or a shared page.
+        header = W.HTML(f"<h2>EMLoC run · {html.escape(self.run.dir.resolve().name)}</h2>")
         self.widget = W.VBox([header, self.tabs])
 
     def view(self, title: str):
@@ -79,6 +80,11 @@ class Dashboard(View):
         "failed."""
         self._open(self.titles.index(title))
         return self._views[title]
+
+    def static_widget(self) -> W.Widget:
+        for index in range(len(self.titles)):  # a page without a kernel shows every tab
+            self._open(index)
+        return self.widget
 
     def _open(self, index: int | None) -> None:
         if index is None:

@@ -26,6 +26,7 @@ from .plots.correction import correction_error_figure, correction_norms_figure
 from .plots.drift import block_cosine_figure, layer_error_figure
 from .plots.spectra import energy_figure, kept_energy_figure, ranks_figure, spectrum_figure
 from .plots.training import loss_figure
+from .static import figure_html
 from .tables import MISSING, config_summary
 from .tokens import token_kl_html
 
@@ -53,16 +54,7 @@ class _Page:
 
     def figure(self, fig_id: str, fig: go.Figure) -> None:
         fig_id = "fig-" + re.sub(r"[^A-Za-z0-9_-]+", "-", fig_id)
-        height = fig.layout.height or 450
-        self.parts.append(
-            fig.to_html(
-                full_html=False,
-                include_plotlyjs=False,
-                div_id=fig_id,
-                default_height=f"{height}px",
-                config={"displaylogo": False},
-            )
-        )
+        self.parts.append(figure_html(fig, div_id=fig_id))
         self.figure_ids.append(fig_id)
 
 
@@ -175,7 +167,7 @@ def write_report(run_dir: str | Path, output_path: str | Path | None = None) -> 
     output = Path(output_path) if output_path is not None else run.path("report")
     page = _Page()
     page.text(
-        f"<h1>EMLoC run report</h1><p>{html.escape(str(run.dir))} · written "
+        f"<h1>EMLoC run report</h1><p>{html.escape(run.dir.resolve().name)} · written "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>" + config_summary(run)
     )
     page.section("Results")

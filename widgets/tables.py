@@ -139,4 +139,6 @@ def config_summary(run) -> str:
         ("correction", f"L = {c.correction.clamp:g}, κ: {c.correction.kappa}, prior: {c.correction.prior}"),
         ("seed", c.seed),
     ]
-    return html_table([{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", str(run.dir), "text")])
+    return html_table(
+        [{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", run.dir.resolve().name, "text")]
+    )
