@@ -92,13 +92,23 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(tensors, str(tmp))
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def read_tensors(path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, memory-mapped rather than copied when they need no conversion.
+
+    `dtype` converts floating-point tensors and `device` places them, one tensor at a time,
+    so a full copy of the file at another dtype or on the CPU is never held.
+    """
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")
-    return load_file(str(path))
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+        for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            t = f.get_tensor(key)
+            tensors[key] = t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+    return tensors
 
 
 def write_grouped(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]) -> None:

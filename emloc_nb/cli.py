@@ -61,6 +61,9 @@ def _config_from_flags(args):
         d["calibration"]["examples"] = args.calibration_examples
     if getattr(args, "trust_remote_code", False):
         d["trust_remote_code"] = True
+    for setting in ("device", "dtype"):
+        if getattr(args, setting, None):
+            d[setting] = getattr(args, setting)
     config = RunConfig.from_dict(d)
     return small_settings(config) if (getattr(args, "small", False) or is_small()) else config
 
@@ -78,11 +81,16 @@ def main(argv: list[str] | None = None) -> int:
             "--in-process", action="store_true", help="run stages in this process (no per-stage memory figures)"
         )
 
+    def placement(p):
+        p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (cuda when there is one)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], help="the dtype models run in (default float32)")
+
     p = sub.add_parser("run", help="the whole pipeline from a YAML/JSON config")
     p.add_argument("config", type=Path)
     common(p)
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different run")
     p.add_argument("--small", action="store_true", help="tiny settings that finish in minutes (also EMLOC_SMALL=1)")
+    placement(p)
 
     p = sub.add_parser("build-emulator", help="calibrate, build the emulator and measure its drift")
     p.add_argument("--output", required=True, type=Path, help="run directory to write")
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--small", action="store_true")
     p.add_argument("--in-process", action="store_true")
+    placement(p)
 
     p = sub.add_parser("finetune", help="train the LoRA on the emulator (or the original)")
     common(p)
@@ -133,16 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from .config import RunConfig, is_small, small_settings
     from .run import Run
     from .stages import finetune_with_trainer, results_markdown
 
     isolate = not getattr(args, "in_process", False)
     if args.command == "run":
-        config = RunConfig.load(args.config)
-        if args.small or is_small():
-            config = small_settings(config)
-        run = Run(args.run_dir, config, overwrite=args.overwrite)
+        run = Run(args.run_dir, _config_from_flags(args), overwrite=args.overwrite)
         run.run_all(isolate=isolate)
         _summary(run)
         print()

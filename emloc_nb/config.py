@@ -46,6 +46,9 @@ class EmulatorSpec:
     plan: dict | str = field(default_factory=lambda: {"ratio": 0.8})  # RankPlan fields, or a plan file
     mode: str = "whitened"
     eps: float = 1e-6
+    # Calibrate and build one block at a time from the safetensors shards, never holding the whole original
+    # (emloc_nb.streaming): the calibrate and emulator stages then peak at about one block.
+    streaming: bool = False
 
 
 @dataclass
@@ -77,7 +80,22 @@ class TrainSpec:
     max_length: int = 256
     seed: int = 0
     checkpoint_every: int = 50  # steps; 0: a checkpoint only when stop_after ends a call early
+    # Memory levers (bench/results/memory_levers.md measures each):
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
+    micro_batch_size: int | None = None  # examples per forward/backward, gradients accumulated; None: the whole batch
+    frozen_dtype: str | None = None  # "bfloat16": frozen weights in bf16, LoRA weights in fp32; None: the run's dtype
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise EmlocError(f"train.batch_size={self.batch_size} must be at least 1.")
+        micro = self.micro_batch_size
+        if micro is not None and not (1 <= micro <= self.batch_size and self.batch_size % micro == 0):
+            raise EmlocError(
+                f"train.micro_batch_size={micro} must divide train.batch_size={self.batch_size} "
+                "(e.g. 1, 2 or 4 for a batch of 8), or be null for no micro-batching."
+            )
+        if self.frozen_dtype is not None:
+            check_dtype(self.frozen_dtype, "train.frozen_dtype")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to a tenth of `lr` (step counts from 0)."""
@@ -91,6 +109,21 @@ class TrainSpec:
 class EvalSpec:
     limit: int = 300
     batch_size: int = 16
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(name: str, where: str) -> None:
+    if name not in DTYPES:
+        raise EmlocError(f"{where}={name!r} is not a supported dtype. Use one of {', '.join(DTYPES)}.")
+
+
+def check_device(name: str) -> None:
+    """ "cpu", "cuda", "cuda:N" or "auto" (cuda when there is one, else cpu); existence is checked when used."""
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "auto") or (index and (kind != "cuda" or not index.isdigit())):
+        raise EmlocError(f"device={name!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
 
 
 SECTIONS = {
@@ -122,6 +155,8 @@ class RunConfig:
     model: str = "smollm2-135m-instruct"
     trust_remote_code: bool = False
     seed: int = 0
+    device: str = "cpu"  # where every stage runs: "cpu", "cuda", "cuda:N", or "auto" (cuda when there is one)
+    dtype: str = "float32"  # the dtype every stage loads the models in: "float32" or "bfloat16"
     baseline: bool = True  # also fine-tune the original model (the upper bound EMLoC avoids paying for)
     clamp: float = 3.0  # the correction's L (inf: no clamp)
     task: TaskSpec = field(default_factory=TaskSpec)
@@ -133,6 +168,8 @@ class RunConfig:
     evaluation: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self):
+        check_device(self.device)
+        check_dtype(self.dtype, "dtype")
         if self.clamp < 0:
             raise EmlocError(f"clamp={self.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
         if self.emulator.mode not in ("whitened", "plain"):

@@ -31,6 +31,7 @@ from .drift import output_energy
 from .emulator import Emulator
 from .errors import EmlocError
 from .lora import load_adapter, lora_factors
+from .memory import phase
 from .models import block_index, fingerprint, linear_weight
 from .reports import LayerReport
 
@@ -174,6 +175,7 @@ class CorrectionReport(LayerReport):
 
 
 @torch.no_grad()
+@phase("correction")
 def correct_lora(
     original: nn.Module,
     emulator: Emulator,

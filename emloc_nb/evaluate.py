@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .data import Task, collator_for, encode_example
 from .errors import EmlocError
+from .memory import phase
 from .reports import Report
 from .scoring import answer_nll, choice_logprobs, generate
 
@@ -52,6 +53,7 @@ class EvalResult(Report):
 
 
 @torch.no_grad()
+@phase("evaluation")
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

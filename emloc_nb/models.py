@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from .artifacts import atomic_dir, atomic_path
 from .errors import EmlocError
 from .fetch import pip_download
+from .memory import phase
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,25 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
     return path, None
 
 
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """The safetensors checkpoint directory behind a model source; a .gguf file is refused."""
+    path, gguf_file = _resolve(source)
+    if gguf_file is not None:
+        raise EmlocError(
+            f"{source} is a GGUF file; a streamed build reads safetensors shards. Convert it once "
+            "(load_model(...)[0].save_pretrained(DIR)) and point at DIR, or set emulator.streaming: false."
+        )
+    return path
+
+
+def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False):
+    """The model's tokenizer alone, without its weights."""
+    path, gguf_file = _resolve(source)
+    return AutoTokenizer.from_pretrained(
+        str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
+    )
+
+
 def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model's structure with no weights in memory (parameters on the meta device), e.g. to check a plan."""
     from accelerate import init_empty_weights
@@ -118,17 +138,58 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch.float32 for "float32", torch.bfloat16 for "bfloat16"; a torch.dtype passes through."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise EmlocError(f"{dtype!r} is not a floating-point torch dtype. Use 'float32' or 'bfloat16'.")
+    return value
+
+
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """The torch.device for "cpu", "cuda", "cuda:N" or "auto" (cuda when there is one), checked to exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EmlocError(
+                f"device={str(device)!r}, but this torch ({torch.__version__}) sees no CUDA device. Install a CUDA "
+                "build of torch (README, 'On a GPU'), or set device: cpu (--device cpu)."
+            )
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise EmlocError(f"device={str(device)!r}, but there are {torch.cuda.device_count()} CUDA device(s).")
+    elif device.type != "cpu":
+        raise EmlocError(f"device={str(device)!r} is not supported. Use 'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    return device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (the first one found)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@phase("load")
 def load_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer: the default name, a checkpoint directory or a .gguf file."""
+    """Load a causal LM and its tokenizer: the default name, a checkpoint directory or a .gguf file.
+
+    The weights are converted to `dtype` one tensor at a time and placed on `device`
+    directly, so no full copy at another dtype or on the CPU is ever held.
+    """
     path, gguf_file = _resolve(source)
+    device = resolve_device(device)
     kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    placement = {"device_map": str(device)} if device.type != "cpu" else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), **placement, **kwargs)
     model.eval()
     return model, tokenizer
 
@@ -256,24 +317,42 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
+@phase("fingerprint")
 def fingerprint(model: nn.Module) -> str:
-    """A stable hash of the weights' names, shapes, dtypes and a strided sample of their values.
+    """A stable hash of the weights' names, shapes and a strided sample of their values.
 
     LoRA adapter weights are ignored, so a model has the same fingerprint with or
-    without an adapter attached.
+    without an adapter attached. The same model in float32 and in bfloat16 has the same
+    fingerprint too (values are sampled at bfloat16 precision), so an adapter trained
+    with bf16 frozen weights still matches its float32 base.
     """
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
+    return fingerprint_of(
+        tensor_sample(name.replace(".base_layer.", "."), tensor)
+        for name, tensor in model.state_dict().items()
+        if "lora_" not in name
+    )
+
+
+def tensor_sample(name: str, tensor: torch.Tensor) -> tuple[str, bytes]:
+    """What the fingerprint hashes of one tensor: its name and shape, and 64 strided values."""
+    flat = tensor.detach().reshape(-1)
+    k = min(64, flat.numel())
+    idx = (torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)).to(flat.device)
+    values = flat[idx]
+    kind = "float" if values.is_floating_point() else str(values.dtype)
+    if values.is_floating_point():
+        values = values.to(torch.bfloat16)
+    return f"{name}:{tuple(tensor.shape)}:{kind}", values.to(torch.float64).cpu().numpy().tobytes()
+
+
+def fingerprint_of(samples) -> str:
+    """The fingerprint from `tensor_sample`s taken in any order (a streamed build takes them one block at a time)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".")
-        flat = tensor.detach().reshape(-1)
-        k = min(64, flat.numel())
-        idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
+    for head, values in sorted(samples):
+        h.update(head.encode())
+        h.update(values)
     return h.hexdigest()[:16]
 
 

@@ -121,13 +121,30 @@ class Run:
         return self.path(f"scratch:{name}")
 
     # -- models and data (cached per process)
-    def original(self):
-        """(model, tokenizer) of the original model."""
-        if "original" not in self._cache:
+    def original(self, dtype: str | None = None):
+        """(model, tokenizer) of the original model, on the run's device, in its dtype (or `dtype`)."""
+        dtype = dtype or self.config.dtype
+        key = f"original:{dtype}"
+        if key not in self._cache:
             from .models import load_model
 
-            self._cache["original"] = load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
-        return self._cache["original"]
+            self._cache[key] = load_model(
+                self.config.model,
+                dtype=dtype,
+                device=self.config.device,
+                trust_remote_code=self.config.trust_remote_code,
+            )
+        return self._cache[key]
+
+    def tokenizer(self):
+        """The original model's tokenizer, without loading its weights."""
+        if "tokenizer" not in self._cache:
+            from .models import load_tokenizer
+
+            self._cache["tokenizer"] = load_tokenizer(
+                self.config.model, trust_remote_code=self.config.trust_remote_code
+            )
+        return self._cache["tokenizer"]
 
     def task(self):
         if "task" not in self._cache:
@@ -151,7 +168,7 @@ class Run:
         c = self.config.calibration
         n = c.examples if split == "train" else c.heldout_examples
         return batches(
-            self.original()[1], getattr(self.task(), split), batch_size=c.batch_size, limit=n, max_length=c.max_length
+            self.tokenizer(), getattr(self.task(), split), batch_size=c.batch_size, limit=n, max_length=c.max_length
         )
 
     # -- a loader per artifact
@@ -163,11 +180,19 @@ class Run:
             raise EmlocError(f"Calibration split {split!r}: use 'train' or 'heldout'.")
         return CalibrationStats.load(self.path(f"calibration:{split}"))
 
-    def emulator(self, *, with_original: bool = False):
-        """The Emulator; `with_original=True` checks it against the original model (which it loads)."""
+    def emulator(self, *, with_original: bool = False, dtype: str | None = None):
+        """The Emulator on the run's device, in its dtype (or `dtype`).
+
+        `with_original=True` checks it against the original model (which it loads).
+        """
         from .emulator import Emulator
 
-        return Emulator.load(self.path("emulator"), original=self.original()[0] if with_original else None)
+        return Emulator.load(
+            self.path("emulator"),
+            original=self.original()[0] if with_original else None,
+            dtype=dtype or self.config.dtype,
+            device=self.config.device,
+        )
 
     def emulator_tokenizer(self):
         from transformers import AutoTokenizer

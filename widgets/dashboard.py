@@ -18,10 +18,11 @@ from emloc_nb.run import Run
 
 from . import tables as T
 from .activations import ActivationsView
-from .base import View, note
+from .base import View, figure_widget, note
 from .correction import CorrectionView
 from .drift import DriftView
 from .planner import RankPlanner
+from .plots.memory import memory_phases_figure
 from .spectra import SpectrumView
 from .tables import MISSING, config_summary
 from .training import TrainingMonitor
@@ -105,6 +106,8 @@ class Dashboard(View):
         records = self.run.stage_records()
         if records:
             parts.append(W.HTML("<h4>Stages</h4>" + T.stages_table(records)))
+            parts.append(figure_widget(memory_phases_figure(records)))
+            parts.append(W.HTML("<h4>Memory by phase</h4>" + T.phases_table(records)))
         return W.VBox(parts)
 
     def _training(self) -> W.Widget:
