@@ -70,6 +70,20 @@ def machine() -> dict:
     }
 
 
+def build_default_emulator(path: str | Path) -> dict:
+    """SmolLM2's emulator as the default recipe builds it (64 calibration examples, RunConfig's rank plan)."""
+    from emloc_nb import batches, build_emulator, collect_stats, load_model, movie_sentiment
+    from emloc_nb.config import RunConfig
+
+    config = RunConfig()
+    model, tok = load_model()
+    c = config.calibration
+    calib = batches(tok, movie_sentiment().train, batch_size=c.batch_size, limit=c.examples, max_length=c.max_length)
+    stats = collect_stats(model, calib, progress=False)
+    build_emulator(model, stats, config.rank_plan(), progress=False).save(path, tokenizer=tok, overwrite=True)
+    return {"built": str(path)}
+
+
 def write_results(name: str, payload: dict, markdown: str) -> None:
     """bench/results/<name>.json and .md."""
     RESULTS.mkdir(exist_ok=True)

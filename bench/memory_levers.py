@@ -24,7 +24,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from _common import child, contention_note, emit, interleaved, machine, median, write_results
+from _common import build_default_emulator, child, contention_note, emit, interleaved, machine, median, write_results
 
 LEVERS = ["none", "micro=4", "micro=2", "micro=1", "gc", "bf16", "bf16,micro=2", "default"]
 
@@ -47,18 +47,6 @@ def train_spec(levers: str, steps: int):
         elif lever != "none":
             raise SystemExit(f"unknown lever {lever!r}")
     return dataclasses.replace(base, steps=steps, checkpoint_every=0, **spec)
-
-
-def build(path: str) -> dict:
-    from emloc_nb import batches, build_emulator, collect_stats, load_model, movie_sentiment
-    from emloc_nb.config import RunConfig
-
-    config = RunConfig()
-    model, tok = load_model()
-    calib = batches(tok, movie_sentiment().train, batch_size=8, limit=config.calibration.examples, max_length=256)
-    stats = collect_stats(model, calib, progress=False)
-    build_emulator(model, stats, config.rank_plan(), progress=False).save(path, tokenizer=tok, overwrite=True)
-    return {"built": path}
 
 
 def measure_eval() -> dict:
@@ -120,7 +108,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "build":
-            emit(build(rest[0]))
+            emit(build_default_emulator(rest[0]))
         elif kind == "eval":
             emit(measure_eval())
         else:

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, read_tensors, write_json, write_tensors
+from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json, write_tensors
 from .calibration import CalibrationStats
 from .errors import EmlocError
 from .memory import phase
@@ -138,7 +138,7 @@ class Emulator:
         """
         from accelerate import init_empty_weights
 
-        from .models import resolve_device, torch_dtype
+        from .models import materialize, resolve_device, torch_dtype
 
         path = Path(path)
         meta = read_json(path / "emulator.json")
@@ -167,18 +167,13 @@ class Emulator:
                     w.shape[1], w.shape[0], rank, bias=meta["layer_bias"][name], device="meta", dtype=w.dtype
                 ),
             )
-        device = resolve_device(device or "cpu")
-        state = {}
-        for file in weight_files(path):
-            state.update(read_tensors(file, dtype=None if dtype is None else torch_dtype(dtype), device=device))
-        model.load_state_dict(state, strict=False, assign=True)
-        del state
-        model.tie_weights()
-        model.to(device)  # the buffers the skeleton made (rotary frequencies); the weights are there already
-        on_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
-        if on_meta:
-            raise EmlocError(f"The weights in {path} lack {on_meta[:3]}. They are incomplete: rebuild the emulator.")
-        model.eval()
+        materialize(
+            model,
+            weight_files(path),
+            dtype=None if dtype is None else torch_dtype(dtype),
+            device=resolve_device(device or "cpu"),
+            incomplete=f"The weights in {path} lack {{missing}}. They are incomplete: rebuild the emulator.",
+        )
         emulator = cls(
             model,
             SpectrumTable.load(path / "spectra"),

@@ -133,15 +133,17 @@ def _cuda_peak_mb() -> float | None:
     return sum(torch.cuda.max_memory_allocated(d) for d in devices) / MB if devices else None
 
 
-def return_freed_memory() -> bool:
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial threshold, which it otherwise raises as blocks are freed
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
     """Have glibc give large freed blocks back to the OS at once; True if it applied (glibc only).
 
     By default glibc raises its mmap threshold each time a large block is freed, so later
     large tensors (activations, gradients) come from its heap, and once freed they stay
     in the process: after the first training step the resident set never falls back. A
-    fixed threshold (128 KiB, glibc's initial one) serves each large tensor by its own
-    mmap, returned when the tensor is freed. On SmolLM2 this took 800 MB off the
-    steady-state training peak at no measurable cost in time (bench/results/transients.md).
+    fixed threshold serves each block above it by its own mmap, returned when freed
+    (bench/results/transients.md measures what this saves and costs).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -154,7 +156,7 @@ def return_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     m_mmap_threshold = -3
-    return bool(mallopt(m_mmap_threshold, 128 * 1024))
+    return bool(mallopt(m_mmap_threshold, int(threshold)))
 
 
 _ACTIVE: contextvars.ContextVar[PhaseMeter | None] = contextvars.ContextVar("emloc_phase_meter", default=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -18,10 +19,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import atomic_dir, atomic_path
+from .artifacts import atomic_dir, atomic_path, read_json, read_tensors, safetensors_header
 from .errors import EmlocError
 from .fetch import pip_download
 from .memory import phase
@@ -106,6 +113,46 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
     return path, None
 
 
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one, or the shards its index lists); [] if none."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor stored in `files`."""
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    for file in files:
+        for info in safetensors_header(file).values():
+            if info["dtype"] in names:
+                return names[info["dtype"]]
+    return None
+
+
+def materialize(model: nn.Module, files: list[Path], *, dtype, device, incomplete: str) -> nn.Module:
+    """Fill a skeleton (parameters on the meta device) from safetensors `files`, one tensor at a time.
+
+    `incomplete` is the error when some weight is missing ("{missing}" names them).
+
+    Tensors that need no conversion stay memory-mapped; others are converted to `dtype` and
+    placed on `device` one by one (artifacts.read_tensors), so no second copy is held.
+    """
+    state = {}
+    for file in files:
+        state.update(read_tensors(file, dtype=dtype, device=device))
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    model.tie_weights()
+    on_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
+    if on_meta:
+        raise EmlocError(incomplete.format(missing=on_meta[:3]))
+    model.to(device)  # the buffers the skeleton made (rotary frequencies); the weights are there already
+    model.eval()
+    return model
+
+
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
     """The safetensors checkpoint directory behind a model source; a .gguf file is refused."""
     path, gguf_file = _resolve(source)
@@ -185,11 +232,25 @@ def load_model(
     directly, so no full copy at another dtype or on the CPU is ever held.
     """
     path, gguf_file = _resolve(source)
-    device = resolve_device(device)
-    kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
+    device, dtype = resolve_device(device), torch_dtype(dtype)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    placement = {"device_map": str(device)} if device.type != "cpu" else {}
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype), **placement, **kwargs)
+    files = [] if gguf_file else checkpoint_files(path)
+    if files and (stored_dtype(files) != dtype or device.type != "cpu"):
+        # transformers would keep the whole float32 file mapped while it converts: its pages and the converted
+        # copy would both be resident (bench/results/transients.md). Read, convert and place one tensor at a time.
+        model = materialize(
+            skeleton(path, trust_remote_code=trust_remote_code),
+            files,
+            dtype=dtype,
+            device=device,
+            incomplete=f"The checkpoint at {path} lacks {{missing}}. Save it again with save_pretrained.",
+        )
+        if (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+        return model, tokenizer
+    kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)  # memory-mapped, not copied
+    model.to(device)  # a GGUF file is dequantized on the CPU first
     model.eval()
     return model, tokenizer
 

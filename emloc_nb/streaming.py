@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_dir, read_json, write_json, write_tensors
+from .artifacts import atomic_dir, read_tensors, safetensors_header, write_json, write_tensors
 from .calibration import CalibrationStats, collect_stats
 from .emulator import WEIGHTS_INDEX, Emulator, Whiteners, factor_layer, write_emulator_metadata
 from .errors import EmlocError
@@ -33,11 +33,13 @@ from .memory import phase
 from .models import (
     block_index,
     block_linears,
+    checkpoint_files,
     fingerprint_of,
     linear_layers,
     linear_weight,
     resolve_checkpoint,
     resolve_device,
+    skeleton,
     tensor_sample,
     torch_dtype,
 )
@@ -46,54 +48,36 @@ from .spectra import SpectrumTable
 
 
 class Checkpoint:
-    """A safetensors checkpoint directory read one tensor at a time: its config, its tensors, its skeleton."""
+    """A safetensors checkpoint directory read a few tensors at a time: which file holds each, and its skeleton."""
 
     def __init__(self, source: str | os.PathLike, *, trust_remote_code: bool = False):
         self.path = resolve_checkpoint(source)
         self.trust_remote_code = trust_remote_code
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self.weight_map: dict[str, str] = read_json(index)["weight_map"]
-        elif (self.path / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.path / "model.safetensors"), framework="pt") as f:
-                self.weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-        else:
+        files = checkpoint_files(self.path)
+        if not files:
             raise EmlocError(
                 f"{self.path} has no model.safetensors or model.safetensors.index.json, which a streamed build "
-                "reads. Save the model with save_pretrained (safe_serialization), or set emulator.streaming: false."
+                "reads. Save the model with save_pretrained, or set emulator.streaming: false."
             )
+        self.weight_map = {name: file for file in files for name in safetensors_header(file)}
 
     def skeleton(self) -> nn.Module:
         """The model with its parameters on the meta device; buffers such as rotary frequencies are real."""
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(
-            str(self.path), trust_remote_code=self.trust_remote_code, local_files_only=True
-        )
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
+        model = skeleton(self.path, trust_remote_code=self.trust_remote_code)
         model.eval()
         return model
 
     def tensors(self, names: list[str], *, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """The named tensors, converted and placed one at a time."""
-        from safetensors import safe_open
-
+        """The named tensors, converted and placed one at a time (artifacts.read_tensors)."""
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise EmlocError(f"{self.path} lacks {missing[:3]}. The checkpoint is incomplete or of another model.")
-        by_file: dict[str, list[str]] = {}
+        by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.weight_map[n], []).append(n)
         out = {}
         for file, keys in by_file.items():
-            with safe_open(str(self.path / file), framework="pt", device=str(device)) as f:
-                for key in keys:
-                    t = f.get_tensor(key)
-                    out[key] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+            out.update(read_tensors(file, dtype=dtype, device=device, names=keys))
         return out
 
 
