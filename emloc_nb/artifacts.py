@@ -92,13 +92,70 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(tensors, str(tmp))
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+_SAFETENSORS_DTYPES = {  # the header's dtype names -> torch dtype names
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict]:
+    """The tensors a safetensors file holds: {name: {"dtype", "shape", "data_offsets"}}, read from its header."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def read_tensors(
+    path: str | Path, *, dtype: torch.dtype | None = None, device=None, names=None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (or those in `names`): memory-mapped when they need no conversion and
+    stay on the CPU.
+
+    Otherwise each tensor is read into a buffer of its own, converted to `dtype` (floating
+    point only) and placed on `device`, and the buffer dropped. A memory map would keep
+    every page it read resident until closed: a float32 file loaded as bfloat16 would
+    then hold both copies at once.
+    """
+    import torch
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")
-    return load_file(str(path))
+    header = safetensors_header(path)
+    if names is not None:
+        header = {k: header[k] for k in names}
+    device = torch.device(device or "cpu")
+    floating = {"F64", "F32", "F16", "BF16"} & {info["dtype"] for info in header.values()}
+    converts = dtype is not None and any(_SAFETENSORS_DTYPES[d] != str(dtype).removeprefix("torch.") for d in floating)
+    if not converts and device.type == "cpu":
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in header}
+    tensors = {}
+    with open(path, "rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+        for key, info in header.items():
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise EmlocError(f"{path}: tensor {key} has dtype {info['dtype']}, which emloc-nb does not read.")
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            f.readinto(raw.numpy())
+            t = raw.view(getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])).reshape(info["shape"])
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            tensors[key] = t.to(device)
+    return tensors
 
 
 def write_grouped(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]) -> None:

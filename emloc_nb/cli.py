@@ -37,6 +37,8 @@ SHORTCUTS = {
     "trust_remote_code": "trust_remote_code",
     "clamp": "correction.clamp",
     "limit": "evaluation.limit",
+    "device": "device",
+    "dtype": "dtype",
 }
 # The stage each command on an existing run starts at: a --set there may redo it and later stages only.
 COMMAND_STAGE = {"correct": "correct", "evaluate": "evaluate"}
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     def new_run_options(p):
         p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different run")
         p.add_argument("--small", action="store_true", help="tiny settings that finish in minutes (also EMLOC_SMALL=1)")
+        p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (cuda when there is one)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], help="the dtype models run in (default float32)")
 
     p = sub.add_parser("run", help="the whole pipeline from a YAML/JSON config")
     p.add_argument("config", type=Path, help="the run's YAML or JSON config (see configs/default.yaml)")

@@ -72,6 +72,9 @@ class EmulatorSpec:
     mode: str = "whitened"
     eps: float = 1e-6
     shrinkage: float = 0.0  # whiten with C + λ·diag(C): less trust in directions 64 examples barely see
+    # Calibrate and build one block at a time from the safetensors shards, never holding the whole original
+    # (emloc_nb.streaming): the calibrate and emulator stages then peak at about one block.
+    streaming: bool = False
 
 
 @dataclass
@@ -103,7 +106,22 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_length: int = 256
     checkpoint_every: int = 50  # steps; 0: a checkpoint only when stop_after ends a call early
+    # Memory levers (bench/results/memory_levers.md measures each):
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
+    micro_batch_size: int | None = None  # examples per forward/backward, gradients accumulated; None: the whole batch
+    frozen_dtype: str | None = None  # "bfloat16": frozen weights in bf16, LoRA weights in fp32; None: the run's dtype
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise EmlocError(f"train.batch_size={self.batch_size} must be at least 1.")
+        micro = self.micro_batch_size
+        if micro is not None and not (1 <= micro <= self.batch_size and self.batch_size % micro == 0):
+            raise EmlocError(
+                f"train.micro_batch_size={micro} must divide train.batch_size={self.batch_size} "
+                "(e.g. 1, 2 or 4 for a batch of 8), or be null for no micro-batching."
+            )
+        if self.frozen_dtype is not None:
+            check_dtype(self.frozen_dtype, "train.frozen_dtype")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to a tenth of `lr` (step counts from 0)."""
@@ -136,6 +154,21 @@ class EvalSpec:
     batch_size: int = 16
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(name: str, where: str) -> None:
+    if name not in DTYPES:
+        raise EmlocError(f"{where}={name!r} is not a supported dtype. Use one of {', '.join(DTYPES)}.")
+
+
+def check_device(name: str) -> None:
+    """ "cpu", "cuda", "cuda:N" or "auto" (cuda when there is one, else cpu); existence is checked when used."""
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "auto") or (index and (kind != "cuda" or not index.isdigit())):
+        raise EmlocError(f"device={name!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
+
+
 SECTIONS = {
     "task": TaskSpec,
     "calibration": CalibrationSpec,
@@ -166,6 +199,8 @@ class RunConfig:
     model: str = "smollm2-135m-instruct"  # or a checkpoint directory, a .gguf file, or a Hub id (org/name)
     trust_remote_code: bool = False
     seed: int = 0  # the LoRA's initialisation, the order of the training data and the calibration subset
+    device: str = "cpu"  # where every stage runs: "cpu", "cuda", "cuda:N", or "auto" (cuda when there is one)
+    dtype: str = "float32"  # the dtype every stage loads the models in: "float32" or "bfloat16"
     baseline: bool = True  # also fine-tune the original model (the upper bound EMLoC avoids paying for)
     task: TaskSpec = field(default_factory=TaskSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
@@ -178,6 +213,8 @@ class RunConfig:
     evaluation: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self):
+        check_device(self.device)
+        check_dtype(self.dtype, "dtype")
         c = self.correction
         if math.isnan(c.clamp) or c.clamp < 0:
             raise EmlocError(f"correction.clamp={c.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")

@@ -42,6 +42,7 @@ from .drift import output_energy
 from .emulator import Emulator
 from .errors import EmlocError
 from .lora import INITIAL_A_FILE, load_adapter, lora_factors
+from .memory import phase
 from .models import block_index, fingerprint, linear_weight, module_name
 from .progress import progress as progress_bar
 from .reports import LayerReport
@@ -299,6 +300,12 @@ class CorrectionReport(LayerReport):
     def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.stats
 
+    def prior_error(self) -> float | None:
+        """The largest gap between the corrected model's mean prior and its target on the support; None: no prior."""
+        if self.prior is None:
+            return None
+        return max(abs(a - t) for a, t in zip(self.prior["after"], self.prior["target"], strict=True))
+
     def _metadata(self) -> dict:
         return {"clamp": self.clamp, "kappa_mode": self.kappa_mode, "layers": self.layers, "prior": self.prior}
 
@@ -363,6 +370,7 @@ def _top_eigenvectors(calibration: CalibrationStats, name: str, r: int, cache: d
 
 
 @torch.no_grad()
+@phase("correction")
 def correct_lora(
     original: nn.Module,
     emulator: Emulator,

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .data import Task, collator_for, encode_example
 from .errors import EmlocError
+from .memory import phase
 from .progress import progress as progress_bar
 from .reports import Report
 from .scoring import answer_nll, choice_logprobs, generate
@@ -105,6 +106,7 @@ class EvalResult(Report):
 
 
 @torch.no_grad()
+@phase("evaluation")
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

@@ -20,6 +20,7 @@ from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json,
 from .config import LoraSpec
 from .emulator import LowRankLinear
 from .errors import EmlocError
+from .memory import phase
 from .models import block_linears, fingerprint
 
 INITIAL_A_FILE = "initial_lora_A.safetensors"  # beside an adapter: A at initialisation, per layer
@@ -120,6 +121,7 @@ def save_adapter(
     return Path(path)
 
 
+@phase("adapter_load")
 def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False, check_base: bool = True) -> PeftModel:
     """Attach a saved adapter to `model`, refusing one that was trained on another base.
 

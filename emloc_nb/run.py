@@ -159,13 +159,30 @@ class Run:
         return self.path(f"scratch:{name}")
 
     # -- models and data (cached per process)
-    def original(self):
-        """(model, tokenizer) of the original model."""
-        if "original" not in self._cache:
+    def original(self, dtype: str | None = None):
+        """(model, tokenizer) of the original model, on the run's device, in its dtype (or `dtype`)."""
+        dtype = dtype or self.config.dtype
+        key = f"original:{dtype}"
+        if key not in self._cache:
             from .models import load_model
 
-            self._cache["original"] = load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
-        return self._cache["original"]
+            self._cache[key] = load_model(
+                self.config.model,
+                dtype=dtype,
+                device=self.config.device,
+                trust_remote_code=self.config.trust_remote_code,
+            )
+        return self._cache[key]
+
+    def tokenizer(self):
+        """The original model's tokenizer, without loading its weights."""
+        if "tokenizer" not in self._cache:
+            from .models import load_tokenizer
+
+            self._cache["tokenizer"] = load_tokenizer(
+                self.config.model, trust_remote_code=self.config.trust_remote_code
+            )
+        return self._cache["tokenizer"]
 
     def use_original(self, model, tokenizer) -> None:
         """Share an original this process already loaded from `config.model`, instead of loading another copy.
@@ -173,7 +190,8 @@ class Run:
         Several runs of one model in one process (an ablation's) then hold it once; artifacts are
         still checked against it by fingerprint wherever they are loaded with it.
         """
-        self._cache["original"] = (model, tokenizer)
+        self._cache[f"original:{self.config.dtype}"] = (model, tokenizer)
+        self._cache["tokenizer"] = tokenizer
 
     def task(self):
         if "task" not in self._cache:
@@ -202,7 +220,7 @@ class Run:
 
         c = self.config.calibration
         examples = self.calibration_examples(split)
-        return batches(self.original()[1], examples, batch_size=c.batch_size, max_length=c.max_length)
+        return batches(self.tokenizer(), examples, batch_size=c.batch_size, max_length=c.max_length)
 
     # -- a loader per artifact
     def calibration(self, split: str = "train"):
@@ -213,11 +231,19 @@ class Run:
             raise EmlocError(f"Calibration split {split!r}: use 'train' or 'heldout'.")
         return CalibrationStats.load(self.path(f"calibration:{split}"))
 
-    def emulator(self, *, with_original: bool = False):
-        """The Emulator; `with_original=True` checks it against the original model (which it loads)."""
+    def emulator(self, *, with_original: bool = False, dtype: str | None = None):
+        """The Emulator on the run's device, in its dtype (or `dtype`).
+
+        `with_original=True` checks it against the original model (which it loads).
+        """
         from .emulator import Emulator
 
-        return Emulator.load(self.path("emulator"), original=self.original()[0] if with_original else None)
+        return Emulator.load(
+            self.path("emulator"),
+            original=self.original()[0] if with_original else None,
+            dtype=dtype or self.config.dtype,
+            device=self.config.device,
+        )
 
     def emulator_tokenizer(self):
         from transformers import AutoTokenizer

@@ -54,22 +54,42 @@ class Stage:
         return [*self.writes, *(self.part_writes.format(p) for p in parts)]
 
 
-def base_model(run: Run, which: str):
-    """(model, tokenizer) of the "original" or the "emulator": the one place that picks them."""
+def base_model(run: Run, which: str, dtype: str | None = None):
+    """(model, tokenizer) of the "original" or the "emulator": the one place that picks them.
+
+    On the run's device, in its dtype or in `dtype` (fine-tuning with bf16 frozen weights).
+    """
     if which == "original":
-        return run.original()
+        return run.original(dtype)
     if which == "emulator":
-        return run.emulator().model, run.emulator_tokenizer()
+        return run.emulator(dtype=dtype).model, run.emulator_tokenizer()
     raise EmlocError(f"Unknown base model {which!r}: use 'original' or 'emulator'.")
 
 
 # ----------------------------------------------------------------------------- the stage functions
 
 
+def _streamed(run: Run, progress: bool, **what):
+    """emloc_nb.streaming.stream on the run's model, device and dtype (emulator.streaming: true)."""
+    from .streaming import stream
+
+    c = run.config
+    return stream(
+        c.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code, progress=progress, **what
+    )
+
+
 def _calibrate(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .calibration import collect_stats
     from .memory import weights_mb
 
+    if run.config.emulator.streaming:  # both sets in one pass over the blocks; the whole original is never loaded
+        sets = _streamed(
+            run, progress, batch_sets={"train": run.batches("train"), "heldout": run.batches("validation")}
+        )
+        for split, stats in sets.items():
+            stats.save(run.path(f"calibration:{split}"), overwrite=True)
+        return {}
     model, _ = base_model(run, stage.model)
     for stats, examples in (("train", "train"), ("heldout", "validation")):
         collect_stats(model, run.batches(examples), progress=progress).save(
@@ -82,8 +102,21 @@ def _emulator(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .emulator import build_emulator
     from .memory import weights_mb
 
-    model, tokenizer = base_model(run, stage.model)
     e = run.config.emulator
+    if e.streaming:
+        _streamed(
+            run,
+            progress,
+            stats=run.calibration("train"),
+            output=run.path("emulator"),
+            plan=run.config.rank_plan(),
+            mode=e.mode,
+            eps=e.eps,
+            shrinkage=e.shrinkage,
+            overwrite=True,
+        )
+        return {}
+    model, tokenizer = base_model(run, stage.model)
     emulator = build_emulator(
         model,
         run.calibration("train"),
@@ -122,7 +155,7 @@ def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .memory import weights_mb
     from .training import finetune
 
-    model, tokenizer = base_model(run, stage.model)
+    model, tokenizer = base_model(run, stage.model, run.config.train.frozen_dtype)
     result = finetune(
         model,
         tokenizer,
@@ -439,21 +472,28 @@ def _run_step(run: Run, step: str, isolate: bool) -> None:
 
 def execute(run: Run, step: str, *, isolated: bool) -> None:
     """Run one step ("calibrate", "evaluate:original", ...) in this process and write its stage record."""
-    from .memory import peak_rss_mb, rss_mb
+    from .memory import PhaseMeter, return_freed_memory, rss_mb
 
+    return_freed_memory()
     name, _, part = step.partition(":")
     stage = get(name)
     progress = True  # a bar in a terminal or notebook, else a line every few seconds (emloc_nb.progress)
     baseline = rss_mb()
     started = time.time()
-    record = stage.body(run, stage, part or None, progress)
+    with PhaseMeter() as meter:
+        record = stage.body(run, stage, part or None, progress)
     record.update(
         step=step,
         seconds=time.time() - started,
         isolated=isolated,
         baseline_rss_mb=baseline,
-        peak_rss_mb=peak_rss_mb() if isolated else None,
+        # In a shared process the peak includes what earlier stages left; each phase's peak is its own either way.
+        peak_rss_mb=meter.peak_rss_mb if isolated else None,
+        phases=meter.phases,
+        peak_method=meter.method,
     )
+    if meter.peak_cuda_mb is not None:
+        record["peak_cuda_mb"] = meter.peak_cuda_mb
     write_json(run.path(f"stage_record:{record_name(step)}"), record)
 
 

@@ -23,14 +23,17 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from .artifacts import atomic_dir, read_json, read_tensors, write_json, write_tensors
 from .config import LoraSpec, TrainSpec
-from .data import Task, collator_for, tokenize
+from .data import IGNORE_INDEX, Task, collator_for, tokenize
 from .errors import EmlocError
 from .lora import attach_lora, initial_factors, save_adapter
-from .models import fingerprint
+from .memory import phase
+from .models import fingerprint, model_dtype, torch_dtype
 from .progress import progress as progress_bar
 from .scoring import answer_nll
 
 Callback = Callable[[dict], None]  # receives {"step", "steps", "loss", "lr"} after every optimiser step
+# TrainSpec settings that change memory and time but not the trained weights (beyond float summation order).
+MEMORY_LEVERS = ("checkpoint_every", "gradient_checkpointing", "micro_batch_size")
 
 
 # ----------------------------------------------------------------------------- the built-in loop
@@ -91,9 +94,22 @@ def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.O
 
 def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec, seed: int) -> dict:
     """What decides the trained weights: an adapter or checkpoint is reused only for the same signature."""
-    train = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "gradient_checkpointing")}
+    train = {k: v for k, v in asdict(config).items() if k not in MEMORY_LEVERS}
     signature = {"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train, "seed": seed}
     return json.loads(json.dumps(signature))  # as read back
+
+
+def _check_frozen_dtype(model: nn.Module, config: TrainSpec) -> None:
+    """A model loaded in another dtype than `frozen_dtype` asks for is refused: converting it here would copy it."""
+    if config.frozen_dtype is None:
+        return
+    wanted, actual = torch_dtype(config.frozen_dtype), model_dtype(model)
+    if actual != wanted:
+        raise EmlocError(
+            f"train.frozen_dtype={config.frozen_dtype!r}, but the model's weights are {actual}. Load it in that dtype "
+            f"(load_model(..., dtype={config.frozen_dtype!r}) or Emulator.load(..., dtype={config.frozen_dtype!r})), "
+            "or set frozen_dtype to null."
+        )
 
 
 def _check_same_run(recorded: dict | None, signature: dict, where: Path) -> None:
@@ -130,6 +146,41 @@ def _write_adapter(
     return TrainResult(adapter_dir, history)
 
 
+def _step(
+    peft_model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    examples: list[dict],
+    collate,
+    config: TrainSpec,
+    lr: float,
+    step: int,
+) -> float:
+    """One optimiser step on `examples`, in micro-batches whose gradients add up; returns the batch's mean loss.
+
+    Each micro-batch's summed answer-token loss is divided by the whole batch's answer-token
+    count, so the gradients add up to those of the full batch's mean: the same update, up to
+    the order of float summation.
+    """
+    micro = config.micro_batch_size or len(examples)
+    chunks = [collate(examples[i : i + micro]) for i in range(0, len(examples), micro)]
+    tokens = sum(int((c["labels"] != IGNORE_INDEX).sum()) for c in chunks)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for chunk in chunks:
+        nll, mask = answer_nll(peft_model, chunk)
+        loss = nll[mask].sum() / tokens
+        if not torch.isfinite(loss):
+            raise EmlocError(
+                f"The loss became {float(loss)} at step {step}. Lower the learning rate (now {config.lr})."
+            )
+        loss.backward()
+        total += loss.item()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return total
+
+
 def finetune(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -156,6 +207,7 @@ def finetune(
     that many steps (to simulate an interruption, or to train in slices from a notebook).
     """
     lora, config = lora or LoraSpec(), config or TrainSpec()
+    _check_frozen_dtype(model, config)
     output_dir = Path(output_dir)
     adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / "checkpoint"
     signature = _signature(fingerprint(model), lora, config, seed)
@@ -187,19 +239,11 @@ def finetune(
         steps = progress_bar(range(start, end), desc="finetune", initial=start, total=config.steps, enabled=progress)
         for step in steps:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            nll, mask = answer_nll(peft_model, collate(encoded.select(idx).to_list()))
-            loss = nll[mask].mean()
-            if not torch.isfinite(loss):
-                raise EmlocError(
-                    f"The loss became {float(loss)} at step {step}. Lower the learning rate (now {config.lr})."
-                )
             lr = config.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            event = {"step": step + 1, "steps": config.steps, "loss": loss.item(), "lr": lr}
+            # The first step also allocates the optimiser state; the later ones are the steady state.
+            with phase("train_first_step" if step == start else "train_steps"):
+                loss = _step(peft_model, optimizer, encoded.select(idx).to_list(), collate, config, lr, step)
+            event = {"step": step + 1, "steps": config.steps, "loss": loss, "lr": lr}
             history.append(event)
             for cb in callbacks:
                 cb(event)
@@ -264,13 +308,17 @@ def hf_trainer(
     from transformers import Trainer, TrainingArguments
 
     lora, config = lora or LoraSpec(), config or TrainSpec()
+    _check_frozen_dtype(model, config)
     torch.manual_seed(seed)
     peft_model = attach_lora(model, lora, stats=stats)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    micro = config.micro_batch_size or config.batch_size
     defaults = dict(
         output_dir=str(output_dir),
         max_steps=config.steps,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=config.batch_size // micro,
         learning_rate=config.lr,
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
@@ -283,8 +331,8 @@ def hf_trainer(
         seed=seed,
         report_to=[],
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        use_cpu=on_cpu,
+        ddp_backend="gloo" if distributed and on_cpu else None,
         disable_tqdm=True,
     )
     known = {f.name for f in fields(TrainingArguments)}

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.errors import EmlocError
 from emloc_nb.run import Run
 
 from . import tables as T
 from .activations import ActivationsView
-from .base import View, note
+from .base import View, figure_widget, note
 from .correction import CorrectionView
 from .drift import DriftView
 from .planner import RankPlanner
+from .plots.memory import memory_phases_figure
 from .spectra import SpectrumView
 from .tables import MISSING, config_summary
 from .training import TrainingMonitor
@@ -34,7 +34,7 @@ class Dashboard(View):
 
     `view(title)` builds (once) and returns the view of a tab, or None when its
     artifacts are missing or it failed to build; `tabs` is the ipywidgets.Tab.
-    `ablation`: the directory of an `emloc ablate` run, for the Ablation tab.
+    `ablation`: the directory of an `emloc ablate` run; the Ablation tab is shown only when it is given.
     """
 
     def __init__(self, run_dir: str | Path, *, ablation: str | Path | None = None):
@@ -51,6 +51,8 @@ class Dashboard(View):
             "Training": self._training,
             "Ablation": self._ablation,
         }
+        if ablation is None:  # a tab only where there is something to show
+            del self._builders["Ablation"]
 
         def stage(name: str) -> str:
             return f"Run the {name} stage (`emloc run`, or Run.run_stage({name!r})) and reopen the dashboard."
@@ -64,7 +66,7 @@ class Dashboard(View):
             "Correction": stage("correct"),
             "Transfer": stage("evaluate"),
             "Training": stage("finetune_emulator"),
-            "Ablation": "Run `emloc ablate CONFIG --dir DIR`, then open Dashboard(run_dir, ablation=DIR).",
+            "Ablation": "Run `emloc ablate CONFIG --dir DIR` to fill the ablation directory.",
         }
         self.titles = list(self._builders)
         self._views: dict[str, View | W.Widget | None] = {}
@@ -76,8 +78,7 @@ class Dashboard(View):
         self.widget = W.VBox([header, self.tabs])
 
     def view(self, title: str):
-        """The view shown in tab `title` (built now if it was not yet), or None if its artifacts are missing or it "
-        "failed."""
+        """The view in tab `title` (built now if need be); None if its artifacts are missing or it failed."""
         self._open(self.titles.index(title))
         return self._views[title]
 
@@ -119,11 +120,11 @@ class Dashboard(View):
         records = self.run.stage_records()
         if records:
             parts.append(W.HTML("<h4>Stages</h4>" + T.stages_table(records)))
+            parts.append(figure_widget(memory_phases_figure(records)))
+            parts.append(W.HTML("<h4>Memory by phase</h4>" + T.phases_table(records)))
         return W.VBox(parts)
 
     def _ablation(self) -> AblationView:
-        if self.ablation is None:
-            raise EmlocError("no ablation directory was given")
         return AblationView.from_dir(self.ablation)
 
     def _training(self) -> W.Widget:

@@ -24,6 +24,7 @@ from .plots.activations import activation_heatmap, channel_figure, eigen_figure,
 from .plots.common import clamp_label
 from .plots.correction import correction_error_figure, correction_norms_figure
 from .plots.drift import block_cosine_figure, layer_error_figure
+from .plots.memory import memory_phases_figure
 from .plots.spectra import energy_figure, kept_energy_figure, ranks_figure, spectrum_figure
 from .plots.training import loss_figure
 from .static import figure_html
@@ -178,6 +179,8 @@ def write_report(run_dir: str | Path, output_path: str | Path | None = None) -> 
     records = run.stage_records()
     if records:
         page.text("<h3>Stages</h3>" + T.stages_table(records))
+        page.figure("memory-phases", memory_phases_figure(records))
+        page.text("<h3>Memory by phase</h3>" + T.phases_table(records))
     for section in (_spectra_section, _activations_section, _drift_section, _correction_section, _training_section):
         section(page, run)
     document = (

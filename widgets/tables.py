@@ -113,6 +113,26 @@ def stages_table(records: dict[str, dict]) -> str:
     )
 
 
+def phases_table(records: dict[str, dict]) -> str:
+    """Peak memory and seconds of each phase of each stage (the `phases` of `Run.stage_records()`)."""
+    rows = [
+        {"stage": step, "phase": name, **phase}
+        for step, record in records.items()
+        for name, phase in record.get("phases", {}).items()
+    ]
+    return html_table(
+        rows,
+        [
+            ("stage", "stage", "text"),
+            ("phase", "phase", "text"),
+            ("peak_rss_mb", "peak RSS (MB)", ".0f"),
+            ("start_rss_mb", "RSS at start (MB)", ".0f"),
+            ("end_rss_mb", "RSS at end (MB)", ".0f"),
+            ("seconds", "seconds", ".1f"),
+        ],
+    )
+
+
 def drift_summary_table(summary: dict) -> str:
     rows = [
         {"what": "next-token KL(original ‖ emulator), nats/token", "value": summary.get("kl")},

@@ -19,8 +19,7 @@ def test_every_tab_builds_from_the_run_directory(run_dir, tiny_run):
         "Correction",
         "Transfer",
         "Training",
-        "Ablation",
-    ]
+    ]  # the Ablation tab comes with Dashboard(run_dir, ablation=DIR)
     results = dash.tabs.children[0].children[0].children[1].value
     for row in tiny_run.results():
         assert row["description"] in results and f"{row['answer_loss']:.3f}" in results

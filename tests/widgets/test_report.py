@@ -12,6 +12,7 @@ from emloc_nb.run import Run
 from emloc_nb.widgets import write_report
 
 FIGURES = {
+    "fig-memory-phases",
     "fig-kept-energy",
     "fig-ranks",
     "fig-spectrum-worst",
