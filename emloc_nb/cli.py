@@ -57,10 +57,8 @@ def _config_from_flags(args):
         d["emulator"]["plan"] = str(Path(args.plan).resolve())
     if getattr(args, "mode", None):
         d["emulator"]["mode"] = args.mode
-    if getattr(args, "calibration_examples", None):
+    if getattr(args, "calibration_examples", None) is not None:
         d["calibration"]["examples"] = args.calibration_examples
-    if getattr(args, "trust_remote_code", False):
-        d["trust_remote_code"] = True
     config = RunConfig.from_dict(d)
     return small_settings(config) if (getattr(args, "small", False) or is_small()) else config
 
@@ -76,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--run-dir", required=True, type=Path, help="the run directory")
         p.add_argument(
             "--in-process", action="store_true", help="run stages in this process (no per-stage memory figures)"
+        )
+        p.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="let the model's own code from its checkpoint run (off by default; never read from a config)",
         )
 
     p = sub.add_parser("run", help="the whole pipeline from a YAML/JSON config")
@@ -96,12 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--plan", help="a rank plan JSON file (ratio, rules, ranks)")
     p.add_argument("--mode", choices=["whitened", "plain"])
     p.add_argument("--calibration-examples", type=int)
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)"
-    )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different run")
     p.add_argument("--small", action="store_true")
-    p.add_argument("--in-process", action="store_true")
+    common(p, run_dir=False)
 
     p = sub.add_parser("finetune", help="train the LoRA on the emulator (or the original)")
     common(p)
@@ -127,9 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _dispatch(args)
-    except EmlocError as e:
+    except EmlocError as e:  # bad input: one line that names the problem and the fix (2 stays argparse's usage error)
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
+    except OSError as e:  # the system refused (permissions, a full disk): not a bug, so no traceback either
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}. Check the path, its permissions and free space.", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args) -> int:
@@ -142,29 +146,31 @@ def _dispatch(args) -> int:
         config = RunConfig.load(args.config)
         if args.small or is_small():
             config = small_settings(config)
-        run = Run(args.run_dir, config, overwrite=args.overwrite)
+        run = Run(args.run_dir, config, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
         run.run_all(isolate=isolate)
         _summary(run)
         print()
         print(results_markdown(run.results()))
         print(f"Everything is in {run.dir}. Open it with: jupyter lab notebooks/00_quickstart.ipynb")
     elif args.command == "build-emulator":
-        run = Run(args.output, _config_from_flags(args), overwrite=args.overwrite)
+        run = Run(
+            args.output, _config_from_flags(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code
+        )
         run.run_all(isolate=isolate, until="drift")
         _summary(run)
     elif args.command == "finetune":
-        run = Run(args.run_dir)
+        run = Run(args.run_dir, trust_remote_code=args.trust_remote_code)
         if args.trainer == "hf":
             print(f"adapter: {finetune_with_trainer(run, args.target)}")
         else:
             run.run_stage(f"finetune_{args.target}", isolate=isolate)
             print(f"adapter: {run.adapter_dir(args.target)}")
     elif args.command == "correct":
-        run = Run(args.run_dir)
+        run = Run(args.run_dir, trust_remote_code=args.trust_remote_code)
         run.run_stage("correct", isolate=isolate)
         print(f"corrected adapter: {run.adapter_dir('corrected')}")
     elif args.command == "evaluate":
-        run = Run(args.run_dir)
+        run = Run(args.run_dir, trust_remote_code=args.trust_remote_code)
         run.run_stage("evaluate", isolate=isolate)
         print(results_markdown(run.results()))
     elif args.command == "report":

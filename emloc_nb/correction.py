@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, write_json, write_tensors
 from .calibration import CalibrationStats
+from .config import CLAMP, check_value
 from .drift import output_energy
 from .emulator import Emulator
 from .errors import EmlocError
@@ -165,6 +166,9 @@ class CorrectionReport(LayerReport):
     def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.stats
 
+    def _config(self) -> dict:
+        return {"clamp": self.clamp}
+
     def _metadata(self) -> dict:
         return {"clamp": self.clamp, "layers": self.layers}
 
@@ -190,8 +194,7 @@ def correct_lora(
     built from `original` (both are checked by fingerprint). `heldout` (statistics of
     the original's layer inputs on held-out examples) adds before/after errors.
     """
-    if clamp < 0 or math.isnan(clamp):
-        raise EmlocError(f"Clamp L={clamp} must be ≥ 0 (0: naive transfer, inf: no clamp; the paper uses 3).")
+    clamp = check_value(clamp, float, "clamp", CLAMP)
     original_fp = fingerprint(original)
     check_fingerprint(emulator.original_fingerprint, original_fp, artifact="The emulator", model="the original model")
     if heldout is not None:
@@ -239,7 +242,16 @@ def correct_lora(
                 f"Shapes disagree at {name}: W {tuple(w.shape)}, W_E {tuple(w_e.shape)}, "
                 f"B·A {(b.shape[0], a.shape[1])}. The adapter does not belong to this model."
             )
+        if not (torch.isfinite(w).all() and torch.isfinite(w_e).all()):
+            raise EmlocError(
+                f"The {'original' if not torch.isfinite(w).all() else 'emulator'} weights of {name} are not finite "
+                "(NaN/Inf). Reload the model in float32, or rebuild the emulator."
+            )
         lc = correct_layer(w, w_e, a, b, s, clamp)
+        if not (torch.isfinite(lc.a).all() and torch.isfinite(lc.b).all()):
+            raise EmlocError(
+                f"The corrected LoRA of {name} is not finite (NaN/Inf). Check the adapter and the emulator."
+            )
         dtype = originals[name].weight.dtype
         tensors[f"base_model.model.{name}.lora_A.weight"] = lc.a.to(dtype)
         tensors[f"base_model.model.{name}.lora_B.weight"] = lc.b.to(dtype)
@@ -273,7 +285,13 @@ def correct_lora(
         rank_pattern={n: k for n, k in ranks.items() if k != r},
         alpha_pattern={n: k for n, k in ranks.items() if k != r},
     )
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(
+        output_dir,
+        overwrite=overwrite,
+        kind="corrected_adapter",
+        model_fingerprint=original_fp,
+        config={"clamp": clamp},
+    ) as tmp:
         corrected.save_pretrained(str(tmp))
         write_tensors(tmp / "adapter_model.safetensors", tensors)
         write_json(

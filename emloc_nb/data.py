@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from .artifacts import atomic_path
+from .config import check_test_size, check_value
 from .errors import EmlocError
 from .fetch import pip_download
 from .models import cache_dir
@@ -93,11 +95,11 @@ def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, se
                     "rating": rating,
                 }
             )
-    split = Dataset.from_list(rows).train_test_split(test_size=test_size, seed=seed)
+    train, test = _split(rows, test_size, seed, MOVIE_SENTIMENT)
     return Task(
         MOVIE_SENTIMENT,
-        split["train"],
-        split["test"],
+        train,
+        test,
         choices=["positive", "negative"],
         meta={
             "source": "vaderSentiment==3.3.2 movieReviewSnippets_GroundTruth.txt",
@@ -110,43 +112,123 @@ def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, se
 # ----------------------------------------------------------------------------- user data
 
 
-def _normalise(record: dict, where: str, prompt_field: str, answer_field: str) -> dict:
+def _text(value, where: str, name: str) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise EmlocError(
+        f"{where}: field {name!r} is {type(value).__name__} {str(value)[:40]!r}, not text. Give it as a string."
+    )
+
+
+def _normalise(record, where: str, prompt_field: str, answer_field: str) -> dict:
+    if not isinstance(record, dict):
+        raise EmlocError(f"{where} is a JSON {type(record).__name__}, not an object. Write each example as {{...}}.")
     if "messages" in record:
-        messages = list(record["messages"])
-        if not messages or messages[-1].get("role") != "assistant":
-            raise EmlocError(
-                f"{where}: 'messages' must end with an assistant turn, which is the answer. Add it, or use "
-                f"'{prompt_field}'/'{answer_field}' fields."
-            )
-        return {"messages": messages[:-1], "answer": str(messages[-1]["content"])}
+        messages = record["messages"]
+        fix = (
+            "'messages' must be a list of {'role': ..., 'content': ...} turns ending with the assistant's answer. "
+            f"Fix it, or use '{prompt_field}'/'{answer_field}' fields."
+        )
+        if not isinstance(messages, list) or not messages:
+            raise EmlocError(f"{where}: {fix}")
+        for turn in messages:
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
+                raise EmlocError(f"{where}: turn {str(turn)[:60]!r} is malformed. {fix}")
+            turn["content"] = _text(turn["content"], where, "content")
+        if messages[-1]["role"] != "assistant":
+            raise EmlocError(f"{where}: the last turn is {messages[-1]['role']!r}, not 'assistant'. {fix}")
+        if len(messages) < 2:
+            raise EmlocError(f"{where}: there is no prompt before the assistant's answer. {fix}")
+        return {"messages": [dict(m) for m in messages[:-1]], "answer": messages[-1]["content"]}
     missing = [f for f in (prompt_field, answer_field) if record.get(f) in (None, "")]
     if missing:
         raise EmlocError(
-            f"{where}: missing field(s) {missing}; found {sorted(record)}. Each example needs '{prompt_field}' and "
-            f"'{answer_field}' (or a 'messages' chat ending with the assistant's answer). Rename the columns, or pass "
-            "prompt_field=/answer_field= (--prompt-field/--answer-field)."
+            f"{where}: missing field(s) {missing}; found {sorted(map(str, record))}. "
+            f"Each example needs '{prompt_field}' "
+            f"and '{answer_field}' (or a 'messages' chat ending with the assistant's answer). Rename the columns, or "
+            "pass prompt_field=/answer_field= (--prompt-field/--answer-field)."
         )
-    return {"messages": [{"role": "user", "content": str(record[prompt_field])}], "answer": str(record[answer_field])}
+    return {
+        "messages": [{"role": "user", "content": _text(record[prompt_field], where, prompt_field)}],
+        "answer": _text(record[answer_field], where, answer_field),
+    }
 
 
-def _read_records(path: Path) -> list[dict]:
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise EmlocError(
+            f"{path}:{line} is not UTF-8 (byte 0x{data[e.start]:02x}: {e.reason}). Save the file as UTF-8."
+        ) from None
+
+
+def _read_csv(path: Path, text: str) -> list[tuple[str, dict]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    fix = 'Quote a field that holds a comma, quote or line break, and write a quote inside it as "".'
+    rows, line = [], 0
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        line = reader.line_num
+        for row in reader:
+            start, line = line + 1, reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise EmlocError(f"{path}:{start} has {len(row)} fields, the header {len(header)}. {fix}")
+            for value in row:
+                swallowed = value.split("\n")[1:]
+                if any(part.count(",") >= len(header) - 1 for part in swallowed) and len(header) > 1:
+                    raise EmlocError(
+                        f"{path}:{start}: a quoted field runs over {len(swallowed)} line break(s) into what look like "
+                        f"rows of their own (a stray quote?). {fix}"
+                    )
+            rows.append((f"{path}:{start}", dict(zip(header, row))))
+    except csv.Error as e:
+        raise EmlocError(f"{path}:{reader.line_num} is not valid CSV ({e}). {fix}") from None
+    return rows
+
+
+def _read_records(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) of every example in a JSONL or CSV file; `where` is FILE:LINE for messages."""
+    text = _decode(path)
     if path.suffix == ".jsonl":
         records = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
                     raise EmlocError(
                         f"{path}:{i} is not valid JSON ({e}). Each line must be one JSON object."
                     ) from None
+                if not isinstance(record, dict):
+                    raise EmlocError(
+                        f"{path}:{i} is a JSON {type(record).__name__}, not an object. "
+                        "Each line must be one JSON object."
+                    )
+                records.append((f"{path}:{i}", record))
         return records
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return _read_csv(path, text)
     raise EmlocError(
         f"{path} is neither .jsonl nor .csv. Convert it to one of those, or load it as a datasets.Dataset."
     )
+
+
+def _split(examples: list[dict], test_size: float | int, seed: int, name: str):
+    try:
+        both = Dataset.from_list(examples).train_test_split(test_size=test_size, seed=seed)
+    except ValueError as e:
+        raise EmlocError(
+            f"test_size={test_size!r} does not split the {len(examples)} examples of {name} ({e}). "
+            "Use a smaller test_size, or more examples."
+        ) from None
+    return both["train"], both["test"]
 
 
 def load_task(
@@ -164,6 +246,9 @@ def load_task(
     distinct values; pass `choices=[]` to force generation (exact-match) scoring.
     `test_size` (a share or a count) defaults to 1000 examples for the default task, 0.2 otherwise.
     """
+    choices = check_value(choices, list[str] | None, "choices", {"unique": True})
+    if test_size is not None:
+        test_size = check_value(test_size, float | int, "test_size", {"check": check_test_size})
     if isinstance(source, str) and source == MOVIE_SENTIMENT:
         task = movie_sentiment(seed=seed, **({} if test_size is None else {"test_size": test_size}))
         if choices is not None and choices != task.choices:
@@ -182,8 +267,13 @@ def load_task(
         name = "dataset"
     else:
         if isinstance(source, Dataset):
-            records, name = list(source), "dataset"
+            records, name = [(f"dataset example {i}", r) for i, r in enumerate(source)], "dataset"
         else:
+            if not isinstance(source, (str, os.PathLike)):
+                raise EmlocError(
+                    f"A task source is a file path, '{MOVIE_SENTIMENT}' or a datasets.Dataset, "
+                    f"not {type(source).__name__}. Pass one of those."
+                )
             path = Path(source).expanduser()
             if not path.is_file():
                 raise EmlocError(
@@ -192,17 +282,13 @@ def load_task(
             records, name = _read_records(path), path.stem
         if len(records) < 2:
             raise EmlocError(f"{name} has {len(records)} example(s); a task needs at least 2 (train and test).")
-        splits = {
-            "all": [_normalise(r, f"{name} example {i + 1}", prompt_field, answer_field) for i, r in enumerate(records)]
-        }
+        splits = {"all": [_normalise(r, where, prompt_field, answer_field) for where, r in records]}
     if "all" in splits:
-        both = Dataset.from_list(splits["all"]).train_test_split(test_size=test_size, seed=seed)
-        train, test = both["train"], both["test"]
+        train, test = _split(splits["all"], test_size, seed, name)
     else:
         test_split = next((k for k in ("test", "validation") if k in splits), None)
         if test_split is None:
-            both = Dataset.from_list(splits["train"]).train_test_split(test_size=test_size, seed=seed)
-            train, test = both["train"], both["test"]
+            train, test = _split(splits["train"], test_size, seed, name)
         else:
             train, test = Dataset.from_list(splits["train"]), Dataset.from_list(splits[test_split])
     answers = sorted(set(train["answer"]) | set(test["answer"]))

@@ -22,14 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json, write_tensors
+from .artifacts import (
+    FORMAT_VERSION,
+    atomic_dir,
+    check_fingerprint,
+    read_json_object,
+    read_tensors,
+    verify_manifest,
+    write_json,
+    write_tensors,
+)
 from .calibration import CalibrationStats
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight
 from .ranks import RankPlan
 from .spectra import SpectrumTable
@@ -103,8 +111,14 @@ class Emulator:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def save(self, path: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
-        """Write a self-contained directory: config, weights, metadata, spectra (and the tokenizer)."""
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        """Write a self-contained directory: config, weights, metadata, spectra (and the tokenizer), and a manifest."""
+        with atomic_dir(
+            path,
+            overwrite=overwrite,
+            kind="emulator",
+            model_fingerprint=self.original_fingerprint,
+            config={"plan": self.plan.to_dict(), "mode": self.mode},
+        ) as tmp:
             self.model.config.save_pretrained(tmp)
             write_tensors(tmp / "emulator.safetensors", _unique_state(self.model))
             self.spectra.save(tmp / "spectra")
@@ -135,8 +149,14 @@ class Emulator:
         from accelerate import init_empty_weights
 
         path = Path(path)
-        meta = read_json(path / "emulator.json")
-        if meta.get("kind") != "emulator":
+        verify_manifest(
+            path, kind="emulator", model_fingerprint=fingerprint(original) if original is not None else None
+        )
+        meta = read_json_object(
+            path / "emulator.json",
+            {"kind": str, "original_fingerprint": str, "emulator_fingerprint": str, "mode": str, "plan": dict},
+        )
+        if meta["kind"] != "emulator":
             raise EmlocError(
                 f"{path} is not an emulator directory (no emulator.json of kind 'emulator'). Point at the output of "
                 "build_emulator."
@@ -148,21 +168,33 @@ class Emulator:
                 artifact=f"The emulator at {path}",
                 model="the given original model",
             )
-        config = AutoConfig.from_pretrained(path, local_files_only=True)  # trust_remote_code stays off
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)
-        for name, rank in meta["ranks"].items():
-            old = model.get_submodule(name)
-            w = linear_weight(old)
-            _replace(
-                model,
-                name,
-                LowRankLinear(
-                    w.shape[1], w.shape[0], rank, bias=meta["layer_bias"][name], device="meta", dtype=w.dtype
-                ),
-            )
-        state = load_file(str(path / "emulator.safetensors"))
-        model.load_state_dict(state, strict=False, assign=True)
+        try:
+            # A model's own code never runs from an emulator directory: trust_remote_code is off here, always.
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            ranks, biases = meta["ranks"], meta["layer_bias"]
+            for name, rank in ranks.items():
+                if (
+                    not isinstance(rank, int)
+                    or isinstance(rank, bool)
+                    or rank < 1
+                    or not isinstance(biases[name], bool)
+                ):
+                    raise ValueError(f"rank {rank!r} of {name}")
+                old = model.get_submodule(name)
+                w = linear_weight(old)
+                _replace(
+                    model,
+                    name,
+                    LowRankLinear(w.shape[1], w.shape[0], rank, bias=biases[name], device="meta", dtype=w.dtype),
+                )
+            state = read_tensors(path / "emulator.safetensors")
+            model.load_state_dict(state, strict=False, assign=True)
+        except EmlocError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OSError) as e:
+            raise EmlocError(f"{path} holds a malformed emulator ({first_line(e)}). Rebuild it.") from None
         model.tie_weights()
         on_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
         if on_meta:

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .config import check_value
 from .data import Task, collator_for, encode_example
 from .errors import EmlocError
 from .reports import Report
@@ -51,6 +52,14 @@ class EvalResult(Report):
         return cls(meta["accuracy"], meta["answer_loss"], meta["examples"], meta["predictions"], meta["answers"])
 
 
+def _finite(values: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(values).all():
+        raise EmlocError(
+            f"The model's {what} are not finite (NaN/Inf), so no accuracy can be scored. Check the model and "
+            "adapter weights (load the model in float32; retrain an adapter that diverged)."
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -63,8 +72,12 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Accuracy and mean answer-token loss on the first `limit` examples of a split."""
+    if split not in ("train", "test"):
+        raise EmlocError(f"Split {split!r}: use 'train' or 'test'.")
+    limit = check_value(limit, int | None, "evaluation.limit", {"min": 1})
+    batch_size = check_value(batch_size, int, "evaluation.batch_size", {"min": 1})
     data = getattr(task, split)
-    data = data.select(range(min(limit or len(data), len(data))))
+    data = data.select(range(min(len(data) if limit is None else limit, len(data))))
     if len(data) == 0:
         raise EmlocError(f"The {split} split of {task.name} is empty. Use a task with held-out examples.")
     model.eval()
@@ -75,6 +88,7 @@ def evaluate(
         prompts, answers = list(rows["messages"]), list(rows["answer"])
         if task.choices:
             scores, counts = choice_logprobs(model, tokenizer, prompts, task.choices)
+            _finite(scores, "choice scores")
             picked = [task.choices[i] for i in scores.argmax(1).tolist()]
             gold = torch.tensor([task.choices.index(a) for a in answers])
             nll_sum -= float(scores.gather(1, gold[:, None]).sum())
@@ -82,6 +96,7 @@ def evaluate(
         else:
             enc = collate([encode_example(tokenizer, m, a) for m, a in zip(prompts, answers)])
             nll, mask = answer_nll(model, enc)
+            _finite(nll[mask], "answer losses")
             nll_sum += float(nll[mask].sum())
             tokens += int(mask.sum())
             longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)

@@ -16,11 +16,19 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json
+from .artifacts import (
+    FORMAT_VERSION,
+    atomic_dir,
+    read_tensors,
+    verify_manifest,
+    write_json,
+)
 from .config import LoraSpec
 from .emulator import LowRankLinear
 from .errors import EmlocError
 from .models import block_linears, fingerprint
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class LowRankLoraLinear(LoraLinear):
@@ -32,8 +40,6 @@ class LowRankLoraLinear(LoraLinear):
 
 def peft_config(spec: LoraSpec, model: nn.Module) -> LoraConfig:
     """peft's LoraConfig for `spec` on `model` (original or emulator); no targets: every block linear."""
-    if spec.r < 1:
-        raise EmlocError(f"LoRA rank r={spec.r} must be at least 1.")
     targets = spec.targets
     if targets is None:
         targets = sorted({n.rsplit(".", 1)[-1] for n in block_linears(model)})
@@ -75,12 +81,16 @@ def _targeted(peft_model: PeftModel) -> dict[str, nn.Module]:
 def save_adapter(
     peft_model: PeftModel, path: str | Path, *, base_fingerprint: str, info: dict | None = None, overwrite: bool = False
 ) -> Path:
-    """A standard peft adapter directory plus emloc.json recording which base it was trained on."""
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    """A standard peft adapter directory plus emloc.json recording which base it was trained on, and a manifest."""
+    info = info or {}
+    check_finite_lora(peft_model, where=f"the adapter for {path}")
+    with atomic_dir(
+        path, overwrite=overwrite, kind="adapter", model_fingerprint=base_fingerprint, config=info.get("run", {})
+    ) as tmp:
         peft_model.save_pretrained(tmp)
         write_json(
             tmp / "emloc.json",
-            {"format_version": FORMAT_VERSION, "kind": "adapter", "base_fingerprint": base_fingerprint, **(info or {})},
+            {"format_version": FORMAT_VERSION, "kind": "adapter", "base_fingerprint": base_fingerprint, **info},
         )
     return Path(path)
 
@@ -92,27 +102,50 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False,
     LoRA onto the original, the baseline the correction is measured against.
     """
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():  # also keeps peft from looking the path up on the Hub
-        raise EmlocError(
-            f"{path} holds no adapter (no adapter_config.json). "
-            "Write one with `emloc finetune` or `emloc correct`, or give the adapter's directory."
-        )
-    if check_base:
-        meta_file = path / "emloc.json"
-        if not meta_file.is_file():
+    # Checked here, before peft sees the path: peft looks a path that is not a complete local adapter up on the Hub.
+    for needed in ("adapter_config.json", ADAPTER_WEIGHTS):
+        if not (path / needed).is_file():
             raise EmlocError(
-                f"The adapter at {path} does not record which model it was trained on (no emloc.json), "
-                "so it cannot be checked. Pass check_base=False to apply it anyway."
+                f"{path} holds no adapter ({needed} is missing). Write one with `emloc finetune` or `emloc correct`, "
+                "or give the adapter's directory."
             )
-        check_fingerprint(
-            read_json(meta_file)["base_fingerprint"],
-            fingerprint(model),
-            artifact=f"The adapter at {path}",
-            model="the model it is loaded onto",
-        )
-    config = LoraConfig.from_pretrained(str(path))
+    manifest = verify_manifest(
+        path, kind=("adapter", "corrected_adapter"), model_fingerprint=fingerprint(model) if check_base else None
+    )
+    bad = [k for k, t in read_tensors(path / ADAPTER_WEIGHTS).items() if not torch.isfinite(t).all()]
+    if bad:
+        raise EmlocError(f"The adapter at {path} has non-finite weights (NaN/Inf) in {bad[:3]}. Retrain it.")
+    try:
+        config = LoraConfig.from_pretrained(str(path))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise EmlocError(f"{path}/adapter_config.json is not a LoRA config peft can read ({e}). Recreate it.") from None
     config._register_custom_module({LowRankLinear: LowRankLoraLinear})
-    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+    except (ValueError, KeyError, RuntimeError) as e:
+        _strip_lora(model)  # peft wraps the layers before it loads the weights: leave `model` as it was
+        raise EmlocError(
+            f"The adapter at {path} ({manifest['kind']}) does not fit this model ({str(e).splitlines()[0][:200]}). "
+            "Load it onto the model it was trained for."
+        ) from None
+    return peft_model
+
+
+def _strip_lora(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+
+
+def check_finite_lora(peft_model: PeftModel, *, where: str) -> None:
+    """Refuse LoRA weights with NaN/Inf: the loss can look fine while some weights have already diverged."""
+    bad = [n for n, p in peft_model.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
+    if bad:
+        raise EmlocError(
+            f"{len(bad)} LoRA weight tensor(s) of {where} became non-finite (NaN/Inf), e.g. {bad[0]}. "
+            "Lower the learning rate (train.lr) and train again."
+        )
 
 
 def lora_factors(peft_model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -7,6 +7,7 @@ a safetensors copy under the cache directory so later loads take about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import inspect
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.pytorch_utils import Conv1D
 
 from .artifacts import atomic_dir, atomic_path
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .fetch import pip_download
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,8 @@ def default_model_dir() -> Path:
 
 def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
     """The checkpoint directory (and GGUF file name, if any) behind a model source."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise EmlocError(f"A model is a path or '{DEFAULT_MODEL}', not {source!r}. Pass a local checkpoint directory.")
     if str(source) == DEFAULT_MODEL:
         return default_model_dir(), None
     path = Path(source).expanduser()
@@ -111,11 +115,12 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
     from transformers import AutoConfig
 
     path, gguf_file = _resolve(source)
-    config = AutoConfig.from_pretrained(
-        str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
-    )
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    with _load_errors(path, trust_remote_code):
+        config = AutoConfig.from_pretrained(
+            str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_model(
@@ -127,10 +132,35 @@ def load_model(
     """Load a causal LM and its tokenizer: the default name, a checkpoint directory or a .gguf file."""
     path, gguf_file = _resolve(source)
     kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+    with _load_errors(path, trust_remote_code):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _load_errors(path: Path, trust_remote_code) -> Iterator[None]:
+    """transformers' errors for a checkpoint it cannot use, as one-line EmlocErrors; and a real boolean to trust."""
+    if not isinstance(trust_remote_code, bool):
+        raise EmlocError(
+            f"trust_remote_code must be True or False, not {type(trust_remote_code).__name__} {trust_remote_code!r}. "
+            "Pass a real boolean."
+        )
+    try:
+        yield
+    except EmlocError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RuntimeError) as e:
+        text = str(e)
+        if "trust_remote_code" in text and not trust_remote_code:
+            raise EmlocError(
+                f"{path} asks to run its own code (auto_map), which emloc-nb never does unless you ask. "
+                "Pass --trust-remote-code (trust_remote_code=True) only if you trust that code."
+            ) from None
+        raise EmlocError(
+            f"{path} is not a checkpoint transformers can load ({first_line(e)}). Check its files."
+        ) from None
 
 
 # ----------------------------------------------------------------------------- tiny test models

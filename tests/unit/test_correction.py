@@ -196,7 +196,7 @@ def test_correction_refuses_a_foreign_adapter_or_original(trained, tmp_path):
     with pytest.raises(EmlocError, match="held-out statistics"):
         correct_lora(model, emulator, adapter, tmp_path / "w", heldout=other_stats)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "w").exists()
-    with pytest.raises(EmlocError, match="Clamp"):
+    with pytest.raises(EmlocError, match=r"clamp=-1 must be ≥ 0 \(0: the naive transfer"):
         correct_lora(model, emulator, adapter, tmp_path / "z", clamp=-1)
 
 

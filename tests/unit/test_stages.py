@@ -56,13 +56,13 @@ def _build(model, data, output, *flags) -> int:
 
 def test_bad_plans_and_models_write_nothing(tiny_setup, capsys):
     root, model, data = tiny_setup
-    assert _build(model, data, root / "a", "--ratio", "1.5") == 2
+    assert _build(model, data, root / "a", "--ratio", "1.5") == 1
     assert "outside (0, 1]" in capsys.readouterr().err
     plan = root / "plan.json"
     plan.write_text(json.dumps({"ratio": 0.5, "rules": {"layers\\.42\\.": 1.0}}))
-    assert _build(model, data, root / "b", "--plan", str(plan)) == 2
+    assert _build(model, data, root / "b", "--plan", str(plan)) == 1
     assert "match no layer" in capsys.readouterr().err
-    assert cli(["build-emulator", "--model", str(root / "missing"), "--output", str(root / "c")]) == 2
+    assert cli(["build-emulator", "--model", str(root / "missing"), "--output", str(root / "c")]) == 1
     assert "does not exist" in capsys.readouterr().err
     for name in "abc":
         assert not (root / name).exists()
@@ -74,7 +74,7 @@ def test_cli_build_emulator_and_overwrite(tiny_setup, capsys):
     assert _build(model, data, root / "cli", *args, "--ratio", "0.5") == 0
     out = capsys.readouterr().out
     assert "block linears compressed" in out and "KL" in out
-    assert _build(model, data, root / "cli", *args, "--ratio", "0.4") == 2
+    assert _build(model, data, root / "cli", *args, "--ratio", "0.4") == 1
     assert "--overwrite" in capsys.readouterr().err
     assert _build(model, data, root / "cli", *args, "--ratio", "0.4", "--overwrite") == 0
     assert Run(root / "cli").config.emulator.plan["ratio"] == 0.4
