@@ -442,15 +442,15 @@ def read_manifest(path: str | Path) -> dict:
 def verify_manifest(
     path: str | Path,
     *,
-    kind: str | tuple[str, ...],
+    kind: str | tuple[str, ...] | None,
     model_fingerprint: str | None = None,
     config: dict | None = None,
 ) -> dict:
-    """Check the artifact at `path` against its manifest: kind, every file's SHA-256, no file missing or added,
-    and (when given) the model fingerprint and the config that produced it. Returns the manifest."""
+    """Check the artifact at `path` against its manifest: kind (None: any), every file's SHA-256, no file missing
+    or added, and (when given) the model fingerprint and the config that produced it. Returns the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
-    kinds = _as_tuple(kind)
+    kinds = _as_tuple(kind) if kind is not None else (manifest["kind"],)
     if manifest["kind"] not in kinds:
         raise EmlocError(
             f"{path} holds a {manifest['kind']!r} artifact, not {' or '.join(map(repr, kinds))}. "

@@ -96,7 +96,7 @@ class LoraSpec(_Checked):
 class TrainSpec(_Checked):
     steps: int = field(default=150, metadata=AT_LEAST_1)
     batch_size: int = field(default=8, metadata=AT_LEAST_1)
-    lr: float = field(default=3e-4, metadata=POSITIVE)
+    lr: float = field(default=3e-4, metadata={"gt": 0, "max": 10, "hint": "AdamW learning rates lie far below 1"})
     warmup_steps: int = field(default=10, metadata={"min": 0})
     weight_decay: float = field(default=0.0, metadata={"min": 0})
     max_length: int = field(default=256, metadata=AT_LEAST_1)

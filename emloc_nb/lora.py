@@ -83,7 +83,7 @@ def save_adapter(
 ) -> Path:
     """A standard peft adapter directory plus emloc.json recording which base it was trained on, and a manifest."""
     info = info or {}
-    check_finite_lora(peft_model, where=f"the adapter for {path}")
+    check_finite_lora(peft_model, when=f"before the adapter was written to {path}")
     with atomic_dir(
         path, overwrite=overwrite, kind="adapter", model_fingerprint=base_fingerprint, config=info.get("run", {})
     ) as tmp:
@@ -138,12 +138,12 @@ def _strip_lora(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
 
 
-def check_finite_lora(peft_model: PeftModel, *, where: str) -> None:
+def check_finite_lora(peft_model: PeftModel, *, when: str) -> None:
     """Refuse LoRA weights with NaN/Inf: the loss can look fine while some weights have already diverged."""
     bad = [n for n, p in peft_model.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
     if bad:
         raise EmlocError(
-            f"{len(bad)} LoRA weight tensor(s) of {where} became non-finite (NaN/Inf), e.g. {bad[0]}. "
+            f"{len(bad)} LoRA weight tensor(s) became non-finite (NaN/Inf) {when}, e.g. {bad[0]}. "
             "Lower the learning rate (train.lr) and train again."
         )
 

@@ -62,11 +62,27 @@ _TOP_LEVEL = [re.compile("^" + re.escape(t.split("/")[0]).replace(r"\{\}", "[^/]
 
 
 def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:
-    """Fail before any stage runs: the model must exist and the rank plan must fit its layers."""
+    """Fail before any stage runs: the model must exist, the rank plan must fit its layers and the task must read."""
     from .models import block_linears, linear_weight, skeleton
 
     model = skeleton(config.model, trust_remote_code=trust_remote_code)
     config.rank_plan().resolve({n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()})
+    task_of(config)
+
+
+def task_of(config: RunConfig):
+    """The run's Task, read from its `task` settings."""
+    from .data import load_task
+
+    t = config.task
+    return load_task(
+        t.source,
+        prompt_field=t.prompt_field,
+        answer_field=t.answer_field,
+        choices=t.choices,
+        test_size=t.test_size,
+        seed=config.seed,
+    )
 
 
 def _inputs(config: RunConfig) -> list[Path]:
@@ -229,6 +245,13 @@ class Run:
         check_provenance(self, artifact)
         return self.path(artifact)
 
+    def verify(self, artifact: str) -> Path:
+        """`checked`, and every file of the artifact against the SHA-256 in its manifest."""
+        from .artifacts import verify_manifest
+
+        verify_manifest(self.checked(artifact), kind=None)
+        return self.path(artifact)
+
     def has(self, artifact: str) -> bool:
         """Whether `artifact` has been written (artifacts are written atomically: complete when present)."""
         return self.path(artifact).exists()
@@ -248,17 +271,7 @@ class Run:
 
     def task(self):
         if "task" not in self._cache:
-            from .data import load_task
-
-            t = self.config.task
-            self._cache["task"] = load_task(
-                t.source,
-                prompt_field=t.prompt_field,
-                answer_field=t.answer_field,
-                choices=t.choices,
-                test_size=t.test_size,
-                seed=self.config.seed,
-            )
+            self._cache["task"] = task_of(self.config)
         return self._cache["task"]
 
     def batches(self, split: str) -> list[dict]:

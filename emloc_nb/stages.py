@@ -412,6 +412,8 @@ def run_stage(run: Run, name: str, *, isolate: bool = True) -> None:
                 f"Stage {name} needs {', '.join(missing)} in {run.dir}, which {' and '.join(writers)} "
                 "writes. Run that stage first (`emloc run`, or Run.run_all)."
             )
+        for artifact in stage.reads:  # in full, before anything is computed or written
+            run.verify(artifact)
         if stage.parts is None:
             _run_step(run, name, isolate)
             return

@@ -246,7 +246,7 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            check_finite_lora(peft_model, where=f"the LoRA after step {step + 1}")
+            check_finite_lora(peft_model, when=f"after step {step + 1}")
             fault("train-step")
             event = {"step": step + 1, "steps": config.steps, "loss": loss.item(), "lr": lr}
             history.append(event)
@@ -329,7 +329,7 @@ def _trainer_class():
                     _hf_history(self.state.log_history),
                     self.emloc_signature,
                     extra={"scheduler": self.lr_scheduler.state_dict()},
-                    files={"trainer_state.json": self.state.to_json_string()},
+                    files={"trainer_state.json": json.dumps(asdict(self.state), indent=2, sort_keys=True) + "\n"},
                 )
             self.accelerator.wait_for_everyone()
 
@@ -422,7 +422,7 @@ class _FiniteLora(TrainerCallback):
     """Stops a Trainer run whose LoRA weights become non-finite (the built-in loop checks the same)."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        check_finite_lora(model, where=f"the LoRA after step {state.global_step}")
+        check_finite_lora(model, when=f"after step {state.global_step}")
 
 
 def finetune_hf(
