@@ -421,6 +421,8 @@ _MANIFEST_FIELDS = {"kind": str, "format_version": int, "package_version": str, 
 def read_manifest(path: str | Path) -> dict:
     """The manifest of the artifact directory `path`, checked for shape (not its checksums)."""
     path = Path(path)
+    if path.is_file():
+        raise EmlocError(f"{path} is a file, not an artifact directory. Point at the directory that holds {MANIFEST}.")
     if not path.is_dir():
         raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")
     if not (path / MANIFEST).is_file():

@@ -36,9 +36,13 @@ POSITIVE = {"gt": 0}
 
 def check_test_size(value, name: str) -> None:
     if isinstance(value, int) and value < 1:
-        raise EmlocError(f"{name}={value!r} is a count of test examples and must be ≥ 1 (or a share in (0, 1)).")
+        raise EmlocError(
+            f"{name}={value!r} is a count of test examples and must be ≥ 1. Raise it, or give a share in (0, 1)."
+        )
     if isinstance(value, float) and not 0 < value < 1:
-        raise EmlocError(f"{name}={value!r} is a share of the examples and must lie in (0, 1) (or give a count ≥ 1).")
+        raise EmlocError(
+            f"{name}={value!r} is a share of the examples and must lie in (0, 1). Use a share, or a count ≥ 1."
+        )
 
 
 class _Checked:
@@ -218,11 +222,16 @@ def _build(cls, value, where: str):
     if value is None:
         return cls()
     if not isinstance(value, dict):
-        raise EmlocError(f"{where} must be a mapping of {[f.name for f in fields(cls)]}, not {_kind(value)}.")
+        raise EmlocError(
+            f"{where} must be a mapping of {[f.name for f in fields(cls)]}, not {_kind(value)}. Write it as one."
+        )
     names = {f.name for f in fields(cls)}
     unknown = set(value) - names
     if unknown:
-        raise EmlocError(f"Unknown setting(s) {sorted(unknown)} in {where}. Known: {sorted(names)}.")
+        known = ", ".join(sorted(names))
+        raise EmlocError(
+            f"Unknown setting(s) {sorted(unknown)} in {where}. Fix the name, or remove it (known: {known})."
+        )
     return cls(**value)
 
 
@@ -284,7 +293,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         if not isinstance(d, dict):
-            raise EmlocError(f"A run config must be a mapping of settings, not {_kind(d)}. See configs/default.yaml.")
+            raise EmlocError(
+                f"A run config must be a mapping of settings, not {_kind(d)}. Write it like configs/default.yaml."
+            )
         d = dict(d)
         # run.json files written before 0.2 carry `false`; anything else asks for what a config cannot grant.
         if "trust_remote_code" in d and d.pop("trust_remote_code") is not False:
@@ -292,15 +303,20 @@ class RunConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise EmlocError(f"Unknown setting(s) {sorted(unknown)} in the run config. Known: {sorted(names)}.")
+            raise EmlocError(
+                f"Unknown setting(s) {sorted(unknown)} in the run config. Fix the name, or remove it "
+                f"(known: {', '.join(sorted(names))})."
+            )
         values = {k: (_build(SECTIONS[k], v, k) if k in SECTIONS else v) for k, v in d.items()}
         return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         path = Path(path)
+        if path.is_dir():
+            raise EmlocError(f"Config file {path} is a directory, not a file. Pass a YAML or JSON file.")
         if not path.is_file():
-            raise EmlocError(f"Config file {path} does not exist. See configs/ for examples.")
+            raise EmlocError(f"Config file {path} does not exist. Check the path; configs/ holds examples.")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

@@ -204,12 +204,12 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
                     record = json.loads(line)
                 except (json.JSONDecodeError, RecursionError) as e:
                     raise EmlocError(
-                        f"{path}:{i} is not valid JSON ({e}). Each line must be one JSON object."
+                        f"{path}:{i} is not valid JSON ({e}). Write each line as one JSON object."
                     ) from None
                 if not isinstance(record, dict):
                     raise EmlocError(
                         f"{path}:{i} is a JSON {type(record).__name__}, not an object. "
-                        "Each line must be one JSON object."
+                        "Write each line as one JSON object."
                     )
                 records.append((f"{path}:{i}", record))
         return records

@@ -38,7 +38,7 @@ from .artifacts import (
 )
 from .calibration import CalibrationStats
 from .errors import EmlocError, first_line
-from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight
+from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight, load_errors
 from .ranks import RankPlan
 from .spectra import SpectrumTable
 
@@ -168,11 +168,12 @@ class Emulator:
                 artifact=f"The emulator at {path}",
                 model="the given original model",
             )
-        try:
+        with load_errors(path, trust_remote_code=False):
             # A model's own code never runs from an emulator directory: trust_remote_code is off here, always.
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             with init_empty_weights():
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        try:
             ranks, biases = meta["ranks"], meta["layer_bias"]
             for name, rank in ranks.items():
                 if (

@@ -64,8 +64,10 @@ def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
+        targets = config.target_modules
+        shown = sorted(targets) if isinstance(targets, (set, list)) else targets
         raise EmlocError(
-            f"Could not attach LoRA to targets {config.target_modules!r}: {e}. "
+            f"Could not attach LoRA to targets {shown!r} ({str(e).strip().splitlines()[0][:160]}). "
             "Use suffixes of the model's layer names (e.g. 'q_proj') or a regex."
         ) from None
     return peft_model

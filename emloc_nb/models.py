@@ -115,7 +115,7 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
     from transformers import AutoConfig
 
     path, gguf_file = _resolve(source)
-    with _load_errors(path, trust_remote_code):
+    with load_errors(path, trust_remote_code):
         config = AutoConfig.from_pretrained(
             str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
         )
@@ -132,7 +132,7 @@ def load_model(
     """Load a causal LM and its tokenizer: the default name, a checkpoint directory or a .gguf file."""
     path, gguf_file = _resolve(source)
     kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
-    with _load_errors(path, trust_remote_code):
+    with load_errors(path, trust_remote_code):
         tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     model.eval()
@@ -140,7 +140,7 @@ def load_model(
 
 
 @contextlib.contextmanager
-def _load_errors(path: Path, trust_remote_code) -> Iterator[None]:
+def load_errors(path: Path, trust_remote_code) -> Iterator[None]:
     """transformers' errors for a checkpoint it cannot use, as one-line EmlocErrors; and a real boolean to trust."""
     if not isinstance(trust_remote_code, bool):
         raise EmlocError(

@@ -121,10 +121,15 @@ class RankPlan:
     @classmethod
     def from_dict(cls, d: dict) -> RankPlan:
         if not isinstance(d, dict):
-            raise EmlocError(f"A rank plan is a mapping with 'ratio', 'rules' and 'ranks', not {type(d).__name__}.")
+            raise EmlocError(
+                f"A rank plan is a mapping with 'ratio', 'rules' and 'ranks', not {type(d).__name__}. "
+                "Write it as {'ratio': 0.5}."
+            )
         extra = set(d) - {"ratio", "rules", "ranks"}
         if extra:
-            raise EmlocError(f"Unknown plan field(s) {sorted(extra)}. A plan has 'ratio', 'rules' and 'ranks'.")
+            raise EmlocError(
+                f"Unknown plan field(s) {sorted(extra)}. Remove them: a plan has 'ratio', 'rules' and 'ranks'."
+            )
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
@@ -135,7 +140,9 @@ class RankPlan:
     def load(cls, path: str | Path) -> RankPlan:
         d = read_json(path)
         if not isinstance(d, dict):
-            raise EmlocError(f"{path} holds a JSON {type(d).__name__}, not a rank plan. A plan is a JSON object.")
+            raise EmlocError(
+                f"{path} holds a JSON {type(d).__name__}, not a rank plan. Write the plan as a JSON object."
+            )
         d = dict(d)
         d.pop("kind", None)
         return cls.from_dict(d)

@@ -225,14 +225,14 @@ class Run:
         """
         name, _, key = artifact.partition(":")
         if name not in LAYOUT:
-            raise EmlocError(f"Unknown run artifact {name!r}. Artifacts: {', '.join(LAYOUT)}.")
+            raise EmlocError(f"Unknown run artifact {name!r}. Use one of: {', '.join(LAYOUT)}.")
         template = LAYOUT[name]
         if ("{}" in template) != bool(key):
             raise EmlocError(
                 f"Run artifact {name!r} " + (f"needs a key: '{name}:KEY'." if "{}" in template else "takes no key.")
             )
         if key and not _KEY.match(key):
-            raise EmlocError(f"{key!r} cannot name an entry of a run (letters, digits, '_', '-', '.', '+', '=').")
+            raise EmlocError(f"{key!r} cannot name an entry of a run. Use letters, digits, '_', '-', '.', '+' or '='.")
         return self.dir / template.format(key)
 
     def checked(self, artifact: str) -> Path:
@@ -326,7 +326,7 @@ class Run:
     def adapter_dir(self, which: str) -> Path:
         """The peft adapter trained on the "emulator" or the "original", or the "corrected" one."""
         if which not in ADAPTERS:
-            raise EmlocError(f"Unknown adapter {which!r}. Adapters: {', '.join(ADAPTERS)}.")
+            raise EmlocError(f"Unknown adapter {which!r}. Use one of: {', '.join(ADAPTERS)}.")
         return self.checked(ADAPTERS[which]) if self.has(ADAPTERS[which]) else self.path(ADAPTERS[which])
 
     def history(self, target: str = "emulator") -> list[dict]:
