@@ -231,6 +231,7 @@ def _not_empty_error(path: Path) -> EmlocError:
 
 def _commit(tmp: Path, path: Path, *, overwrite: bool) -> None:
     """Move the finished `tmp` to `path` in one step; `overwrite=False` refuses a non-empty `path` right here."""
+    fault("commit")
     while True:
         if not os.path.lexists(path):
             try:
@@ -251,7 +252,6 @@ def _commit(tmp: Path, path: Path, *, overwrite: bool) -> None:
                 except OSError:
                     pass
             raise _not_empty_error(path)
-        fault("commit")
         if _renameat2(tmp, path, _RENAME_EXCHANGE):
             _remove(tmp)  # now holds the old artifact
             break
@@ -279,6 +279,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
             raise EmlocError(f"Nothing was written to {path}. This is a bug in the writer; please report it.")
         os.chmod(tmp, _usual_mode(0o666))
         _fsync(tmp)
+        fault("commit")
         os.replace(tmp, path)  # a file is replaced in one step
         _fsync(path.parent, directory=True)
     finally:
@@ -586,12 +587,16 @@ def holds_lock(directory: str | Path) -> bool:
 
 
 def fault(point: str) -> None:
-    """SIGKILL this process at the Nth time it passes `point` when EMLOC_FAULT="point:N" (kill tests only)."""
+    """SIGKILL this process the Nth time it passes `point` when EMLOC_FAULT="point:N" (kill tests only).
+
+    "point:N@STEP" counts only passes inside that stage step (see emloc_nb.stages.recording).
+    """
     spec = os.environ.get("EMLOC_FAULT")
     if not spec:
         return
+    spec, _, step = spec.partition("@")
     name, _, count = spec.partition(":")
-    if name != point:
+    if name != point or (step and not (provenance.get() or {}).get("step", "").startswith(step)):
         return
     _fault_hits[point] = _fault_hits.get(point, 0) + 1
     if _fault_hits[point] == int(count or 1):
