@@ -212,20 +212,11 @@ def correct_lora(
         }
     finally:
         peft_emulator.unload()
-    unsupported = [
-        what
-        for what, used in [
-            ("DoRA", getattr(config, "use_dora", False)),
-            (f"bias={config.bias!r}", config.bias != "none"),
-            ("modules_to_save", bool(config.modules_to_save)),
-            (f"LoRA on non-linear layers {sorted(trained - set(factors))[:3]}", trained - set(factors)),
-        ]
-        if used
-    ]
-    if unsupported:
+    # load_adapter has refused DoRA, trained biases and modules_to_save already (peft defaults only).
+    if trained - set(factors):
         raise EmlocError(
-            f"The adapter at {adapter_dir} uses {', '.join(unsupported)}, which the correction cannot carry "
-            "over to the original. Train a plain LoRA on linear layers (emloc_nb.LoraSpec) instead."
+            f"The adapter at {adapter_dir} puts LoRA on non-linear layers {sorted(trained - set(factors))[:3]}, "
+            "which the correction cannot carry over to the original. Train a plain LoRA on linear layers instead."
         )
     originals, emulated = dict(original.named_modules()), dict(emulator.model.named_modules())
 

@@ -9,6 +9,7 @@ peft directories plus emloc.json, which records the base model's fingerprint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,13 +20,14 @@ from torch import nn
 from .artifacts import (
     FORMAT_VERSION,
     atomic_dir,
+    read_json_object,
     read_tensors,
     verify_manifest,
     write_json,
 )
-from .config import LoraSpec
+from .config import LoraSpec, check_value
 from .emulator import LowRankLinear
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .models import block_linears, fingerprint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -117,20 +119,67 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False,
     bad = [k for k, t in read_tensors(path / ADAPTER_WEIGHTS).items() if not torch.isfinite(t).all()]
     if bad:
         raise EmlocError(f"The adapter at {path} has non-finite weights (NaN/Inf) in {bad[:3]}. Retrain it.")
-    try:
-        config = LoraConfig.from_pretrained(str(path))
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise EmlocError(f"{path}/adapter_config.json is not a LoRA config peft can read ({e}). Recreate it.") from None
-    config._register_custom_module({LowRankLinear: LowRankLoraLinear})
+    config = _read_lora_config(path / "adapter_config.json", model)
     try:
         peft_model = PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, ImportError, IndexError) as e:
         _strip_lora(model)  # peft wraps the layers before it loads the weights: leave `model` as it was
         raise EmlocError(
-            f"The adapter at {path} ({manifest['kind']}) does not fit this model ({str(e).splitlines()[0][:200]}). "
+            f"The adapter at {path} ({manifest['kind']}) does not fit this model ({first_line(e)}). "
             "Load it onto the model it was trained for."
         ) from None
     return peft_model
+
+
+# The adapter_config.json fields emloc-nb's adapters set, checked as RunConfig fields are. Every other field must
+# keep peft's default, so that no option peft would act on (e.g. a megatron module to import) slips through.
+_LORA_FIELDS = {
+    "r": (int, {"min": 1}),
+    "lora_alpha": (float, {"gt": 0}),
+    "lora_dropout": (float, {"min": 0, "lt": 1}),
+    "target_modules": (list[str] | str, {"nonempty": True, "regex": True}),
+    "rank_pattern": (dict, {}),
+    "alpha_pattern": (dict, {}),
+    "use_rslora": (bool, {}),
+    "fan_in_fan_out": (bool, {}),
+    "inference_mode": (bool, {}),
+    "task_type": (str | None, {}),
+}
+_INFORMATIONAL = {"peft_type", "peft_version", "base_model_name_or_path", "revision", "auto_mapping"}
+
+
+def _read_lora_config(path: Path, model: nn.Module) -> LoraConfig:
+    """The LoraConfig of an adapter_config.json, checked field by field before peft acts on any of it."""
+    raw = read_json_object(path, {"peft_type": str})
+    where = f"{path}: "
+    if raw["peft_type"] != "LORA":
+        raise EmlocError(f"{where}peft_type is {raw['peft_type']!r}, not 'LORA'. Load a LoRA adapter.")
+    largest = max((max(_dims(m)) for m in block_linears(model).values()), default=1)
+    checked = {}
+    for key, (hint, meta) in _LORA_FIELDS.items():
+        if key in raw:
+            checked[key] = check_value(raw[key], hint, where + key, meta)
+    for key in ("rank_pattern", "alpha_pattern"):
+        for name, value in checked.get(key, {}).items():
+            check_value(value, int if key == "rank_pattern" else float, f"{where}{key}[{name!r}]", {"gt": 0})
+    for rank in [checked.get("r", 8), *checked.get("rank_pattern", {}).values()]:
+        check_value(rank, int, f"{where}r", {"max": largest, "hint": "the largest layer dimension of this model"})
+    defaults = json.loads(json.dumps(LoraConfig().to_dict(), default=str))
+    odd = [k for k in raw if k not in _LORA_FIELDS and k not in _INFORMATIONAL and raw[k] != defaults.get(k, raw[k])]
+    odd += [k for k in raw if k not in defaults]
+    if odd:
+        raise EmlocError(
+            f"{where}sets {sorted(odd)[:3]}, which emloc-nb adapters never use. Load an adapter written by emloc-nb."
+        )
+    config = LoraConfig(**checked)
+    config._register_custom_module({LowRankLinear: LowRankLoraLinear})
+    return config
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)
 
 
 def _strip_lora(model: nn.Module) -> None:
