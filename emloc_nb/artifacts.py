@@ -132,18 +132,118 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(tensors, str(tmp))
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a missing or malformed file is an EmlocError naming it."""
-    from safetensors.torch import load_file
+_SAFETENSORS_DTYPES = {  # the header's dtype names -> torch dtype names
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
+
+def _unreadable(path: Path, e: BaseException | str) -> EmlocError:
+    text = e if isinstance(e, str) else (str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+    return EmlocError(f"{path} is not a readable safetensors file ({text}). Recreate it.")
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict]:
+    """The tensors a safetensors file holds: {name: {"dtype", "shape", "data_offsets"}}, read from its header.
+
+    A missing file, or a header that is not one (a short file, a length past its end, bad
+    JSON, fields of the wrong kind), is an EmlocError naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")
     try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types, or OSError/ValueError for damaged headers
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise EmlocError(f"{path} is not a readable safetensors file ({first}). Recreate it.") from None
+        total = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            size = int.from_bytes(prefix, "little")
+            if len(prefix) < 8 or size > total - 8:
+                raise _unreadable(path, "its header length runs past the end of the file")
+            header = json.loads(f.read(size))
+    except EmlocError:
+        raise
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _unreadable(path, e) from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, f"its header is a JSON {type(header).__name__}, not an object")
+    header.pop("__metadata__", None)
+    data = total - 8 - size
+    for key, info in header.items():
+        ok = (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in info["data_offsets"])
+            and 0 <= info["data_offsets"][0] <= info["data_offsets"][1] <= data
+        )
+        if not ok:
+            raise _unreadable(path, f"the header entry for tensor {key!r} is malformed")
+    return header
+
+
+def read_tensors(
+    path: str | Path, *, dtype: torch.dtype | None = None, device=None, names=None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (or those in `names`): memory-mapped when they need no conversion and
+    stay on the CPU.
+
+    Otherwise each tensor is read into a buffer of its own, converted to `dtype` (floating
+    point only) and placed on `device`, and the buffer dropped. A memory map would keep
+    every page it read resident until closed: a float32 file loaded as bfloat16 would
+    then hold both copies at once. A missing or malformed file is an EmlocError naming it.
+    """
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")
+    header = safetensors_header(path)
+    if names is not None:
+        missing = [k for k in names if k not in header]
+        if missing:
+            raise EmlocError(f"{path} lacks the tensor(s) {missing[:3]}. Recreate it with the stage that writes it.")
+        header = {k: header[k] for k in names}
+    device = torch.device(device or "cpu")
+    for key, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise EmlocError(
+                f"{path}: tensor {key} has dtype {info['dtype']}, which emloc-nb does not read. Recreate it."
+            )
+    floating = {"F64", "F32", "F16", "BF16"} & {info["dtype"] for info in header.values()}
+    converts = dtype is not None and any(_SAFETENSORS_DTYPES[d] != str(dtype).removeprefix("torch.") for d in floating)
+    try:
+        if not converts and device.type == "cpu":
+            with safe_open(str(path), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in header}
+        tensors = {}
+        with open(path, "rb") as f:
+            start = 8 + int.from_bytes(f.read(8), "little")
+            for key, info in header.items():
+                begin, end = info["data_offsets"]
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(start + begin)
+                f.readinto(raw.numpy())
+                t = raw.view(getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])).reshape(info["shape"])
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                tensors[key] = t.to(device)
+        return tensors
+    except EmlocError:
+        raise
+    except Exception as e:  # safetensors raises its own error types, or OSError/ValueError/RuntimeError
+        raise _unreadable(path, e) from None
 
 
 def write_grouped(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -483,6 +583,53 @@ def verify_manifest(
             f"{path} was produced by other settings ({_differences(manifest['config'], config)}). "
             "Use matching settings, or recreate it."
         )
+    return manifest
+
+
+def write_side_manifest(
+    directory: Path,
+    name: str,
+    *,
+    kind: str,
+    files: list[str],
+    model_fingerprint: str | None = None,
+    config: dict | None = None,
+) -> None:
+    """A manifest for some of a directory's files (an artifact that shares its directory), written atomically."""
+    manifest = {
+        "kind": kind,
+        "format_version": FORMAT_VERSION,
+        "package_version": package_version(),
+        "model_fingerprint": model_fingerprint,
+        "config": _jsonable(config or {}),
+        "run": provenance.get(),
+        "files": {rel: _sha256(Path(directory) / rel) for rel in files},
+    }
+    write_json(Path(directory) / name, manifest)
+
+
+def verify_side_manifest(directory: str | Path, name: str, *, kind: str) -> dict:
+    """Check the files a `write_side_manifest` manifest lists (kind, each file's SHA-256); return the manifest."""
+    directory = Path(directory)
+    manifest = read_json_object(directory / name, _MANIFEST_FIELDS)
+    if manifest["kind"] != kind:
+        raise EmlocError(f"{directory / name} is the manifest of a {manifest['kind']!r}, not {kind!r}. Recreate it.")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise EmlocError(
+            f"{directory / name} has format version {manifest['format_version']}; this emloc-nb reads version "
+            f"{FORMAT_VERSION}. Recreate it with emloc-nb {package_version()}."
+        )
+    for rel, digest in manifest["files"].items():
+        path = directory / str(rel)
+        if not isinstance(rel, str) or Path(rel).name != rel or not isinstance(digest, str):
+            raise EmlocError(f"{directory / name} lists files malformed. Recreate the {kind}.")
+        if not path.is_file():
+            raise EmlocError(f"{path} is missing, though {name} lists it. Recreate the {kind}.")
+        if _sha256(path) != digest:
+            raise EmlocError(
+                f"{path} does not match its SHA-256 in {name}: it was changed or damaged after it was written. "
+                f"Recreate the {kind}."
+            )
     return manifest
 
 

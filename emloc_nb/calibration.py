@@ -16,10 +16,11 @@ from functools import cached_property
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import EmlocError
+from .memory import phase
 from .models import accepts, block_linears, fingerprint, model_inputs, on_device
+from .progress import progress as progress_bar
 from .reports import Report
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
@@ -142,6 +143,7 @@ def _default_forward(model: nn.Module, batch: Mapping) -> object:
 
 
 @torch.no_grad()
+@phase("calibration")
 def collect_stats(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -199,12 +201,12 @@ def collect_stats(
                 x = x[mask.reshape(-1)]
             x = x.float()
             s = inputs.get(key)
-            if s is None:
+            if s is None:  # accumulated where the activations are (on the GPU when the model is), moved at the end
                 d = x.shape[-1]
                 s = inputs[key] = InputStats(
-                    torch.zeros(d, d, dtype=torch.float64),
-                    torch.zeros(d, dtype=torch.float64),
-                    torch.zeros(d, dtype=torch.float64),
+                    torch.zeros(d, d, dtype=torch.float64, device=x.device),
+                    torch.zeros(d, dtype=torch.float64, device=x.device),
+                    torch.zeros(d, dtype=torch.float64, device=x.device),
                     0,
                     [name],
                 )
@@ -217,10 +219,11 @@ def collect_stats(
                     f"Non-finite activations (NaN/Inf) at the input of {name} in calibration batch {step['batch']}. "
                     "Load the model in float32 (dtype=torch.float32) and check the inputs for invalid token ids."
                 )
-            # One float32 product per batch, summed across batches in float64 (blocked summation).
-            s.second_moment += (x.T @ x).double().cpu()
-            s.abs_sum += column_sums.double().cpu()
-            s.abs_max = torch.maximum(s.abs_max, magnitude.amax(0).double().cpu())
+            # One float32 product per batch, summed across batches in float64 (blocked summation); the in-place
+            # add widens each element as it goes, with no float64 copy of the product.
+            s.second_moment += x.T @ x
+            s.abs_sum += column_sums
+            s.abs_max = torch.maximum(s.abs_max, magnitude.amax(0).double())
             s.tokens += x.shape[0]
 
         return pre_hook
@@ -230,7 +233,7 @@ def collect_stats(
     was_training = model.training
     model.eval()
     try:
-        for i, batch in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
+        for i, batch in enumerate(progress_bar(batches, desc="calibration", enabled=progress)):
             batch = on_device(model, batch)
             mask = batch.get("attention_mask")
             step.update(mask=None if mask is None else mask.bool(), seen={}, batch=i)
@@ -242,6 +245,8 @@ def collect_stats(
         step["seen"] = {}
         model.train(was_training)
 
+    for s in inputs.values():
+        s.second_moment, s.abs_sum, s.abs_max = s.second_moment.cpu(), s.abs_sum.cpu(), s.abs_max.cpu()
     if examples == 0:
         raise EmlocError("The calibration set is empty. Pass at least one batch of examples (64 is the usual size).")
     if not inputs or all(s.tokens == 0 for s in inputs.values()):

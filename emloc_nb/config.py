@@ -4,9 +4,10 @@
       task: TaskSpec               which task, and how its examples are read
       calibration: CalibrationSpec how many examples the statistics see
       emulator: EmulatorSpec       the rank plan and the SVD mode
-      lora: LoraSpec               the LoRA's shape and targets
+      lora: LoraSpec               the LoRA's shape, targets and initialisation
       train: TrainSpec             the fine-tuning schedule
-      evaluation: EvalSpec         how many test examples are scored
+      correction: CorrectionSpec   how the emulator's LoRA is carried over to the original
+      evaluation: EvalSpec         which split is scored, and how many of its examples
 
 A RunConfig is saved as a run's run.json and loads from YAML or JSON. This module is
 plain data: it imports neither torch, transformers nor peft, so a run.json can be read
@@ -36,8 +37,9 @@ POSITIVE = {"gt": 0}
 
 def check_test_size(value, name: str) -> None:
     if isinstance(value, int) and value < 1:
+        kind = "validation" if name.endswith("validation_size") else "test"
         raise EmlocError(
-            f"{name}={value!r} is a count of test examples and must be ≥ 1. Raise it, or give a share in (0, 1)."
+            f"{name}={value!r} is a count of {kind} examples and must be ≥ 1. Raise it, or give a share in (0, 1)."
         )
     if isinstance(value, float) and not 0 < value < 1:
         raise EmlocError(
@@ -45,26 +47,81 @@ def check_test_size(value, name: str) -> None:
         )
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(name: str, where: str) -> None:
+    if name not in DTYPES:
+        raise EmlocError(f"{where}={name!r} is not a supported dtype. Use one of {', '.join(DTYPES)}.")
+
+
+def check_device(name: str) -> None:
+    """ "cpu", "cuda", "cuda:N" or "auto" (cuda when there is one, else cpu); existence is checked when used."""
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "auto") or (index and (kind != "cuda" or not index.isdigit())):
+        raise EmlocError(f"device={name!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
+
+
+def check_device_name(value, name: str) -> None:
+    check_device(value)
+
+
+SEED = {"min": 0, "max": 2**32 - 1}
+
+
 class _Checked:
     """A config section whose fields are checked against their type annotations and metadata on construction."""
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Check every field (and, in subclasses, the fields against each other)."""
         check_fields(self, SECTION_NAMES.get(type(self), type(self).__name__))
 
 
 @dataclass
 class TaskSpec(_Checked):
-    source: str = field(default="movie-sentiment", metadata={"nonempty": True})  # the default task, or a file
+    """Where the examples come from, how a record becomes a prompt and an answer, and how they split.
+
+    `source`: a built-in task (movie-sentiment, word-analogies), a .jsonl/.csv file, or `hf:NAME` /
+    `hf:path/to/dir` (a `datasets` dataset from its cache or the Hub, a `save_to_disk` folder, or a folder of
+    parquet/CSV/JSON files). The split into train, validation and test is fixed by `split_seed`, not by the
+    run's seed, so runs with different seeds are scored on the same test examples (and can be compared pair
+    by pair).
+    """
+
+    source: str = field(default="movie-sentiment", metadata={"nonempty": True})
     prompt_field: str = field(default="prompt", metadata={"nonempty": True})
     answer_field: str = field(default="answer", metadata={"nonempty": True})
     choices: list[str] | None = field(default=None, metadata={"unique": True})  # []: score by exact match
-    # A share or a count; None: 1000 for the default task, 0.2 for files.
+    # A share or a count; None: 1000 for built-in tasks, 0.2 otherwise.
     test_size: float | int | None = field(default=None, metadata={"check": check_test_size})
+    # Likewise; None: 500 for built-in tasks, 0.1 otherwise.
+    validation_size: float | int | None = field(default=None, metadata={"check": check_test_size})
+    split_seed: int = field(default=0, metadata=SEED)
+    # hf: sources: the one split to read (then cut three ways); None: all its splits.
+    split: str | None = field(default=None, metadata={"nonempty": True})
+    # str.format over the record's columns, e.g. "Review: {text}\nPositive?".
+    prompt_template: str | None = field(default=None, metadata={"nonempty": True})
+    answer_map: dict[str, str] | None = None  # answer column value -> answer text, e.g. {0: negative, 1: positive}
+
+    def check(self) -> None:
+        super().check()
+        # YAML gives int keys, run.json string keys: one form, so both describe the same run.
+        if self.answer_map is not None:
+            if not self.answer_map:
+                raise EmlocError(
+                    f"task.answer_map={self.answer_map!r} must be a mapping of label value -> answer text. "
+                    "Give one, e.g. {0: negative, 1: positive}, or remove it."
+                )
+            self.answer_map = {str(k): str(v) for k, v in self.answer_map.items()}
 
 
 @dataclass
 class CalibrationSpec(_Checked):
-    examples: int = field(default=64, metadata=AT_LEAST_1)
+    examples: int = field(default=64, metadata=AT_LEAST_1)  # training examples, drawn by the run's seed
+    # Validation examples: drift and correction errors are measured on them.
     heldout_examples: int = field(default=64, metadata=AT_LEAST_1)
     batch_size: int = field(default=8, metadata=AT_LEAST_1)
     max_length: int = field(default=256, metadata=AT_LEAST_1)
@@ -75,6 +132,11 @@ class EmulatorSpec(_Checked):
     plan: dict | str = field(default_factory=lambda: {"ratio": 0.8})  # RankPlan fields, or a plan file
     mode: str = field(default="whitened", metadata={"choices": ("whitened", "plain")})
     eps: float = field(default=1e-6, metadata=POSITIVE)
+    # Whiten with C + λ·diag(C): less trust in directions 64 examples barely see.
+    shrinkage: float = field(default=0.0, metadata={"min": 0})
+    # Calibrate and build one block at a time from the safetensors shards, never holding the whole original
+    # (emloc_nb.streaming): the calibrate and emulator stages then peak at about one block.
+    streaming: bool = False
 
 
 @dataclass
@@ -91,6 +153,8 @@ class LoraSpec(_Checked):
     # Layer-name suffixes, or a regex (peft's fullmatch); None: every block linear.
     targets: list[str] | str | None = field(default=None, metadata={"nonempty": True, "regex": True})
     rslora: bool = False
+    # "random" (peft's), or "eigen": A starts on the top-r eigenvectors of the input's C.
+    init: str = field(default="random", metadata={"choices": ("random", "eigen")})
 
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
@@ -104,10 +168,24 @@ class TrainSpec(_Checked):
     warmup_steps: int = field(default=10, metadata={"min": 0})
     weight_decay: float = field(default=0.0, metadata={"min": 0})
     max_length: int = field(default=256, metadata=AT_LEAST_1)
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
     # Steps; 0: a checkpoint only when stop_after ends a call early.
     checkpoint_every: int = field(default=50, metadata={"min": 0})
+    # Memory levers (bench/results/memory_levers.md measures each):
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
+    micro_batch_size: int | None = field(
+        default=None, metadata=AT_LEAST_1
+    )  # examples per forward/backward, gradients accumulated; None: the whole batch
+    # "bfloat16": frozen weights in bf16, LoRA weights in fp32; None: the run's dtype.
+    frozen_dtype: str | None = field(default=None, metadata={"check": check_dtype})
+
+    def check(self) -> None:
+        super().check()
+        micro = self.micro_batch_size
+        if micro is not None and not (1 <= micro <= self.batch_size and self.batch_size % micro == 0):
+            raise EmlocError(
+                f"train.micro_batch_size={micro} must divide train.batch_size={self.batch_size} "
+                "(e.g. 1, 2 or 4 for a batch of 8), or be null for no micro-batching."
+            )
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to a tenth of `lr` (step counts from 0)."""
@@ -118,8 +196,27 @@ class TrainSpec(_Checked):
 
 
 @dataclass
+class CorrectionSpec(_Checked):
+    """How the LoRA trained on the emulator becomes an adapter for the original.
+
+    `clamp` is the paper's L (0: the naive transfer, inf: no clamp). `kappa="lstsq"`
+    replaces the clamp by the per-column factors that minimise the held-out error
+    against the fine-tuned emulator. `prior` adds the prior correction: a rank-1 LoRA
+    on the output layer that gives the original + corrected LoRA the fine-tuned
+    emulator's mean answer distribution on the (unlabelled) calibration prompts.
+    """
+
+    clamp: float = field(default=3.0, metadata=CLAMP)
+    # "clamp" (the paper's κ = min(1, L·mean|B'|/mean|D|)) or "lstsq".
+    kappa: str = field(default="clamp", metadata={"choices": ("clamp", "lstsq")})
+    prior: bool = True
+
+
+@dataclass
 class EvalSpec(_Checked):
-    limit: int | None = field(default=300, metadata=AT_LEAST_1)  # None: the whole test split
+    # "validation" while choosing settings; "test" only for the final table.
+    split: str = field(default="test", metadata={"choices": ("validation", "test")})
+    limit: int | None = field(default=300, metadata=AT_LEAST_1)  # None: the whole split
     batch_size: int = field(default=16, metadata=AT_LEAST_1)
 
 
@@ -129,6 +226,7 @@ SECTIONS = {
     "emulator": EmulatorSpec,
     "lora": LoraSpec,
     "train": TrainSpec,
+    "correction": CorrectionSpec,
     "evaluation": EvalSpec,
 }
 SECTION_NAMES = {cls: name for name, cls in SECTIONS.items()}
@@ -161,6 +259,8 @@ _TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", 
 
 
 def _describe(hint) -> str:
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
     if typing.get_origin(hint) is list:
         return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ')}s"
     return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
@@ -250,16 +350,23 @@ class RunConfig:
     only ever the caller's choice (`Run(..., trust_remote_code=True)`, `--trust-remote-code`).
     """
 
+    # Or a checkpoint directory, a .gguf file, or a Hub id (org/name).
     model: str = field(default="smollm2-135m-instruct", metadata={"nonempty": True})
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    # The LoRA's initialisation, the order of the training data and the calibration subset.
+    seed: int = field(default=0, metadata=SEED)
+    # Where every stage runs: "cpu", "cuda", "cuda:N", or "auto" (cuda when there is one).
+    device: str = field(default="cpu", metadata={"check": check_device_name})
+    # The dtype every stage loads the models in: "float32" or "bfloat16".
+    dtype: str = field(default="float32", metadata={"check": check_dtype})
     baseline: bool = True  # also fine-tune the original model (the upper bound EMLoC avoids paying for)
-    clamp: float = field(default=3.0, metadata=CLAMP)  # the correction's L
     task: TaskSpec = field(default_factory=TaskSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     emulator: EmulatorSpec = field(default_factory=EmulatorSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
-    # The README's main job must finish in about 15 minutes on 2 CPU cores: fewer, larger steps than TrainSpec().
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=60, lr=5e-4, checkpoint_every=20))
+    # The README's main job must finish in about 15 minutes on 2 CPU cores: fewer steps than TrainSpec(), at a
+    # higher rate (chosen on validation: docs/findings.md).
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=60, lr=2e-3, checkpoint_every=20))
+    correction: CorrectionSpec = field(default_factory=CorrectionSpec)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self):
@@ -275,7 +382,7 @@ class RunConfig:
                 raise EmlocError(
                     f"{name} must be a {cls.__name__}, not {_kind(section)}. Build it with {cls.__name__}(...)."
                 )
-            check_fields(section, name)
+            section.check()
         hints = typing.get_type_hints(RunConfig)
         for f in fields(self):
             if f.name not in SECTIONS:
@@ -351,6 +458,50 @@ class RunConfig:
             # A plan file named in a config is relative to the config.
             d["emulator"] = {**d["emulator"], "plan": str(path.parent / Path(d["emulator"]["plan"]).expanduser())}
         return cls.from_dict(d)
+
+
+def settings_names() -> list[str]:
+    """Every `--set` key: top-level settings and `section.key`."""
+    top = [f.name for f in fields(RunConfig) if f.name not in SECTIONS]
+    return top + [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in fields(cls)]
+
+
+def parse_setting(text: str, *, flag: str = "--set") -> tuple[str, object]:
+    """`key=value` (`--set section.key=value`) as (key, value), the value read as YAML (`true`, `.inf`, `{0: no}`)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not all(key.strip().split(".")):
+        raise EmlocError(f"{flag} {text!r}: write KEY=VALUE, e.g. --set train.steps=100.")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise EmlocError(
+            f"{flag} {text!r}: the value is not valid YAML ({str(e).splitlines()[0]}). Quote it."
+        ) from None
+
+
+def with_settings(config: RunConfig, settings: list[tuple[str, object]]) -> RunConfig:
+    """A copy of `config` with (key, value) settings applied, keys as `settings_names()` lists them.
+
+    A mapping-valued setting takes a nested key too (`emulator.plan.ratio`). Unknown keys are refused.
+    """
+    d = config.to_dict()
+    known = settings_names()
+    for key, value in settings:
+        path = key.split(".")
+        name = ".".join(path[:2])
+        if name not in known:
+            raise EmlocError(f"Unknown setting {key!r}. Fix the name; known: {', '.join(known)}.")
+        if len(path) == 1:
+            d[name] = value
+        elif len(path) == 2:
+            d[path[0]][path[1]] = value
+        elif len(path) == 3 and isinstance(d[path[0]][path[1]], dict):  # e.g. emulator.plan.ratio
+            d[path[0]][path[1]][path[2]] = value
+        else:
+            raise EmlocError(f"Setting {key!r}: {name} takes no nested key {'.'.join(path[2:])!r}. Set {name} itself.")
+    return RunConfig.from_dict(d)
 
 
 def small_settings(config: RunConfig) -> RunConfig:

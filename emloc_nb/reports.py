@@ -22,12 +22,15 @@ from typing import TYPE_CHECKING, ClassVar
 
 from .artifacts import (
     FORMAT_VERSION,
+    MANIFEST,
     atomic_dir,
     read_grouped,
     read_json_object,
     verify_manifest,
+    verify_side_manifest,
     write_grouped,
     write_json,
+    write_side_manifest,
 )
 from .errors import EmlocError
 
@@ -71,19 +74,51 @@ class Report:
             model_fingerprint=self._model_fingerprint(),
             config=self._config(),
         ) as tmp:
-            tensors = self._tensors()
-            if tensors:
-                write_grouped(tmp / f"{self.kind}.safetensors", tensors)
-            write_json(
-                tmp / f"{self.kind}.json", {"format_version": FORMAT_VERSION, "kind": self.kind, **self._metadata()}
-            )
+            self._write_files(tmp)
         return Path(path)
+
+    def save_into(self, directory: str | Path) -> Path:
+        """Write the report's files into an existing directory that holds other things too, each file atomically.
+
+        For a report that lives beside the artifacts it sums up (an ablation's runs); `load(directory)` reads it.
+        Its own manifest, <kind>.manifest.json, lists the report's files only (written last).
+        """
+        directory = Path(directory)
+        files = self._write_files(directory)
+        write_side_manifest(
+            directory,
+            self.side_manifest(),
+            kind=self.kind,
+            files=files,
+            model_fingerprint=self._model_fingerprint(),
+            config=self._config(),
+        )
+        return directory
+
+    @classmethod
+    def side_manifest(cls) -> str:
+        """The manifest's name for a report saved with `save_into`."""
+        return f"{cls.kind}.manifest.json"
+
+    def _write_files(self, directory: Path) -> list[str]:
+        tensors = self._tensors()
+        written = []
+        if tensors:
+            write_grouped(directory / f"{self.kind}.safetensors", tensors)
+            written.append(f"{self.kind}.safetensors")
+        write_json(
+            directory / f"{self.kind}.json", {"format_version": FORMAT_VERSION, "kind": self.kind, **self._metadata()}
+        )
+        return [*written, f"{self.kind}.json"]
 
     @classmethod
     def load(cls, path: str | Path):
         """The report saved at `path`, after checking every file against its manifest."""
         path = Path(path)
-        verify_manifest(path, kind=cls.kind)
+        if (path / cls.side_manifest()).is_file() and not (path / MANIFEST).is_file():
+            verify_side_manifest(path, cls.side_manifest(), kind=cls.kind)  # written by save_into
+        else:
+            verify_manifest(path, kind=cls.kind)
         meta = read_json_object(path / f"{cls.kind}.json", {"kind": str})
         if meta["kind"] != cls.kind:
             raise EmlocError(

@@ -27,10 +27,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from .artifacts import discard, is_leftover, read_json, read_json_object, run_lock, write_json
+from .artifacts import atomic_dir, discard, is_leftover, read_json, read_json_object, run_lock, write_json
 from .config import RunConfig, is_small, small_settings
 from .errors import EmlocError
 
@@ -54,6 +55,8 @@ LAYOUT: dict[str, str] = {
     "report": "report.html",  # the static HTML report (emloc report)
     "scratch": "scratch/{}",
 }
+# What decides an artifact, by config key: two runs that agree on these may share it (Run.copy_from).
+SHARED_BY = {"calibration": ("model", "seed", "task", "calibration")}
 TARGETS = ("emulator", "original")  # the models a LoRA is trained on
 ADAPTERS = {"emulator": "adapter:emulator", "original": "adapter:original", "corrected": "corrected_adapter"}
 _KEY = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*$")  # a key names one entry: no separators, no "..", not hidden
@@ -71,27 +74,24 @@ def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:
 
 
 def task_of(config: RunConfig):
-    """The run's Task, read from its `task` settings."""
+    """The run's Task, read from its `task` settings (split by `task.split_seed`, not the run's seed)."""
+    from dataclasses import asdict
+
     from .data import load_task
 
-    t = config.task
-    return load_task(
-        t.source,
-        prompt_field=t.prompt_field,
-        answer_field=t.answer_field,
-        choices=t.choices,
-        test_size=t.test_size,
-        seed=config.seed,
-    )
+    spec = asdict(config.task)
+    spec["seed"] = spec.pop("split_seed")
+    return load_task(**spec)
 
 
 def _inputs(config: RunConfig) -> list[Path]:
-    """The files a run reads that the user owns: a local model and a data file."""
-    from .data import MOVIE_SENTIMENT
+    """The files a run reads that the user owns: a local model and a data file or folder (not Hub ids)."""
+    from .data import BUILT_IN, HF_PREFIX
     from .models import DEFAULT_MODEL
 
-    named = [(config.model, DEFAULT_MODEL), (config.task.source, MOVIE_SENTIMENT)]
-    return [Path(value).expanduser() for value, builtin in named if value != builtin]
+    named = [config.model] if config.model != DEFAULT_MODEL else []
+    named += [config.task.source.removeprefix(HF_PREFIX)] if config.task.source not in BUILT_IN else []
+    return [p for p in (Path(v).expanduser() for v in named) if p.exists()]
 
 
 def _inside(path: Path, directory: Path) -> bool:
@@ -256,33 +256,103 @@ class Run:
         """Whether `artifact` has been written (artifacts are written atomically: complete when present)."""
         return self.path(artifact).exists()
 
+    def copy_from(self, other: Run, artifact: str) -> None:
+        """Take `other`'s `artifact` (a calibration, say) instead of computing the same thing again.
+
+        Allowed only where what decides that artifact is the same in both configs; see SHARED_BY.
+        """
+        name = artifact.partition(":")[0]
+        keys = SHARED_BY.get(name)
+        if keys is None:
+            raise EmlocError(f"Run artifact {name!r} cannot be shared between runs. Shareable: {', '.join(SHARED_BY)}.")
+        mine, theirs = self.config.to_dict(), other.config.to_dict()
+        differ = [k for k in keys if mine[k] != theirs[k]]
+        if differ:
+            raise EmlocError(
+                f"{other} differs from {self} in {', '.join(differ)}, so its {artifact} is not this run's."
+            )
+        if not other.has(artifact):
+            raise EmlocError(f"{other} has no {artifact} yet. Compute it there first.")
+        other.verify(artifact)  # written by its own stage, every file as its manifest says
+        with self.writing(), atomic_dir(self.path(artifact), overwrite=True) as tmp:
+            # The manifest comes along: its provenance names the same step, settings and (no) inputs as this run's.
+            shutil.copytree(other.path(artifact), tmp, dirs_exist_ok=True)
+
+    def discard(self, artifact: str) -> None:
+        """Remove an artifact that a settings change made stale (`emloc_nb.stages.reconfigure`), in one step."""
+        with self.writing():
+            discard(self.path(artifact))
+
+    def update_config(self, config: RunConfig) -> None:
+        """Replace run.json; only `emloc_nb.stages.reconfigure` calls it, after dropping the stale results."""
+        if not isinstance(config, RunConfig):
+            raise EmlocError(f"config must be a RunConfig, not {type(config).__name__}. Build it with RunConfig(...).")
+        config.validate()
+        check_config(config, trust_remote_code=self.trust_remote_code)
+        with self.writing():
+            write_json(self.path("config"), config.to_dict())
+            self.config = config
+        self._cache.clear()
+
     def scratch(self, name: str) -> Path:
         """A path for files a notebook writes beside the run (a saved plan, an extra adapter)."""
         return self.path(f"scratch:{name}")
 
     # -- models and data (cached per process)
-    def original(self):
-        """(model, tokenizer) of the original model."""
-        if "original" not in self._cache:
+    def original(self, dtype: str | None = None):
+        """(model, tokenizer) of the original model, on the run's device, in its dtype (or `dtype`)."""
+        dtype = dtype or self.config.dtype
+        key = f"original:{dtype}"
+        if key not in self._cache:
             from .models import load_model
 
-            self._cache["original"] = load_model(self.config.model, trust_remote_code=self.trust_remote_code)
-        return self._cache["original"]
+            self._cache[key] = load_model(
+                self.config.model,
+                dtype=dtype,
+                device=self.config.device,
+                trust_remote_code=self.trust_remote_code,
+            )
+        return self._cache[key]
+
+    def tokenizer(self):
+        """The original model's tokenizer, without loading its weights."""
+        if "tokenizer" not in self._cache:
+            from .models import load_tokenizer
+
+            self._cache["tokenizer"] = load_tokenizer(self.config.model, trust_remote_code=self.trust_remote_code)
+        return self._cache["tokenizer"]
+
+    def use_original(self, model, tokenizer) -> None:
+        """Share an original this process already loaded from `config.model`, instead of loading another copy.
+
+        Several runs of one model in one process (an ablation's) then hold it once; artifacts are
+        still checked against it by fingerprint wherever they are loaded with it.
+        """
+        self._cache[f"original:{self.config.dtype}"] = (model, tokenizer)
+        self._cache["tokenizer"] = tokenizer
 
     def task(self):
         if "task" not in self._cache:
             self._cache["task"] = task_of(self.config)
         return self._cache["task"]
 
+    def calibration_examples(self, split: str):
+        """The examples calibration sees: "train" ones drawn by the run's seed, or the first "validation" ones."""
+        c, task = self.config.calibration, self.task()
+        if split == "train":
+            data = task.train.shuffle(seed=self.config.seed)
+            return data.select(range(min(c.examples, len(data))))
+        if split == "validation":
+            return task.validation.select(range(min(c.heldout_examples, len(task.validation))))
+        raise EmlocError(f"Calibration examples come from 'train' or 'validation', not {split!r}.")
+
     def batches(self, split: str) -> list[dict]:
-        """Calibration batches of the task's "train" or "test" split."""
+        """Padded batches of `calibration_examples(split)`."""
         from .data import batches
 
         c = self.config.calibration
-        n = c.examples if split == "train" else c.heldout_examples
-        return batches(
-            self.original()[1], getattr(self.task(), split), batch_size=c.batch_size, limit=n, max_length=c.max_length
-        )
+        examples = self.calibration_examples(split)
+        return batches(self.tokenizer(), examples, batch_size=c.batch_size, max_length=c.max_length)
 
     # -- a loader per artifact
     def calibration(self, split: str = "train"):
@@ -293,11 +363,19 @@ class Run:
             raise EmlocError(f"Calibration split {split!r}: use 'train' or 'heldout'.")
         return CalibrationStats.load(self.checked(f"calibration:{split}"))
 
-    def emulator(self, *, with_original: bool = False):
-        """The Emulator; `with_original=True` checks it against the original model (which it loads)."""
+    def emulator(self, *, with_original: bool = False, dtype: str | None = None):
+        """The Emulator on the run's device, in its dtype (or `dtype`).
+
+        `with_original=True` checks it against the original model (which it loads).
+        """
         from .emulator import Emulator
 
-        return Emulator.load(self.checked("emulator"), original=self.original()[0] if with_original else None)
+        return Emulator.load(
+            self.checked("emulator"),
+            original=self.original()[0] if with_original else None,
+            dtype=dtype or self.config.dtype,
+            device=self.config.device,
+        )
 
     def emulator_tokenizer(self):
         from transformers import AutoTokenizer

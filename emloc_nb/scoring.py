@@ -86,6 +86,31 @@ def choice_logprobs(
 
 
 @torch.no_grad()
+def answer_states(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], *, batch_size: int = 16
+) -> torch.Tensor:
+    """The output layer's input where each prompt's answer starts (N, d), in float32 on the CPU.
+
+    The output layer is linear, so these states give the first answer token's logits
+    under any change to that layer alone: what the prior correction fits.
+    """
+    captured: list[torch.Tensor] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: captured.append(args[0][:, -1].detach().float().cpu())
+    )
+    collate = collator_for(tokenizer)
+    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            batch = on_device(model, collate([{"input_ids": encode_example(tokenizer, m)["input_ids"]} for m in chunk]))
+            model(**model_inputs(model, batch), use_cache=False, **extra)
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+@torch.no_grad()
 def generate(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict]], max_new_tokens: int
 ) -> list[str]:

@@ -52,7 +52,9 @@ class Stage:
     writes: tuple[str, ...]  # run artifacts it writes: the stage is done when they all exist
     model: str | None  # the model its function loads (base_model): "original" or "emulator"; evaluate: per setting
     doc: str
-    settings: tuple[str, ...] = ()  # the RunConfig fields its output depends on (recorded in its manifests)
+    # The config keys (top level or section) its result depends on directly: recorded in its manifests, and a
+    # change of one makes it stale (reconfigure).
+    settings: tuple[str, ...] = ()
     enabled: Callable[[RunConfig], bool] = lambda config: True  # a disabled stage counts as done
     parts: Callable[[RunConfig], list[str]] | None = None  # run one process each (evaluate: one per setting)
     part_writes: str = ""  # the artifact each part writes, "{}" standing for the part
@@ -76,6 +78,11 @@ class Stage:
 
     def inputs(self, part: str | None) -> tuple[str, ...]:
         return self.part_reads(part) if part and self.part_reads else self.reads
+
+    def outputs(self, config: RunConfig) -> list[str]:
+        """Every artifact it writes, its parts' included."""
+        parts = self.parts(config) if self.parts else []
+        return [*self.writes, *(self.part_writes.format(p) for p in parts)]
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -133,24 +140,44 @@ def recording(run: Run, stage: Stage, part: str | None) -> Iterator[None]:
         provenance.reset(token)
 
 
-def base_model(run: Run, which: str):
-    """(model, tokenizer) of the "original" or the "emulator": the one place that picks them."""
+def base_model(run: Run, which: str, dtype: str | None = None):
+    """(model, tokenizer) of the "original" or the "emulator": the one place that picks them.
+
+    On the run's device, in its dtype or in `dtype` (fine-tuning with bf16 frozen weights).
+    """
     if which == "original":
-        return run.original()
+        return run.original(dtype)
     if which == "emulator":
-        return run.emulator().model, run.emulator_tokenizer()
+        return run.emulator(dtype=dtype).model, run.emulator_tokenizer()
     raise EmlocError(f"Unknown base model {which!r}: use 'original' or 'emulator'.")
 
 
 # ----------------------------------------------------------------------------- the stage functions
 
 
+def _streamed(run: Run, progress: bool, **what):
+    """emloc_nb.streaming.stream on the run's model, device and dtype (emulator.streaming: true)."""
+    from .streaming import stream
+
+    c = run.config
+    return stream(
+        c.model, dtype=c.dtype, device=c.device, trust_remote_code=run.trust_remote_code, progress=progress, **what
+    )
+
+
 def _calibrate(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .calibration import collect_stats
     from .memory import weights_mb
 
+    if run.config.emulator.streaming:  # both sets in one pass over the blocks; the whole original is never loaded
+        sets = _streamed(
+            run, progress, batch_sets={"train": run.batches("train"), "heldout": run.batches("validation")}
+        )
+        for split, stats in sets.items():
+            stats.save(run.path(f"calibration:{split}"), overwrite=True)
+        return {}
     model, _ = base_model(run, stage.model)
-    for stats, examples in (("train", "train"), ("heldout", "test")):
+    for stats, examples in (("train", "train"), ("heldout", "validation")):
         collect_stats(model, run.batches(examples), progress=progress).save(
             run.path(f"calibration:{stats}"), overwrite=True
         )
@@ -161,10 +188,29 @@ def _emulator(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .emulator import build_emulator
     from .memory import weights_mb
 
-    model, tokenizer = base_model(run, stage.model)
     e = run.config.emulator
+    if e.streaming:
+        _streamed(
+            run,
+            progress,
+            stats=run.calibration("train"),
+            output=run.path("emulator"),
+            plan=run.config.rank_plan(),
+            mode=e.mode,
+            eps=e.eps,
+            shrinkage=e.shrinkage,
+            overwrite=True,
+        )
+        return {}
+    model, tokenizer = base_model(run, stage.model)
     emulator = build_emulator(
-        model, run.calibration("train"), run.config.rank_plan(), mode=e.mode, eps=e.eps, progress=progress
+        model,
+        run.calibration("train"),
+        run.config.rank_plan(),
+        mode=e.mode,
+        eps=e.eps,
+        shrinkage=e.shrinkage,
+        progress=progress,
     )
     emulator.save(run.path("emulator"), tokenizer=tokenizer, overwrite=True)
     return {"weights_mb": weights_mb(emulator.model)}
@@ -177,7 +223,7 @@ def _drift(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     report = drift(
         model,
         run.emulator(with_original=True),
-        run.batches("test"),
+        run.batches("validation"),
         heldout=run.calibration("heldout"),
         tokenizer=tokenizer,
         progress=progress,
@@ -186,11 +232,16 @@ def _drift(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     return {}
 
 
+def _init_stats(run: Run):
+    """The calibration statistics a data-aligned LoRA starts from (lora.init="eigen"), else None."""
+    return run.calibration("train") if run.config.lora.init == "eigen" else None
+
+
 def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .memory import weights_mb
     from .training import finetune
 
-    model, tokenizer = base_model(run, stage.model)
+    model, tokenizer = base_model(run, stage.model, run.config.train.frozen_dtype)
     result = finetune(
         model,
         tokenizer,
@@ -198,6 +249,8 @@ def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
         run.path(f"finetune:{stage.model}"),
         lora=run.config.lora,
         config=run.config.train,
+        seed=run.config.seed,
+        stats=_init_stats(run),
         progress=progress,
     )
     return {"weights_mb": weights_mb(model), "final_loss": result.history[-1]["loss"]}
@@ -206,15 +259,22 @@ def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
 def _correct(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
     from .correction import correct_lora
 
-    model, _ = base_model(run, stage.model)
+    model, tokenizer = base_model(run, stage.model)
+    c = run.config.correction
+    prompts = list(run.calibration_examples("train")["messages"]) if c.prior else None
     report = correct_lora(
         model,
         run.emulator(with_original=True),
         run.adapter_dir("emulator"),
         run.path("corrected_adapter"),
-        clamp=run.config.clamp,
+        clamp=c.clamp,
+        kappa=c.kappa,
         heldout=run.calibration("heldout"),
+        calibration=run.calibration("train"),
+        prior_prompts=prompts,
+        tokenizer=tokenizer,
         overwrite=True,
+        progress=progress,
     )
     report.save(run.path("correction"), overwrite=True)
     return {}
@@ -261,7 +321,9 @@ def _evaluate(run: Run, stage: Stage, setting: str | None, progress: bool) -> di
         model = load_adapter(model, run.adapter_dir(s.adapter), check_base=s.check_base)
     ev = run.config.evaluation
     try:
-        result = evaluate(model, tokenizer, run.task(), limit=ev.limit, batch_size=ev.batch_size, progress=progress)
+        result = evaluate(
+            model, tokenizer, run.task(), split=ev.split, limit=ev.limit, batch_size=ev.batch_size, progress=progress
+        )
         record = {"weights_mb": weights_mb(model)}
     finally:
         if isinstance(model, PeftModel):  # in-process runs share the loaded models across stages
@@ -281,9 +343,7 @@ def write_results(run: Run) -> None:
             {
                 "setting": setting,
                 "description": s.description,
-                "accuracy": ev.accuracy,
-                "answer_loss": ev.answer_loss,
-                "examples": ev.examples,
+                **ev.summary(),
                 "eval_peak_mb": records.get(record_name(f"evaluate:{setting}"), {}).get("peak_rss_mb"),
                 "train_peak_mb": train.get("peak_rss_mb"),
                 "train_weights_mb": train.get("weights_mb"),
@@ -295,16 +355,28 @@ def write_results(run: Run) -> None:
 
 
 def results_markdown(rows: list[dict]) -> str:
+    """The results table; for a choice task also the bias-free views (AUC, balanced accuracy, predictions)."""
+
     def fmt(v, spec):
         return "–" if v is None else format(v, spec)
 
+    def predicted(counts):
+        return "–" if not counts else " / ".join(str(n) for n in counts.values())
+
+    choice_task = any(r.get("auc") is not None for r in rows)
+    extra = " AUC | balanced accuracy | predicted " + " / ".join(rows[0]["predicted"]) + " |" if choice_task else ""
     lines = [
-        "| setting | accuracy | answer loss | examples | fine-tuning peak (MB) | eval peak (MB) |",
-        "|---|---|---|---|---|---|",
+        "| setting | accuracy | answer loss |" + extra + " examples | fine-tuning peak (MB) | eval peak (MB) |",
+        "|---|---|---|" + ("---|---|---|" if choice_task else "") + "---|---|---|",
     ]
     for r in rows:
+        views = (
+            f" {fmt(r['auc'], '.3f')} | {fmt(r['balanced_accuracy'], '.3f')} | {predicted(r['predicted'])} |"
+            if choice_task
+            else ""
+        )
         lines.append(
-            f"| {r['description']} | {r['accuracy']:.3f} | {r['answer_loss']:.3f} | {r['examples']} | "
+            f"| {r['description']} | {r['accuracy']:.3f} | {r['answer_loss']:.3f} |{views} {r['examples']} | "
             f"{fmt(r['train_peak_mb'], '.0f')} | {fmt(r['eval_peak_mb'], '.0f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -344,30 +416,30 @@ STAGES: dict[str, Stage] = {
         Stage(
             "finetune_emulator",
             _finetune,
-            reads=("emulator",),
+            reads=("emulator", "calibration:train"),
             writes=("adapter:emulator",),
             model="emulator",
-            settings=("seed", "task", "lora", "train"),
+            settings=("model", "seed", "task", "lora", "train"),
             doc="LoRA fine-tuning on the emulator",
         ),
         Stage(
             "finetune_original",
             _finetune,
-            reads=(),
+            reads=("calibration:train",),  # for a data-aligned LoRA (lora.init="eigen")
             writes=("adapter:original",),
             model="original",
-            settings=("model", "seed", "task", "lora", "train"),
+            settings=("model", "seed", "task", "baseline", "lora", "train"),
             doc="LoRA fine-tuning on the original: the upper bound EMLoC avoids paying for",
             enabled=lambda config: config.baseline,
         ),
         Stage(
             "correct",
             _correct,
-            reads=("emulator", "adapter:emulator", "calibration:heldout"),
+            reads=("emulator", "adapter:emulator", "calibration:train", "calibration:heldout"),
             writes=("corrected_adapter", "correction"),
             model="original",
-            settings=("clamp",),
-            doc="the emulator's LoRA corrected for the original model (Algorithm 1)",
+            doc="the emulator's LoRA corrected for the original model (Algorithm 1, then the prior correction)",
+            settings=("correction",),
         ),
         Stage(
             "evaluate",
@@ -376,7 +448,7 @@ STAGES: dict[str, Stage] = {
             writes=("results",),
             model=None,
             doc="task accuracy of every setting, and the results table",
-            settings=("model", "seed", "task", "evaluation"),
+            settings=("model", "seed", "task", "baseline", "evaluation"),
             parts=settings,
             part_writes="evaluation:{}",
             part_reads=lambda setting: setting_reads(SETTINGS[setting]),
@@ -384,6 +456,44 @@ STAGES: dict[str, Stage] = {
         ),
     ]
 }
+
+
+def stale_stages(changed: set[str]) -> list[str]:
+    """The stages whose results a change of these config keys invalidates, and every stage that reads theirs."""
+    stale: list[str] = []
+    for stage in STAGES.values():  # registry order: readers come after writers
+        upstream = {a for name in stale for a in STAGES[name].writes}
+        if set(stage.settings) & changed or set(stage.reads) & upstream:
+            stale.append(stage.name)
+    return stale
+
+
+def reconfigure(run: Run, changes: list[tuple[str, object]], *, command_stage: str) -> list[str]:
+    """Change an existing run's settings (`--set`) and drop the results they make stale; returns those stages.
+
+    Only `command_stage` and later stages may go stale: `emloc correct --clamp 10` redoes the correction and
+    the evaluation, but a change that reaches back to an earlier stage needs `emloc run --overwrite`.
+    """
+    from .config import with_settings
+
+    config = with_settings(run.config, changes)
+    old, new = run.config.to_dict(), config.to_dict()
+    changed = {k for k in new if new[k] != old[k]}
+    if not changed:
+        return []
+    stale = stale_stages(changed)
+    order = list(STAGES)
+    early = [s for s in stale if order.index(s) < order.index(command_stage)]
+    if early:
+        raise EmlocError(
+            f"Changing {', '.join(sorted(changed))} makes the {', '.join(early)} stage(s) stale, which this command "
+            f"does not run. Start again with `emloc run CONFIG --run-dir {run.dir} --overwrite --set ...`."
+        )
+    for name in stale:
+        for artifact in STAGES[name].outputs(run.config):
+            run.discard(artifact)
+    run.update_config(config)
+    return stale
 
 
 def get(name: str) -> Stage:
@@ -485,24 +595,31 @@ def _run_step(run: Run, step: str, isolate: bool) -> None:
 
 def execute(run: Run, step: str, *, isolated: bool) -> None:
     """Run one step ("calibrate", "evaluate:original", ...) in this process and write its stage record."""
-    from .memory import peak_rss_mb, rss_mb
+    from .memory import PhaseMeter, return_freed_memory, rss_mb
 
+    return_freed_memory()
     name, _, part = step.partition(":")
     stage = get(name)
     if stage.parts is not None and part not in stage.parts(run.config):
         raise EmlocError(f"{step} is not a step of this run. Steps of {name}: {', '.join(stage.parts(run.config))}.")
-    progress = sys.stderr.isatty() or not isolated
+    progress = True  # a bar in a terminal or notebook, else a line every few seconds (emloc_nb.progress)
     baseline = rss_mb()
     started = time.time()
     with run.writing(), recording(run, stage, part or None):
-        record = stage.body(run, stage, part or None, progress)
+        with PhaseMeter() as meter:
+            record = stage.body(run, stage, part or None, progress)
         record.update(
             step=step,
             seconds=time.time() - started,
             isolated=isolated,
             baseline_rss_mb=baseline,
-            peak_rss_mb=peak_rss_mb() if isolated else None,
+            # In a shared process the peak includes what earlier stages left; each phase's peak is its own either way.
+            peak_rss_mb=meter.peak_rss_mb if isolated else None,
+            phases=meter.phases,
+            peak_method=meter.method,
         )
+        if meter.peak_cuda_mb is not None:
+            record["peak_cuda_mb"] = meter.peak_cuda_mb
         write_json(run.path(f"stage_record:{record_name(step)}"), record)
 
 
@@ -535,11 +652,14 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Child-process entry point: main([RUN_DIR, STEP, --trust-remote-code]) runs one step and records its memory."""
+    from . import progress
+
     _die_with_parent()
     args = list(sys.argv[1:] if argv is None else argv)
     trust_remote_code = "--trust-remote-code" in args
     run_dir, step = [a for a in args if a != "--trust-remote-code"][:2]
-    if not sys.stderr.isatty():
+    progress.stage = step
+    if not sys.stderr.isatty():  # datasets' own bars (tokenising) would print carriage returns into the pipe
         import datasets
 
         datasets.disable_progress_bars()
@@ -569,5 +689,7 @@ def finetune_with_trainer(run: Run, target: str = "emulator", **training_args) -
             run.path(f"finetune:{target}"),
             lora=run.config.lora,
             config=run.config.train,
+            seed=run.config.seed,
+            stats=_init_stats(run),
             **training_args,
         ).adapter_dir

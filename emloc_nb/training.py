@@ -8,16 +8,16 @@ Both write the same adapter (emloc_nb.lora) and history.json to an output direct
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from .artifacts import (
@@ -32,13 +32,17 @@ from .artifacts import (
     write_tensors,
 )
 from .config import LoraSpec, TrainSpec
-from .data import Task, collator_for, tokenize
+from .data import IGNORE_INDEX, Task, collator_for, tokenize
 from .errors import EmlocError
-from .lora import attach_lora, check_finite_lora, save_adapter
-from .models import fingerprint
+from .lora import attach_lora, check_finite_lora, initial_factors, save_adapter
+from .memory import phase
+from .models import fingerprint, model_dtype, torch_dtype
+from .progress import progress as progress_bar
 from .scoring import answer_nll
 
 Callback = Callable[[dict], None]  # receives {"step", "steps", "loss", "lr"} after every optimiser step
+# TrainSpec settings that change memory and time but not the trained weights (beyond float summation order).
+MEMORY_LEVERS = ("checkpoint_every", "gradient_checkpointing", "micro_batch_size")
 
 
 # ----------------------------------------------------------------------------- the built-in loop
@@ -129,12 +133,24 @@ def _restore(meta: dict, tensors: dict, peft_model: PeftModel, optimizer: torch.
         ) from None
 
 
-def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec) -> dict:
+def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec, seed: int) -> dict:
     """What decides the trained weights: an adapter or checkpoint is reused only for the same signature."""
-    train = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "gradient_checkpointing")}
-    return json.loads(
-        json.dumps({"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train})
-    )  # as read back
+    train = {k: v for k, v in asdict(config).items() if k not in MEMORY_LEVERS}
+    signature = {"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train, "seed": seed}
+    return json.loads(json.dumps(signature))  # as read back
+
+
+def _check_frozen_dtype(model: nn.Module, config: TrainSpec) -> None:
+    """A model loaded in another dtype than `frozen_dtype` asks for is refused: converting it here would copy it."""
+    if config.frozen_dtype is None:
+        return
+    wanted, actual = torch_dtype(config.frozen_dtype), model_dtype(model)
+    if actual != wanted:
+        raise EmlocError(
+            f"train.frozen_dtype={config.frozen_dtype!r}, but the model's weights are {actual}. Load it in that dtype "
+            f"(load_model(..., dtype={config.frozen_dtype!r}) or Emulator.load(..., dtype={config.frozen_dtype!r})), "
+            "or set frozen_dtype to null."
+        )
 
 
 def _check_same_run(recorded: dict | None, signature: dict, where: Path) -> None:
@@ -160,7 +176,7 @@ def _finished(output_dir: Path, signature: dict) -> TrainResult | None:
 
 
 def _write_adapter(
-    peft_model: PeftModel, output_dir: Path, history: list[dict], signature: dict, **info
+    peft_model: PeftModel, output_dir: Path, history: list[dict], signature: dict, initial: dict, **info
 ) -> TrainResult:
     if not history:
         raise EmlocError("No training step was taken, so there is no adapter to write. Set train.steps ≥ 1.")
@@ -170,6 +186,7 @@ def _write_adapter(
         output_dir / "adapter",
         base_fingerprint=signature["base_fingerprint"],
         info={"run": signature, "final_loss": history[-1]["loss"], **info},
+        initial=initial,
         overwrite=True,
     )
     return TrainResult(adapter_dir, history)
@@ -183,6 +200,41 @@ def _checkpoint_if_any(checkpoint_dir: Path, signature: dict) -> bool:
     return True
 
 
+def _step(
+    peft_model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    examples: list[dict],
+    collate,
+    config: TrainSpec,
+    lr: float,
+    step: int,
+) -> float:
+    """One optimiser step on `examples`, in micro-batches whose gradients add up; returns the batch's mean loss.
+
+    Each micro-batch's summed answer-token loss is divided by the whole batch's answer-token
+    count, so the gradients add up to those of the full batch's mean: the same update, up to
+    the order of float summation.
+    """
+    micro = config.micro_batch_size or len(examples)
+    chunks = [collate(examples[i : i + micro]) for i in range(0, len(examples), micro)]
+    tokens = sum(int((c["labels"] != IGNORE_INDEX).sum()) for c in chunks)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for chunk in chunks:
+        nll, mask = answer_nll(peft_model, chunk)
+        loss = nll[mask].sum() / tokens
+        if not torch.isfinite(loss):
+            raise EmlocError(
+                f"The loss became {float(loss)} at step {step}. Lower the learning rate (now {config.lr})."
+            )
+        loss.backward()
+        total += loss.item()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return total
+
+
 def finetune(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -191,11 +243,16 @@ def finetune(
     *,
     lora: LoraSpec | None = None,
     config: TrainSpec | None = None,
+    seed: int = 0,
+    stats=None,
     callbacks: Iterable[Callback] = (),
     stop_after: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train a LoRA on `model` (emulator or original) and write `output_dir/adapter`; `model` itself is left as it was.
+
+    `seed` decides the LoRA's initialisation and the order of the training data; `stats`
+    (the original's CalibrationStats) are needed for `lora.init="eigen"`.
 
     Checkpoints (safetensors: LoRA weights, AdamW moments, RNG state) go to
     `output_dir/checkpoint` every `config.checkpoint_every` steps; a later call with
@@ -204,9 +261,10 @@ def finetune(
     that many steps (to simulate an interruption, or to train in slices from a notebook).
     """
     lora, config = lora or LoraSpec(), config or TrainSpec()
+    _check_frozen_dtype(model, config)
     output_dir = Path(output_dir)
     adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / CHECKPOINT
-    signature = _signature(fingerprint(model), lora, config)
+    signature = _signature(fingerprint(model), lora, config, seed)
     if done := _finished(output_dir, signature):
         return done
     if len(task.train) == 0:
@@ -215,11 +273,12 @@ def finetune(
     resume = _checkpoint_if_any(checkpoint_dir, signature)
     encoded = tokenize(tokenizer, task.train, max_length=config.max_length)
     collate = collator_for(tokenizer)
-    order = _order(len(encoded), config.steps, config.batch_size, config.seed)
+    order = _order(len(encoded), config.steps, config.batch_size, seed)
     callbacks = list(callbacks)
 
-    torch.manual_seed(config.seed)
-    peft_model = attach_lora(model, lora)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(model, lora, stats=stats)
+    initial = initial_factors(peft_model)
     optimizer = torch.optim.AdamW(
         [p for p in peft_model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
@@ -232,23 +291,16 @@ def finetune(
             start, history = meta["step"], meta["history"]
         end = config.steps if stop_after is None else min(config.steps, start + stop_after)
         peft_model.train()
-        for step in tqdm(range(start, end), desc="finetune", initial=start, total=config.steps, disable=not progress):
+        steps = progress_bar(range(start, end), desc="finetune", initial=start, total=config.steps, enabled=progress)
+        for step in steps:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            nll, mask = answer_nll(peft_model, collate(encoded.select(idx).to_list()))
-            loss = nll[mask].mean()
-            if not torch.isfinite(loss):
-                raise EmlocError(
-                    f"The loss became {float(loss)} at step {step}. Lower the learning rate (now {config.lr})."
-                )
             lr = config.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            # The first step also allocates the optimiser state; the later ones are the steady state.
+            with phase("train_first_step" if step == start else "train_steps"):
+                loss = _step(peft_model, optimizer, encoded.select(idx).to_list(), collate, config, lr, step)
             check_finite_lora(peft_model, when=f"after step {step + 1}")
             fault("train-step")
-            event = {"step": step + 1, "steps": config.steps, "loss": loss.item(), "lr": lr}
+            event = {"step": step + 1, "steps": config.steps, "loss": loss, "lr": lr}
             history.append(event)
             for cb in callbacks:
                 cb(event)
@@ -261,7 +313,7 @@ def finetune(
         peft_model.eval()
         if len(history) < config.steps:  # stopped early: the checkpoint holds the progress
             return TrainResult(adapter_dir, history)
-        result = _write_adapter(peft_model, output_dir, history, signature, task=task.name)
+        result = _write_adapter(peft_model, output_dir, history, signature, initial, task=task.name)
     finally:
         if config.gradient_checkpointing:
             model.gradient_checkpointing_disable()
@@ -366,6 +418,8 @@ def hf_trainer(
     *,
     lora: LoraSpec | None = None,
     config: TrainSpec | None = None,
+    seed: int = 0,
+    stats=None,
     callbacks: Iterable[Callback] = (),
     checkpoint_dir: str | Path | None = None,
     **training_args,
@@ -379,14 +433,18 @@ def hf_trainer(
     from transformers import TrainingArguments
 
     lora, config = lora or LoraSpec(), config or TrainSpec()
-    signature = _signature(fingerprint(model), lora, config)
-    torch.manual_seed(config.seed)
-    peft_model = attach_lora(model, lora)
+    signature = _signature(fingerprint(model), lora, config, seed)
+    _check_frozen_dtype(model, config)
+    torch.manual_seed(seed)
+    peft_model = attach_lora(model, lora, stats=stats)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    micro = config.micro_batch_size or config.batch_size
     defaults = dict(
         output_dir=str(output_dir),
         max_steps=config.steps,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=config.batch_size // micro,
         learning_rate=config.lr,
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
@@ -397,13 +455,22 @@ def hf_trainer(
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps" if config.checkpoint_every else "no",
         save_steps=config.checkpoint_every or 500,
-        seed=config.seed,
+        seed=seed,
         report_to=[],
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        use_cpu=on_cpu,
+        ddp_backend="gloo" if distributed and on_cpu else None,
         disable_tqdm=True,
     )
+    known = {f.name for f in fields(TrainingArguments)}
+    for key in training_args:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=3)
+            raise EmlocError(
+                f"{key!r} is not a transformers TrainingArguments setting"
+                + (f" (did you mean {', '.join(near)}?)" if near else "")
+                + ". See the TrainingArguments reference for the names."
+            )
     args = TrainingArguments(**{**defaults, **training_args})
     train = tokenize(tokenizer, task.train, max_length=config.max_length)
     trainer = _trainer_class()(
@@ -433,6 +500,8 @@ def finetune_hf(
     *,
     lora: LoraSpec | None = None,
     config: TrainSpec | None = None,
+    seed: int = 0,
+    stats=None,
     callbacks: Iterable[Callback] = (),
     stop_after: int | None = None,
     **training_args,
@@ -444,7 +513,7 @@ def finetune_hf(
     """
     lora, config = lora or LoraSpec(), config or TrainSpec()
     output_dir = Path(output_dir)
-    signature = _signature(fingerprint(model), lora, config)
+    signature = _signature(fingerprint(model), lora, config, seed)
     if done := _finished(output_dir, signature):
         return done
     checkpoint_dir = output_dir / CHECKPOINT
@@ -456,23 +525,27 @@ def finetune_hf(
         output_dir / "trainer",
         lora=lora,
         config=config,
+        seed=seed,
+        stats=stats,
         callbacks=callbacks,
         checkpoint_dir=checkpoint_dir,
         **training_args,
     )
     if stop_after is not None:
         trainer.add_callback(_StopAfter(stop_after))
+    initial = initial_factors(trainer.model)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint_dir) if resume else None)
         history = _hf_history(trainer.state.log_history)
         result = TrainResult(output_dir / "adapter", history)
-        finished = trainer.state.global_step >= config.steps
+        finished = trainer.state.global_step >= trainer.state.max_steps  # a max_steps override counts
         if finished and trainer.is_world_process_zero():
             result = _write_adapter(
                 trainer.model,
                 output_dir,
                 history,
                 signature,
+                initial,
                 task=task.name,
                 trainer="hf",
                 world_size=trainer.args.world_size,

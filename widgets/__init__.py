@@ -14,8 +14,10 @@ from .planner import RankPlanner
 from .report import write_report
 from .spectra import SpectrumView
 from .training import TrainingMonitor
+from .transfer import AblationView, TransferView
 
 __all__ = [
+    "AblationView",
     "ActivationsView",
     "CorrectionView",
     "Dashboard",
@@ -24,5 +26,6 @@ __all__ = [
     "SpectrumView",
     "ToyCorrection",
     "TrainingMonitor",
+    "TransferView",
     "write_report",
 ]

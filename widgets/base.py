@@ -15,11 +15,19 @@ from .plots.common import trace
 
 
 class View:
-    """A plain object that displays as its `.widget` in Jupyter."""
+    """A plain object that displays as its `.widget` in Jupyter, or as static HTML for pages read without a kernel."""
 
     widget: W.Widget
 
+    def static_widget(self) -> W.Widget:
+        """What the static HTML shows (a view with parts built on demand builds them all here)."""
+        return self.widget
+
     def _repr_mimebundle_(self, **kwargs):
+        from .static import static_views, view_html
+
+        if static_views():
+            return {"text/html": view_html(self.static_widget()), "text/plain": f"<{type(self).__name__}>"}
         return self.widget._repr_mimebundle_(**kwargs)
 
 

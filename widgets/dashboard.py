@@ -18,24 +18,28 @@ from emloc_nb.run import Run
 
 from . import tables as T
 from .activations import ActivationsView
-from .base import View, note
+from .base import View, figure_widget, note
 from .correction import CorrectionView
 from .drift import DriftView
 from .planner import RankPlanner
+from .plots.memory import memory_phases_figure
 from .spectra import SpectrumView
 from .tables import MISSING, config_summary
 from .training import TrainingMonitor
+from .transfer import AblationView, TransferView
 
 
 class Dashboard(View):
-    """Tabs: results, spectra, rank plan, activations, drift, correction, training.
+    """Tabs: results, spectra, rank plan, activations, drift, correction, transfer, training, ablation.
 
     `view(title)` builds (once) and returns the view of a tab, or None when its
     artifacts are missing or it failed to build; `tabs` is the ipywidgets.Tab.
+    `ablation`: the directory of an `emloc ablate` run; the Ablation tab is shown only when it is given.
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, *, ablation: str | Path | None = None):
         self.run = Run(run_dir)
+        self.ablation = ablation
         self._builders: dict[str, Callable[[], View | W.Widget]] = {
             "Results": self._results,
             "Spectra": lambda: SpectrumView(self.run.spectra()),
@@ -43,30 +47,45 @@ class Dashboard(View):
             "Activations": lambda: ActivationsView(self.run.calibration()),
             "Drift": lambda: DriftView(self.run.drift(), self._results_rows()),
             "Correction": lambda: CorrectionView(self.run.correction()),
+            "Transfer": lambda: TransferView.of(self.run),
             "Training": self._training,
+            "Ablation": self._ablation,
         }
-        self._missing_hint = {  # the stage that writes what a tab shows
-            "Results": "evaluate",
-            "Spectra": "emulator",
-            "Rank plan": "emulator",
-            "Activations": "calibrate",
-            "Drift": "drift",
-            "Correction": "correct",
-            "Training": "finetune_emulator",
+        if ablation is None:  # a tab only where there is something to show
+            del self._builders["Ablation"]
+
+        def stage(name: str) -> str:
+            return f"Run the {name} stage (`emloc run`, or Run.run_stage({name!r})) and reopen the dashboard."
+
+        self._missing_hint = {  # what to do when a tab has nothing to show yet
+            "Results": stage("evaluate"),
+            "Spectra": stage("emulator"),
+            "Rank plan": stage("emulator"),
+            "Activations": stage("calibrate"),
+            "Drift": stage("drift"),
+            "Correction": stage("correct"),
+            "Transfer": stage("evaluate"),
+            "Training": stage("finetune_emulator"),
+            "Ablation": "Run `emloc ablate CONFIG --dir DIR` to fill the ablation directory.",
         }
         self.titles = list(self._builders)
         self._views: dict[str, View | W.Widget | None] = {}
         self.tabs = W.Tab(children=[W.VBox() for _ in self.titles], titles=self.titles)
         self.tabs.observe(lambda change: self._open(change["new"]), names="selected_index")
         self._open(0)
-        header = W.HTML(f"<h2>EMLoC run · {html.escape(str(self.run.dir))}</h2>")
+        # The folder's name only: a machine path means nothing to a reader of a screenshot or a shared page.
+        header = W.HTML(f"<h2>EMLoC run · {html.escape(self.run.dir.resolve().name)}</h2>")
         self.widget = W.VBox([header, self.tabs])
 
     def view(self, title: str):
-        """The view shown in tab `title` (built now if it was not yet), or None if its artifacts are missing or it "
-        "failed."""
+        """The view in tab `title` (built now if need be); None if its artifacts are missing or it failed."""
         self._open(self.titles.index(title))
         return self._views[title]
+
+    def static_widget(self) -> W.Widget:
+        for index in range(len(self.titles)):  # a page without a kernel shows every tab
+            self._open(index)
+        return self.widget
 
     def _open(self, index: int | None) -> None:
         if index is None:
@@ -79,11 +98,7 @@ class Dashboard(View):
             shown = view.widget if isinstance(view, View) else view
         except MISSING as e:
             view = None
-            stage = self._missing_hint[title]
-            shown = note(
-                f"Nothing to show yet: the {stage} stage has not written it in {self.run.dir} ({e}). "
-                f"Run that stage (e.g. `emloc run` or Run.run_stage({stage!r})) and reopen the dashboard."
-            )
+            shown = note(f"Nothing to show yet in {self.run.dir.name} ({e}). {self._missing_hint[title]}")
         except Exception as e:  # one broken tab must not take the dashboard down, nor go unnoticed
             view = None
             shown = note(f"{title} failed: {type(e).__name__}: {e}")
@@ -105,7 +120,12 @@ class Dashboard(View):
         records = self.run.stage_records()
         if records:
             parts.append(W.HTML("<h4>Stages</h4>" + T.stages_table(records)))
+            parts.append(figure_widget(memory_phases_figure(records)))
+            parts.append(W.HTML("<h4>Memory by phase</h4>" + T.phases_table(records)))
         return W.VBox(parts)
+
+    def _ablation(self) -> AblationView:
+        return AblationView.from_dir(self.ablation)
 
     def _training(self) -> W.Widget:
         monitors = [

@@ -24,8 +24,10 @@ from .plots.activations import activation_heatmap, channel_figure, eigen_figure,
 from .plots.common import clamp_label
 from .plots.correction import correction_error_figure, correction_norms_figure
 from .plots.drift import block_cosine_figure, layer_error_figure
+from .plots.memory import memory_phases_figure
 from .plots.spectra import energy_figure, kept_energy_figure, ranks_figure, spectrum_figure
 from .plots.training import loss_figure
+from .static import figure_html
 from .tables import config_summary
 from .tokens import token_kl_html
 
@@ -53,16 +55,7 @@ class _Page:
 
     def figure(self, fig_id: str, fig: go.Figure) -> None:
         fig_id = "fig-" + re.sub(r"[^A-Za-z0-9_-]+", "-", fig_id)
-        height = fig.layout.height or 450
-        self.parts.append(
-            fig.to_html(
-                full_html=False,
-                include_plotlyjs=False,
-                div_id=fig_id,
-                default_height=f"{height}px",
-                config={"displaylogo": False},
-            )
-        )
+        self.parts.append(figure_html(fig, div_id=fig_id))
         self.figure_ids.append(fig_id)
 
 
@@ -171,7 +164,7 @@ def write_report(run_dir: str | Path, output_path: str | Path | None = None) -> 
     output = Path(output_path) if output_path is not None else run.path("report")
     page = _Page()
     page.text(
-        f"<h1>EMLoC run report</h1><p>{html.escape(str(run.dir))} · written "
+        f"<h1>EMLoC run report</h1><p>{html.escape(run.dir.resolve().name)} · written "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>" + config_summary(run)
     )
     page.section("Results")
@@ -182,6 +175,8 @@ def write_report(run_dir: str | Path, output_path: str | Path | None = None) -> 
     records = run.stage_records()
     if records:
         page.text("<h3>Stages</h3>" + T.stages_table(records))
+        page.figure("memory-phases", memory_phases_figure(records))
+        page.text("<h3>Memory by phase</h3>" + T.phases_table(records))
     for section in (_spectra_section, _activations_section, _drift_section, _correction_section, _training_section):
         section(page, run)
     document = (

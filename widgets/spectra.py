@@ -162,7 +162,7 @@ class SpectrumView(View):
     def _update_summary(self) -> None:
         """The uniform-ρ markers and the title follow ρ, whichever slider moved it."""
         with self.summary.batch_update():
-            trace(self.summary, "uniform ρ").y = kept_energy_markers(self.spectra, self.ratio.value)
+            trace(self.summary, "uniform ρ").z = kept_energy_markers(self.spectra, self.ratio.value)
             self.summary.layout.title.text = kept_energy_title(self.ratio.value)
 
     def _update_rank(self) -> None:

@@ -59,10 +59,36 @@ RESULT_COLUMNS = [
     ("description", "setting", "text"),
     ("accuracy", "accuracy", ".3f"),
     ("answer_loss", "answer loss", ".3f"),
+    ("auc", "AUC", ".3f"),
+    ("balanced_accuracy", "balanced accuracy", ".3f"),
+    ("predicted", "predicted", lambda counts: "–" if not counts else ", ".join(f"{k} {n}" for k, n in counts.items())),
     ("examples", "examples", "d"),
     ("train_peak_mb", "fine-tuning peak (MB)", ".0f"),
     ("train_weights_mb", "weights while fine-tuning (MB)", ".1f"),
     ("eval_peak_mb", "eval peak (MB)", ".0f"),
+]
+
+
+SCORE_COLUMNS = [
+    ("setting", "setting", "text"),
+    ("accuracy", "accuracy", ".3f"),
+    ("auc", "AUC", ".3f"),
+    ("balanced_accuracy", "balanced accuracy", ".3f"),
+    ("mean_margin", "mean margin", "+.3f"),
+    ("predicted", "predicted", lambda counts: "–" if not counts else ", ".join(f"{k} {n}" for k, n in counts.items())),
+    ("examples", "examples", "d"),
+]
+
+ABLATION_COLUMNS = [
+    ("label", "method", "text"),
+    ("budget", "ρ", "g"),
+    ("seeds", "seeds", "d"),
+    ("accuracy", "accuracy", ".3f"),
+    ("accuracy_std", "± std", ".3f"),
+    ("auc", "AUC", ".3f"),
+    ("recovered", "recovered share", ".2f"),
+    ("diff", "Δ vs naive", "+.3f"),
+    ("p_mcnemar", "McNemar p", ".3g"),
 ]
 
 
@@ -83,6 +109,26 @@ def stages_table(records: dict[str, dict]) -> str:
             ("baseline_rss_mb", "process baseline (MB)", ".0f"),
             ("weights_mb", "weights (MB)", ".1f"),
             ("isolated", "own process", "text"),
+        ],
+    )
+
+
+def phases_table(records: dict[str, dict]) -> str:
+    """Peak memory and seconds of each phase of each stage (the `phases` of `Run.stage_records()`)."""
+    rows = [
+        {"stage": step, "phase": name, **phase}
+        for step, record in records.items()
+        for name, phase in record.get("phases", {}).items()
+    ]
+    return html_table(
+        rows,
+        [
+            ("stage", "stage", "text"),
+            ("phase", "phase", "text"),
+            ("peak_rss_mb", "peak RSS (MB)", ".0f"),
+            ("start_rss_mb", "RSS at start (MB)", ".0f"),
+            ("end_rss_mb", "RSS at end (MB)", ".0f"),
+            ("seconds", "seconds", ".1f"),
         ],
     )
 
@@ -110,6 +156,9 @@ def config_summary(run) -> str:
         ("emulator mode", c.emulator.mode),
         ("LoRA", f"r = {c.lora.r}, alpha = {c.lora.alpha}"),
         ("training", f"{c.train.steps} steps × {c.train.batch_size}"),
-        ("correction clamp L", f"{c.clamp:g}"),
+        ("correction", f"L = {c.correction.clamp:g}, κ: {c.correction.kappa}, prior: {c.correction.prior}"),
+        ("seed", c.seed),
     ]
-    return html_table([{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", str(run.dir), "text")])
+    return html_table(
+        [{"k": k, "v": v} for k, v in rows], [("k", "run", "text"), ("v", run.dir.resolve().name, "text")]
+    )

@@ -14,8 +14,12 @@ Flow:
    cells (the kernel inherits EMLOC_SMALL and EMLOC_RUN_DIR), and wait for the
    results table, the dashboard's widget views and its plotly figures.
 
-Screenshots and timings go to artifacts/browser/. With EMLOC_UPDATE_SCREENSHOT=1
-the dashboard screenshot is also copied to docs/dashboard.png (used by the README).
+4. open a scratch notebook with the 2-D toy of the correction and run it.
+
+Screenshots and timings go to artifacts/browser/. With EMLOC_UPDATE_SCREENSHOT=1 the
+README's pictures are also copied to docs/ (`PICTURES`): the run dashboard, the
+block × projection heatmap of kept energy, the correction view with its clamp slider,
+and the 2-D toy. `make docs` does that on the demo run (runs/demo).
 Without chromium the tests skip, unless EMLOC_REQUIRE_BROWSER=1 (CI), where they fail.
 """
 
@@ -68,6 +72,9 @@ TAB_BUILD_S = 400  # a dashboard tab is built in the kernel when first opened (e
 FIGURE_TABS = ["Spectra", "Rank plan", "Activations", "Drift", "Correction", "Training"]
 TABLE_TABS = {"Results"}
 TIMINGS: dict[str, float] = {}
+# artifacts/browser/<name> -> docs/<name> under EMLOC_UPDATE_SCREENSHOT=1: the README's pictures
+PICTURES = ["dashboard.png", "kept_energy.png", "correction.png", "toy.png"]
+TOY_NOTEBOOK = "artifacts/browser/toy.ipynb"  # written by the test (artifacts/ is not committed)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -150,13 +157,16 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def small_run():
-    """The small run the notebooks share; finished here if `make test` has not done it yet."""
+    """The run the notebooks share (EMLOC_RUN_DIR, default the small runs/ci-small); finished here if needed.
+
+    A run directory that already holds a run keeps its settings: `make docs` points this at the demo run.
+    """
     from emloc_nb.config import RunConfig, small_settings
-    from emloc_nb.run import Run
+    from emloc_nb.run import LAYOUT, Run
 
     run_dir = Path(os.environ.get("EMLOC_RUN_DIR") or REPO / "runs" / "ci-small").expanduser().resolve()
     started = time.time()
-    run = Run(run_dir, small_settings(RunConfig()))
+    run = Run(run_dir) if (run_dir / LAYOUT["config"]).is_file() else Run(run_dir, small_settings(RunConfig()))
     run.run_all()
     record_timing("ensure_small_run_s", time.time() - started)
     return run
@@ -220,9 +230,12 @@ def jupyter_lab(small_run, tmp_path_factory):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(values))
 
+    from emloc_nb.config import RunConfig, small_settings
+
+    small = small_run.config.to_dict() == small_settings(RunConfig()).to_dict()
     env = {
         **os.environ,
-        "EMLOC_SMALL": "1",
+        "EMLOC_SMALL": "1" if small else "0",  # the kernel's notebook_run() must build the same config
         "EMLOC_RUN_DIR": str(small_run.dir),
         "PYTHONUNBUFFERED": "1",
         "JUPYTER_CONFIG_DIR": str(config_dir),
@@ -306,7 +319,7 @@ def test_html_report_renders_offline(browser, small_run):
     report = ARTIFACTS / "report.html"
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "emloc_nb.cli", "report", str(small_run.dir), "--output", str(report)],
+        [sys.executable, "-m", "emloc_nb.cli", "report", "--run-dir", str(small_run.dir), "--output", str(report)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -505,17 +518,58 @@ def test_quickstart_runs_and_renders_in_jupyterlab(browser, jupyter_lab):
         record_timing("lab_render_s", time.time() - started)
         (ARTIFACTS / "dashboard_tabs.json").write_text(json.dumps(plots, indent=2) + "\n")
 
-        # The README's picture: the first tab that draws figures (every tab is in dashboard-tab<i>.png).
-        shown = next((i for i, t in enumerate(titles) if plots[t] > 0), 0)
-        tabs.nth(shown).click()
-        page.wait_for_timeout(1500)
+        # The README's pictures: the dashboard on its results, the kept-energy heatmap, the correction view.
+        show_tab(page, tabs, titles.index("Results"))
         dashboard.scroll_into_view_if_needed()
         dashboard.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+        show_tab(page, tabs, titles.index("Spectra"))
+        heatmap = dashboard.locator(".js-plotly-plot:visible", has_text="Whitened energy kept")
+        assert heatmap.count() == 1, "the Spectra tab shows no kept-energy heatmap"
+        heatmap.scroll_into_view_if_needed()
+        heatmap.screenshot(path=str(ARTIFACTS / "kept_energy.png"))
+        show_tab(page, tabs, titles.index("Correction"))
+        assert dashboard.locator(".widget-slider:visible").count() > 0, "the correction view shows no clamp slider"
+        dashboard.screenshot(path=str(ARTIFACTS / "correction.png"))
         page.set_viewport_size({"width": 1500, "height": 1000})
         page.wait_for_timeout(500)
         page.screenshot(path=str(ARTIFACTS / "quickstart.png"))
-        if os.environ.get("EMLOC_UPDATE_SCREENSHOT", "") not in ("", "0"):
-            (REPO / "docs").mkdir(exist_ok=True)
-            shutil.copyfile(ARTIFACTS / "dashboard.png", REPO / "docs" / "dashboard.png")
     finally:
         page.close()
+
+
+def show_tab(page, tabs, index: int) -> None:
+    tabs.nth(index).click()
+    page.wait_for_timeout(1500)  # the tab was built when first visited; let its figures settle
+
+
+def test_the_2d_toy_renders_in_jupyterlab(browser, jupyter_lab):
+    """The correction as geometry: a scratch notebook with ToyCorrection(2), for the README's picture."""
+    import nbformat
+
+    notebook = REPO / TOY_NOTEBOOK
+    notebook.parent.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from emloc_nb.widgets import ToyCorrection\n\nToyCorrection(2)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, notebook)
+    page = browser.context.new_page()
+    try:
+        page.goto(
+            f"{jupyter_lab['base']}/lab/tree/{TOY_NOTEBOOK}?token={jupyter_lab['token']}", wait_until="domcontentloaded"
+        )
+        page.wait_for_function("() => window.jupyterapp !== undefined", timeout=LAB_LOAD_S * 1000)
+        page.evaluate(OPEN_NOTEBOOK_JS, TOY_NOTEBOOK)
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
+        output = page.locator(".jp-OutputArea-output:has(.js-plotly-plot .main-svg)").last
+        try:
+            output.wait_for(state="visible", timeout=RENDER_S * 1000)
+        except Exception:
+            pytest.fail(f"the 2-D toy drew no figure within {RENDER_S} s.\nPage text:\n{page_text(page)}")
+        assert output.locator(".widget-slider").count() > 0, "the toy shows no sliders"
+        page.wait_for_timeout(1000)
+        output.screenshot(path=str(ARTIFACTS / "toy.png"))
+    finally:
+        page.close()
+    if os.environ.get("EMLOC_UPDATE_SCREENSHOT", "") not in ("", "0"):  # the toy runs last: all four exist now
+        for name in PICTURES:
+            shutil.copyfile(ARTIFACTS / name, REPO / "docs" / name)

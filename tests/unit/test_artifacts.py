@@ -136,17 +136,21 @@ def test_json_keeps_non_finite_floats_and_strings_apart(tmp_path):
 
 def test_no_clamp_round_trips_through_run_json(tiny_files, tmp_path):
     _, model, data = tiny_files
-    run = Run(tmp_path / "run", tiny_run_config(model, data, clamp=math.inf))
-    assert Run(run.dir).config.clamp == math.inf and Run(run.dir).config.to_dict() == run.config.to_dict()
+    run = Run(tmp_path / "run", tiny_run_config(model, data, correction={"clamp": math.inf}))
+    assert Run(run.dir).config.correction.clamp == math.inf
+    assert Run(run.dir).config.to_dict() == run.config.to_dict()
     legacy = json.loads((run.dir / "run.json").read_text())
-    legacy.update(clamp="inf", trust_remote_code=False)  # how run.json spelt them before manifests
-    assert RunConfig.from_dict(legacy).clamp == math.inf
+    legacy["correction"]["clamp"] = "inf"  # how run.json spelt them before manifests
+    legacy["trust_remote_code"] = False
+    assert RunConfig.from_dict(legacy).correction.clamp == math.inf
 
 
 def test_a_run_replaced_by_another_process_is_not_written_into(tiny_files, tmp_path):
     _, model, data = tiny_files
     first = Run(tmp_path / "run", tiny_run_config(model, data))
-    Run(tmp_path / "run", tiny_run_config(model, data, clamp=1.0), overwrite=True)  # someone else, meanwhile
+    Run(
+        tmp_path / "run", tiny_run_config(model, data, correction={"clamp": 1.0}), overwrite=True
+    )  # someone else, meanwhile
     with pytest.raises(EmlocError, match="run.json changed since this Run was opened.*Open the run again"):
         first.run_stage("calibrate", isolate=False)
     assert not (tmp_path / "run" / "calibrate").exists()
@@ -159,10 +163,10 @@ def test_overwrite_replaces_a_run_and_only_its_own_entries(tiny_run, tmp_path):
     shutil.copytree(tiny_run.dir, run_dir)
     (run_dir / "scratch").mkdir()
     (run_dir / "scratch" / "plan.json").write_text("{}")
-    config = tiny_run_config(Path(tiny_run.config.model), Path(tiny_run.config.task.source), clamp=1.0)
+    config = tiny_run_config(Path(tiny_run.config.model), Path(tiny_run.config.task.source), correction={"clamp": 1.0})
     run = Run(run_dir, config, overwrite=True)
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "run.json"]
-    assert run.config.clamp == 1.0
+    assert run.config.correction.clamp == 1.0
 
 
 def test_a_model_that_asks_for_its_own_code_does_not_run_it(tiny_files, tmp_path):

@@ -108,8 +108,13 @@ BAD_VALUES = [  # (setting, value, pattern)
     ("train.warmup_steps", -5, r"train\.warmup_steps=-5 must be ≥ 0"),
     ("train.weight_decay", -0.1, r"train\.weight_decay=-0\.1 must be ≥ 0"),
     ("train.weight_decay", math.nan, r"train\.weight_decay=nan is not a finite"),
-    ("train.seed", -1, r"train\.seed=-1 must be ≥ 0"),
-    ("train.seed", 2**40, r"train\.seed=1099511627776 must be ≤"),
+    ("train.seed", 1, r"Unknown setting\(s\) \['seed'\] in train"),  # the run's seed is top-level
+    ("seed", 2**40, r"seed=1099511627776 must be ≤"),
+    ("train.micro_batch_size", 3, r"train\.micro_batch_size=3 must divide train\.batch_size=8"),
+    ("train.micro_batch_size", 0, r"train\.micro_batch_size=0 must be ≥ 1"),
+    ("train.micro_batch_size", 2.0, r"train\.micro_batch_size must be a whole number, not float"),
+    ("train.frozen_dtype", "float16", r"train\.frozen_dtype='float16' is not a supported dtype"),
+    ("train.frozen_dtype", 16, r"train\.frozen_dtype must be a string, not int"),
     ("train.checkpoint_every", -1, r"train\.checkpoint_every=-1 must be ≥ 0"),
     ("train.gradient_checkpointing", "false", r"train\.gradient_checkpointing must be true or false, not str"),
     ("train.gradient_checkpointing", 1, r"train\.gradient_checkpointing must be true or false, not int"),
@@ -119,6 +124,8 @@ BAD_VALUES = [  # (setting, value, pattern)
     ("calibration.max_length", 0, r"calibration\.max_length=0 must be ≥ 1"),
     ("evaluation.limit", 0, r"evaluation\.limit=0 must be ≥ 1"),
     ("evaluation.batch_size", 0, r"evaluation\.batch_size=0 must be ≥ 1"),
+    ("evaluation.split", "train", r"evaluation\.split='train' is not one of \['validation', 'test'\]"),
+    ("evaluation.split", None, r"evaluation\.split is empty"),
     ("baseline", "no", r"baseline must be true or false, not str"),
     ("baseline", 0, r"baseline must be true or false, not int"),
     ("baseline", None, r"baseline is empty"),
@@ -133,9 +140,15 @@ BAD_VALUES = [  # (setting, value, pattern)
     ("lora.targets", [""], r"lora\.targets=\[''\] holds an empty entry"),
     ("lora.targets", 5, r"lora\.targets must be a list of strings or a string, not int"),
     ("lora.rslora", "yes", r"lora\.rslora must be true or false, not str"),
+    ("lora.init", "svd", r"lora\.init='svd' is not one of \['random', 'eigen'\]"),
+    ("lora.init", None, r"lora\.init is empty"),
     ("emulator.mode", "svd", r"emulator\.mode='svd' is not one of \['whitened', 'plain'\]"),
     ("emulator.eps", 0, r"emulator\.eps=0 must be > 0"),
     ("emulator.eps", math.nan, r"emulator\.eps=nan is not a finite"),
+    ("emulator.shrinkage", -0.5, r"emulator\.shrinkage=-0\.5 must be ≥ 0"),
+    ("emulator.shrinkage", math.inf, r"emulator\.shrinkage=inf is not a finite"),
+    ("emulator.shrinkage", "0.1", r"emulator\.shrinkage must be a number, not str"),
+    ("emulator.streaming", "no", r"emulator\.streaming must be true or false, not str"),
     ("emulator.plan", {"ratio": 1.5}, r"ρ=1\.5 is outside \(0, 1\]"),
     ("emulator.plan", {"ratio": True}, r"ρ=True is outside \(0, 1\]"),
     ("emulator.plan", {"ratio": math.nan}, r"ρ=nan is outside \(0, 1\]"),
@@ -145,17 +158,29 @@ BAD_VALUES = [  # (setting, value, pattern)
     ("emulator.plan", {"ratio": 0.5, "foo": 1}, r"Unknown plan field\(s\) \['foo'\]"),
     ("emulator.plan", 5, r"emulator\.plan must be a mapping or a string, not int"),
     ("emulator.plan", "no-such-plan.json", r"no-such-plan\.json does not exist"),
-    ("clamp", math.nan, r"clamp=nan is not a finite number"),
-    ("clamp", -1, r"clamp=-1 must be ≥ 0"),
-    ("clamp", "abc", r"clamp must be a number, not str"),
-    ("clamp", "nan", r"clamp must be a number, not str"),
-    ("clamp", True, r"clamp must be a number, not a boolean"),
+    ("clamp", 3.0, r"Unknown setting\(s\) \['clamp'\] in the run config"),  # now correction.clamp
+    ("correction.clamp", math.nan, r"correction\.clamp=nan is not a finite number"),
+    ("correction.clamp", -1, r"correction\.clamp=-1 must be ≥ 0"),
+    ("correction.clamp", "abc", r"correction\.clamp must be a number, not str"),
+    ("correction.clamp", "nan", r"correction\.clamp must be a number, not str"),
+    ("correction.clamp", True, r"correction\.clamp must be a number, not a boolean"),
+    ("correction.kappa", "ls", r"correction\.kappa='ls' is not one of \['clamp', 'lstsq'\]"),
+    ("correction.prior", "yes", r"correction\.prior must be true or false, not str"),
+    ("correction", 3.0, r"correction must be a mapping of \[.*\], not float"),
     ("task.choices", "no yes", r"task\.choices must be a list of strings, not str"),
     ("task.choices", ["a", "a"], r"task\.choices=\['a', 'a'\] lists a value twice"),
     ("task.choices", [1, 2], r"task\.choices must be a list of strings, not list"),
     ("task.test_size", 0, r"task\.test_size=0 is a count of test examples and must be ≥ 1"),
     ("task.test_size", 1.5, r"task\.test_size=1\.5 is a share of the examples and must lie in \(0, 1\)"),
     ("task.test_size", True, r"task\.test_size must be a number or a whole number, not a boolean"),
+    ("task.validation_size", 0, r"task\.validation_size=0 is a count of validation examples and must be ≥ 1"),
+    ("task.validation_size", 1.0, r"task\.validation_size=1\.0 is a share of the examples and must lie in"),
+    ("task.split_seed", -1, r"task\.split_seed=-1 must be ≥ 0"),
+    ("task.split_seed", "0", r"task\.split_seed must be a whole number, not str"),
+    ("task.split", "", r"task\.split is empty"),
+    ("task.prompt_template", 5, r"task\.prompt_template must be a string, not int"),
+    ("task.answer_map", {}, r"task\.answer_map=\{\} must be a mapping of label value -> answer text"),
+    ("task.answer_map", "0: no", r"task\.answer_map must be a mapping, not str"),
     ("task.source", "", r"task\.source is empty"),
     ("task.source", 5, r"task\.source must be a string, not int"),
     ("task.prompt_field", "", r"task\.prompt_field is empty"),
@@ -163,6 +188,11 @@ BAD_VALUES = [  # (setting, value, pattern)
     ("model", 5, r"model must be a string, not int"),
     ("seed", -1, r"seed=-1 must be ≥ 0"),
     ("seed", 1.5, r"seed must be a whole number, not float"),
+    ("device", "gpu", r"device='gpu': use 'cpu', 'cuda', 'cuda:N' or 'auto'"),
+    ("device", "cpu:0", r"device='cpu:0': use 'cpu', 'cuda', 'cuda:N' or 'auto'"),
+    ("device", 0, r"device must be a string, not int"),
+    ("dtype", "float16", r"dtype='float16' is not a supported dtype\. Use one of float32, bfloat16"),
+    ("dtype", None, r"dtype is empty"),
     ("trust_remote_code", True, r"trust_remote_code is never read from a config"),
     ("trust_remote_code", "false", r"trust_remote_code is never read from a config"),
     ("trian", {"steps": 1}, r"Unknown setting\(s\) \['trian'\] in the run config"),
@@ -184,6 +214,27 @@ for setting, value, pattern in BAD_VALUES:
         cli=lambda env, d=config_dict: ["run", str(env.yaml(d(env))), "--run-dir", str(env.tmp / "out")],
     )
 
+# --set and the flags that stand for settings: checked as the config file's values are
+
+BAD_SETTINGS = [  # (extra argv, pattern)
+    (["--set", "train.stepz=3"], r"Unknown setting 'train\.stepz'"),
+    (["--set", "clamp=3"], r"Unknown setting 'clamp'"),  # correction.clamp since the CorrectionSpec
+    (["--set", "correction.clamp=-1"], r"correction\.clamp=-1 must be ≥ 0"),
+    (["--set", "correction.kappa=ls"], r"correction\.kappa='ls' is not one of"),
+    (["--set", "train.micro_batch_size=3"], r"train\.micro_batch_size=3 must divide train\.batch_size=8"),
+    (["--set", "lora.init=svd"], r"lora\.init='svd' is not one of"),
+    (["--set", "train.steps.x=1"], r"train\.steps takes no nested key 'x'"),
+    (["--set", "train.steps"], r"--set 'train\.steps': write KEY=VALUE"),
+    (["--set", "train.steps=[1"], r"the value is not valid YAML"),
+    (["--device", "gpu"], r"device='gpu': use 'cpu', 'cuda', 'cuda:N' or 'auto'"),
+]
+for extra, pattern in BAD_SETTINGS:
+    case(
+        f"cli-run-{' '.join(extra)}",
+        pattern,
+        cli=lambda env, extra=extra: ["run", str(env.yaml(env.config())), "--run-dir", str(env.tmp / "o"), *extra],
+    )
+
 # ----------------------------------------------------------------------------- config files
 
 BAD_FILES = [  # (file name, content (bytes or text), pattern)
@@ -195,7 +246,7 @@ BAD_FILES = [  # (file name, content (bytes or text), pattern)
     ("latin1.yaml", "model: caf\xe9\n".encode("latin-1"), r"latin1\.yaml is not UTF-8 text"),
     ("bad.json", '{"train": {"steps": 3,}}', r"bad\.json is not valid JSON \(.*at line 1\)"),
     ("array.json", "[1, 2]", r"A run config must be a mapping of settings, not list"),
-    ("nan.json", '{"clamp": NaN}', r"clamp=nan is not a finite number"),
+    ("nan.json", '{"correction": {"clamp": NaN}}', r"correction\.clamp=nan is not a finite number"),
 ]
 for filename, content, pattern in BAD_FILES:
 
@@ -220,7 +271,7 @@ case(
 case(
     "cli-build-config-dir",
     r"Config file .* is a directory, not a file",
-    cli=lambda env: ["build-emulator", "--config", str(env.tmp), "--output", str(env.tmp / "o")],
+    cli=lambda env: ["build-emulator", "--config", str(env.tmp), "--run-dir", str(env.tmp / "o")],
 )
 
 # ----------------------------------------------------------------------------- data files
@@ -272,7 +323,7 @@ BAD_DATA = [  # (file name, content, pattern)
         r"missing-field\.jsonl:1: missing field\(s\) \['prompt'\]",
     ),
     ("list-prompt.jsonl", '{"prompt": ["a"], "answer": "yes"}\n' * 2, r"list-prompt\.jsonl:1: field 'prompt' is list"),
-    ("one.jsonl", '{"prompt": "a", "answer": "yes"}\n', r"one has 1 example\(s\); a task needs at least 2"),
+    ("one.jsonl", '{"prompt": "a", "answer": "yes"}\n', r"one has 1 example\(s\); a task needs at least 3"),
     ("data.txt", "prompt,answer\na,yes\n", r"data\.txt is neither \.jsonl nor \.csv"),
 ]
 for filename, content, pattern in BAD_DATA:
@@ -295,7 +346,7 @@ for filename, content, pattern in BAD_DATA:
             str(env.model),
             "--data",
             str(w(env)),
-            "--output",
+            "--run-dir",
             str(env.tmp / "o"),
         ],
     )
@@ -314,7 +365,7 @@ case(
         str(env.model),
         "--data",
         str(env.tmp / "nope.jsonl"),
-        "--output",
+        "--run-dir",
         str(env.tmp / "o"),
     ],
 )
@@ -330,7 +381,7 @@ case(
 )
 case(
     "api-load_task-test-size-too-big",
-    r"test_size=500 does not split the 80 examples",
+    r"80 examples cannot give 500 test and \d+ validation examples",
     api=lambda env: lambda: emloc_nb.load_task(env.data, test_size=500),
 )
 case(
@@ -354,7 +405,7 @@ case(
         str(env.data),
         "--answer-field",
         "label",
-        "--output",
+        "--run-dir",
         str(env.tmp / "o"),
     ],
 )
@@ -373,7 +424,7 @@ def _inputs_in_output(env):
         str(env.model),
         "--data",
         str(proj / "toy.jsonl"),
-        "--output",
+        "--run-dir",
         str(proj),
         "--overwrite",
     ]
@@ -382,14 +433,14 @@ def _inputs_in_output(env):
 def _model_in_run(env):
     run = env.copy_run()
     shutil.copytree(env.model, run / "scratch" / "model")
-    config = env.yaml(env.config(model=str(run / "scratch" / "model"), clamp=1.0))
+    config = env.yaml(env.config(model=str(run / "scratch" / "model"), correction={"clamp": 1.0}))
     return ["run", str(config), "--run-dir", str(run), "--overwrite"]
 
 
 def _foreign_file(env):
     run = env.copy_run()
     (run / "notes.txt").write_text("mine")
-    return ["run", str(env.yaml(env.config(clamp=1.0))), "--run-dir", str(run), "--overwrite"]
+    return ["run", str(env.yaml(env.config(correction={"clamp": 1.0}))), "--run-dir", str(run), "--overwrite"]
 
 
 def _no_run_here(env):
@@ -401,7 +452,7 @@ def _no_run_here(env):
         str(env.model),
         "--data",
         str(env.data),
-        "--output",
+        "--run-dir",
         str(env.tmp / "home"),
         "--overwrite",
     ]
@@ -418,7 +469,7 @@ case("cli-build-overwrite-non-run", r"holds files but no emloc-nb run \(no run\.
 case(
     "cli-run-different-run",
     r"already holds a different run",
-    cli=lambda env: ["run", str(env.yaml(env.config(clamp=1.0))), "--run-dir", str(env.copy_run())],
+    cli=lambda env: ["run", str(env.yaml(env.config(correction={"clamp": 1.0}))), "--run-dir", str(env.copy_run())],
 )
 case(
     "cli-run-dir-is-file",
@@ -440,13 +491,17 @@ case(
     r"is not a run directory \(no run\.json\)",
     cli=lambda env: ["evaluate", "--run-dir", str(env.tmp / "none")],
 )
-case("cli-report-no-run", r"is not a run directory \(no run\.json\)", cli=lambda env: ["report", str(env.tmp / "none")])
+case(
+    "cli-report-no-run",
+    r"is not a run directory \(no run\.json\)",
+    cli=lambda env: ["report", "--run-dir", str(env.tmp / "none")],
+)
 case(
     "api-run-foreign-file",
     r"holds \['notes\.txt'\], which emloc-nb did not write",
-    api=lambda env: (lambda run: lambda: Run(run, tiny_run_config(env.model, env.data, clamp=1.0), overwrite=True))(
-        _foreign_file(env)[3]
-    ),
+    api=lambda env: (
+        lambda run: lambda: Run(run, tiny_run_config(env.model, env.data, correction={"clamp": 1.0}), overwrite=True)
+    )(_foreign_file(env)[3]),
 )
 case("api-run-not-a-run", r"is not a run directory", api=lambda env: lambda: Run(env.tmp))
 case(
@@ -481,8 +536,8 @@ case(
 )
 case(
     "cli-evaluate-run-json-nan",
-    r"run\.json: clamp=nan is not a finite",
-    cli=lambda env: ["evaluate", "--run-dir", str(_run_json(env, lambda d: d.update(clamp=math.nan)))],
+    r"run\.json: correction\.clamp=nan is not a finite",
+    cli=lambda env: ["evaluate", "--run-dir", str(_run_json(env, lambda d: d["correction"].update(clamp=math.nan)))],
 )
 case(
     "cli-evaluate-run-json-steps-0",
@@ -716,7 +771,7 @@ ARTIFACT_CASES = [  # (id, builder, command, pattern)
 
 def _command(command: str, run: Path, env: Env) -> list[str]:
     if command == "report":
-        return ["report", str(run)]
+        return ["report", "--run-dir", str(run)]
     if command == "run":
         return ["run", str(env.yaml(json.loads((run / "run.json").read_text()))), "--run-dir", str(run), "--in-process"]
     return [command, "--run-dir", str(run), "--in-process"]
@@ -879,7 +934,7 @@ API_CASES = [  # (id, setup before the snapshot, call(env, what setup made), pat
         "load_model-not-a-path",
         NOTHING,
         lambda env, _: emloc_nb.load_model(5),
-        r"A model is a path or 'smollm2-135m-instruct', not 5",
+        r"A model is a path, a Hub id \(org/name\) or 'smollm2-135m-instruct', not 5",
     ),
     (
         "load_model-garbled-config",
@@ -997,7 +1052,7 @@ API_CASES = [  # (id, setup before the snapshot, call(env, what setup made), pat
         "evaluate-split",
         NOTHING,
         lambda env, _: emloc_nb.evaluate(*_tiny(), emloc_nb.load_task(env.data), split="dev"),
-        r"Split 'dev': use 'train' or 'test'",
+        r"evaluation\.split='dev' is not one of \['train', 'validation', 'test'\]",
     ),
     (
         "evaluate-batch-size",

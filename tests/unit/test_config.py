@@ -11,9 +11,9 @@ from emloc_nb.config import LoraSpec, TrainSpec, small_settings
 
 def test_config_files_and_small_settings(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model: x\ntrain:\n  steps: 7\nclamp: .inf\n")
+    path.write_text("model: x\ntrain:\n  steps: 7\ncorrection:\n  clamp: .inf\n")
     config = RunConfig.load(path)
-    assert config.train.steps == 7 and config.clamp == float("inf")
+    assert config.train.steps == 7 and config.correction.clamp == float("inf")
     assert isinstance(config.train, TrainSpec) and isinstance(config.lora, LoraSpec)
     assert small_settings(config).train.steps < 7
     path.write_text("trian:\n  steps: 7\n")
@@ -55,3 +55,40 @@ def test_reading_a_config_needs_neither_peft_nor_torch():
 def test_core_imports_no_notebook_stack():
     loaded = _loaded_after("import emloc_nb, emloc_nb.config, emloc_nb.run, emloc_nb.stages, emloc_nb.cli")
     assert not loaded & {"ipywidgets", "plotly", "IPython", "anywidget"}
+
+
+def test_device_dtype_and_memory_levers_are_checked_before_anything_runs():
+    config = RunConfig.from_dict({"device": "cuda:1", "dtype": "bfloat16", "train": {"micro_batch_size": 2}})
+    assert (config.device, config.dtype, config.train.micro_batch_size) == ("cuda:1", "bfloat16", 2)
+    for bad, match in [
+        ({"device": "tpu"}, "device='tpu'"),
+        ({"device": "cpu:0"}, "device='cpu:0'"),
+        ({"dtype": "float16"}, "dtype='float16'.*float32, bfloat16"),
+        ({"train": {"frozen_dtype": "int8"}}, "train.frozen_dtype='int8'"),
+        ({"train": {"micro_batch_size": 3}}, "must divide train.batch_size=8"),
+        ({"train": {"micro_batch_size": 0}}, "micro_batch_size=0"),
+    ]:
+        with pytest.raises(EmlocError, match=match):
+            RunConfig.from_dict(bad)
+
+
+def test_a_missing_cuda_device_is_a_clear_error():
+    import torch
+
+    from emloc_nb.models import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(EmlocError, match="no CUDA device.*On a GPU"):
+            resolve_device("cuda")
+
+
+def test_cli_flags_set_device_and_dtype(tmp_path):
+    from argparse import Namespace
+
+    from emloc_nb.cli import _new_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\n")
+    config = _new_config(Namespace(config=path, device="auto", dtype="bfloat16", small=False))
+    assert (config.device, config.dtype, config.train.steps) == ("auto", "bfloat16", 7)

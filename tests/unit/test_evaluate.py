@@ -23,7 +23,7 @@ def test_evaluate_reports_accuracy_and_loss(llama, toy_task):
 
 def test_generation_tasks_use_exact_match(llama, toy_task, monkeypatch):
     model, tok = llama
-    task = type(toy_task)("gen", toy_task.train, toy_task.test, choices=None)
+    task = type(toy_task)("gen", toy_task.train, toy_task.validation, toy_task.test, choices=None)
     answers = list(task.test.select(range(4))["answer"])
     replies = [f" {answers[0]} ", answers[1], "something else", answers[3] + "!"]  # exact match after strip only
     module = sys.modules["emloc_nb.evaluate"]  # the package's `evaluate` attribute is the function

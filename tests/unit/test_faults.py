@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -111,21 +112,30 @@ def _one_line_error(stderr: str, pattern: str) -> None:
     assert "Traceback" not in stderr
 
 
+class Reference(NamedTuple):
+    config: Path
+    run: Path
+    outcome: dict
+    seconds: float  # how long the uninterrupted run took on this machine
+
+
 @pytest.fixture(scope="module")
 def reference(forker, tiny_files, tmp_path_factory):
     """An uninterrupted run, with the network blocked: it does not try the network once."""
     tmp = tmp_path_factory.mktemp("reference")
     config = _config(tiny_files, tmp)
+    started = time.time()
     [(code, log)] = forker.run({"argv": ["run", config, "--run-dir", tmp / "run", "--in-process"]})
+    seconds = time.time() - started
     assert code == 0, log[-3000:]
     assert "network attempts: 0" in log
-    return config, tmp / "run", _outcome(tmp / "run")
+    return Reference(config, tmp / "run", _outcome(tmp / "run"), seconds)
 
 
 def test_the_whole_pipeline_runs_with_the_network_blocked_and_a_deleted_file_is_a_clear_error(
     forker, reference, tmp_path
 ):
-    _, reference_run, _ = reference
+    _, reference_run, _, _ = reference
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     (run / "correct" / "adapter" / "adapter_model.safetensors").unlink()
@@ -168,7 +178,7 @@ KILLS = [
 
 
 def test_sigkill_during_every_stage_resumes_to_the_same_result(forker, reference, tmp_path):
-    config, _, expected = reference
+    config, _, expected, _ = reference
     run = tmp_path / "run"
     argv = ["run", config, "--run-dir", run, "--in-process"]
     killed_in = []
@@ -186,12 +196,13 @@ def test_sigkill_during_every_stage_resumes_to_the_same_result(forker, reference
 
 
 def test_sigkill_at_random_moments_resumes_to_the_same_result(forker, reference, tmp_path):
-    config, _, expected = reference
+    config, _, expected, seconds = reference
     run = tmp_path / "run"
     argv = ["run", config, "--run-dir", run, "--in-process"]
     rng, killed_in = random.Random(1), []
     for _ in range(30):
-        [(code, log)] = forker.run({"argv": argv, "kill_after": rng.uniform(0.2, 2.5)})
+        # A share of the uninterrupted run's time, so the kills land inside the pipeline on a fast machine too.
+        [(code, log)] = forker.run({"argv": argv, "kill_after": rng.uniform(0.05, 0.45) * seconds})
         if code == 0:
             break
         assert code == -signal.SIGKILL, log[-3000:]
@@ -215,7 +226,7 @@ def _running_stage(run_dir: Path) -> str:
 @pytest.mark.parametrize("second_starts_after", [0.0, 1.0, 3.0])
 def test_two_writers_at_once_leave_one_consistent_run(forker, reference, tiny_files, tmp_path, second_starts_after):
     """Two `emloc run --overwrite` with different configs (ρ = 0.5 and 0.9) into one directory, at the same time."""
-    config_a, _, expected = reference
+    config_a, _, expected, _ = reference
     config_b = _config(tiny_files, tmp_path, "b.yaml", emulator={"plan": {"ratio": 0.9}})
     run = tmp_path / "run"
     outcomes = forker.run(
@@ -243,7 +254,7 @@ def test_two_writers_at_once_leave_one_consistent_run(forker, reference, tiny_fi
 
 
 def test_a_stage_child_dies_with_its_parent_and_the_run_resumes(forker, reference, tmp_path):
-    config, reference_run, expected = reference
+    config, reference_run, expected, _ = reference
     run = tmp_path / "run"
     shutil.copytree(reference_run, run, ignore=shutil.ignore_patterns(".lock"))
     for name in ("finetune_emulator", "correct", "evaluate"):

@@ -1,5 +1,7 @@
 """Every report has the same shape: save(path, overwrite=) / load(path), rows, to_frame(), layer(name)."""
 
+import math
+
 import pytest
 import torch
 
@@ -59,10 +61,21 @@ def _reports() -> list[Report]:
                 "b_mean": torch.tensor([1.0, 0.1], dtype=torch.float64),
                 "d_mean": torch.tensor([0.2, 1.0], dtype=torch.float64),
                 "valid": torch.tensor([True, True]),
+                "d_norm2": torch.tensor([0.04, 1.0], dtype=torch.float64),
+                "kappa": torch.tensor([1.0, 0.3], dtype=torch.float64),
             }
         },
+        "clamp",
+        {
+            "token_ids": [5, 9],
+            "tokens": ["yes", "no"],
+            "bias": [-1.0, 0.5],
+            "target": [0.4, 0.5],
+            "before": [0.6, 0.3],
+            "after": [0.4, 0.5],
+        },
     )
-    evaluation = EvalResult(0.5, 0.7, 2, ["yes", "no"], ["yes", "yes"])
+    evaluation = EvalResult(0.5, 0.7, 2, ["yes", "no"], ["yes", "yes"], ["yes", "no"], [[-0.1, -2.0], [-3.0, -0.2]])
     return [stats, spectra, drift, correction, evaluation]
 
 
@@ -93,12 +106,32 @@ def test_loading_a_report_of_another_kind_is_refused(tmp_path):
         EvalResult.load(tmp_path / "d")
 
 
-def test_eval_rows_are_one_per_example_with_the_prediction():
+def test_eval_rows_are_one_per_example_with_the_prediction_and_its_scores():
     result = _reports()[4]
     assert result.rows == [
-        {"example": 0, "answer": "yes", "prediction": "yes", "correct": True},
-        {"example": 1, "answer": "yes", "prediction": "no", "correct": False},
+        {
+            "example": 0,
+            "answer": "yes",
+            "prediction": "yes",
+            "correct": True,
+            "score:yes": -0.1,
+            "score:no": -2.0,
+            "margin": pytest.approx(1.9),
+        },
+        {
+            "example": 1,
+            "answer": "yes",
+            "prediction": "no",
+            "correct": False,
+            "score:yes": -3.0,
+            "score:no": -0.2,
+            "margin": pytest.approx(-2.8),
+        },
     ]
+    assert result.prediction_counts() == {"yes": 1, "no": 1}
+    assert result.balanced_accuracy == 0.5  # only "yes" is in the answers: its recall
+    assert math.isnan(result.auc)  # one class only: nothing to rank against
+    assert result.mean_margin == pytest.approx((1.9 - 2.8) / 2)
 
 
 def test_calibration_layer_is_the_input_a_layer_reads():

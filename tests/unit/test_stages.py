@@ -37,7 +37,7 @@ def test_whole_pipeline_in_process_then_resume(tiny_setup):
     again.run_all(isolate=False)  # everything is done: nothing is recomputed
     assert run.path("emulator").stat().st_mtime_ns == stamp
     with pytest.raises(EmlocError, match="different run"):
-        Run(root / "run", _config(model, data, clamp=1.0))
+        Run(root / "run", _config(model, data, correction={"clamp": 1.0}))
 
 
 def test_isolated_stage_records_its_peak_memory(tiny_setup):
@@ -51,7 +51,7 @@ def test_isolated_stage_records_its_peak_memory(tiny_setup):
 
 def _build(model, data, output, *flags) -> int:
     """`emloc build-emulator` on the tiny model and task."""
-    return cli(["build-emulator", "--model", str(model), "--data", str(data), "--output", str(output), *flags])
+    return cli(["build-emulator", "--model", str(model), "--data", str(data), "--run-dir", str(output), *flags])
 
 
 def test_bad_plans_and_models_write_nothing(tiny_setup, capsys):
@@ -62,7 +62,7 @@ def test_bad_plans_and_models_write_nothing(tiny_setup, capsys):
     plan.write_text(json.dumps({"ratio": 0.5, "rules": {"layers\\.42\\.": 1.0}}))
     assert _build(model, data, root / "b", "--plan", str(plan)) == 1
     assert "match no layer" in capsys.readouterr().err
-    assert cli(["build-emulator", "--model", str(root / "missing"), "--output", str(root / "c")]) == 1
+    assert cli(["build-emulator", "--model", str(root / "missing"), "--run-dir", str(root / "c")]) == 1
     assert "does not exist" in capsys.readouterr().err
     for name in "abc":
         assert not (root / name).exists()
@@ -146,3 +146,37 @@ def test_a_stage_whose_inputs_are_missing_names_the_stage_that_writes_them(tiny_
         run.run_stage("emulator", isolate=False)
     with pytest.raises(EmlocError, match="Unknown stage"):
         run.run_stage("compress")
+
+
+def test_a_whole_tiny_pipeline_in_bf16_runs_and_its_adapters_load(tiny_setup):
+    import torch
+
+    from emloc_nb import load_adapter, load_model
+
+    root, model, data = tiny_setup
+    run = Run(root / "bf16", _config(model, data, dtype="bfloat16"))
+    run.run_all(isolate=False)
+    assert all(0 <= r["accuracy"] <= 1 for r in run.results())
+    emulator = run.emulator()
+    assert {p.dtype for p in emulator.model.parameters()} == {torch.bfloat16}
+    for which, base in [
+        ("emulator", emulator.model),
+        ("corrected", run.original()[0]),
+        ("original", run.original()[0]),
+    ]:
+        load_adapter(base, run.adapter_dir(which)).unload()
+    # the same adapters fit the float32 models: a fingerprint does not depend on the dtype
+    load_adapter(run.emulator(dtype="float32").model, run.adapter_dir("emulator")).unload()
+    load_adapter(load_model(model)[0], run.adapter_dir("corrected")).unload()
+    finetune = run.stage_records()["finetune_emulator"]
+    assert finetune["phases"]["train_steps"]["peak_rss_mb"] > 0
+
+
+def test_bf16_frozen_weights_in_a_float32_run(tiny_setup):
+    root, model, data = tiny_setup
+    config = _config(model, data, baseline=False)
+    config.train.frozen_dtype = "bfloat16"
+    config.train.micro_batch_size = 4
+    run = Run(root / "frozen-bf16", config)
+    run.run_all(isolate=False)  # the correction takes the LoRA trained on the bf16 emulator onto the float32 models
+    assert run.correction().rows and {r["setting"] for r in run.results()} == set(settings(config))

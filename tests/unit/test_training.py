@@ -191,3 +191,58 @@ def test_non_finite_lora_weights_stop_training_and_write_no_adapter(toy_task, tm
         finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
     assert not (tmp_path / "run" / "adapter").exists()
     assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_micro_batches_give_the_adapter_of_the_full_batch(toy_task, tmp_path):
+    model, tok, emulator = tiny_emulator(toy_task)
+    lora = LoraSpec(r=4, alpha=8)
+    results = {}
+    for micro in (None, 2, 1):
+        config = TrainSpec(steps=4, checkpoint_every=0, micro_batch_size=micro, **FAST)
+        results[micro] = finetune(
+            emulator.model, tok, toy_task, tmp_path / f"micro-{micro}", lora=lora, config=config, progress=False
+        )
+    full = load_file(str(results[None].adapter_dir / "adapter_model.safetensors"))
+    for micro in (2, 1):
+        split = load_file(str(results[micro].adapter_dir / "adapter_model.safetensors"))
+        assert all(torch.allclose(full[k], split[k], rtol=1e-4, atol=1e-6) for k in full)
+        assert [h["loss"] for h in results[micro].history] == pytest.approx(
+            [h["loss"] for h in results[None].history], rel=1e-5
+        )
+    assert any(v.abs().max() > 0 for k, v in full.items() if "lora_B" in k)  # it trained: B left zero
+
+
+def test_bf16_frozen_weights_train_with_fp32_lora_weights(toy_task, tmp_path):
+    model, tok = tiny_model("llama")
+    config = TrainSpec(steps=20, checkpoint_every=0, frozen_dtype="bfloat16", **FAST)
+    with pytest.raises(EmlocError, match="frozen_dtype='bfloat16'.*float32"):  # a float32 model is not converted here
+        finetune(model, tok, toy_task, tmp_path / "refused", lora=LoraSpec(r=4, alpha=8), config=config, progress=False)
+    model = model.to(torch.bfloat16)
+    events = []
+    result = finetune(
+        model,
+        tok,
+        toy_task,
+        tmp_path / "bf16",
+        lora=LoraSpec(r=4, alpha=8),
+        config=config,
+        callbacks=[events.append],
+        progress=False,
+    )
+    seen = [e["loss"] for e in events]
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the frozen weights stay as loaded
+    assert all(torch.isfinite(torch.tensor(seen))) and sum(seen[-3:]) < 0.8 * sum(seen[:3])
+
+
+def test_the_lora_weights_are_fp32_while_training_on_bf16_weights(toy_task):
+    from emloc_nb.lora import attach_lora
+
+    model, _ = tiny_model("llama")
+    peft_model = attach_lora(model.to(torch.bfloat16), LoraSpec(r=4, alpha=8))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    frozen = [p for p in peft_model.parameters() if not p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    peft_model.unload()

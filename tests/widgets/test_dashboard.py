@@ -10,7 +10,16 @@ from emloc_nb.widgets import ActivationsView, CorrectionView, Dashboard, DriftVi
 
 def test_every_tab_builds_from_the_run_directory(run_dir, tiny_run):
     dash = Dashboard(run_dir)
-    assert dash.titles == ["Results", "Spectra", "Rank plan", "Activations", "Drift", "Correction", "Training"]
+    assert dash.titles == [
+        "Results",
+        "Spectra",
+        "Rank plan",
+        "Activations",
+        "Drift",
+        "Correction",
+        "Transfer",
+        "Training",
+    ]  # the Ablation tab comes with Dashboard(run_dir, ablation=DIR)
     results = dash.tabs.children[0].children[0].children[1].value
     for row in tiny_run.results():
         assert row["description"] in results and f"{row['answer_loss']:.3f}" in results
@@ -58,7 +67,7 @@ def test_a_tab_that_fails_to_build_says_so(run_dir, monkeypatch):
     assert isinstance(dash.view("Rank plan"), RankPlanner)  # the other tabs still build
 
 
-def test_views_and_report_need_no_model(run_dir, tmp_path, monkeypatch):
+def test_views_and_report_need_no_model(run_dir, tiny_ablation, tmp_path, monkeypatch):
     from emloc_nb.widgets import write_report
 
     def no_model(*args, **kwargs):
@@ -68,7 +77,7 @@ def test_views_and_report_need_no_model(run_dir, tmp_path, monkeypatch):
         monkeypatch.setattr(loader, no_model)
     monkeypatch.setattr(Run, "original", no_model)
     monkeypatch.setattr(Run, "emulator", no_model)  # the views read the spectra, not the emulator's weights
-    dash = Dashboard(run_dir)
+    dash = Dashboard(run_dir, ablation=tiny_ablation[0])
     for index, title in enumerate(dash.titles):
         dash.tabs.selected_index = index
         shown = dash.tabs.children[index].children[0]

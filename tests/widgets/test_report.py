@@ -12,6 +12,7 @@ from emloc_nb.run import Run
 from emloc_nb.widgets import write_report
 
 FIGURES = {
+    "fig-memory-phases",
     "fig-kept-energy",
     "fig-ranks",
     "fig-spectrum-worst",
@@ -50,7 +51,7 @@ def test_cli_report_on_a_partial_run(run_dir, tmp_path):
     run = Run(partial)
     shutil.rmtree(run.path("drift"))
     shutil.rmtree(run.path("correction"))
-    assert main(["report", str(partial)]) == 0
+    assert main(["report", "--run-dir", str(partial)]) == 0
     text = run.path("report").read_text(encoding="utf-8")
     assert "No drift report yet" in text and "No correction report yet" in text
     assert 'id="fig-kept-energy"' in text and 'id="fig-drift-by-block"' not in text

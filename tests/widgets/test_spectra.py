@@ -9,6 +9,7 @@ import pytest
 
 from emloc_nb.widgets import SpectrumView
 from emloc_nb.widgets.plots.common import trace
+from emloc_nb.widgets.plots.spectra import block_grid, kept_energy_figure
 
 
 def kept_energy(spectra, name: str, rank: int) -> float:
@@ -65,12 +66,30 @@ def test_layer_switch_redraws_both_spectra(spectra):
     assert trace(view.spectrum, "plan rank").x == (plan, plan)
 
 
+def cells(view, name: str) -> list[float]:
+    """A summary heatmap's values, one per layer in the spectra's row order (block_grid's cells)."""
+    z = trace(view.summary, name).z
+    return [z[i][j] for i, j in block_grid(view.spectra.rows)[2]]
+
+
+def test_summary_heatmap_has_one_cell_per_layer_and_no_overlapping_labels(spectra):
+    labels, columns, cell = block_grid(spectra.rows)
+    assert len(set(cell)) == len(spectra.rows)  # every layer its own cell
+    assert columns == list(dict.fromkeys(r["kind"] for r in spectra.rows))
+    assert labels == [f"block {b}" for b in sorted({r["block"] for r in spectra.rows})]
+    fig = kept_energy_figure(spectra)
+    assert [t.name for t in fig.data] == ["built plan"]
+    dense = [r for r in spectra.rows if r["rank"] is None]
+    text = trace(fig, "built plan").text
+    assert dense and all(text[i][j] == "dense" for (i, j), r in zip(cell, spectra.rows) if r["rank"] is None)
+
+
 def test_summary_shows_plan_rows_and_live_uniform_ratio(spectra):
     view = SpectrumView(spectra, ratio=0.5)
-    assert list(trace(view.summary, "built plan").y) == pytest.approx([r["energy_kept"] for r in spectra.rows])
-    before = list(trace(view.summary, "uniform ρ").y)
+    assert cells(view, "built plan") == pytest.approx([r["energy_kept"] for r in spectra.rows])
+    before = cells(view, "uniform ρ")
     view.ratio.value = 0.2
-    after = list(trace(view.summary, "uniform ρ").y)
+    after = cells(view, "uniform ρ")
     expected = [
         kept_energy(spectra, r["name"], math.floor(0.2 * r["d_in"] * r["d_out"] / (r["d_in"] + r["d_out"])))
         for r in spectra.rows
@@ -89,7 +108,7 @@ def test_rank_slider_moves_the_summary_to_the_new_ratio(spectra):
         kept_energy(spectra, r["name"], max(1, math.floor(rho * r["d_in"] * r["d_out"] / (r["d_in"] + r["d_out"]))))
         for r in spectra.rows
     ]
-    assert list(trace(view.summary, "uniform ρ").y) == pytest.approx(expected, rel=1e-9)
+    assert cells(view, "uniform ρ") == pytest.approx(expected, rel=1e-9)
     assert f"ρ = {rho:.2f}" in view.summary.layout.title.text
 
 

@@ -44,6 +44,7 @@ def channel_figure(inp, *, factor: float = 6.0, title: str = "") -> go.Figure:
         xaxis_title="channel",
         yaxis_title="|x| over real tokens",
         yaxis_type="log",
+        yaxis_exponentformat="power",
     )
     return fig
 
@@ -70,6 +71,7 @@ def eigen_figure(inp, *, title: str = "", eigenvalues=None) -> go.Figure:
         xaxis_title="index (largest first)",
         yaxis_title="eigenvalue",
         yaxis_type="log",
+        yaxis_exponentformat="power",
         showlegend=False,
     )
     return fig

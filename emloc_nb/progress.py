@@ -1,0 +1,72 @@
+"""Progress of the long loops: a tqdm bar where someone watches it, else a line every few seconds.
+
+A terminal or a notebook gets tqdm. A stage process writes to a pipe that its parent
+forwards (`emloc run`, `make demo`), where a bar would stay silent or pile up
+carriage returns; there each loop prints a line when it starts, every
+EMLOC_PROGRESS_SECONDS (default 5) and when it ends:
+
+    [progress] finetune_emulator · finetune 12/60 (20%) · 1m23s elapsed · 6.9 s/it
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+PREFIX = "[progress]"
+stage: str | None = None  # the stage this process runs (set by emloc_nb.stages.main), named in each line
+
+
+def progress(
+    iterable: Iterable, *, desc: str, total: int | None = None, initial: int = 0, enabled: bool = True
+) -> Iterable:
+    """`iterable`, reporting its progress on stderr (a bar or lines, see the module) unless not `enabled`."""
+    if not enabled:
+        return iterable
+    if _in_notebook() or sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, initial=initial)
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable) + initial
+    return _lines(iterable, desc, total, initial, float(os.environ.get("EMLOC_PROGRESS_SECONDS", "5")))
+
+
+def _in_notebook() -> bool:
+    """A Jupyter kernel runs this (checked without importing IPython, which the core never does itself)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def _report(desc: str, done: int, total: int | None, initial: int, elapsed: float) -> None:
+    where = f"{stage} · {desc}" if stage else desc
+    count = f"{done}/{total} ({done / total:.0%})" if total else str(done)
+    line = f"{PREFIX} {where} {count} · {_duration(elapsed)} elapsed"
+    steps = done - initial
+    if steps > 0 and elapsed > 0:
+        per = elapsed / steps
+        line += f" · {per:.2f} s/it" if per >= 1 else f" · {1 / per:.1f} it/s"
+    print(line, file=sys.stderr, flush=True)
+
+
+def _lines(iterable: Iterable, desc: str, total: int | None, initial: int, every: float) -> Iterator:
+    started = last = time.monotonic()
+    done = initial
+    _report(desc, done, total, initial, 0.0)
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every or done == total:
+            _report(desc, done, total, initial, now - started)
+            last = now
+    if done != total and total is not None and done > initial:  # ended early (stop_after)
+        _report(desc, done, total, initial, time.monotonic() - started)

@@ -1,0 +1,353 @@
+"""A streamed build: calibrate and compress a checkpoint one block at a time, never holding the whole original.
+
+    embeddings → the calibration batches' hidden states at the first block's input
+    for each block: load its tensors from the safetensors shards, push the hidden states
+                    through it while accumulating its inputs' second moments, factor its
+                    linear layers, write its part of the emulator, free it
+
+The peak is about one block, the embeddings and the calibration hidden states, instead
+of the whole model (bench/results/streaming_build.md). The statistics, the emulator and
+their fingerprints are those the in-memory path (`collect_stats`, `build_emulator`)
+gives, up to float summation order (a test checks).
+
+Blocks must take the same inputs in every layer (one attention mask, one set of
+rotary embeddings), which holds for Llama-style decoders (Llama, Qwen2, Mistral without
+sliding windows); other models are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifacts import atomic_dir, read_tensors, safetensors_header, write_json, write_manifest, write_tensors
+from .calibration import CalibrationStats, collect_stats
+from .emulator import WEIGHTS_INDEX, Emulator, Whiteners, factor_layer, manifest_config, write_emulator_metadata
+from .errors import EmlocError
+from .memory import phase
+from .models import (
+    block_index,
+    block_linears,
+    checkpoint_files,
+    fingerprint_of,
+    linear_layers,
+    linear_weight,
+    resolve_checkpoint,
+    resolve_device,
+    skeleton,
+    tensor_sample,
+    torch_dtype,
+)
+from .progress import progress as progress_bar
+from .ranks import RankPlan
+from .spectra import SpectrumTable
+
+
+class Checkpoint:
+    """A safetensors checkpoint directory read a few tensors at a time: which file holds each, and its skeleton."""
+
+    def __init__(self, source: str | os.PathLike, *, trust_remote_code: bool = False):
+        self.path = resolve_checkpoint(source)
+        self.trust_remote_code = trust_remote_code
+        files = checkpoint_files(self.path)
+        if not files:
+            raise EmlocError(
+                f"{self.path} has no model.safetensors or model.safetensors.index.json, which a streamed build "
+                "reads. Save the model with save_pretrained, or set emulator.streaming: false."
+            )
+        self.weight_map = {name: file for file in files for name in safetensors_header(file)}
+
+    def skeleton(self) -> nn.Module:
+        """The model with its parameters on the meta device; buffers such as rotary frequencies are real."""
+        model = skeleton(self.path, trust_remote_code=self.trust_remote_code)
+        model.eval()
+        return model
+
+    def tensors(self, names: list[str], *, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """The named tensors, converted and placed one at a time (artifacts.read_tensors)."""
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise EmlocError(f"{self.path} lacks {missing[:3]}. The checkpoint is incomplete or of another model.")
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for file, keys in by_file.items():
+            out.update(read_tensors(file, dtype=dtype, device=device, names=keys))
+        return out
+
+
+class _Captured(Exception):
+    def __init__(self, hidden: torch.Tensor, kwargs: dict):
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+class _Capture(nn.Module):
+    """Stands in for the first block: records what the model passes it, then stops the forward."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if hasattr(block, "attention_type"):
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise EmlocError("A streamed build needs blocks called with keyword arguments after the hidden states.")
+        raise _Captured(hidden_states, kwargs)
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated blocks ("model.layers") and its name."""
+    names = {n.rsplit(f".{block_index(n)}.", 1)[0] for n in block_linears(model)}
+    if len(names) != 1:
+        raise EmlocError(f"Found block lists {sorted(names)}; a streamed build needs exactly one.")
+    name = names.pop()
+    blocks = model.get_submodule(name)
+    if not isinstance(blocks, nn.ModuleList):
+        raise EmlocError(f"{name} is not a ModuleList of blocks; this model cannot be built by streaming.")
+    kinds = {getattr(b, "attention_type", None) for b in blocks}
+    if len(kinds) > 1:
+        raise EmlocError(
+            f"The blocks of this model take different attention masks ({sorted(map(str, kinds))}); a streamed build "
+            "needs one for all. Set emulator.streaming: false."
+        )
+    return name, blocks
+
+
+def _run_block(block: nn.Module, batch: Mapping) -> torch.Tensor:
+    out = block(batch["hidden"], **batch["kwargs"])
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+@phase("streamed build")
+def stream(
+    source: str | os.PathLike,
+    *,
+    batch_sets: Mapping[str, list[dict]] | None = None,
+    stats: CalibrationStats | None = None,
+    output: str | os.PathLike | None = None,
+    plan: RankPlan | float = 0.5,
+    mode: str = "whitened",
+    eps: float = 1e-6,
+    shrinkage: float = 0.0,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    keep_stats: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, CalibrationStats]:
+    """One pass over the blocks of the checkpoint at `source`; returns the statistics of each batch set.
+
+    - `batch_sets` ({"train": batches, "heldout": batches}): calibration batches whose
+      hidden states go through each block; its inputs' statistics are collected per set.
+    - `output`: write the emulator there (`plan`, `mode`, `eps`, `shrinkage` as in build_emulator),
+      factored from the "train" set's statistics, or from `stats` when no set is given.
+    - `keep_stats=False`: drop each block's statistics once it is factored (nothing is
+      returned), so memory stays at about one block however large the model.
+    """
+    if not batch_sets and output is None:
+        raise EmlocError("Nothing to do: pass batch_sets (to calibrate) and/or output (to build the emulator).")
+    if output is not None and stats is None and "train" not in (batch_sets or {}):
+        raise EmlocError("Building the emulator needs statistics: pass stats, or batch_sets with a 'train' set.")
+    if mode not in ("whitened", "plain"):
+        raise EmlocError(f"Unknown mode {mode!r}. Use 'whitened' (activation-aware) or 'plain' (the SVD baseline).")
+    dtype, device = torch_dtype(dtype), resolve_device(device)
+    checkpoint = Checkpoint(source, trust_remote_code=trust_remote_code)
+    model = checkpoint.skeleton()
+    blocks_name, blocks = _blocks(model)
+    state = model.state_dict(keep_vars=True)
+    stored = {}  # tied weights (the LM head) are read once, under the first of their names the checkpoint has
+    for name, p in state.items():
+        if name in checkpoint.weight_map:
+            stored.setdefault(id(p), name)
+    source_of = {name: stored.get(id(p)) for name, p in state.items()}
+    missing = [n for n, s in source_of.items() if s is None]
+    if missing:
+        raise EmlocError(f"{checkpoint.path} lacks {missing[:3]}. The checkpoint is incomplete or of another model.")
+    targets = block_linears(model)
+    plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
+    choices = plan.resolve({n: tuple(linear_weight(m).shape) for n, m in targets.items()})
+    original_samples, emulator_samples = [], []
+    collected: dict[str, dict] = {split: {} for split in batch_sets or {}}
+    tokens: dict[str, int] = {}
+    rows, spectra, ranks, layer_bias, weight_map = [], {}, {}, {}, {}
+
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(output, overwrite=overwrite)) if output is not None else None
+        # Everything outside the blocks (embeddings, final norm, LM head): read once, written to the emulator,
+        # used for the first block's inputs, then freed.
+        outer = [n for n in state if block_index(n) is None]
+        loaded = checkpoint.tensors(sorted({source_of[n] for n in outer}), dtype=dtype, device=device)
+        model.load_state_dict({n: loaded[source_of[n]] for n in outer}, strict=False, assign=True)
+        model.tie_weights()
+        _buffers_to(model, device)
+        for n in outer:
+            original_samples.append(tensor_sample(n, loaded[source_of[n]]))
+        emulator_samples += original_samples
+        if tmp is not None:
+            write_tensors(tmp / "emulator-outer.safetensors", loaded)
+            weight_map.update(dict.fromkeys(loaded, "emulator-outer.safetensors"))
+        del loaded
+        hidden = {
+            split: [_first_input(model, blocks, b) for b in batches] for split, batches in (batch_sets or {}).items()
+        }
+        for parent in {n.rpartition(".")[0] for n in outer}:
+            model.get_submodule(parent).to("meta")
+
+        for i in progress_bar(range(len(blocks)), desc="streamed build", total=len(blocks), enabled=progress):
+            prefix = f"{blocks_name}.{i}."
+            block = blocks[i]
+            names = [n for n in state if n.startswith(prefix)]
+            loaded = checkpoint.tensors([source_of[n] for n in names], dtype=dtype, device=device)
+            block.load_state_dict({n.removeprefix(prefix): loaded[source_of[n]] for n in names}, assign=True)
+            original_samples += [tensor_sample(n, loaded[source_of[n]]) for n in names]
+            del loaded
+            local = [n.removeprefix(prefix) for n in targets if n.startswith(prefix)]
+            for split, batches in hidden.items():
+                outputs = []
+                block_stats = collect_stats(
+                    block,
+                    batches,
+                    layers=local,
+                    forward_fn=lambda b, x, outputs=outputs: outputs.append(_run_block(b, x)),
+                    progress=False,
+                )
+                tokens[split] = block_stats.tokens
+                for key, s in block_stats.inputs.items():
+                    s.layers = [prefix + n for n in s.layers]
+                    collected[split][prefix + key] = s
+                hidden[split] = [{**batch, "hidden": h} for batch, h in zip(batches, outputs)]
+            if tmp is not None:
+                whiteners = Whiteners(stats or CalibrationStats(collected["train"], "", 0), eps, shrinkage)
+                for n in local:
+                    full = prefix + n
+                    low, row, spectra[full] = factor_layer(
+                        full, block.get_submodule(n), choices[full], whiteners.get(full, device), mode
+                    )
+                    rows.append(row)
+                    if low is not None:
+                        parent, _, child = n.rpartition(".")
+                        setattr(block.get_submodule(parent) if parent else block, child, low)
+                        ranks[full], layer_bias[full] = low.rank, low.up.bias is not None
+                del whiteners
+                written = {prefix + n: t for n, t in block.state_dict().items()}
+                shard = f"emulator-{i:05d}.safetensors"
+                write_tensors(tmp / shard, written)
+                weight_map.update(dict.fromkeys(written, shard))
+                emulator_samples += [tensor_sample(n, t) for n, t in written.items()]
+                del written
+            blocks[i] = block.to("meta")  # the block's weights are freed here
+            del block
+            if not keep_stats:  # and its statistics: a 1B model's second moments are several GB in all
+                for inputs in collected.values():
+                    for key in [k for k in inputs if k.startswith(prefix)]:
+                        del inputs[key]
+
+        original_fingerprint = fingerprint_of(original_samples)
+        examples = {split: sum(len(b["input_ids"]) for b in batch_sets[split]) for split in collected}
+        results = {
+            split: CalibrationStats(inputs, original_fingerprint, examples[split])
+            for split, inputs in collected.items()
+            if keep_stats
+        }
+        if tmp is not None:
+            if stats is not None and stats.model_fingerprint != original_fingerprint:
+                raise EmlocError(
+                    f"The calibration statistics belong to a model with fingerprint {stats.model_fingerprint}, but "
+                    f"{checkpoint.path} has fingerprint {original_fingerprint}. Calibrate this checkpoint first."
+                )
+            calibration = (
+                {"examples": stats.examples, "tokens": stats.tokens}
+                if stats is not None
+                else {"examples": examples["train"], "tokens": tokens["train"]}
+            ) | {"shrinkage": shrinkage}
+            skipped = [
+                {"name": n, "reason": "outside the repeated blocks (embeddings and the LM head are kept)"}
+                for n in linear_layers(model)
+                if n not in targets
+            ]
+            write_json(tmp / WEIGHTS_INDEX, {"weight_map": weight_map})
+            write_emulator_metadata(
+                tmp,
+                model_config=model.config,
+                model_class=type(model).__name__,
+                spectra=SpectrumTable(rows, spectra, skipped),
+                tokenizer=_tokenizer(checkpoint),
+                original_fingerprint=original_fingerprint,
+                emulator_fingerprint=fingerprint_of(emulator_samples),
+                mode=mode,
+                plan=plan,
+                ranks=ranks,
+                layer_bias=layer_bias,
+                calibration=calibration,
+            )
+            # Written last, once the original's fingerprint is known: it lists every file above.
+            write_manifest(
+                tmp,
+                kind="emulator",
+                model_fingerprint=original_fingerprint,
+                config=manifest_config(plan, mode, shrinkage),
+            )
+    return results
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move the real buffers (rotary frequencies) to `device`; the blocks' meta parameters stay where they are."""
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[key] = buffer.to(device)
+
+
+def _first_input(model: nn.Module, blocks: nn.ModuleList, batch: dict) -> dict:
+    """The batch as the first block sees it: hidden states and the keyword arguments the model passes blocks."""
+    from .models import model_inputs, on_device
+
+    first = blocks[0]
+    blocks[0] = _Capture(first)
+    try:
+        moved = on_device(model, batch)
+        model(**model_inputs(model, moved), use_cache=False)
+    except _Captured as c:
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch.get("attention_mask"),
+            "hidden": c.hidden,
+            "kwargs": {k: v for k, v in c.kwargs.items() if k not in ("use_cache",)},
+        }
+    finally:
+        blocks[0] = first
+    raise EmlocError("The model never called its first block; it cannot be built by streaming.")
+
+
+def _tokenizer(checkpoint: Checkpoint):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(checkpoint.path), trust_remote_code=checkpoint.trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError):  # a checkpoint without tokenizer files (a synthetic benchmark model)
+        return None
+
+
+def build_streaming(
+    source: str | os.PathLike, batches: list[dict], plan: RankPlan | float, output: str | os.PathLike, **kwargs
+) -> Emulator:
+    """Calibrate on `batches` and build the emulator into `output` in one streamed pass, holding about one block.
+
+    Each block's statistics are dropped once it is factored (`stream(..., keep_stats=True)`
+    keeps them). The emulator is loaded back from `output` (memory-mapped).
+    """
+    stream(source, batch_sets={"train": batches}, output=output, plan=plan, keep_stats=False, **kwargs)
+    return Emulator.load(output)
+
+
+__all__ = ["Checkpoint", "build_streaming", "stream"]

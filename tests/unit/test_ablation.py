@@ -1,0 +1,96 @@
+"""`emloc ablate` on a tiny model: every method runs, the table aggregates over seeds, and it resumes."""
+
+import json
+import math
+
+import pytest
+
+from emloc_nb import EmlocError
+from emloc_nb.ablation import Ablation, AblationReport, AblationSpec
+from emloc_nb.cli import main as cli
+
+from ..conftest import tiny_run_config
+
+
+@pytest.fixture
+def ablation(tiny_ablation):
+    return tiny_ablation
+
+
+def test_every_method_has_a_row_per_seed_and_budget(ablation):
+    directory, config, spec, report = ablation
+    keys = {(r["method"], r["seed"], r["budget"]) for r in report.rows}
+    assert len(keys) == len(report.rows)  # no duplicates
+    for seed in (0, 1):
+        assert ("zero-shot", seed, None) in keys and ("full", seed, None) in keys
+        for budget in (0.5, 0.8):
+            assert {("naive", seed, budget), ("L=3", seed, budget), ("L=3+prior", seed, budget)} <= keys
+        for method in ("plain-naive", "placebo", "lstsq", "lstsq+prior", "eigen", "shrinkage", "L=1", "L=inf"):
+            assert (method, seed, 0.5) in keys and (method, seed, 0.8) not in keys  # the main budget only
+    for r in report.rows:
+        assert 0 <= r["accuracy"] <= 1 and len(r["correct"]) == r["examples"]
+        assert r["accuracy"] == pytest.approx(sum(r["correct"]) / r["examples"])
+    zero = [r for r in report.rows if r["method"] == "zero-shot"]
+    assert zero[0]["correct"] == zero[1]["correct"]  # the original's answers do not depend on the seed
+
+
+def test_summary_is_mean_and_std_over_seeds_with_paired_tests(ablation):
+    _, _, _, report = ablation
+    summary = {(r["method"], r["budget"]): r for r in report.summary()}
+    rows = [r for r in report.rows if r["method"] == "L=3" and r["budget"] == 0.5]
+    accs = [r["accuracy"] for r in rows]
+    s = summary[("L=3", 0.5)]
+    assert s["seeds"] == 2 and s["accuracy"] == pytest.approx(sum(accs) / 2)
+    assert s["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+    assert s["low"] <= s["diff"] <= s["high"] and 0 <= s["p_mcnemar"] <= 1
+    zero, full = summary[("zero-shot", None)]["accuracy"], summary[("full", None)]["accuracy"]
+    if full != zero:
+        assert s["recovered"] == pytest.approx((s["accuracy"] - zero) / (full - zero))
+    assert "diff" not in summary[("naive", 0.5)]  # naive is what the others are paired against
+
+
+def test_files_markdown_and_resume(ablation, tiny_files, capsys):
+    directory, config, spec, report = ablation
+    loaded = AblationReport.load(directory)
+    assert loaded.rows == json.loads(json.dumps(report.rows))
+    text = (directory / "ablation.md").read_text()
+    assert "| whitened emulator, naive transfer | 0.5 |" in text and "McNemar" in text and "Goals at ρ = 0.5" in text
+    stamps = {p: p.stat().st_mtime_ns for p in (directory / "transfers").rglob("evaluation.json")}
+    again = Ablation(directory, config, spec).execute(isolate=False, log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # every row reused, nothing recomputed
+    assert [r["accuracy"] for r in again.rows] == [r["accuracy"] for r in report.rows]
+
+
+def test_cli_ablate_and_bad_specs(tiny_files, tmp_path, capsys):
+    root, model, data = tiny_files
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(tiny_run_config(model, data).to_dict()))
+    args = ["ablate", str(config), "--dir", str(tmp_path / "a"), "--seeds", "1", "--budgets", "0.5", "--in-process"]
+    assert cli(args + ["--methods", "zero-shot", "naive", "naive+prior"]) == 0
+    out = capsys.readouterr().out
+    assert "naive + prior correction" in out and "Runtime" in out
+    with pytest.raises(EmlocError, match="Unknown ablation method"):
+        AblationSpec(methods=["nope"])
+    with pytest.raises(EmlocError, match="budgets in"):
+        AblationSpec(budgets=[1.5])
+
+
+def test_runs_of_a_seed_share_one_calibration(ablation):
+    directory, _, _, _ = ablation
+    contents = []
+    for seed in (0, 1):
+        files = sorted((directory / "runs").glob(f"seed{seed}-*/calibrate/train/calibration.safetensors"))
+        assert len(files) == 5  # whitened at two budgets, plain, eigen, shrinkage
+        contents.append({f.read_bytes() for f in files})
+        assert len(contents[-1]) == 1
+    assert contents[0] != contents[1]  # another seed draws other examples
+
+
+def test_copy_from_refuses_a_run_that_calibrated_otherwise(ablation):
+    directory, config, spec, _ = ablation
+    abl = Ablation(directory, config, spec)
+    seed0, seed1 = abl.run(0, 0.5, "whitened"), abl.run(1, 0.8, "whitened")
+    with pytest.raises(EmlocError, match="differs from .* in seed"):
+        seed1.copy_from(seed0, "calibration:train")
+    with pytest.raises(EmlocError, match="cannot be shared"):
+        seed1.copy_from(seed0, "emulator")

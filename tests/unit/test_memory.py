@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from emloc_nb import memory
+from emloc_nb.memory import PhaseMeter, phase, rss_mb
+
+MB = 2**20
+
+
+def _touch(mb: int) -> torch.Tensor:
+    return torch.ones(mb * MB // 4)  # written, so resident
+
+
+def _phases_measure_their_own_peaks():
+    with PhaseMeter() as meter:
+        with phase("big"):
+            big = _touch(96)
+            del big
+        with phase("small"):
+            small = _touch(8)
+            del small
+        with phase("outer"), phase("inner"):
+            inner = _touch(48)
+            del inner
+    return meter
+
+
+def test_a_phase_peak_is_its_own_after_a_reset():
+    meter = _phases_measure_their_own_peaks()
+    p = meter.phases
+    assert p["big"]["peak_rss_mb"] >= p["big"]["start_rss_mb"] + 90
+    # the peak was reset: the large tensor freed before "small" does not show in its peak
+    assert p["small"]["peak_rss_mb"] < p["big"]["peak_rss_mb"] - 60
+    assert p["small"]["peak_rss_mb"] >= p["small"]["start_rss_mb"] + 7
+    # a nested phase's peak counts toward the phase around it
+    assert p["outer"]["peak_rss_mb"] >= p["inner"]["peak_rss_mb"] >= p["inner"]["start_rss_mb"] + 45
+    assert meter.peak_rss_mb >= p["big"]["peak_rss_mb"]
+    assert all(v["seconds"] >= 0 for v in p.values())
+
+
+def test_the_sampling_fallback_measures_too(monkeypatch):
+    monkeypatch.setattr(memory._ClearRefs, "available", staticmethod(lambda: False))
+    meter = _phases_measure_their_own_peaks()
+    assert meter.method == "sampled"
+    assert meter.phases["big"]["peak_rss_mb"] >= meter.phases["big"]["start_rss_mb"] + 90
+
+
+def test_a_repeated_phase_keeps_its_largest_peak_and_adds_its_time():
+    with PhaseMeter() as meter:
+        for mb in (64, 8):
+            with phase("step"):
+                t = _touch(mb)
+                del t
+    step = meter.phases["step"]
+    assert step["peak_rss_mb"] >= step["start_rss_mb"] + 60
+
+
+def test_phases_outside_a_meter_record_nothing():
+    with phase("nothing"):
+        x = _touch(1)
+    assert x.numel() and memory._ACTIVE.get() is None
+
+
+def test_returning_freed_memory_to_the_os():
+    if not memory.return_freed_memory():
+        pytest.skip("not glibc")
+    before = rss_mb()
+    chunks = [_touch(4) for _ in range(32)]  # 128 MB in blocks the heap would otherwise keep
+    del chunks
+    assert rss_mb() < before + 40
+
+
+def test_stage_records_show_each_phase(tiny_run):
+    # In process (as here) the original is loaded once and shared; the emulator is loaded by each stage.
+    records = tiny_run.stage_records()
+    phases = {step: set(r["phases"]) for step, r in records.items()}
+    assert {"load", "calibration"} <= phases["calibrate"]
+    assert "factoring" in phases["emulator"]
+    assert {"load", "train_first_step", "train_steps"} <= phases["finetune_emulator"]
+    assert "evaluation" in phases["evaluate-original"] and "load" in phases["evaluate-emulator"]
+    assert "adapter_load" in phases["evaluate-original+corrected"] and "correction" in phases["correct"]
+    steady = records["finetune_emulator"]["phases"]["train_steps"]
+    assert steady["peak_rss_mb"] >= steady["start_rss_mb"] > 0 and records["calibrate"]["peak_method"]

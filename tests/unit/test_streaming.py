@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from emloc_nb import EmlocError, Emulator, Run, build_emulator, collect_stats, fingerprint, load_model, tiny_model
+from emloc_nb.data import batches
+from emloc_nb.streaming import build_streaming, stream
+
+from ..conftest import tiny_run_config
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def sharded(request, tmp_path_factory):
+    """A tiny model saved in several safetensors shards, and the same model loaded whole."""
+    root = tmp_path_factory.mktemp(f"sharded-{request.param}")
+    model, tok = tiny_model(request.param, layers=3)
+    model.save_pretrained(root / "ckpt", max_shard_size="100KB")
+    tok.save_pretrained(root / "ckpt")
+    assert len(list((root / "ckpt").glob("model-*.safetensors"))) > 3
+    return root, load_model(root / "ckpt")
+
+
+def test_the_streamed_emulator_equals_the_in_memory_one(sharded, toy_task):
+    root, (model, tok) = sharded
+    calib = batches(tok, toy_task.train, batch_size=8, limit=32)
+    stats = collect_stats(model, calib, progress=False)
+    whole = build_emulator(model, stats, 0.5, progress=False)
+    streamed_stats = stream(
+        root / "ckpt", batch_sets={"train": calib}, output=root / "streamed", plan=0.5, overwrite=True, progress=False
+    )["train"]
+    streamed = Emulator.load(root / "streamed")
+
+    assert streamed_stats.model_fingerprint == stats.model_fingerprint == fingerprint(model)
+    assert list(streamed_stats.inputs) == list(stats.inputs)
+    for key, s in stats.inputs.items():
+        t = streamed_stats.inputs[key]
+        assert t.layers == s.layers and t.tokens == s.tokens
+        assert torch.allclose(t.second_moment, s.second_moment, rtol=1e-6, atol=1e-8)
+    a, b = whole.model.state_dict(), streamed.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert streamed.ranks == whole.ranks and streamed.original_fingerprint == whole.original_fingerprint
+    assert streamed.fingerprint == whole.fingerprint
+    for r, s in zip(whole.spectra.rows, streamed.spectra.rows):
+        assert r["name"] == s["name"] and r["predicted_error"] == pytest.approx(s["predicted_error"], rel=1e-6)
+    assert len(list((root / "streamed").glob("emulator-*.safetensors"))) == 4  # the outer tensors, then a block each
+    # the one-pass build that drops each block's statistics once factored builds the same emulator
+    lean = build_streaming(root / "ckpt", calib, 0.5, root / "lean", overwrite=True, progress=False)
+    assert lean.fingerprint == whole.fingerprint and lean.calibration == whole.calibration
+    # the streamed emulator is a normal one: it runs and checks against its original
+    Emulator.load(root / "streamed", original=model)
+    out = streamed.model(input_ids=calib[0]["input_ids"], attention_mask=calib[0]["attention_mask"]).logits
+    assert torch.allclose(
+        out, whole.model(input_ids=calib[0]["input_ids"], attention_mask=calib[0]["attention_mask"]).logits, atol=1e-4
+    )
+
+
+def test_a_streamed_build_from_saved_statistics_checks_they_belong_to_the_checkpoint(sharded, toy_task, tmp_path):
+    root, (model, tok) = sharded
+    calib = batches(tok, toy_task.train, batch_size=8, limit=16)
+    other, _ = tiny_model("llama", seed=5, layers=3)
+    with pytest.raises(EmlocError, match="Calibrate this checkpoint"):
+        stream(root / "ckpt", stats=collect_stats(other, calib, progress=False), output=tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(EmlocError, match="needs statistics"):
+        stream(root / "ckpt", output=tmp_path / "e", progress=False)
+
+
+def test_a_gguf_or_a_folder_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(EmlocError, match="GGUF"):
+        stream(tmp_path / "m.gguf", batch_sets={"train": []})
+    model, _ = tiny_model("llama")
+    model.config.save_pretrained(tmp_path / "bare")
+    with pytest.raises(EmlocError, match="model.safetensors"):
+        stream(tmp_path / "bare", batch_sets={"train": []})
+
+
+def test_the_pipeline_streams_when_asked_and_builds_the_same_emulator(tiny_files):
+    root, model, data = tiny_files
+    whole = Run(root / "whole", tiny_run_config(model, data, baseline=False))
+    whole.run_all(isolate=False, until="emulator")
+    config = tiny_run_config(model, data, baseline=False)
+    config.emulator.streaming = True
+    streamed = Run(root / "streamed", config)
+    streamed.run_all(isolate=False, until="emulator")
+    assert not any(k.startswith("original") for k in streamed._cache)  # the whole original was never loaded
+    for split in ("train", "heldout"):
+        a, b = whole.calibration(split), streamed.calibration(split)
+        assert a.model_fingerprint == b.model_fingerprint
+        assert all(torch.allclose(a.inputs[k].second_moment, b.inputs[k].second_moment, atol=1e-8) for k in a.inputs)
+    a, b = whole.emulator(), streamed.emulator()
+    assert a.fingerprint == b.fingerprint and a.ranks == b.ranks
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    streamed.run_stage("drift", isolate=False)  # the later stages take the streamed emulator as any other
+    assert streamed.drift().summary["kl"] >= 0

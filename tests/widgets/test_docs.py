@@ -1,0 +1,88 @@
+"""Static pages of the tutorials (`make docs`): views as figures, LaTeX as MathML, nothing from the network."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from emloc_nb.widgets import CorrectionView, Dashboard
+from emloc_nb.widgets.static import view_html
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def docs_build():
+    spec = importlib.util.spec_from_file_location("docs_build", REPO / "docs" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_view_renders_statically_with_every_figure_and_control(run_dir, correction_report, monkeypatch):
+    monkeypatch.setenv("EMLOC_STATIC_VIEWS", "1")
+    view = CorrectionView(correction_report)
+    bundle = view._repr_mimebundle_()
+    assert set(bundle) == {"text/html", "text/plain"}
+    page = bundle["text/html"]
+    assert page.count('class="plotly-graph-div"') == sum(1 for _ in _figures(view.widget))
+    assert "L: <b>clamp L</b>" in page and "L: <b>3</b>" in page  # the clamp control as its label and value
+    dash = Dashboard(run_dir)
+    page = view_html(dash.static_widget())
+    for title in dash.titles:  # every tab, built for the page
+        assert f"<h3>{title}</h3>" in page
+    assert "failed:" not in page and "Nothing to show yet" not in page
+    assert f"EMLoC run · {Path(run_dir).name}</h2>" in page and str(run_dir) not in page  # no machine path
+    monkeypatch.delenv("EMLOC_STATIC_VIEWS")
+    assert "application/vnd.jupyter.widget-view+json" in view._repr_mimebundle_()  # live again
+
+
+def _figures(widget):
+    import plotly.graph_objects as go
+
+    if isinstance(widget, go.FigureWidget):
+        yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _figures(child)
+
+
+def test_latex_becomes_mathml_and_code_spans_stay(docs_build):
+    text = docs_build.latex_to_mathml("Energy $E\\|W x\\|^2$ and `$HOME` cost $$r(d_{in} + d_{out})$$, 5 $ each")
+    assert text.count("<math") == 2 and 'display="block"' in text and "`$HOME`" in text
+    assert text.endswith("5 $ each")
+
+
+def test_a_notebook_page_has_its_outputs_and_loads_nothing_remote(docs_build, run_dir, tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# Title\n\nThe emulator keeps $W_E = U_r \\Sigma_r V_r^\\top S^{-1}$."),
+        nbformat.v4.new_code_cell(
+            "from emloc_nb.run import Run\nfrom emloc_nb.widgets import SpectrumView\n"
+            f"import emloc_nb\nrun = Run({str(run_dir)!r})\nprint(emloc_nb.__file__)"
+        ),
+        nbformat.v4.new_code_cell("SpectrumView(run.spectra())"),
+        nbformat.v4.new_code_cell("run.spectra().to_frame().head(3)"),
+        nbformat.v4.new_code_cell(
+            "from emloc_nb.widgets.plots.spectra import kept_energy_figure\nkept_energy_figure(run.spectra())"
+        ),
+    ]
+    notebook = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, notebook)
+    out = tmp_path / "site"
+    out.mkdir()
+    docs_build.write_plotly_js(out)
+    page = docs_build.build(notebook, out).read_text(encoding="utf-8")
+    assert "EMLOC_STATIC_VIEWS" not in os.environ  # only the kernel rendered statically
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000
+    assert "widget-state+json" not in page  # the views are static: no kernel state copied into the page
+    assert '<script src="plotly.min.js"></script>' in page
+    assert not re.search(r"<script[^>]+src=[\"']https?://", page), "the page loads a script from the network"
+    assert "<math" in page and "$W_E" not in page
+    assert page.count('class="plotly-graph-div"') >= 4  # the view's three figures and the heatmap cell
+    assert "<table" in page and "energy_kept" in page  # the to_frame() table
+    assert str(REPO) not in page and "emloc_nb/__init__.py" in page  # the checkout's paths, not this machine's
