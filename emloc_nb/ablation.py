@@ -308,15 +308,18 @@ def _yes(flag: bool) -> str:
 class Ablation:
     """An ablation directory: its runs, transfers and report (see the module docstring)."""
 
-    def __init__(self, directory: str | Path, config: RunConfig, spec: AblationSpec):
+    def __init__(
+        self, directory: str | Path, config: RunConfig, spec: AblationSpec, *, trust_remote_code: bool = False
+    ):
         self.dir, self.config, self.spec = Path(directory), config, spec
+        self.trust_remote_code = trust_remote_code  # the caller's choice, never the config's
         self._original = None  # (model, tokenizer), loaded once and shared by every run
 
     def original(self):
         if self._original is None:
             from .models import load_model
 
-            self._original = load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
+            self._original = load_model(self.config.model, trust_remote_code=self.trust_remote_code)
         return self._original
 
     def run_config(self, seed: int, budget: float, variant: str) -> RunConfig:
@@ -336,7 +339,11 @@ class Ablation:
     def run(self, seed: int, budget: float, variant: str):
         from .run import Run
 
-        run = Run(self.dir / "runs" / f"seed{seed}-rho{budget:g}-{variant}", self.run_config(seed, budget, variant))
+        run = Run(
+            self.dir / "runs" / f"seed{seed}-rho{budget:g}-{variant}",
+            self.run_config(seed, budget, variant),
+            trust_remote_code=self.trust_remote_code,
+        )
         run.use_original(*self.original())
         return run
 
@@ -439,7 +446,14 @@ class Ablation:
 
 
 def ablate(
-    config: RunConfig, directory: str | Path, spec: AblationSpec | None = None, *, isolate: bool = True, log=print
+    config: RunConfig,
+    directory: str | Path,
+    spec: AblationSpec | None = None,
+    *,
+    isolate: bool = True,
+    log=print,
+    trust_remote_code: bool = False,
 ) -> AblationReport:
     """Run (or resume) the ablation of `config` in `directory`; see the module docstring."""
-    return Ablation(directory, config, spec or AblationSpec()).execute(isolate=isolate, log=log)
+    ablation = Ablation(directory, config, spec or AblationSpec(), trust_remote_code=trust_remote_code)
+    return ablation.execute(isolate=isolate, log=log)

@@ -115,6 +115,12 @@ class CalibrationStats(Report):
             for key, s in self.inputs.items()
         }
 
+    def _model_fingerprint(self) -> str:
+        return self.model_fingerprint
+
+    def _config(self) -> dict:
+        return {"examples": self.examples}
+
     def _metadata(self) -> dict:
         return {
             "model_fingerprint": self.model_fingerprint,

@@ -34,7 +34,6 @@ SHORTCUTS = {
     "plan": "emulator.plan",
     "mode": "emulator.mode",
     "calibration_examples": "calibration.examples",
-    "trust_remote_code": "trust_remote_code",
     "clamp": "correction.clamp",
     "limit": "evaluation.limit",
     "device": "device",
@@ -91,7 +90,7 @@ def _existing_run(args):
     from .run import Run
     from .stages import reconfigure
 
-    run = Run(args.run_dir)
+    run = Run(args.run_dir, trust_remote_code=args.trust_remote_code)
     changes = _changes(args)
     if changes:
         stage = COMMAND_STAGE.get(args.command, f"finetune_{getattr(args, 'target', 'emulator')}")
@@ -140,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="fetch a Hub model or dataset missing from the local cache (never when HF_HUB_OFFLINE is set)",
         )
+        p.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="let the model's own code from its checkpoint run (off by default; never read from a config)",
+        )
 
     def new_run_options(p):
         p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different run")
@@ -167,12 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--plan", help="a rank plan JSON file (ratio, rules, ranks), e.g. from RankPlanner.save")
     p.add_argument("--mode", choices=["whitened", "plain"], help="activation-aware (whitened, default) or plain SVD")
     p.add_argument("--calibration-examples", type=int, help="examples whose activations shape the emulator")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        default=None,
-        help="allow model code from the checkpoint (off by default)",
-    )
 
     p = sub.add_parser("finetune", help="train the LoRA on the emulator (or the original)")
     stage_options(p)
@@ -221,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="only these rows (default: all; see emloc_nb.ablation)")
     p.add_argument("--small", action="store_true", help="tiny settings that finish in minutes (also EMLOC_SMALL=1)")
     p.add_argument("--in-process", action="store_true", help="train in this process (no per-stage processes)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the model's own code from its checkpoint run (off by default; never read from a config)",
+    )
     return parser
 
 
@@ -234,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["EMLOC_ALLOW_DOWNLOAD"] = "1"  # stage processes inherit it
     try:
         return _dispatch(args)
-    except EmlocError as e:
+    except EmlocError as e:  # bad input: one line that names the problem and the fix (2 stays argparse's usage error)
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the system refused (permissions, a full disk): not a bug, so no traceback either
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}. Check the path, its permissions and free space.", file=sys.stderr)
         return 1
 
 
@@ -245,7 +252,7 @@ def _dispatch(args) -> int:
 
     isolate = not getattr(args, "in_process", False)
     if args.command == "run":
-        run = Run(args.run_dir, _new_config(args), overwrite=args.overwrite)
+        run = Run(args.run_dir, _new_config(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
         run.run_all(isolate=isolate)
         _summary(run)
         print()
@@ -253,7 +260,7 @@ def _dispatch(args) -> int:
         _adapter_hint(run)
         print(f"Everything is in {run.dir}. Open the tutorials on it with: make lab")
     elif args.command == "build-emulator":
-        run = Run(args.run_dir, _new_config(args), overwrite=args.overwrite)
+        run = Run(args.run_dir, _new_config(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
         run.run_all(isolate=isolate, until="drift")
         _summary(run)
     elif args.command == "finetune":
@@ -288,7 +295,7 @@ def _dispatch(args) -> int:
 
         config = _new_config(args)
         spec = AblationSpec(seeds=args.seeds, budgets=args.budgets, split=args.split, methods=args.methods)
-        report = ablate(config, args.dir, spec, isolate=isolate)
+        report = ablate(config, args.dir, spec, isolate=isolate, trust_remote_code=args.trust_remote_code)
         print(report.markdown())
     return 0
 

@@ -19,139 +19,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import EmlocError
 
-
-@dataclass
-class TaskSpec:
-    """Where the examples come from, how a record becomes a prompt and an answer, and how they split.
-
-    `source`: a built-in task (movie-sentiment, word-analogies), a .jsonl/.csv file, or `hf:NAME` /
-    `hf:path/to/dir` (a `datasets` dataset from its cache or the Hub, a `save_to_disk` folder, or a folder of
-    parquet/CSV/JSON files). The split into train, validation and test is fixed by `split_seed`, not by the
-    run's seed, so runs with different seeds are scored on the same test examples (and can be compared pair
-    by pair).
-    """
-
-    source: str = "movie-sentiment"
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    choices: list[str] | None = None
-    test_size: float | int | None = None  # a share or a count; None: 1000 for built-in tasks, 0.2 otherwise
-    validation_size: float | int | None = None  # likewise; None: 500 for built-in tasks, 0.1 otherwise
-    split_seed: int = 0
-    split: str | None = None  # hf: sources: the one split to read (then cut three ways); None: all its splits
-    prompt_template: str | None = None  # str.format over the record's columns, e.g. "Review: {text}\nPositive?"
-    answer_map: dict[str, str] | None = None  # answer column value -> answer text, e.g. {0: negative, 1: positive}
-
-    def __post_init__(self):
-        # YAML gives int keys, run.json string keys: one form, so both describe the same run.
-        if self.answer_map is not None:
-            if not isinstance(self.answer_map, dict) or not self.answer_map:
-                raise EmlocError(
-                    f"task.answer_map={self.answer_map!r} must be a mapping of label value -> answer text, "
-                    "e.g. {0: negative, 1: positive}."
-                )
-            self.answer_map = {str(k): str(v) for k, v in self.answer_map.items()}
+# Field metadata the checks read: min/max (inclusive), gt/lt (exclusive), choices, allow_inf (floats are
+# finite unless this is set), regex (a string that must compile), nonempty (a string or list), unique (a list),
+# check (a function of the value and its name), hint (what the values mean, for the message).
+AT_LEAST_1 = {"min": 1}
+CLAMP = {"min": 0, "allow_inf": True, "hint": "0: the naive transfer, inf: no clamp; the paper uses 3"}
+POSITIVE = {"gt": 0}
 
 
-@dataclass
-class CalibrationSpec:
-    examples: int = 64  # training examples, drawn by the run's seed
-    heldout_examples: int = 64  # validation examples: drift and correction errors are measured on them
-    batch_size: int = 8
-    max_length: int = 256
-
-
-@dataclass
-class EmulatorSpec:
-    plan: dict | str = field(default_factory=lambda: {"ratio": 0.8})  # RankPlan fields, or a plan file
-    mode: str = "whitened"
-    eps: float = 1e-6
-    shrinkage: float = 0.0  # whiten with C + λ·diag(C): less trust in directions 64 examples barely see
-    # Calibrate and build one block at a time from the safetensors shards, never holding the whole original
-    # (emloc_nb.streaming): the calibrate and emulator stages then peak at about one block.
-    streaming: bool = False
-
-
-@dataclass
-class LoraSpec:
-    """Which layers get a LoRA, and its shape: ΔW = s · B A with s = alpha / r (alpha / √r for rsLoRA).
-
-    `emloc_nb.lora.peft_config(spec, model)` turns it into peft's LoraConfig.
-    """
-
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0  # peft materialises a dropped-out copy of every LoRA input: 40% more activation memory
-    targets: list[str] | str | None = (
-        None  # layer-name suffixes, or a regex (peft's fullmatch); None: every block linear
-    )
-    rslora: bool = False
-    init: str = "random"  # "random" (peft's), or "eigen": A starts on the top-r eigenvectors of the input's C
-
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
-
-
-@dataclass
-class TrainSpec:
-    steps: int = 150
-    batch_size: int = 8
-    lr: float = 3e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_length: int = 256
-    checkpoint_every: int = 50  # steps; 0: a checkpoint only when stop_after ends a call early
-    # Memory levers (bench/results/memory_levers.md measures each):
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
-    micro_batch_size: int | None = None  # examples per forward/backward, gradients accumulated; None: the whole batch
-    frozen_dtype: str | None = None  # "bfloat16": frozen weights in bf16, LoRA weights in fp32; None: the run's dtype
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise EmlocError(f"train.batch_size={self.batch_size} must be at least 1.")
-        micro = self.micro_batch_size
-        if micro is not None and not (1 <= micro <= self.batch_size and self.batch_size % micro == 0):
-            raise EmlocError(
-                f"train.micro_batch_size={micro} must divide train.batch_size={self.batch_size} "
-                "(e.g. 1, 2 or 4 for a batch of 8), or be null for no micro-batching."
-            )
-        if self.frozen_dtype is not None:
-            check_dtype(self.frozen_dtype, "train.frozen_dtype")
-
-    def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to a tenth of `lr` (step counts from 0)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@dataclass
-class CorrectionSpec:
-    """How the LoRA trained on the emulator becomes an adapter for the original.
-
-    `clamp` is the paper's L (0: the naive transfer, inf: no clamp). `kappa="lstsq"`
-    replaces the clamp by the per-column factors that minimise the held-out error
-    against the fine-tuned emulator. `prior` adds the prior correction: a rank-1 LoRA
-    on the output layer that gives the original + corrected LoRA the fine-tuned
-    emulator's mean answer distribution on the (unlabelled) calibration prompts.
-    """
-
-    clamp: float = 3.0
-    kappa: str = "clamp"  # "clamp" (the paper's κ = min(1, L·mean|B'|/mean|D|)) or "lstsq"
-    prior: bool = True
-
-
-@dataclass
-class EvalSpec:
-    split: str = "test"  # "validation" while choosing settings; "test" only for the final table
-    limit: int = 300
-    batch_size: int = 16
+def check_test_size(value, name: str) -> None:
+    if isinstance(value, int) and value < 1:
+        kind = "validation" if name.endswith("validation_size") else "test"
+        raise EmlocError(
+            f"{name}={value!r} is a count of {kind} examples and must be ≥ 1. Raise it, or give a share in (0, 1)."
+        )
+    if isinstance(value, float) and not 0 < value < 1:
+        raise EmlocError(
+            f"{name}={value!r} is a share of the examples and must lie in (0, 1). Use a share, or a count ≥ 1."
+        )
 
 
 DTYPES = ("float32", "bfloat16")
@@ -169,6 +62,164 @@ def check_device(name: str) -> None:
         raise EmlocError(f"device={name!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available).")
 
 
+def check_device_name(value, name: str) -> None:
+    check_device(value)
+
+
+SEED = {"min": 0, "max": 2**32 - 1}
+
+
+class _Checked:
+    """A config section whose fields are checked against their type annotations and metadata on construction."""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Check every field (and, in subclasses, the fields against each other)."""
+        check_fields(self, SECTION_NAMES.get(type(self), type(self).__name__))
+
+
+@dataclass
+class TaskSpec(_Checked):
+    """Where the examples come from, how a record becomes a prompt and an answer, and how they split.
+
+    `source`: a built-in task (movie-sentiment, word-analogies), a .jsonl/.csv file, or `hf:NAME` /
+    `hf:path/to/dir` (a `datasets` dataset from its cache or the Hub, a `save_to_disk` folder, or a folder of
+    parquet/CSV/JSON files). The split into train, validation and test is fixed by `split_seed`, not by the
+    run's seed, so runs with different seeds are scored on the same test examples (and can be compared pair
+    by pair).
+    """
+
+    source: str = field(default="movie-sentiment", metadata={"nonempty": True})
+    prompt_field: str = field(default="prompt", metadata={"nonempty": True})
+    answer_field: str = field(default="answer", metadata={"nonempty": True})
+    choices: list[str] | None = field(default=None, metadata={"unique": True})  # []: score by exact match
+    # A share or a count; None: 1000 for built-in tasks, 0.2 otherwise.
+    test_size: float | int | None = field(default=None, metadata={"check": check_test_size})
+    # Likewise; None: 500 for built-in tasks, 0.1 otherwise.
+    validation_size: float | int | None = field(default=None, metadata={"check": check_test_size})
+    split_seed: int = field(default=0, metadata=SEED)
+    # hf: sources: the one split to read (then cut three ways); None: all its splits.
+    split: str | None = field(default=None, metadata={"nonempty": True})
+    # str.format over the record's columns, e.g. "Review: {text}\nPositive?".
+    prompt_template: str | None = field(default=None, metadata={"nonempty": True})
+    answer_map: dict[str, str] | None = None  # answer column value -> answer text, e.g. {0: negative, 1: positive}
+
+    def check(self) -> None:
+        super().check()
+        # YAML gives int keys, run.json string keys: one form, so both describe the same run.
+        if self.answer_map is not None:
+            if not self.answer_map:
+                raise EmlocError(
+                    f"task.answer_map={self.answer_map!r} must be a mapping of label value -> answer text. "
+                    "Give one, e.g. {0: negative, 1: positive}, or remove it."
+                )
+            self.answer_map = {str(k): str(v) for k, v in self.answer_map.items()}
+
+
+@dataclass
+class CalibrationSpec(_Checked):
+    examples: int = field(default=64, metadata=AT_LEAST_1)  # training examples, drawn by the run's seed
+    # Validation examples: drift and correction errors are measured on them.
+    heldout_examples: int = field(default=64, metadata=AT_LEAST_1)
+    batch_size: int = field(default=8, metadata=AT_LEAST_1)
+    max_length: int = field(default=256, metadata=AT_LEAST_1)
+
+
+@dataclass
+class EmulatorSpec(_Checked):
+    plan: dict | str = field(default_factory=lambda: {"ratio": 0.8})  # RankPlan fields, or a plan file
+    mode: str = field(default="whitened", metadata={"choices": ("whitened", "plain")})
+    eps: float = field(default=1e-6, metadata=POSITIVE)
+    # Whiten with C + λ·diag(C): less trust in directions 64 examples barely see.
+    shrinkage: float = field(default=0.0, metadata={"min": 0})
+    # Calibrate and build one block at a time from the safetensors shards, never holding the whole original
+    # (emloc_nb.streaming): the calibrate and emulator stages then peak at about one block.
+    streaming: bool = False
+
+
+@dataclass
+class LoraSpec(_Checked):
+    """Which layers get a LoRA, and its shape: ΔW = s · B A with s = alpha / r (alpha / √r for rsLoRA).
+
+    `emloc_nb.lora.peft_config(spec, model)` turns it into peft's LoraConfig.
+    """
+
+    r: int = field(default=8, metadata=AT_LEAST_1)
+    alpha: float = field(default=16, metadata=POSITIVE)
+    # peft materialises a dropped-out copy of every LoRA input: 40% more activation memory
+    dropout: float = field(default=0.0, metadata={"min": 0, "lt": 1})
+    # Layer-name suffixes, or a regex (peft's fullmatch); None: every block linear.
+    targets: list[str] | str | None = field(default=None, metadata={"nonempty": True, "regex": True})
+    rslora: bool = False
+    # "random" (peft's), or "eigen": A starts on the top-r eigenvectors of the input's C.
+    init: str = field(default="random", metadata={"choices": ("random", "eigen")})
+
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+@dataclass
+class TrainSpec(_Checked):
+    steps: int = field(default=150, metadata=AT_LEAST_1)
+    batch_size: int = field(default=8, metadata=AT_LEAST_1)
+    lr: float = field(default=3e-4, metadata={"gt": 0, "max": 10, "hint": "AdamW learning rates lie far below 1"})
+    warmup_steps: int = field(default=10, metadata={"min": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    max_length: int = field(default=256, metadata=AT_LEAST_1)
+    # Steps; 0: a checkpoint only when stop_after ends a call early.
+    checkpoint_every: int = field(default=50, metadata={"min": 0})
+    # Memory levers (bench/results/memory_levers.md measures each):
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
+    micro_batch_size: int | None = field(
+        default=None, metadata=AT_LEAST_1
+    )  # examples per forward/backward, gradients accumulated; None: the whole batch
+    # "bfloat16": frozen weights in bf16, LoRA weights in fp32; None: the run's dtype.
+    frozen_dtype: str | None = field(default=None, metadata={"check": check_dtype})
+
+    def check(self) -> None:
+        super().check()
+        micro = self.micro_batch_size
+        if micro is not None and not (1 <= micro <= self.batch_size and self.batch_size % micro == 0):
+            raise EmlocError(
+                f"train.micro_batch_size={micro} must divide train.batch_size={self.batch_size} "
+                "(e.g. 1, 2 or 4 for a batch of 8), or be null for no micro-batching."
+            )
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to a tenth of `lr` (step counts from 0)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class CorrectionSpec(_Checked):
+    """How the LoRA trained on the emulator becomes an adapter for the original.
+
+    `clamp` is the paper's L (0: the naive transfer, inf: no clamp). `kappa="lstsq"`
+    replaces the clamp by the per-column factors that minimise the held-out error
+    against the fine-tuned emulator. `prior` adds the prior correction: a rank-1 LoRA
+    on the output layer that gives the original + corrected LoRA the fine-tuned
+    emulator's mean answer distribution on the (unlabelled) calibration prompts.
+    """
+
+    clamp: float = field(default=3.0, metadata=CLAMP)
+    # "clamp" (the paper's κ = min(1, L·mean|B'|/mean|D|)) or "lstsq".
+    kappa: str = field(default="clamp", metadata={"choices": ("clamp", "lstsq")})
+    prior: bool = True
+
+
+@dataclass
+class EvalSpec(_Checked):
+    # "validation" while choosing settings; "test" only for the final table.
+    split: str = field(default="test", metadata={"choices": ("validation", "test")})
+    limit: int | None = field(default=300, metadata=AT_LEAST_1)  # None: the whole split
+    batch_size: int = field(default=16, metadata=AT_LEAST_1)
+
+
 SECTIONS = {
     "task": TaskSpec,
     "calibration": CalibrationSpec,
@@ -178,29 +229,135 @@ SECTIONS = {
     "correction": CorrectionSpec,
     "evaluation": EvalSpec,
 }
+SECTION_NAMES = {cls: name for name, cls in SECTIONS.items()}
+
+# ----------------------------------------------------------------------------- field checks
+
+_NON_FINITE = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf}  # how run.json wrote them before 0.2
+
+
+def _kind(value) -> str:
+    return "a boolean" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
+
+
+def _matches(value, hint) -> bool:
+    """Whether `value` has the (non-union) type `hint`; bool is never an int or a float here."""
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        return isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (object,)
+        return isinstance(value, list) and all(item is object or _matches(v, item) for v in value)
+    return isinstance(value, origin)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ')}s"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_value(value, hint, name: str, meta: typing.Mapping = types.MappingProxyType({})):
+    """`value` checked against the annotation `hint` and the field's metadata; returns it (inf spelt out restored)."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise EmlocError(f"{name} is empty (null). Set it to {_describe(members[0])}, or remove it for the default.")
+    floats = float in members and meta.get("allow_inf")
+    if floats and isinstance(value, str) and value.strip().lower() in _NON_FINITE:
+        value = _NON_FINITE[value.strip().lower()]
+    hint = next((m for m in members if m is not type(None) and _matches(value, m)), None)
+    if hint is None:
+        wanted = " or ".join(_describe(m) for m in members if m is not type(None))
+        extra = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and float in members else ""
+        raise EmlocError(f"{name} must be {wanted}, not {_kind(value)}{extra}. Fix it in the config.")
+    if hint is float and not math.isfinite(value) and (math.isnan(value) or not meta.get("allow_inf")):
+        raise EmlocError(f"{name}={value!r} is not a finite number. Give a finite value.")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for key, ok, word in (
+            ("min", lambda v, b: v >= b, "≥"),
+            ("max", lambda v, b: v <= b, "≤"),
+            ("gt", lambda v, b: v > b, ">"),
+            ("lt", lambda v, b: v < b, "<"),
+        ):
+            if key in meta and not ok(value, meta[key]):
+                hint = f" ({meta['hint']})" if "hint" in meta else ""
+                raise EmlocError(f"{name}={value!r} must be {word} {meta[key]}{hint}. Change it in the config.")
+    if "choices" in meta and value not in meta["choices"]:
+        raise EmlocError(f"{name}={value!r} is not one of {list(meta['choices'])}. Use one of those.")
+    if meta.get("nonempty") and isinstance(value, (str, list)) and not value:
+        raise EmlocError(f"{name} is empty. Give a value, or remove the setting for the default.")
+    if isinstance(value, list) and meta.get("unique") and len(set(value)) != len(value):
+        raise EmlocError(f"{name}={value!r} lists a value twice. List each once.")
+    if isinstance(value, list) and meta.get("nonempty") and any(not v for v in value):
+        raise EmlocError(f"{name}={value!r} holds an empty entry. Remove it.")
+    if meta.get("regex") and isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise EmlocError(f"{name}={value!r} is not a valid regular expression ({e}). Fix the pattern.") from None
+    if "check" in meta:
+        meta["check"](value, name)
+    return value
+
+
+def check_fields(obj, prefix: str) -> None:
+    """Check (and normalise) every field of the dataclass `obj` against its type annotation and metadata."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        setattr(obj, f.name, check_value(getattr(obj, f.name), hints[f.name], f"{prefix}.{f.name}", f.metadata))
 
 
 def _build(cls, value, where: str):
     if value is None:
         return cls()
     if not isinstance(value, dict):
-        raise EmlocError(f"{where} must be a mapping of {[f.name for f in fields(cls)]}, not {value!r}.")
+        raise EmlocError(
+            f"{where} must be a mapping of {[f.name for f in fields(cls)]}, not {_kind(value)}. Write it as one."
+        )
     names = {f.name for f in fields(cls)}
     unknown = set(value) - names
     if unknown:
-        raise EmlocError(f"Unknown setting(s) {sorted(unknown)} in {where}. Known: {sorted(names)}.")
+        known = ", ".join(sorted(names))
+        raise EmlocError(
+            f"Unknown setting(s) {sorted(unknown)} in {where}. Fix the name, or remove it (known: {known})."
+        )
     return cls(**value)
+
+
+TRUST_REMOTE_CODE_HINT = (
+    "trust_remote_code is never read from a config or run.json: pass --trust-remote-code on the command line, "
+    "or trust_remote_code=True to Run or load_model, and remove it from the config"
+)
 
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; saved as run.json and loadable from YAML or JSON."""
+    """Everything a run needs; saved as run.json and loadable from YAML or JSON.
 
-    model: str = "smollm2-135m-instruct"  # or a checkpoint directory, a .gguf file, or a Hub id (org/name)
-    trust_remote_code: bool = False
-    seed: int = 0  # the LoRA's initialisation, the order of the training data and the calibration subset
-    device: str = "cpu"  # where every stage runs: "cpu", "cuda", "cuda:N", or "auto" (cuda when there is one)
-    dtype: str = "float32"  # the dtype every stage loads the models in: "float32" or "bfloat16"
+    Every field is checked on construction (type, range, regexes), so a bad config fails
+    before any stage runs. Whether to run a model's own code is not part of it: that is
+    only ever the caller's choice (`Run(..., trust_remote_code=True)`, `--trust-remote-code`).
+    """
+
+    # Or a checkpoint directory, a .gguf file, or a Hub id (org/name).
+    model: str = field(default="smollm2-135m-instruct", metadata={"nonempty": True})
+    # The LoRA's initialisation, the order of the training data and the calibration subset.
+    seed: int = field(default=0, metadata=SEED)
+    # Where every stage runs: "cpu", "cuda", "cuda:N", or "auto" (cuda when there is one).
+    device: str = field(default="cpu", metadata={"check": check_device_name})
+    # The dtype every stage loads the models in: "float32" or "bfloat16".
+    dtype: str = field(default="float32", metadata={"check": check_dtype})
     baseline: bool = True  # also fine-tune the original model (the upper bound EMLoC avoids paying for)
     task: TaskSpec = field(default_factory=TaskSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
@@ -213,21 +370,23 @@ class RunConfig:
     evaluation: EvalSpec = field(default_factory=EvalSpec)
 
     def __post_init__(self):
-        check_device(self.device)
-        check_dtype(self.dtype, "dtype")
-        c = self.correction
-        if math.isnan(c.clamp) or c.clamp < 0:
-            raise EmlocError(f"correction.clamp={c.clamp} must be ≥ 0 (0: naive transfer, inf: no clamp).")
-        if c.kappa not in ("clamp", "lstsq"):
-            raise EmlocError(f"correction.kappa={c.kappa!r}: use 'clamp' (the paper's) or 'lstsq'.")
-        if self.lora.init not in ("random", "eigen"):
-            raise EmlocError(f"lora.init={self.lora.init!r}: use 'random' (peft's) or 'eigen'.")
-        if self.evaluation.split not in ("validation", "test"):
-            raise EmlocError(f"evaluation.split={self.evaluation.split!r}: use 'validation' or 'test'.")
-        if self.emulator.mode not in ("whitened", "plain"):
-            raise EmlocError(f"emulator.mode={self.emulator.mode!r}: use 'whitened' or 'plain'.")
+        self.validate()
         # Validated early and stored as the plan itself, not a file name: run.json then says what was built.
         self.emulator.plan = self.rank_plan().to_dict()
+
+    def validate(self) -> None:
+        """Check every field again (a field may have been assigned since construction)."""
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                raise EmlocError(
+                    f"{name} must be a {cls.__name__}, not {_kind(section)}. Build it with {cls.__name__}(...)."
+                )
+            section.check()
+        hints = typing.get_type_hints(RunConfig)
+        for f in fields(self):
+            if f.name not in SECTIONS:
+                setattr(self, f.name, check_value(getattr(self, f.name), hints[f.name], f.name, f.metadata))
 
     def rank_plan(self):
         from .ranks import RankPlan
@@ -240,31 +399,64 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        if not isinstance(d, dict):
+            raise EmlocError(
+                f"A run config must be a mapping of settings, not {_kind(d)}. Write it like configs/default.yaml."
+            )
+        d = dict(d)
+        # run.json files written before 0.2 carry `false`; anything else asks for what a config cannot grant.
+        if "trust_remote_code" in d and d.pop("trust_remote_code") is not False:
+            raise EmlocError(f"{TRUST_REMOTE_CODE_HINT}.")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise EmlocError(f"Unknown setting(s) {sorted(unknown)} in the run config. Known: {sorted(names)}.")
+            raise EmlocError(
+                f"Unknown setting(s) {sorted(unknown)} in the run config. Fix the name, or remove it "
+                f"(known: {', '.join(sorted(names))})."
+            )
         values = {k: (_build(SECTIONS[k], v, k) if k in SECTIONS else v) for k, v in d.items()}
-        correction = values.get("correction")
-        if correction is not None and isinstance(correction.clamp, str):  # JSON stores inf as "inf"
-            correction.clamp = float(correction.clamp)
         return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         path = Path(path)
+        if path.is_dir():
+            raise EmlocError(f"Config file {path} is a directory, not a file. Pass a YAML or JSON file.")
         if not path.is_file():
-            raise EmlocError(f"Config file {path} does not exist. See configs/ for examples.")
-        text = path.read_text()
+            raise EmlocError(f"Config file {path} does not exist. Check the path; configs/ holds examples.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise EmlocError(
+                f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}). Save it as UTF-8."
+            ) from None
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            d = yaml.safe_load(text) or {}
+            try:
+                d = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"line {mark.line + 1}" if mark else "somewhere"
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise EmlocError(
+                    f"Config file {path} is not valid YAML ({problem} at {where}). Fix it there."
+                ) from None
         else:
-            d = json.loads(text)
-        plan = d.get("emulator", {}).get("plan")
-        if isinstance(plan, str):  # a plan file named in a config is relative to the config
-            d["emulator"]["plan"] = str(path.parent / Path(plan).expanduser())
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise EmlocError(
+                    f"Config file {path} is not valid JSON ({e.msg} at line {e.lineno}). Fix it there."
+                ) from None
+        if d is None or d == {}:
+            raise EmlocError(
+                f"Config file {path} is empty. Write the settings to change (see configs/default.yaml), "
+                "or pass configs/default.yaml for the default run."
+            )
+        if isinstance(d, dict) and isinstance(d.get("emulator"), dict) and isinstance(d["emulator"].get("plan"), str):
+            # A plan file named in a config is relative to the config.
+            d["emulator"] = {**d["emulator"], "plan": str(path.parent / Path(d["emulator"]["plan"]).expanduser())}
         return cls.from_dict(d)
 
 
@@ -300,7 +492,7 @@ def with_settings(config: RunConfig, settings: list[tuple[str, object]]) -> RunC
         path = key.split(".")
         name = ".".join(path[:2])
         if name not in known:
-            raise EmlocError(f"Unknown setting {key!r}. Known: {', '.join(known)}.")
+            raise EmlocError(f"Unknown setting {key!r}. Fix the name; known: {', '.join(known)}.")
         if len(path) == 1:
             d[name] = value
         elif len(path) == 2:
@@ -308,7 +500,7 @@ def with_settings(config: RunConfig, settings: list[tuple[str, object]]) -> RunC
         elif len(path) == 3 and isinstance(d[path[0]][path[1]], dict):  # e.g. emulator.plan.ratio
             d[path[0]][path[1]][path[2]] = value
         else:
-            raise EmlocError(f"Setting {key!r}: {name} takes no nested key {'.'.join(path[2:])!r}.")
+            raise EmlocError(f"Setting {key!r}: {name} takes no nested key {'.'.join(path[2:])!r}. Set {name} itself.")
     return RunConfig.from_dict(d)
 
 

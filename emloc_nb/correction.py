@@ -38,6 +38,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_tensors, write_json, write_tensors
 from .calibration import CalibrationStats
+from .config import CLAMP, check_value
 from .drift import output_energy
 from .emulator import Emulator
 from .errors import EmlocError
@@ -300,6 +301,9 @@ class CorrectionReport(LayerReport):
     def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.stats
 
+    def _config(self) -> dict:
+        return {"clamp": self.clamp, "kappa": self.kappa_mode, "prior": self.prior is not None}
+
     def prior_error(self) -> float | None:
         """The largest gap between the corrected model's mean prior and its target on the support; None: no prior."""
         if self.prior is None:
@@ -318,27 +322,20 @@ class CorrectionReport(LayerReport):
 
 
 def _check_adapter(peft_emulator, factors: dict, adapter_dir) -> str:
-    """Refuse adapter content the correction cannot carry over; return its task type."""
+    """Refuse adapter content the correction cannot carry over; return its task type.
+
+    load_adapter has refused DoRA, trained biases and modules_to_save already (peft defaults only).
+    """
     config = peft_emulator.peft_config[peft_emulator.active_adapter]
     trained = {
         n.removeprefix("base_model.model.").split(".lora_")[0]
         for n, _ in peft_emulator.named_parameters()
         if ".lora_" in n
     }
-    unsupported = [
-        what
-        for what, used in [
-            ("DoRA", getattr(config, "use_dora", False)),
-            (f"bias={config.bias!r}", config.bias != "none"),
-            ("modules_to_save", bool(config.modules_to_save)),
-            (f"LoRA on non-linear layers {sorted(trained - set(factors))[:3]}", trained - set(factors)),
-        ]
-        if used
-    ]
-    if unsupported:
+    if trained - set(factors):
         raise EmlocError(
-            f"The adapter at {adapter_dir} uses {', '.join(unsupported)}, which the correction cannot carry "
-            "over to the original. Train a plain LoRA on linear layers (emloc_nb.LoraSpec) instead."
+            f"The adapter at {adapter_dir} puts LoRA on non-linear layers {sorted(trained - set(factors))[:3]}, "
+            "which the correction cannot carry over to the original. Train a plain LoRA on linear layers instead."
         )
     return config.task_type
 
@@ -398,10 +395,8 @@ def correct_lora(
     - `prior_prompts` (with `tokenizer`): unlabelled prompts on which the prior correction is fitted.
     - `placebo_seed`: write the placebo instead (the correction on a random subspace).
     """
-    if clamp < 0 or math.isnan(clamp):
-        raise EmlocError(f"Clamp L={clamp} must be ≥ 0 (0: naive transfer, inf: no clamp; the paper uses 3).")
-    if kappa not in ("clamp", "lstsq"):
-        raise EmlocError(f"kappa={kappa!r}: use 'clamp' (the paper's) or 'lstsq'.")
+    clamp = check_value(clamp, float, "clamp", CLAMP)
+    kappa = check_value(kappa, str, "kappa", {"choices": ("clamp", "lstsq")})
     if kappa == "lstsq" and heldout is None:
         raise EmlocError("kappa='lstsq' minimises the error on held-out inputs: pass heldout= (their statistics).")
     if prior_prompts is not None and (tokenizer is None or not prior_prompts):
@@ -443,6 +438,11 @@ def correct_lora(
                 f"Shapes disagree at {name}: W {tuple(w.shape)}, W_E {tuple(w_e.shape)}, "
                 f"B·A {(b.shape[0], a.shape[1])}. The adapter does not belong to this model."
             )
+        if not (torch.isfinite(w).all() and torch.isfinite(w_e).all()):
+            raise EmlocError(
+                f"The {'original' if not torch.isfinite(w).all() else 'emulator'} weights of {name} are not finite "
+                "(NaN/Inf). Reload the model in float32, or rebuild the emulator."
+            )
         lc = correct_layer(w, w_e, a, b, s, clamp)
         layer_stats = {"b_mean": lc.b_mean, "d_mean": lc.d_mean, "valid": lc.valid, "d_norm2": (lc.d**2).sum(0)}
         if heldout is not None:
@@ -462,6 +462,10 @@ def correct_lora(
         for key in ("init", "data"):
             if f"{key}_cos" in layer_stats:  # mean cos² of the principal angles: 1 = the same subspace
                 overlap[f"{key}_overlap"] = float((layer_stats[f"{key}_cos"] ** 2).mean())
+        if not (torch.isfinite(a_c).all() and torch.isfinite(b_c).all()):
+            raise EmlocError(
+                f"The corrected LoRA of {name} is not finite (NaN/Inf). Check the adapter and the emulator."
+            )
         dtype = originals[name].weight.dtype
         tensors[f"base_model.model.{name}.lora_A.weight"] = a_c.to(dtype)
         tensors[f"base_model.model.{name}.lora_B.weight"] = b_c.to(dtype)
@@ -482,10 +486,16 @@ def correct_lora(
 
     fan_in_fan_out = any(isinstance(originals[n], Conv1D) for n in ranks)
     prior = None
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(
+        output_dir,
+        overwrite=overwrite,
+        kind="corrected_adapter",
+        model_fingerprint=original_fp,
+        config={"clamp": clamp, "kappa": kappa, "prior": target is not None, "placebo_seed": placebo_seed},
+    ) as tmp:
         _write_adapter(tmp, tensors, ranks, task_type, fan_in_fan_out)
         if target is not None:  # fitted on the original with the layer-corrected LoRA just written
-            corrected = load_adapter(original, tmp, check_base=False)
+            corrected = load_adapter(original, tmp, check_base=False, manifest=False)
             try:
                 states = answer_states(corrected, tokenizer, prior_prompts)
             finally:
@@ -494,6 +504,11 @@ def correct_lora(
             prior = fit_prior(states, head, target, tokenizer=tokenizer)
             head_name = module_name(original, head)
             a_p, b_p = prior_tensors(prior, head)
+            if not (torch.isfinite(a_p).all() and torch.isfinite(b_p).all()):
+                raise EmlocError(
+                    "The prior correction is not finite (NaN/Inf). Check the adapter and the calibration prompts, "
+                    "or set correction.prior=false."
+                )
             tensors[f"base_model.model.{head_name}.lora_A.weight"] = a_p.to(head.weight.dtype)
             tensors[f"base_model.model.{head_name}.lora_B.weight"] = b_p.to(head.weight.dtype)
             _write_adapter(tmp, tensors, {**ranks, head_name: 1}, task_type, fan_in_fan_out)

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import logging
+import os
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -29,7 +30,8 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from .artifacts import atomic_path
-from .errors import EmlocError
+from .config import check_test_size, check_value
+from .errors import EmlocError, first_line
 from .fetch import pip_download
 from .models import cache_dir
 
@@ -213,6 +215,14 @@ BUILT_IN = {MOVIE_SENTIMENT: movie_sentiment, WORD_ANALOGIES: word_analogies}
 # ----------------------------------------------------------------------------- user data
 
 
+def _text(value, where: str, name: str) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise EmlocError(
+        f"{where}: field {name!r} is {type(value).__name__} {str(value)[:40]!r}, not text. Give it as a string."
+    )
+
+
 @dataclass(frozen=True)
 class RecordFormat:
     """How a record becomes an example: the prompt and answer columns, or a template and a label map."""
@@ -222,20 +232,18 @@ class RecordFormat:
     prompt_template: str | None = None  # str.format over the record's columns
     answer_map: dict[str, str] | None = None  # str(answer column value) -> answer text
 
-    def example(self, record: dict, where: str) -> dict:
+    def example(self, record, where: str) -> dict:
+        if not isinstance(record, dict):
+            raise EmlocError(
+                f"{where} is a JSON {type(record).__name__}, not an object. Write each example as {{...}}."
+            )
         if "messages" in record and self.prompt_template is None:
-            messages = list(record["messages"])
-            if not messages or messages[-1].get("role") != "assistant":
-                raise EmlocError(
-                    f"{where}: 'messages' must end with an assistant turn, which is the answer. Add it, or use "
-                    f"'{self.prompt_field}'/'{self.answer_field}' fields."
-                )
-            return {"messages": messages[:-1], "answer": str(messages[-1]["content"])}
+            return self._chat(record["messages"], where)
         needed = [self.answer_field] + ([] if self.prompt_template else [self.prompt_field])
         missing = [f for f in needed if record.get(f) in (None, "")]
         if missing:
             raise EmlocError(
-                f"{where}: missing field(s) {missing}; found {sorted(record)}. Each example needs "
+                f"{where}: missing field(s) {missing}; found {sorted(map(str, record))}. Each example needs "
                 f"'{self.prompt_field}' and '{self.answer_field}' (or a 'messages' chat ending with the assistant's "
                 "answer). Rename the columns, or pass prompt_field=/answer_field= (--prompt-field/--answer-field), "
                 "or a prompt_template."
@@ -245,17 +253,35 @@ class RecordFormat:
             "answer": self._answer(record, where),
         }
 
+    def _chat(self, messages, where: str) -> dict:
+        fix = (
+            "'messages' must be a list of {'role': ..., 'content': ...} turns ending with the assistant's answer. "
+            f"Fix it, or use '{self.prompt_field}'/'{self.answer_field}' fields."
+        )
+        if not isinstance(messages, list) or not messages:
+            raise EmlocError(f"{where}: {fix}")
+        turns = []
+        for turn in messages:
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
+                raise EmlocError(f"{where}: turn {str(turn)[:60]!r} is malformed. {fix}")
+            turns.append({**turn, "content": _text(turn["content"], where, "content")})
+        if turns[-1]["role"] != "assistant":
+            raise EmlocError(f"{where}: the last turn is {turns[-1]['role']!r}, not 'assistant'. {fix}")
+        if len(turns) < 2:
+            raise EmlocError(f"{where}: there is no prompt before the assistant's answer. {fix}")
+        return {"messages": turns[:-1], "answer": turns[-1]["content"]}
+
     def _prompt(self, record: dict, where: str) -> str:
         if self.prompt_template is None:
-            return str(record[self.prompt_field])
+            return _text(record[self.prompt_field], where, self.prompt_field)
         try:
             return self.prompt_template.format(**record)
         except KeyError as e:
             raise EmlocError(
-                f"{where}: the prompt_template names {{{e.args[0]}}}, but the columns are {sorted(record)}. "
+                f"{where}: the prompt_template names {{{e.args[0]}}}, but the columns are {sorted(map(str, record))}. "
                 "Use those names in braces."
             ) from None
-        except (ValueError, IndexError) as e:
+        except (ValueError, IndexError, AttributeError) as e:
             raise EmlocError(
                 f"The prompt_template {self.prompt_template!r} is not a valid format string ({e}). Name columns in "
                 "braces, e.g. 'Review: {text}', and write a literal brace as {{ or }}."
@@ -264,7 +290,7 @@ class RecordFormat:
     def _answer(self, record: dict, where: str) -> str:
         value = record[self.answer_field]
         if self.answer_map is None:
-            return str(value)
+            return _text(value, where, self.answer_field)
         if str(value) not in self.answer_map:
             raise EmlocError(
                 f"{where}: {self.answer_field} = {value!r} is not a key of the answer_map {self.answer_map}. "
@@ -273,21 +299,67 @@ class RecordFormat:
         return self.answer_map[str(value)]
 
 
-def _read_records(path: Path) -> list[dict]:
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise EmlocError(
+            f"{path}:{line} is not UTF-8 (byte 0x{data[e.start]:02x}: {e.reason}). Save the file as UTF-8."
+        ) from None
+
+
+def _read_csv(path: Path, text: str) -> list[tuple[str, dict]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    fix = 'Quote a field that holds a comma, quote or line break, and write a quote inside it as "".'
+    rows, line = [], 0
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        line = reader.line_num
+        for row in reader:
+            start, line = line + 1, reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise EmlocError(f"{path}:{start} has {len(row)} fields, the header {len(header)}. {fix}")
+            for value in row:
+                swallowed = value.split("\n")[1:]
+                if any(part.count(",") >= len(header) - 1 for part in swallowed) and len(header) > 1:
+                    raise EmlocError(
+                        f"{path}:{start}: a quoted field runs over {len(swallowed)} line break(s) into what look like "
+                        f"rows of their own (a stray quote?). {fix}"
+                    )
+            rows.append((f"{path}:{start}", dict(zip(header, row))))
+    except csv.Error as e:
+        raise EmlocError(f"{path}:{reader.line_num} is not valid CSV ({e}). {fix}") from None
+    return rows
+
+
+def _read_records(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) of every example in a JSONL or CSV file; `where` is FILE:LINE for messages."""
+    text = _decode(path)
     if path.suffix == ".jsonl":
         records = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
                     raise EmlocError(
-                        f"{path}:{i} is not valid JSON ({e}). Each line must be one JSON object."
+                        f"{path}:{i} is not valid JSON ({e}). Write each line as one JSON object."
                     ) from None
+                if not isinstance(record, dict):
+                    raise EmlocError(
+                        f"{path}:{i} is a JSON {type(record).__name__}, not an object. "
+                        "Write each line as one JSON object."
+                    )
+                records.append((f"{path}:{i}", record))
         return records
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        return _read_csv(path, text)
     raise EmlocError(
         f"{path} is neither .jsonl nor .csv. Convert it to one of those, or load it as a datasets.Dataset."
     )
@@ -368,8 +440,19 @@ def load_task(
     examples for the built-in tasks, 0.2 and 0.1 otherwise; a DatasetDict's own
     "test" and "validation" splits are used as they are. `seed` fixes the split.
     """
+    choices = check_value(choices, list[str] | None, "choices", {"unique": True})
+    sizes = {
+        k: check_value(v, float | int, k, {"check": check_test_size})
+        for k, v in [("test_size", test_size), ("validation_size", validation_size)]
+        if v is not None
+    }
+    test_size, validation_size = sizes.get("test_size"), sizes.get("validation_size")
+    split = check_value(split, str | None, "split", {"nonempty": True})
+    prompt_template = check_value(prompt_template, str | None, "prompt_template", {"nonempty": True})
+    answer_map = check_value(answer_map, dict | None, "answer_map")
+    if answer_map is not None and not answer_map:
+        raise EmlocError("answer_map={} is empty. Map each label value to its answer text, e.g. {0: negative}.")
     if isinstance(source, str) and source in BUILT_IN:
-        sizes = {k: v for k, v in [("test_size", test_size), ("validation_size", validation_size)] if v is not None}
         task = BUILT_IN[source](seed=seed, **sizes)
         if choices is not None and choices != task.choices:
             raise EmlocError(f"The {source} task's choices are {task.choices}, not {choices}. Leave choices unset.")
@@ -390,8 +473,13 @@ def load_task(
         }
     else:
         if isinstance(source, Dataset):
-            records = list(source)
+            records = [(f"dataset example {i}", r) for i, r in enumerate(source)]
         else:
+            if not isinstance(source, (str, os.PathLike)):
+                raise EmlocError(
+                    f"A task source is a file path, hf:NAME, a built-in task ({', '.join(BUILT_IN)}) or a "
+                    f"datasets.Dataset, not {type(source).__name__}. Pass one of those."
+                )
             path = Path(source).expanduser()
             if not path.is_file():
                 known = ", ".join(BUILT_IN)
@@ -400,11 +488,11 @@ def load_task(
                     f"or one of: {known}."
                 )
             records, name = _read_records(path), path.stem
-        if len(records) < 3:
+        rows = [fmt.example(r, where) for where, r in records]  # a malformed record is named first
+        if len(rows) < 3:
             raise EmlocError(
-                f"{name} has {len(records)} example(s); a task needs at least 3 (train, validation, test)."
+                f"{name} has {len(rows)} example(s); a task needs at least 3 (train, validation, test). Add examples."
             )
-        rows = [fmt.example(r, f"{name} example {i + 1}") for i, r in enumerate(records)]
         splits = {"train": Dataset.from_list(rows)}
     train, validation, test = splits["train"], splits.get("validation"), splits.get("test")
     if test is None and validation is None:
@@ -412,7 +500,14 @@ def load_task(
             train, test_size=test_size, validation_size=validation_size, seed=seed
         )
     elif test is None or validation is None:  # carve the missing one out of train
-        held = train.train_test_split(test_size=test_size if test is None else validation_size, seed=seed)
+        size = test_size if test is None else validation_size
+        try:
+            held = train.train_test_split(test_size=size, seed=seed)
+        except ValueError as e:
+            raise EmlocError(
+                f"{'test_size' if test is None else 'validation_size'}={size!r} does not split the {len(train)} "
+                f"training examples of {name} ({first_line(e)}). Use a smaller size, or more examples."
+            ) from None
         train, carved = held["train"], held["test"]
         test, validation = (carved, validation) if test is None else (test, carved)
     answers = sorted(set(train["answer"]) | set(validation["answer"]) | set(test["answer"]))

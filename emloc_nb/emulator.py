@@ -26,11 +26,19 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json, write_tensors
+from .artifacts import (
+    FORMAT_VERSION,
+    atomic_dir,
+    check_fingerprint,
+    read_json_object,
+    verify_manifest,
+    write_json,
+    write_tensors,
+)
 from .calibration import CalibrationStats
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .memory import phase
-from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight
+from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight, load_errors
 from .progress import progress as progress_bar
 from .ranks import RankPlan
 from .spectra import SpectrumTable
@@ -105,8 +113,14 @@ class Emulator:
 
     @phase("save")
     def save(self, path: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
-        """Write a self-contained directory: config, weights, metadata, spectra (and the tokenizer)."""
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        """Write a self-contained directory: config, weights, metadata, spectra (and the tokenizer), and a manifest."""
+        with atomic_dir(
+            path,
+            overwrite=overwrite,
+            kind="emulator",
+            model_fingerprint=self.original_fingerprint,
+            config=manifest_config(self.plan, self.mode, self.calibration.get("shrinkage", 0.0)),
+        ) as tmp:
             write_tensors(tmp / WEIGHTS, _unique_state(self.model))
             write_emulator_metadata(
                 tmp,
@@ -141,8 +155,14 @@ class Emulator:
         from .models import materialize, resolve_device, torch_dtype
 
         path = Path(path)
-        meta = read_json(path / "emulator.json")
-        if meta.get("kind") != "emulator":
+        verify_manifest(
+            path, kind="emulator", model_fingerprint=fingerprint(original) if original is not None else None
+        )
+        meta = read_json_object(
+            path / "emulator.json",
+            {"kind": str, "original_fingerprint": str, "emulator_fingerprint": str, "mode": str, "plan": dict},
+        )
+        if meta["kind"] != "emulator":
             raise EmlocError(
                 f"{path} is not an emulator directory (no emulator.json of kind 'emulator'). Point at the output of "
                 "build_emulator."
@@ -154,26 +174,40 @@ class Emulator:
                 artifact=f"The emulator at {path}",
                 model="the given original model",
             )
-        config = AutoConfig.from_pretrained(path, local_files_only=True)  # trust_remote_code stays off
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)
-        for name, rank in meta["ranks"].items():
-            old = model.get_submodule(name)
-            w = linear_weight(old)
-            _replace(
+        with load_errors(path, trust_remote_code=False):
+            # A model's own code never runs from an emulator directory: trust_remote_code is off here, always.
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        try:
+            ranks, biases = meta["ranks"], meta["layer_bias"]
+            for name, rank in ranks.items():
+                if (
+                    not isinstance(rank, int)
+                    or isinstance(rank, bool)
+                    or rank < 1
+                    or not isinstance(biases[name], bool)
+                ):
+                    raise ValueError(f"rank {rank!r} of {name}")
+                old = model.get_submodule(name)
+                w = linear_weight(old)
+                _replace(
+                    model,
+                    name,
+                    LowRankLinear(w.shape[1], w.shape[0], rank, bias=biases[name], device="meta", dtype=w.dtype),
+                )
+            files = weight_files(path)
+            materialize(
                 model,
-                name,
-                LowRankLinear(
-                    w.shape[1], w.shape[0], rank, bias=meta["layer_bias"][name], device="meta", dtype=w.dtype
-                ),
+                files,
+                dtype=None if dtype is None else torch_dtype(dtype),
+                device=resolve_device(device or "cpu"),
+                incomplete=f"The weights in {path} lack {{missing}}. They are incomplete: rebuild the emulator.",
             )
-        materialize(
-            model,
-            weight_files(path),
-            dtype=None if dtype is None else torch_dtype(dtype),
-            device=resolve_device(device or "cpu"),
-            incomplete=f"The weights in {path} lack {{missing}}. They are incomplete: rebuild the emulator.",
-        )
+        except EmlocError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OSError) as e:
+            raise EmlocError(f"{path} holds a malformed emulator ({first_line(e)}). Rebuild it.") from None
         emulator = cls(
             model,
             SpectrumTable.load(path / "spectra"),
@@ -189,6 +223,11 @@ class Emulator:
             model=f"the weights in {path}",
         )
         return emulator
+
+
+def manifest_config(plan: RankPlan, mode: str, shrinkage: float) -> dict:
+    """The settings an emulator directory's manifest records (Emulator.save and the streamed build)."""
+    return {"plan": plan.to_dict(), "mode": mode, "shrinkage": shrinkage}
 
 
 def write_emulator_metadata(
@@ -236,7 +275,11 @@ def weight_files(path: Path) -> list[Path]:
     """The emulator's safetensors files: one, or the shards its index lists."""
     index = path / WEIGHTS_INDEX
     if index.is_file():
-        return [path / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+        weight_map = read_json_object(index, {"weight_map": dict})["weight_map"]
+        names = set(weight_map.values())
+        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+            raise EmlocError(f"{index} names shards that are not plain file names. Rebuild the emulator.")
+        return [path / name for name in sorted(names)]
     return [path / WEIGHTS]
 
 

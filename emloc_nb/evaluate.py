@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data import Task, collator_for, encode_example
+from .config import check_value
+from .data import SPLITS, Task, collator_for, encode_example
 from .errors import EmlocError
 from .memory import phase
 from .progress import progress as progress_bar
@@ -105,6 +106,14 @@ class EvalResult(Report):
         return cls(**{k: meta[k] for k in fields_})
 
 
+def _finite(values: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(values).all():
+        raise EmlocError(
+            f"The model's {what} are not finite (NaN/Inf), so no accuracy can be scored. Check the model and "
+            "adapter weights (load the model in float32; retrain an adapter that diverged)."
+        )
+
+
 @torch.no_grad()
 @phase("evaluation")
 def evaluate(
@@ -118,8 +127,11 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Accuracy and mean answer-token loss on the first `limit` examples of a split."""
+    split = check_value(split, str, "evaluation.split", {"choices": SPLITS})
+    limit = check_value(limit, int | None, "evaluation.limit", {"min": 1})
+    batch_size = check_value(batch_size, int, "evaluation.batch_size", {"min": 1})
     data = task.split(split)
-    data = data.select(range(min(limit or len(data), len(data))))
+    data = data.select(range(min(len(data) if limit is None else limit, len(data))))
     if len(data) == 0:
         raise EmlocError(f"The {split} split of {task.name} is empty. Use a task with held-out examples.")
     model.eval()
@@ -130,11 +142,7 @@ def evaluate(
         prompts, answers = list(rows["messages"]), list(rows["answer"])
         if task.choices:
             scores, counts = choice_logprobs(model, tokenizer, prompts, task.choices)
-            if not torch.isfinite(scores).all():
-                raise EmlocError(
-                    f"The model scored the choices of {task.name} as NaN or infinite. Check the model and adapter "
-                    "for non-finite weights."
-                )
+            _finite(scores, "choice scores")
             all_scores.extend(scores.tolist())
             picked = [task.choices[i] for i in scores.argmax(1).tolist()]
             gold = torch.tensor([task.choices.index(a) for a in answers])
@@ -143,6 +151,7 @@ def evaluate(
         else:
             enc = collate([encode_example(tokenizer, m, a) for m, a in zip(prompts, answers)])
             nll, mask = answer_nll(model, enc)
+            _finite(nll[mask], "answer losses")
             nll_sum += float(nll[mask].sum())
             tokens += int(mask.sum())
             longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)

@@ -9,6 +9,7 @@ peft directories plus emloc.json, which records the base model's fingerprint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,13 +17,22 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_json, write_json, write_tensors
-from .config import LoraSpec
+from .artifacts import (
+    FORMAT_VERSION,
+    atomic_dir,
+    read_json_object,
+    read_tensors,
+    verify_manifest,
+    write_json,
+    write_tensors,
+)
+from .config import LoraSpec, check_value
 from .emulator import LowRankLinear
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .memory import phase
 from .models import block_linears, fingerprint
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INITIAL_A_FILE = "initial_lora_A.safetensors"  # beside an adapter: A at initialisation, per layer
 
 
@@ -35,8 +45,6 @@ class LowRankLoraLinear(LoraLinear):
 
 def peft_config(spec: LoraSpec, model: nn.Module) -> LoraConfig:
     """peft's LoraConfig for `spec` on `model` (original or emulator); no targets: every block linear."""
-    if spec.r < 1:
-        raise EmlocError(f"LoRA rank r={spec.r} must be at least 1.")
     targets = spec.targets
     if targets is None:
         targets = sorted({n.rsplit(".", 1)[-1] for n in block_linears(model)})
@@ -69,8 +77,10 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, stats=None) -> PeftModel:
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
+        targets = config.target_modules
+        shown = sorted(targets) if isinstance(targets, (set, list)) else targets
         raise EmlocError(
-            f"Could not attach LoRA to targets {config.target_modules!r}: {e}. "
+            f"Could not attach LoRA to targets {shown!r} ({str(e).strip().splitlines()[0][:160]}). "
             "Use suffixes of the model's layer names (e.g. 'q_proj') or a regex."
         ) from None
     if spec.init == "eigen":
@@ -106,50 +116,131 @@ def save_adapter(
     initial: dict[str, torch.Tensor] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """A standard peft adapter directory plus emloc.json recording which base it was trained on.
+    """A standard peft adapter directory plus emloc.json recording which base it was trained on, and a manifest.
 
-    `initial` (A at initialisation, per layer) is kept beside it, for the correction's diagnostics.
+    `initial` (A at initialisation, per layer) is kept beside it, for the correction's diagnostics; the
+    manifest covers it too.
     """
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    info = info or {}
+    check_finite_lora(peft_model, when=f"before the adapter was written to {path}")
+    with atomic_dir(
+        path, overwrite=overwrite, kind="adapter", model_fingerprint=base_fingerprint, config=info.get("run", {})
+    ) as tmp:
         peft_model.save_pretrained(tmp)
         if initial:
             write_tensors(tmp / INITIAL_A_FILE, initial)
         write_json(
             tmp / "emloc.json",
-            {"format_version": FORMAT_VERSION, "kind": "adapter", "base_fingerprint": base_fingerprint, **(info or {})},
+            {"format_version": FORMAT_VERSION, "kind": "adapter", "base_fingerprint": base_fingerprint, **info},
         )
     return Path(path)
 
 
 @phase("adapter_load")
-def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False, check_base: bool = True) -> PeftModel:
+def load_adapter(
+    model: nn.Module, path: str | Path, *, trainable: bool = False, check_base: bool = True, manifest: bool = True
+) -> PeftModel:
     """Attach a saved adapter to `model`, refusing one that was trained on another base.
 
     `check_base=False` applies it anyway: that is the naive transfer of an emulator's
     LoRA onto the original, the baseline the correction is measured against.
+    `manifest=False` is for an adapter directory still being written (it has no manifest
+    yet); its weights and config are checked all the same.
     """
     path = Path(path)
-    if not (path / "adapter_config.json").is_file():  # also keeps peft from looking the path up on the Hub
-        raise EmlocError(
-            f"{path} holds no adapter (no adapter_config.json). "
-            "Write one with `emloc finetune` or `emloc correct`, or give the adapter's directory."
-        )
-    if check_base:
-        meta_file = path / "emloc.json"
-        if not meta_file.is_file():
+    # Checked here, before peft sees the path: peft looks a path that is not a complete local adapter up on the Hub.
+    for needed in ("adapter_config.json", ADAPTER_WEIGHTS):
+        if not (path / needed).is_file():
             raise EmlocError(
-                f"The adapter at {path} does not record which model it was trained on (no emloc.json), "
-                "so it cannot be checked. Pass check_base=False to apply it anyway."
+                f"{path} holds no adapter ({needed} is missing). Write one with `emloc finetune` or `emloc correct`, "
+                "or give the adapter's directory."
             )
-        check_fingerprint(
-            read_json(meta_file)["base_fingerprint"],
-            fingerprint(model),
-            artifact=f"The adapter at {path}",
-            model="the model it is loaded onto",
+    kind = "adapter being written"
+    if manifest:
+        kind = verify_manifest(
+            path, kind=("adapter", "corrected_adapter"), model_fingerprint=fingerprint(model) if check_base else None
+        )["kind"]
+    bad = [k for k, t in read_tensors(path / ADAPTER_WEIGHTS).items() if not torch.isfinite(t).all()]
+    if bad:
+        raise EmlocError(f"The adapter at {path} has non-finite weights (NaN/Inf) in {bad[:3]}. Retrain it.")
+    config = _read_lora_config(path / "adapter_config.json", model)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, ImportError, IndexError) as e:
+        _strip_lora(model)  # peft wraps the layers before it loads the weights: leave `model` as it was
+        raise EmlocError(
+            f"The adapter at {path} ({kind}) does not fit this model ({first_line(e)}). "
+            "Load it onto the model it was trained for."
+        ) from None
+    return peft_model
+
+
+# The adapter_config.json fields emloc-nb's adapters set, checked as RunConfig fields are. Every other field must
+# keep peft's default, so that no option peft would act on (e.g. a megatron module to import) slips through.
+_LORA_FIELDS = {
+    "r": (int, {"min": 1}),
+    "lora_alpha": (float, {"gt": 0}),
+    "lora_dropout": (float, {"min": 0, "lt": 1}),
+    "target_modules": (list[str] | str, {"nonempty": True, "regex": True}),
+    "rank_pattern": (dict, {}),
+    "alpha_pattern": (dict, {}),
+    "use_rslora": (bool, {}),
+    "fan_in_fan_out": (bool, {}),
+    "inference_mode": (bool, {}),
+    "task_type": (str | None, {}),
+}
+_INFORMATIONAL = {"peft_type", "peft_version", "base_model_name_or_path", "revision", "auto_mapping"}
+
+
+def _read_lora_config(path: Path, model: nn.Module) -> LoraConfig:
+    """The LoraConfig of an adapter_config.json, checked field by field before peft acts on any of it."""
+    raw = read_json_object(path, {"peft_type": str})
+    where = f"{path}: "
+    if raw["peft_type"] != "LORA":
+        raise EmlocError(f"{where}peft_type is {raw['peft_type']!r}, not 'LORA'. Load a LoRA adapter.")
+    largest = max((max(_dims(m)) for m in block_linears(model).values()), default=1)
+    checked = {}
+    for key, (hint, meta) in _LORA_FIELDS.items():
+        if key in raw:
+            checked[key] = check_value(raw[key], hint, where + key, meta)
+    for key in ("rank_pattern", "alpha_pattern"):
+        for name, value in checked.get(key, {}).items():
+            check_value(value, int if key == "rank_pattern" else float, f"{where}{key}[{name!r}]", {"gt": 0})
+    for rank in [checked.get("r", 8), *checked.get("rank_pattern", {}).values()]:
+        check_value(rank, int, f"{where}r", {"max": largest, "hint": "the largest layer dimension of this model"})
+    defaults = json.loads(json.dumps(LoraConfig().to_dict(), default=str))
+    odd = [k for k in raw if k not in _LORA_FIELDS and k not in _INFORMATIONAL and raw[k] != defaults.get(k, raw[k])]
+    odd += [k for k in raw if k not in defaults]
+    if odd:
+        raise EmlocError(
+            f"{where}sets {sorted(odd)[:3]}, which emloc-nb adapters never use. Load an adapter written by emloc-nb."
         )
-    config = LoraConfig.from_pretrained(str(path))
+    config = LoraConfig(**checked)
     config._register_custom_module({LowRankLinear: LowRankLoraLinear})
-    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+    return config
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)
+
+
+def _strip_lora(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+
+
+def check_finite_lora(peft_model: PeftModel, *, when: str) -> None:
+    """Refuse LoRA weights with NaN/Inf: the loss can look fine while some weights have already diverged."""
+    bad = [n for n, p in peft_model.named_parameters() if "lora_" in n and not torch.isfinite(p).all()]
+    if bad:
+        raise EmlocError(
+            f"{len(bad)} LoRA weight tensor(s) became non-finite (NaN/Inf) {when}, e.g. {bad[0]}. "
+            "Lower the learning rate (train.lr) and train again."
+        )
 
 
 def lora_factors(peft_model: PeftModel) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -7,6 +7,7 @@ a safetensors copy under the cache directory so later loads take about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import inspect
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from .artifacts import atomic_dir, atomic_path, read_json, read_tensors, safetensors_header
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .fetch import pip_download
 from .memory import phase
 
@@ -138,6 +140,11 @@ def hub_snapshot(repo_id: str) -> Path:
 
 def _resolve(source: str | os.PathLike) -> tuple[Path, str | None]:
     """The checkpoint directory (and GGUF file name, if any) behind a model source."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise EmlocError(
+            f"A model is a path, a Hub id (org/name) or '{DEFAULT_MODEL}', not {source!r}. "
+            "Pass a local checkpoint directory."
+        )
     if str(source) == DEFAULT_MODEL:
         return default_model_dir(), None
     path = Path(source).expanduser()
@@ -217,9 +224,10 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False):
     """The model's tokenizer alone, without its weights."""
     path, gguf_file = _resolve(source)
-    return AutoTokenizer.from_pretrained(
-        str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
-    )
+    with load_errors(path, trust_remote_code):
+        return AutoTokenizer.from_pretrained(
+            str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
+        )
 
 
 def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -228,11 +236,12 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
     from transformers import AutoConfig
 
     path, gguf_file = _resolve(source)
-    config = AutoConfig.from_pretrained(
-        str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
-    )
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    with load_errors(path, trust_remote_code):
+        config = AutoConfig.from_pretrained(
+            str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -288,21 +297,48 @@ def load_model(
     if files and (stored_dtype(files) != dtype or device.type != "cpu"):
         # transformers would keep the whole float32 file mapped while it converts: its pages and the converted
         # copy would both be resident (bench/results/transients.md). Read, convert and place one tensor at a time.
-        model = materialize(
-            skeleton(path, trust_remote_code=trust_remote_code),
-            files,
-            dtype=dtype,
-            device=device,
-            incomplete=f"The checkpoint at {path} lacks {{missing}}. Save it again with save_pretrained.",
-        )
-        if (path / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+        skeleton_model = skeleton(path, trust_remote_code=trust_remote_code)
+        with load_errors(path, trust_remote_code):
+            model = materialize(
+                skeleton_model,
+                files,
+                dtype=dtype,
+                device=device,
+                incomplete=f"The checkpoint at {path} lacks {{missing}}. Save it again with save_pretrained.",
+            )
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
         return model, tokenizer
     kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)  # memory-mapped, not copied
+    with load_errors(path, trust_remote_code):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)  # memory-mapped, not copied
     model.to(device)  # a GGUF file is dequantized on the CPU first
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def load_errors(path: Path, trust_remote_code) -> Iterator[None]:
+    """transformers' errors for a checkpoint it cannot use, as one-line EmlocErrors; and a real boolean to trust."""
+    if not isinstance(trust_remote_code, bool):
+        raise EmlocError(
+            f"trust_remote_code must be True or False, not {type(trust_remote_code).__name__} {trust_remote_code!r}. "
+            "Pass a real boolean."
+        )
+    try:
+        yield
+    except EmlocError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RuntimeError) as e:
+        text = str(e)
+        if "trust_remote_code" in text and not trust_remote_code:
+            raise EmlocError(
+                f"{path} asks to run its own code (auto_map), which emloc-nb never does unless you ask. "
+                "Pass --trust-remote-code (trust_remote_code=True) only if you trust that code."
+            ) from None
+        raise EmlocError(
+            f"{path} is not a checkpoint transformers can load ({first_line(e)}). Check its files."
+        ) from None
 
 
 # ----------------------------------------------------------------------------- tiny test models

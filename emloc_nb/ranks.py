@@ -23,7 +23,7 @@ def rank_for_ratio(d_out: int, d_in: int, ratio: float) -> int:
 
 
 def _check_ratio(ratio: float, where: str) -> float:
-    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise EmlocError(
             f"{where}: kept share ρ={ratio!r} is outside (0, 1]. ρ is the share of a layer's parameters the "
             "emulator keeps: use e.g. 0.5 to halve a layer, or 1 to keep it dense."
@@ -62,6 +62,12 @@ class RankPlan:
 
     def __post_init__(self):
         _check_ratio(self.ratio, "RankPlan.ratio")
+        for name, value in (("rules", self.rules), ("ranks", self.ranks)):
+            if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+                raise EmlocError(
+                    f"RankPlan.{name} must map layer patterns or names to values, not {value!r}. "
+                    f"Write it as {{'pattern': value}}."
+                )
         for pattern, ratio in self.rules.items():
             _check_ratio(ratio, f"rule {pattern!r}")
             try:
@@ -71,7 +77,7 @@ class RankPlan:
                     f"Rule {pattern!r} is not a valid regular expression ({e}). Fix the pattern."
                 ) from None
         for name, rank in self.ranks.items():
-            if not isinstance(rank, int) or rank < 1:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise EmlocError(
                     f"Rank {rank!r} for {name} must be a positive integer. Use a rule with ρ = 1 to keep it dense."
                 )
@@ -114,9 +120,16 @@ class RankPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> RankPlan:
+        if not isinstance(d, dict):
+            raise EmlocError(
+                f"A rank plan is a mapping with 'ratio', 'rules' and 'ranks', not {type(d).__name__}. "
+                "Write it as {'ratio': 0.5}."
+            )
         extra = set(d) - {"ratio", "rules", "ranks"}
         if extra:
-            raise EmlocError(f"Unknown plan field(s) {sorted(extra)}. A plan has 'ratio', 'rules' and 'ranks'.")
+            raise EmlocError(
+                f"Unknown plan field(s) {sorted(extra)}. Remove them: a plan has 'ratio', 'rules' and 'ranks'."
+            )
         return cls(**d)
 
     def save(self, path: str | Path) -> Path:
@@ -125,7 +138,12 @@ class RankPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> RankPlan:
-        d = dict(read_json(path))
+        d = read_json(path)
+        if not isinstance(d, dict):
+            raise EmlocError(
+                f"{path} holds a JSON {type(d).__name__}, not a rank plan. Write the plan as a JSON object."
+            )
+        d = dict(d)
         d.pop("kind", None)
         return cls.from_dict(d)
 

@@ -3,9 +3,10 @@
 A report is a plain data object a stage returns and a widget draws:
 
     report.save(path, overwrite=False)   a directory, written atomically: <kind>.json (metadata, with
-                                         format_version and kind) and, when there are tensors,
-                                         <kind>.safetensors (per-layer tensors keyed "layer/field")
-    Report.load(path)                    the same object back, without any model
+                                         format_version and kind), when there are tensors
+                                         <kind>.safetensors (per-layer tensors keyed "layer/field"), and
+                                         manifest.json (the files' SHA-256; emloc_nb.artifacts)
+    Report.load(path)                    the same object back, without any model, after checking the manifest
     report.rows                          a list of dicts: one per layer, input or example
     report.to_frame()                    those rows as a pandas DataFrame (indexed by layer name when rows have one)
     report.layer(name)                   what the report holds for one layer, where it has layers
@@ -19,7 +20,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from .artifacts import FORMAT_VERSION, atomic_dir, read_grouped, read_json, write_grouped, write_json
+from .artifacts import (
+    FORMAT_VERSION,
+    MANIFEST,
+    atomic_dir,
+    read_grouped,
+    read_json_object,
+    verify_manifest,
+    verify_side_manifest,
+    write_grouped,
+    write_json,
+    write_side_manifest,
+)
 from .errors import EmlocError
 
 if TYPE_CHECKING:
@@ -44,10 +56,24 @@ class Report:
     def _from_saved(cls, meta: dict, tensors: dict[str, dict[str, torch.Tensor]]):
         raise NotImplementedError
 
+    def _model_fingerprint(self) -> str | None:
+        """The fingerprint of the model the report belongs to, where it records one (for the manifest)."""
+        return None
+
+    def _config(self) -> dict:
+        """The settings that produced the report, where it knows them (for the manifest)."""
+        return {}
+
     # -- the shared shape
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the report as a directory; a non-empty `path` is refused unless `overwrite=True`."""
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        with atomic_dir(
+            path,
+            overwrite=overwrite,
+            kind=self.kind,
+            model_fingerprint=self._model_fingerprint(),
+            config=self._config(),
+        ) as tmp:
             self._write_files(tmp)
         return Path(path)
 
@@ -55,29 +81,60 @@ class Report:
         """Write the report's files into an existing directory that holds other things too, each file atomically.
 
         For a report that lives beside the artifacts it sums up (an ablation's runs); `load(directory)` reads it.
+        Its own manifest, <kind>.manifest.json, lists the report's files only (written last).
         """
-        self._write_files(Path(directory))
-        return Path(directory)
+        directory = Path(directory)
+        files = self._write_files(directory)
+        write_side_manifest(
+            directory,
+            self.side_manifest(),
+            kind=self.kind,
+            files=files,
+            model_fingerprint=self._model_fingerprint(),
+            config=self._config(),
+        )
+        return directory
 
-    def _write_files(self, directory: Path) -> None:
+    @classmethod
+    def side_manifest(cls) -> str:
+        """The manifest's name for a report saved with `save_into`."""
+        return f"{cls.kind}.manifest.json"
+
+    def _write_files(self, directory: Path) -> list[str]:
         tensors = self._tensors()
+        written = []
         if tensors:
             write_grouped(directory / f"{self.kind}.safetensors", tensors)
+            written.append(f"{self.kind}.safetensors")
         write_json(
             directory / f"{self.kind}.json", {"format_version": FORMAT_VERSION, "kind": self.kind, **self._metadata()}
         )
+        return [*written, f"{self.kind}.json"]
 
     @classmethod
     def load(cls, path: str | Path):
+        """The report saved at `path`, after checking every file against its manifest."""
         path = Path(path)
-        meta = read_json(path / f"{cls.kind}.json")
-        if meta.get("kind") != cls.kind:
+        if (path / cls.side_manifest()).is_file() and not (path / MANIFEST).is_file():
+            verify_side_manifest(path, cls.side_manifest(), kind=cls.kind)  # written by save_into
+        else:
+            verify_manifest(path, kind=cls.kind)
+        meta = read_json_object(path / f"{cls.kind}.json", {"kind": str})
+        if meta["kind"] != cls.kind:
             raise EmlocError(
-                f"{path} holds a {meta.get('kind')!r} artifact, not a {cls.kind!r} one. "
-                f"Load it with the class that wrote it."
+                f"{path} holds a {meta['kind']!r} artifact, not a {cls.kind!r} one. "
+                "Load it with the class that wrote it."
             )
         tensor_file = path / f"{cls.kind}.safetensors"
-        return cls._from_saved(meta, read_grouped(tensor_file) if tensor_file.is_file() else {})
+        tensors = read_grouped(tensor_file) if tensor_file.is_file() else {}
+        try:
+            return cls._from_saved(meta, tensors)
+        except EmlocError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise EmlocError(
+                f"{path} holds a malformed {cls.kind} report ({type(e).__name__}: {str(e)[:100]}). Recreate it."
+            ) from None
 
     def to_frame(self):
         """The rows as a pandas DataFrame, indexed by layer name when the rows name layers."""

@@ -24,17 +24,21 @@ Running the stages is `Run.run_stage` / `Run.run_all` (implemented in emloc_nb.s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from .artifacts import atomic_dir, read_json, write_json
+from .artifacts import atomic_dir, discard, is_leftover, read_json, read_json_object, run_lock, write_json
 from .config import RunConfig, is_small, small_settings
 from .errors import EmlocError
 
 # artifact -> path in the run directory; "{}" is filled from the part after ":" in "name:key".
 LAYOUT: dict[str, str] = {
     "config": "run.json",
+    "lock": ".lock",  # held by every process that writes into the run (emloc_nb.artifacts.run_lock)
     "calibration": "calibrate/{}",  # calibration:train, calibration:heldout
     "emulator": "emulator",
     "spectra": "emulator/spectra",
@@ -55,46 +59,160 @@ LAYOUT: dict[str, str] = {
 SHARED_BY = {"calibration": ("model", "seed", "task", "calibration")}
 TARGETS = ("emulator", "original")  # the models a LoRA is trained on
 ADAPTERS = {"emulator": "adapter:emulator", "original": "adapter:original", "corrected": "corrected_adapter"}
+_KEY = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*$")  # a key names one entry: no separators, no "..", not hidden
+# What may sit at the top of a run directory: the layout's first components (a "{}" matching any one name).
+_TOP_LEVEL = [re.compile("^" + re.escape(t.split("/")[0]).replace(r"\{\}", "[^/]+") + "$") for t in LAYOUT.values()]
 
 
-def check_config(config: RunConfig) -> None:
-    """Fail before any stage runs: the model must exist and the rank plan must fit its layers."""
+def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:
+    """Fail before any stage runs: the model must exist, the rank plan must fit its layers and the task must read."""
     from .models import block_linears, linear_weight, skeleton
 
-    model = skeleton(config.model, trust_remote_code=config.trust_remote_code)
+    model = skeleton(config.model, trust_remote_code=trust_remote_code)
     config.rank_plan().resolve({n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()})
+    task_of(config)
+
+
+def task_of(config: RunConfig):
+    """The run's Task, read from its `task` settings (split by `task.split_seed`, not the run's seed)."""
+    from dataclasses import asdict
+
+    from .data import load_task
+
+    spec = asdict(config.task)
+    spec["seed"] = spec.pop("split_seed")
+    return load_task(**spec)
+
+
+def _inputs(config: RunConfig) -> list[Path]:
+    """The files a run reads that the user owns: a local model and a data file or folder (not Hub ids)."""
+    from .data import BUILT_IN, HF_PREFIX
+    from .models import DEFAULT_MODEL
+
+    named = [config.model] if config.model != DEFAULT_MODEL else []
+    named += [config.task.source.removeprefix(HF_PREFIX)] if config.task.source not in BUILT_IN else []
+    return [p for p in (Path(v).expanduser() for v in named) if p.exists()]
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    path, directory = Path(os.path.abspath(path)), Path(os.path.abspath(directory))
+    real, real_dir = Path(os.path.realpath(path)), Path(os.path.realpath(directory))
+    return any(p == d or d in p.parents for p, d in ((path, directory), (real, real_dir)))
+
+
+def _must_be_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise EmlocError(f"{name} must be True or False, not {type(value).__name__} {value!r}. Pass a real boolean.")
+    return value
 
 
 class Run:
-    """A run directory: its config, where each artifact lives, and a loader for each."""
+    """A run directory: its config, where each artifact lives, and a loader for each.
 
-    def __init__(self, run_dir: str | Path, config: RunConfig | None = None, *, overwrite: bool = False):
-        self.dir = Path(run_dir)
-        config_file = self.path("config")
-        existing = RunConfig.from_dict(read_json(config_file)) if config_file.is_file() else None
+    `trust_remote_code` (default False) lets the model's own code run; it is only ever
+    this argument (or --trust-remote-code), never a setting read from run.json.
+    `overwrite=True` replaces a directory that holds another run of emloc-nb, and
+    nothing else: a directory with other files, or with the run's own inputs, is refused.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: RunConfig | None = None,
+        *,
+        overwrite: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        if not isinstance(run_dir, (str, os.PathLike)) or not str(run_dir):
+            raise EmlocError(f"A run directory is a path, not {run_dir!r}. Pass the directory to use.")
+        self.dir = Path(run_dir).expanduser()
+        self.trust_remote_code = _must_be_bool(trust_remote_code, "trust_remote_code")
+        overwrite = _must_be_bool(overwrite, "overwrite")
+        self._cache: dict = {}
+        if self.dir.exists() and not self.dir.is_dir():
+            raise EmlocError(f"{self.dir} is a file, not a run directory. Choose a directory.")
+        existing = self._saved_config()
         if existing is not None and (config is None or config.to_dict() == existing.to_dict()):
             self.config = existing
-        else:
-            if config is None:
+            return
+        if config is None:
+            raise EmlocError(
+                f"{self.dir} is not a run directory (no run.json). "
+                f"Start one with `emloc run CONFIG --run-dir {self.dir}`."
+            )
+        if not isinstance(config, RunConfig):
+            raise EmlocError(f"config must be a RunConfig, not {type(config).__name__}. Build it with RunConfig(...).")
+        config.validate()
+        self._check_replaceable(existing, config, overwrite)  # fast, before the model is looked at
+        check_config(config, trust_remote_code=self.trust_remote_code)
+        with run_lock(self.dir):
+            existing = self._saved_config()  # again under the lock: another process may have been quicker
+            if existing is None or config.to_dict() != existing.to_dict():
+                self._check_replaceable(existing, config, overwrite)
+                for entry in sorted(self._entries(), key=lambda p: p.name == LAYOUT["config"]):
+                    discard(entry)  # run.json goes last: an interrupted clear-out leaves the old run, consistent
+                write_json(self.path("config"), config.to_dict())
+        self.config = config
+
+    def _saved_config(self) -> RunConfig | None:
+        config_file = self.path("config")
+        if not config_file.is_file():
+            return None
+        try:
+            return RunConfig.from_dict(read_json(config_file))
+        except EmlocError as e:
+            raise EmlocError(f"{config_file}: {e}") from None
+
+    def _entries(self) -> list[Path]:
+        """What the run directory holds, apart from its lock and the temporaries of writes in progress."""
+        if not self.dir.is_dir():
+            return []
+        return [p for p in self.dir.iterdir() if p.name != LAYOUT["lock"] and not is_leftover(p.name)]
+
+    def _check_replaceable(self, existing: RunConfig | None, config: RunConfig, overwrite: bool) -> None:
+        """Refuse to start `config` here unless the directory is empty, or (with overwrite) holds only a run."""
+        for path in _inputs(config) + (_inputs(existing) if existing else []):
+            if _inside(path, self.dir):
                 raise EmlocError(
-                    f"{self.dir} is not a run directory (no run.json). "
-                    f"Start one with `emloc run CONFIG --run-dir {self.dir}`."
+                    f"{path} is an input of the run and lies inside its run directory {self.dir}, where a new run "
+                    "replaces what is there. Move it out of the run directory, or choose another run directory."
                 )
-            if self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
-                what = (
-                    "already holds a different run (its run.json differs from this config)"
-                    if existing
-                    else "is not empty and holds no run"
-                )
+        entries = self._entries()
+        if not entries:
+            return
+        if not overwrite:
+            what = (
+                "already holds a different run (its run.json differs from this config)"
+                if existing
+                else "is not empty and holds no run"
+            )
+            raise EmlocError(
+                f"{self.dir} {what}. Choose another run directory, or pass overwrite=True "
+                "(--overwrite) to replace a run."
+            )
+        if existing is None:
+            raise EmlocError(
+                f"{self.dir} holds files but no emloc-nb run (no run.json), and --overwrite replaces only a run. "
+                "Choose another run directory, or empty this one yourself."
+            )
+        foreign = sorted(p.name for p in entries if not any(t.match(p.name) for t in _TOP_LEVEL))
+        if foreign:
+            raise EmlocError(
+                f"{self.dir} holds {foreign[:3]}, which emloc-nb did not write, so --overwrite will not replace it. "
+                "Move those out, or choose another run directory."
+            )
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the run's write lock, after checking that run.json is still this Run's config."""
+        with run_lock(self.dir):
+            current = self._saved_config()
+            if current is None or current.to_dict() != self.config.to_dict():
                 raise EmlocError(
-                    f"{self.dir} {what}. Choose another run directory, or pass overwrite=True "
-                    "(--overwrite) to replace it."
+                    f"{self.path('config')} changed since this Run was opened (another process replaced the run). "
+                    "Open the run again."
                 )
-            check_config(config)
-            with atomic_dir(self.dir, overwrite=True) as tmp:
-                write_json(tmp / LAYOUT["config"], config.to_dict())
-            self.config = config
-        self._cache: dict = {}
+            yield
 
     def __repr__(self) -> str:
         return f"Run({str(self.dir)!r})"
@@ -107,13 +225,32 @@ class Run:
         """
         name, _, key = artifact.partition(":")
         if name not in LAYOUT:
-            raise EmlocError(f"Unknown run artifact {name!r}. Artifacts: {', '.join(LAYOUT)}.")
+            raise EmlocError(f"Unknown run artifact {name!r}. Use one of: {', '.join(LAYOUT)}.")
         template = LAYOUT[name]
         if ("{}" in template) != bool(key):
             raise EmlocError(
                 f"Run artifact {name!r} " + (f"needs a key: '{name}:KEY'." if "{}" in template else "takes no key.")
             )
+        if key and not _KEY.match(key):
+            raise EmlocError(f"{key!r} cannot name an entry of a run. Use letters, digits, '_', '-', '.', '+' or '='.")
         return self.dir / template.format(key)
+
+    def checked(self, artifact: str) -> Path:
+        """The path of `artifact` after checking that this run's stage wrote it with this run's settings and inputs.
+
+        An artifact copied in from another run, or computed from inputs that have changed since, is refused.
+        """
+        from .stages import check_provenance
+
+        check_provenance(self, artifact)
+        return self.path(artifact)
+
+    def verify(self, artifact: str) -> Path:
+        """`checked`, and every file of the artifact against the SHA-256 in its manifest."""
+        from .artifacts import verify_manifest
+
+        verify_manifest(self.checked(artifact), kind=None)
+        return self.path(artifact)
 
     def has(self, artifact: str) -> bool:
         """Whether `artifact` has been written (artifacts are written atomically: complete when present)."""
@@ -136,22 +273,25 @@ class Run:
             )
         if not other.has(artifact):
             raise EmlocError(f"{other} has no {artifact} yet. Compute it there first.")
-        with atomic_dir(self.path(artifact), overwrite=True) as tmp:
+        other.verify(artifact)  # written by its own stage, every file as its manifest says
+        with self.writing(), atomic_dir(self.path(artifact), overwrite=True) as tmp:
+            # The manifest comes along: its provenance names the same step, settings and (no) inputs as this run's.
             shutil.copytree(other.path(artifact), tmp, dirs_exist_ok=True)
 
     def discard(self, artifact: str) -> None:
-        """Remove an artifact that a settings change made stale (`emloc_nb.stages.reconfigure`)."""
-        path = self.path(artifact)
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        """Remove an artifact that a settings change made stale (`emloc_nb.stages.reconfigure`), in one step."""
+        with self.writing():
+            discard(self.path(artifact))
 
     def update_config(self, config: RunConfig) -> None:
         """Replace run.json; only `emloc_nb.stages.reconfigure` calls it, after dropping the stale results."""
-        check_config(config)
-        write_json(self.path("config"), config.to_dict())
-        self.config = config
+        if not isinstance(config, RunConfig):
+            raise EmlocError(f"config must be a RunConfig, not {type(config).__name__}. Build it with RunConfig(...).")
+        config.validate()
+        check_config(config, trust_remote_code=self.trust_remote_code)
+        with self.writing():
+            write_json(self.path("config"), config.to_dict())
+            self.config = config
         self._cache.clear()
 
     def scratch(self, name: str) -> Path:
@@ -170,7 +310,7 @@ class Run:
                 self.config.model,
                 dtype=dtype,
                 device=self.config.device,
-                trust_remote_code=self.config.trust_remote_code,
+                trust_remote_code=self.trust_remote_code,
             )
         return self._cache[key]
 
@@ -179,9 +319,7 @@ class Run:
         if "tokenizer" not in self._cache:
             from .models import load_tokenizer
 
-            self._cache["tokenizer"] = load_tokenizer(
-                self.config.model, trust_remote_code=self.config.trust_remote_code
-            )
+            self._cache["tokenizer"] = load_tokenizer(self.config.model, trust_remote_code=self.trust_remote_code)
         return self._cache["tokenizer"]
 
     def use_original(self, model, tokenizer) -> None:
@@ -195,13 +333,7 @@ class Run:
 
     def task(self):
         if "task" not in self._cache:
-            from dataclasses import asdict
-
-            from .data import load_task
-
-            spec = asdict(self.config.task)
-            spec["seed"] = spec.pop("split_seed")
-            self._cache["task"] = load_task(**spec)
+            self._cache["task"] = task_of(self.config)
         return self._cache["task"]
 
     def calibration_examples(self, split: str):
@@ -229,7 +361,7 @@ class Run:
 
         if split not in ("train", "heldout"):
             raise EmlocError(f"Calibration split {split!r}: use 'train' or 'heldout'.")
-        return CalibrationStats.load(self.path(f"calibration:{split}"))
+        return CalibrationStats.load(self.checked(f"calibration:{split}"))
 
     def emulator(self, *, with_original: bool = False, dtype: str | None = None):
         """The Emulator on the run's device, in its dtype (or `dtype`).
@@ -239,7 +371,7 @@ class Run:
         from .emulator import Emulator
 
         return Emulator.load(
-            self.path("emulator"),
+            self.checked("emulator"),
             original=self.original()[0] if with_original else None,
             dtype=dtype or self.config.dtype,
             device=self.config.device,
@@ -251,47 +383,55 @@ class Run:
         path = self.path("emulator")
         if not self.has("emulator"):
             raise EmlocError(f"{path} holds no emulator yet. Build it first: `emloc run` or `emloc build-emulator`.")
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(self.checked("emulator"), local_files_only=True, trust_remote_code=False)
 
     def spectra(self):
         """The emulator's SpectrumTable, without loading the emulator's weights."""
         from .spectra import SpectrumTable
 
-        return SpectrumTable.load(self.path("spectra"))
+        return SpectrumTable.load(self.checked("spectra"))
 
     def drift(self):
         from .drift import DriftReport
 
-        return DriftReport.load(self.path("drift"))
+        return DriftReport.load(self.checked("drift"))
 
     def correction(self):
         from .correction import CorrectionReport
 
-        return CorrectionReport.load(self.path("correction"))
+        return CorrectionReport.load(self.checked("correction"))
 
     def adapter_dir(self, which: str) -> Path:
         """The peft adapter trained on the "emulator" or the "original", or the "corrected" one."""
         if which not in ADAPTERS:
-            raise EmlocError(f"Unknown adapter {which!r}. Adapters: {', '.join(ADAPTERS)}.")
-        return self.path(ADAPTERS[which])
+            raise EmlocError(f"Unknown adapter {which!r}. Use one of: {', '.join(ADAPTERS)}.")
+        return self.checked(ADAPTERS[which]) if self.has(ADAPTERS[which]) else self.path(ADAPTERS[which])
 
     def history(self, target: str = "emulator") -> list[dict]:
         """The training history (one event per step) of the LoRA on the "emulator" or the "original"."""
-        return read_json(self.path(f"history:{target}"))
+        history = read_json(self.path(f"history:{target}"))
+        if not isinstance(history, list) or not all(isinstance(h, dict) and "loss" in h for h in history):
+            raise EmlocError(
+                f"{self.path(f'history:{target}')} is not a list of training steps. Rerun the fine-tuning."
+            )
+        return history
 
     def eval_result(self, setting: str):
         from .evaluate import EvalResult
 
-        return EvalResult.load(self.path(f"evaluation:{setting}"))
+        return EvalResult.load(self.checked(f"evaluation:{setting}"))
 
     def results(self) -> list[dict]:
         """The results table: one row per evaluated setting."""
-        return read_json(self.path("results"))["rows"]
+        rows = read_json_object(self.path("results"), {"rows": list})["rows"]
+        if not all(isinstance(r, dict) for r in rows):
+            raise EmlocError(f"{self.path('results')} is malformed. Delete it and rerun `emloc evaluate`.")
+        return rows
 
     def stage_records(self) -> dict[str, dict]:
         """Seconds and memory of each step, by step name ("calibrate", "evaluate-original", ...)."""
         folder = self.dir / Path(LAYOUT["stage_record"]).parent
-        return {p.stem: read_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+        return {p.stem: read_json_object(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
     # -- running (emloc_nb.stages holds the stages themselves)
     def run_stage(self, stage: str, *, isolate: bool = True) -> None:

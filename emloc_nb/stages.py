@@ -14,19 +14,32 @@ seconds, peak and baseline RSS). The evaluate stage runs one process per setting
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .artifacts import atomic_path, write_json
+from .artifacts import (
+    LOCK_ENV,
+    atomic_path,
+    differences,
+    manifest_digest,
+    provenance,
+    read_manifest,
+    run_lock,
+    write_json,
+)
 from .config import RunConfig
 from .errors import EmlocError
-from .run import Run
+from .run import ADAPTERS, Run
 
 Body = Callable[[Run, "Stage", "str | None", bool], dict]  # (run, stage, part, progress) -> extra record fields
 
@@ -39,19 +52,92 @@ class Stage:
     writes: tuple[str, ...]  # run artifacts it writes: the stage is done when they all exist
     model: str | None  # the model its function loads (base_model): "original" or "emulator"; evaluate: per setting
     doc: str
-    settings: tuple[str, ...] = ()  # the config keys (top level or section) its result depends on directly
+    # The config keys (top level or section) its result depends on directly: recorded in its manifests, and a
+    # change of one makes it stale (reconfigure).
+    settings: tuple[str, ...] = ()
     enabled: Callable[[RunConfig], bool] = lambda config: True  # a disabled stage counts as done
     parts: Callable[[RunConfig], list[str]] | None = None  # run one process each (evaluate: one per setting)
     part_writes: str = ""  # the artifact each part writes, "{}" standing for the part
+    part_reads: Callable[[str], tuple[str, ...]] | None = None  # what one part reads, when not all of `reads`
     finish: Callable[[Run], None] | None = None  # after every part
 
     def done(self, run: Run) -> bool:
-        return not self.enabled(run.config) or all(run.has(a) for a in self.writes)
+        """Whether everything it writes is there, written by this stage with this run's settings and inputs.
+
+        An output that is there but was produced otherwise (copied from another run, or from
+        inputs that have changed since) is refused with an EmlocError, never silently reused.
+        """
+        if not self.enabled(run.config):
+            return True
+        for artifact in self.writes:
+            if not run.has(artifact):
+                return False
+            if run.path(artifact).is_dir():  # directories carry manifests; the results table is derived
+                check_provenance(run, artifact)
+        return True
+
+    def inputs(self, part: str | None) -> tuple[str, ...]:
+        return self.part_reads(part) if part and self.part_reads else self.reads
 
     def outputs(self, config: RunConfig) -> list[str]:
         """Every artifact it writes, its parts' included."""
         parts = self.parts(config) if self.parts else []
         return [*self.writes, *(self.part_writes.format(p) for p in parts)]
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def step_provenance(run: Run, stage: Stage, part: str | None) -> dict:
+    """What a step records in the manifests it writes: its settings and the manifests of its inputs."""
+    config = run.config.to_dict()
+    return {
+        "step": f"{stage.name}:{part}" if part else stage.name,
+        "config": {k: config[k] for k in stage.settings},
+        "inputs": {a: manifest_digest(run.path(a)) for a in stage.inputs(part) if run.has(a)},
+    }
+
+
+def _writer(artifact: str) -> tuple[Stage, str | None]:
+    name, _, key = artifact.partition(":")
+    for stage in STAGES.values():
+        if artifact in stage.writes:
+            return stage, None
+        if stage.part_writes and stage.part_writes.partition(":")[0] == name and key:
+            return stage, key
+    return STAGES["emulator"], None  # spectra: written inside the emulator
+
+
+def check_provenance(run: Run, artifact: str) -> None:
+    """Refuse `artifact` unless this run's stage wrote it with this run's settings and its current inputs."""
+    stage, part = _writer(artifact)
+    path = run.path(artifact)
+    recorded = read_manifest(path).get("run")
+    step = f"{stage.name}:{part}" if part else stage.name
+    fix = f"Delete {path} to have `emloc run` (or the {stage.name} stage) recompute it."
+    if not isinstance(recorded, dict) or recorded.get("step") != step:
+        raise EmlocError(
+            f"{path} was not written by this run's {step} step (it was copied in, or written by hand). {fix}"
+        )
+    expected = step_provenance(run, stage, part)
+    if recorded.get("config") != expected["config"]:
+        raise EmlocError(
+            f"{path} was produced with other settings than this run's "
+            f"({differences(recorded['config'], expected['config'])}). {fix}"
+        )
+    stale = [a for a, digest in expected["inputs"].items() if (recorded.get("inputs") or {}).get(a) != digest]
+    if stale:
+        raise EmlocError(f"{path} was computed from another {', '.join(stale)} than the run now holds. {fix}")
+
+
+@contextlib.contextmanager
+def recording(run: Run, stage: Stage, part: str | None) -> Iterator[None]:
+    """Artifacts written inside this block record the step's provenance in their manifests."""
+    token = provenance.set(step_provenance(run, stage, part))
+    try:
+        yield
+    finally:
+        provenance.reset(token)
 
 
 def base_model(run: Run, which: str, dtype: str | None = None):
@@ -75,7 +161,7 @@ def _streamed(run: Run, progress: bool, **what):
 
     c = run.config
     return stream(
-        c.model, dtype=c.dtype, device=c.device, trust_remote_code=c.trust_remote_code, progress=progress, **what
+        c.model, dtype=c.dtype, device=c.device, trust_remote_code=run.trust_remote_code, progress=progress, **what
     )
 
 
@@ -212,6 +298,11 @@ SETTINGS = {
 TRAINED_BY = {"original": "finetune_original", "emulator": "finetune_emulator", "corrected": "finetune_emulator"}
 
 
+def setting_reads(s: Setting) -> tuple[str, ...]:
+    """The run artifacts a setting's evaluation reads: the emulator for an emulator base, and its adapter."""
+    return (("emulator",) if s.base == "emulator" else ()) + ((ADAPTERS[s.adapter],) if s.adapter else ())
+
+
 def settings(config: RunConfig) -> list[str]:
     """The settings a run evaluates: the LoRA trained on the original only with `baseline`."""
     return [s for s, v in SETTINGS.items() if config.baseline or v.adapter != "original"]
@@ -302,8 +393,8 @@ STAGES: dict[str, Stage] = {
             reads=(),
             writes=("calibration:train", "calibration:heldout"),
             model="original",
+            settings=("model", "seed", "task", "calibration"),
             doc="second moments of every block linear's input, on training and on held-out examples",
-            settings=("model", "trust_remote_code", "seed", "task", "calibration"),
         ),
         Stage(
             "emulator",
@@ -311,8 +402,8 @@ STAGES: dict[str, Stage] = {
             reads=("calibration:train",),
             writes=("emulator",),
             model="original",
-            doc="the activation-aware SVD emulator and its spectra",
             settings=("emulator",),
+            doc="the activation-aware SVD emulator and its spectra",
         ),
         Stage(
             "drift",
@@ -328,8 +419,8 @@ STAGES: dict[str, Stage] = {
             reads=("emulator", "calibration:train"),
             writes=("adapter:emulator",),
             model="emulator",
+            settings=("model", "seed", "task", "lora", "train"),
             doc="LoRA fine-tuning on the emulator",
-            settings=("model", "trust_remote_code", "seed", "task", "lora", "train"),
         ),
         Stage(
             "finetune_original",
@@ -337,8 +428,8 @@ STAGES: dict[str, Stage] = {
             reads=("calibration:train",),  # for a data-aligned LoRA (lora.init="eigen")
             writes=("adapter:original",),
             model="original",
+            settings=("model", "seed", "task", "baseline", "lora", "train"),
             doc="LoRA fine-tuning on the original: the upper bound EMLoC avoids paying for",
-            settings=("model", "trust_remote_code", "seed", "task", "baseline", "lora", "train"),
             enabled=lambda config: config.baseline,
         ),
         Stage(
@@ -357,9 +448,10 @@ STAGES: dict[str, Stage] = {
             writes=("results",),
             model=None,
             doc="task accuracy of every setting, and the results table",
-            settings=("model", "trust_remote_code", "seed", "task", "baseline", "evaluation"),
+            settings=("model", "seed", "task", "baseline", "evaluation"),
             parts=settings,
             part_writes="evaluation:{}",
+            part_reads=lambda setting: setting_reads(SETTINGS[setting]),
             finish=write_results,
         ),
     ]
@@ -420,30 +512,36 @@ def record_name(step: str) -> str:
 
 def run_stage(run: Run, name: str, *, isolate: bool = True) -> None:
     stage = get(name)
-    if stage.done(run):
-        return
-    missing = [a for a in stage.reads if not run.has(a)]
-    if missing:
-        writers = [s.name for s in STAGES.values() if set(s.writes) & set(missing)]
-        raise EmlocError(
-            f"Stage {name} needs {', '.join(missing)} in {run.dir}, which {' and '.join(writers)} "
-            "writes. Run that stage first (`emloc run`, or Run.run_all)."
-        )
-    if stage.parts is None:
-        _run_step(run, name, isolate)
-        return
-    for part in stage.parts(run.config):
-        if not run.has(stage.part_writes.format(part)):
-            _run_step(run, f"{name}:{part}", isolate)
-    stage.finish(run)
+    with run.writing():
+        if stage.done(run):
+            return
+        missing = [a for a in stage.reads if not run.has(a)]
+        if missing:
+            writers = [s.name for s in STAGES.values() if set(s.writes) & set(missing)]
+            raise EmlocError(
+                f"Stage {name} needs {', '.join(missing)} in {run.dir}, which {' and '.join(writers)} "
+                "writes. Run that stage first (`emloc run`, or Run.run_all)."
+            )
+        for artifact in stage.reads:  # in full, before anything is computed or written
+            run.verify(artifact)
+        if stage.parts is None:
+            _run_step(run, name, isolate)
+            return
+        for part in stage.parts(run.config):
+            artifact = stage.part_writes.format(part)
+            if not run.has(artifact):
+                _run_step(run, f"{name}:{part}", isolate)
+            check_provenance(run, artifact)
+        stage.finish(run)
 
 
 def run_all(run: Run, *, isolate: bool = True, until: str | None = None) -> None:
     names = list(STAGES)
     if until is not None:
         names = names[: names.index(get(until).name) + 1]
-    for name in names:
-        run_stage(run, name, isolate=isolate)
+    with run.writing():
+        for name in names:
+            run_stage(run, name, isolate=isolate)
 
 
 def _run_step(run: Run, step: str, isolate: bool) -> None:
@@ -453,19 +551,44 @@ def _run_step(run: Run, step: str, isolate: bool) -> None:
     started = time.time()
     print(f"[emloc] {step} ...", flush=True)
     code = "import sys; from emloc_nb.stages import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(run.dir), step],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    tail: list[str] = []
-    for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-20:]
-        print("   ", line.rstrip(), flush=True)
-    if proc.wait() != 0:
-        raise EmlocError(f"Stage {step} failed:\n" + "\n".join(tail))
+    with run_lock(run.dir) as lock_fd:  # held already; the child shares it through the inherited descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(run.dir),
+                step,
+                *(["--trust-remote-code"] if run.trust_remote_code else []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            pass_fds=(lock_fd,),
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                LOCK_ENV: f"{lock_fd}:{os.path.realpath(run.dir)}",
+                _PARENT_ENV: str(os.getpid()),
+            },
+        )
+        try:
+            tail: list[str] = []
+            for line in proc.stdout:
+                tail = (tail + [line.rstrip()])[-20:]
+                print("   ", line.rstrip(), flush=True)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted here (Ctrl-C): the child goes too
+                proc.kill()
+                proc.wait()
+    if code != 0:
+        errors = [line.removeprefix("error: ") for line in tail if line.startswith("error: ")]
+        if errors:
+            raise EmlocError(f"Stage {step} failed: {errors[-1]}")
+        raise EmlocError(
+            f"Stage {step} crashed (exit code {code}); its output is above. Rerun to resume, or report the bug."
+        )
     record = run.stage_records()[record_name(step)]
     print(f"[emloc] {step} done in {time.time() - started:.0f} s, peak {record['peak_rss_mb']:.0f} MB", flush=True)
 
@@ -477,38 +600,71 @@ def execute(run: Run, step: str, *, isolated: bool) -> None:
     return_freed_memory()
     name, _, part = step.partition(":")
     stage = get(name)
+    if stage.parts is not None and part not in stage.parts(run.config):
+        raise EmlocError(f"{step} is not a step of this run. Steps of {name}: {', '.join(stage.parts(run.config))}.")
     progress = True  # a bar in a terminal or notebook, else a line every few seconds (emloc_nb.progress)
     baseline = rss_mb()
     started = time.time()
-    with PhaseMeter() as meter:
-        record = stage.body(run, stage, part or None, progress)
-    record.update(
-        step=step,
-        seconds=time.time() - started,
-        isolated=isolated,
-        baseline_rss_mb=baseline,
-        # In a shared process the peak includes what earlier stages left; each phase's peak is its own either way.
-        peak_rss_mb=meter.peak_rss_mb if isolated else None,
-        phases=meter.phases,
-        peak_method=meter.method,
-    )
-    if meter.peak_cuda_mb is not None:
-        record["peak_cuda_mb"] = meter.peak_cuda_mb
-    write_json(run.path(f"stage_record:{record_name(step)}"), record)
+    with run.writing(), recording(run, stage, part or None):
+        with PhaseMeter() as meter:
+            record = stage.body(run, stage, part or None, progress)
+        record.update(
+            step=step,
+            seconds=time.time() - started,
+            isolated=isolated,
+            baseline_rss_mb=baseline,
+            # In a shared process the peak includes what earlier stages left; each phase's peak is its own either way.
+            peak_rss_mb=meter.peak_rss_mb if isolated else None,
+            phases=meter.phases,
+            peak_method=meter.method,
+        )
+        if meter.peak_cuda_mb is not None:
+            record["peak_cuda_mb"] = meter.peak_cuda_mb
+        write_json(run.path(f"stage_record:{record_name(step)}"), record)
+
+
+_PARENT_ENV = "EMLOC_PARENT_PID"
+
+
+def _die_with_parent() -> None:
+    """A stage child must not outlive the process that started it (it would keep training as an orphan).
+
+    On Linux the kernel kills it when the parent dies (prctl PR_SET_PDEATHSIG); everywhere a
+    watcher thread checks the parent's pid once a second, which also covers a parent that died
+    before the prctl call.
+    """
+    parent = int(os.environ.get(_PARENT_ENV, "0"))
+    if not parent:
+        return
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="emloc-parent-watch").start()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child-process entry point: main([RUN_DIR, STEP]) runs one step and records its memory."""
+    """Child-process entry point: main([RUN_DIR, STEP, --trust-remote-code]) runs one step and records its memory."""
     from . import progress
 
-    run_dir, step = (argv or sys.argv[1:])[:2]
+    _die_with_parent()
+    args = list(sys.argv[1:] if argv is None else argv)
+    trust_remote_code = "--trust-remote-code" in args
+    run_dir, step = [a for a in args if a != "--trust-remote-code"][:2]
     progress.stage = step
     if not sys.stderr.isatty():  # datasets' own bars (tokenising) would print carriage returns into the pipe
         import datasets
 
         datasets.disable_progress_bars()
     try:
-        execute(Run(run_dir), step, isolated=True)
+        execute(Run(run_dir, trust_remote_code=trust_remote_code), step, isolated=True)
     except EmlocError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -519,15 +675,21 @@ def finetune_with_trainer(run: Run, target: str = "emulator", **training_args) -
     """The fine-tuning stage through transformers' Trainer (runs under torchrun); same adapter format."""
     from .training import finetune_hf
 
-    model, tokenizer = base_model(run, target)
-    return finetune_hf(
-        model,
-        tokenizer,
-        run.task(),
-        run.path(f"finetune:{target}"),
-        lora=run.config.lora,
-        config=run.config.train,
-        seed=run.config.seed,
-        stats=_init_stats(run),
-        **training_args,
-    ).adapter_dir
+    stage = get(f"finetune_{target}")
+    # Under torchrun only the first rank writes (checkpoints, adapter), so only it holds the run's lock.
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    with run.writing() if first_rank else contextlib.nullcontext(), recording(run, stage, None):
+        if stage.done(run):
+            return run.adapter_dir(target)
+        model, tokenizer = base_model(run, target)
+        return finetune_hf(
+            model,
+            tokenizer,
+            run.task(),
+            run.path(f"finetune:{target}"),
+            lora=run.config.lora,
+            config=run.config.train,
+            seed=run.config.seed,
+            stats=_init_stats(run),
+            **training_args,
+        ).adapter_dir

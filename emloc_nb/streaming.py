@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifacts import atomic_dir, read_tensors, safetensors_header, write_json, write_tensors
+from .artifacts import atomic_dir, read_tensors, safetensors_header, write_json, write_manifest, write_tensors
 from .calibration import CalibrationStats, collect_stats
-from .emulator import WEIGHTS_INDEX, Emulator, Whiteners, factor_layer, write_emulator_metadata
+from .emulator import WEIGHTS_INDEX, Emulator, Whiteners, factor_layer, manifest_config, write_emulator_metadata
 from .errors import EmlocError
 from .memory import phase
 from .models import (
@@ -287,6 +287,13 @@ def stream(
                 ranks=ranks,
                 layer_bias=layer_bias,
                 calibration=calibration,
+            )
+            # Written last, once the original's fingerprint is known: it lists every file above.
+            write_manifest(
+                tmp,
+                kind="emulator",
+                model_fingerprint=original_fingerprint,
+                config=manifest_config(plan, mode, shrinkage),
             )
     return results
 

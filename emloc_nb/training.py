@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,11 +20,21 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from .artifacts import atomic_dir, read_json, read_tensors, write_json, write_tensors
+from .artifacts import (
+    atomic_dir,
+    discard,
+    fault,
+    read_json,
+    read_json_object,
+    read_tensors,
+    verify_manifest,
+    write_json,
+    write_tensors,
+)
 from .config import LoraSpec, TrainSpec
 from .data import IGNORE_INDEX, Task, collator_for, tokenize
 from .errors import EmlocError
-from .lora import attach_lora, initial_factors, save_adapter
+from .lora import attach_lora, check_finite_lora, initial_factors, save_adapter
 from .memory import phase
 from .models import fingerprint, model_dtype, torch_dtype
 from .progress import progress as progress_bar
@@ -56,9 +65,22 @@ def _order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
     return order
 
 
+CHECKPOINT = "checkpoint"  # the checkpoint directory in an output directory, and its manifest kind
+
+
 def _save_checkpoint(
-    path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer, step: int, history: list[dict], signature: dict
+    path: Path,
+    peft_model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    history: list[dict],
+    signature: dict,
+    *,
+    extra: dict | None = None,
+    files: dict[str, str] | None = None,
 ) -> None:
+    """One checkpoint format for both trainers: state.safetensors (LoRA weights, optimizer moments, RNG) and
+    state.json (step, history, optimizer settings, and `extra`, e.g. the scheduler), plus any JSON `files`."""
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     opt_state = optimizer.state_dict()
     tensors = {f"param/{n}": p for n, p in trainable.items()}
@@ -66,30 +88,49 @@ def _save_checkpoint(
         for key, value in state.items():
             tensors[f"optim/{idx}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng/torch"] = torch.get_rng_state()
-    with atomic_dir(path, overwrite=True) as tmp:
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    with atomic_dir(path, overwrite=True, kind=CHECKPOINT, config=signature) as tmp:
         write_tensors(tmp / "state.safetensors", tensors)
         write_json(
             tmp / "state.json",
-            {"step": step, "history": history, "param_groups": opt_state["param_groups"], "run": signature},
+            {"step": step, "history": history, "param_groups": opt_state["param_groups"], **(extra or {})},
         )
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
 
 
-def _load_checkpoint(path: Path, peft_model: PeftModel, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    meta = read_json(path / "state.json")
-    tensors = read_tensors(path / "state.safetensors")
+def _read_checkpoint(path: Path, signature: dict) -> tuple[dict, dict]:
+    """(state.json, tensors) of a checkpoint, after checking its manifest and that it belongs to this run."""
+    manifest = verify_manifest(path, kind=CHECKPOINT)
+    _check_same_run(manifest["config"], signature, path)
+    meta = read_json_object(path / "state.json", {"step": int, "history": list, "param_groups": list})
+    return meta, read_tensors(path / "state.safetensors")
+
+
+def _restore(meta: dict, tensors: dict, peft_model: PeftModel, optimizer: torch.optim.Optimizer | None) -> None:
+    """Put a checkpoint's LoRA weights, optimizer state (when given) and RNG state back."""
     params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("param/"):
-                params[key.removeprefix("param/")].copy_(value)
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng/torch"])
-    return meta["step"], meta["history"]
+    try:
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("param/"):
+                    params[key.removeprefix("param/")].copy_(value)
+        if optimizer is not None:
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith("optim/"):
+                    _, idx, name = key.split("/", 2)
+                    state.setdefault(int(idx), {})[name] = value
+            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["rng/torch"])
+        if "rng/cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise EmlocError(
+            f"The checkpoint does not fit this LoRA ({type(e).__name__}: {str(e)[:120]}). "
+            "Delete the checkpoint directory to start again."
+        ) from None
 
 
 def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec, seed: int) -> dict:
@@ -123,27 +164,40 @@ def _check_same_run(recorded: dict | None, signature: dict, where: Path) -> None
 
 
 def _finished(output_dir: Path, signature: dict) -> TrainResult | None:
-    """The adapter an earlier call with the same signature wrote to output_dir, if any."""
+    """The adapter an earlier call with the same signature wrote to output_dir, if any (checked in full)."""
     adapter_dir = output_dir / "adapter"
-    if not (adapter_dir / "emloc.json").is_file():
+    if not adapter_dir.exists():
         return None
-    _check_same_run(read_json(adapter_dir / "emloc.json").get("run"), signature, adapter_dir)
-    return TrainResult(adapter_dir, read_json(output_dir / "history.json"))
+    _check_same_run(verify_manifest(adapter_dir, kind="adapter")["config"], signature, adapter_dir)
+    history = read_json(output_dir / "history.json")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise EmlocError(f"{output_dir / 'history.json'} is not a list of steps. Delete {output_dir} to retrain.")
+    return TrainResult(adapter_dir, history)
 
 
 def _write_adapter(
     peft_model: PeftModel, output_dir: Path, history: list[dict], signature: dict, initial: dict, **info
 ) -> TrainResult:
+    if not history:
+        raise EmlocError("No training step was taken, so there is no adapter to write. Set train.steps ≥ 1.")
     write_json(output_dir / "history.json", history)
     adapter_dir = save_adapter(
         peft_model,
         output_dir / "adapter",
         base_fingerprint=signature["base_fingerprint"],
-        info={"run": signature, "final_loss": history[-1]["loss"] if history else None, **info},
+        info={"run": signature, "final_loss": history[-1]["loss"], **info},
         initial=initial,
         overwrite=True,
     )
     return TrainResult(adapter_dir, history)
+
+
+def _checkpoint_if_any(checkpoint_dir: Path, signature: dict) -> bool:
+    """Whether a checkpoint of this same run is there to resume from (one of another run is refused)."""
+    if not checkpoint_dir.exists():
+        return False
+    _check_same_run(verify_manifest(checkpoint_dir, kind=CHECKPOINT)["config"], signature, checkpoint_dir)
+    return True
 
 
 def _step(
@@ -209,15 +263,14 @@ def finetune(
     lora, config = lora or LoraSpec(), config or TrainSpec()
     _check_frozen_dtype(model, config)
     output_dir = Path(output_dir)
-    adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / "checkpoint"
+    adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / CHECKPOINT
     signature = _signature(fingerprint(model), lora, config, seed)
     if done := _finished(output_dir, signature):
         return done
     if len(task.train) == 0:
         raise EmlocError(f"The task {task.name} has no training examples.")
     start, history = 0, []
-    if (checkpoint_dir / "state.json").is_file():
-        _check_same_run(read_json(checkpoint_dir / "state.json").get("run"), signature, checkpoint_dir)
+    resume = _checkpoint_if_any(checkpoint_dir, signature)
     encoded = tokenize(tokenizer, task.train, max_length=config.max_length)
     collate = collator_for(tokenizer)
     order = _order(len(encoded), config.steps, config.batch_size, seed)
@@ -232,8 +285,10 @@ def finetune(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:  # whatever happens, `model` comes back without the LoRA layers
-        if (checkpoint_dir / "state.json").is_file():
-            start, history = _load_checkpoint(checkpoint_dir, peft_model, optimizer)
+        if resume:
+            meta, tensors = _read_checkpoint(checkpoint_dir, signature)
+            _restore(meta, tensors, peft_model, optimizer)
+            start, history = meta["step"], meta["history"]
         end = config.steps if stop_after is None else min(config.steps, start + stop_after)
         peft_model.train()
         steps = progress_bar(range(start, end), desc="finetune", initial=start, total=config.steps, enabled=progress)
@@ -243,6 +298,8 @@ def finetune(
             # The first step also allocates the optimiser state; the later ones are the steady state.
             with phase("train_first_step" if step == start else "train_steps"):
                 loss = _step(peft_model, optimizer, encoded.select(idx).to_list(), collate, config, lr, step)
+            check_finite_lora(peft_model, when=f"after step {step + 1}")
+            fault("train-step")
             event = {"step": step + 1, "steps": config.steps, "loss": loss, "lr": lr}
             history.append(event)
             for cb in callbacks:
@@ -262,7 +319,7 @@ def finetune(
             model.gradient_checkpointing_disable()
         peft_model.unload()
         model.eval()
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    discard(checkpoint_dir)
     return result
 
 
@@ -287,6 +344,72 @@ class CallbackBridge(TrainerCallback):
                 cb(event)
 
 
+class _StopAfter(TrainerCallback):
+    """Ends a Trainer run after `steps` more steps, with a checkpoint (as `stop_after` in the built-in loop)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.stop_at = steps, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stop_at = state.global_step + self.steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.stop_at and state.global_step < state.max_steps:
+            control.should_save = control.should_training_stop = True
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class CheckpointingTrainer(Trainer):
+        """A Trainer whose checkpoints are the built-in loop's: safetensors and JSON, never a pickle.
+
+        Trainer's own checkpoints hold pickles (optimizer.pt, rng_state.pth, training_args.bin);
+        these overrides save and resume the same state in emloc's format instead.
+        """
+
+        emloc_checkpoint: Path
+        emloc_signature: dict
+
+        def _save_checkpoint(self, model, trial):
+            if self.args.should_save:
+                _save_checkpoint(
+                    self.emloc_checkpoint,
+                    self.model,
+                    self.optimizer,
+                    self.state.global_step,
+                    _hf_history(self.state.log_history),
+                    self.emloc_signature,
+                    extra={"scheduler": self.lr_scheduler.state_dict()},
+                    files={"trainer_state.json": json.dumps(asdict(self.state), indent=2, sort_keys=True) + "\n"},
+                )
+            self.accelerator.wait_for_everyone()
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            self._emloc_resume = _read_checkpoint(Path(resume_from_checkpoint), self.emloc_signature)
+            _restore(*self._emloc_resume, self.model, None)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None:
+                return
+            meta, tensors = self._emloc_resume
+            _restore(meta, tensors, self.model, self.optimizer)
+            self.lr_scheduler.load_state_dict(meta["scheduler"])
+
+        def _load_rng_state(self, checkpoint):
+            if checkpoint is not None:
+                _restore(*self._emloc_resume, self.model, None)  # the RNG right where the run left it
+
+        def _load_scaler(self, checkpoint):
+            return  # no loss scaler state: LoRA training here runs in float32
+
+    return CheckpointingTrainer
+
+
+def _hf_history(log_history: list[dict]) -> list[dict]:
+    return [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")} for h in log_history if "loss" in h]
+
+
 def hf_trainer(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -298,16 +421,19 @@ def hf_trainer(
     seed: int = 0,
     stats=None,
     callbacks: Iterable[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
     **training_args,
 ):
     """A transformers Trainer for the same LoRA, data and schedule; works under torchrun (gloo on CPU).
 
-    It saves no checkpoints by default: a Trainer's checkpoints are pickles. Pass
-    save_strategy="steps" to have them anyway.
+    Every `config.checkpoint_every` steps it writes a checkpoint in the built-in loop's
+    format (safetensors and JSON, no pickles) to `checkpoint_dir` (default
+    OUTPUT_DIR/checkpoint); `trainer.train(resume_from_checkpoint=checkpoint_dir)` resumes.
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     lora, config = lora or LoraSpec(), config or TrainSpec()
+    signature = _signature(fingerprint(model), lora, config, seed)
     _check_frozen_dtype(model, config)
     torch.manual_seed(seed)
     peft_model = attach_lora(model, lora, stats=stats)
@@ -327,7 +453,8 @@ def hf_trainer(
         logging_steps=1,
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        save_strategy="no",
+        save_strategy="steps" if config.checkpoint_every else "no",
+        save_steps=config.checkpoint_every or 500,
         seed=seed,
         report_to=[],
         remove_unused_columns=False,
@@ -346,13 +473,23 @@ def hf_trainer(
             )
     args = TrainingArguments(**{**defaults, **training_args})
     train = tokenize(tokenizer, task.train, max_length=config.max_length)
-    return Trainer(
+    trainer = _trainer_class()(
         model=peft_model,
         args=args,
         train_dataset=train,
         data_collator=collator_for(tokenizer),
-        callbacks=[CallbackBridge(callbacks)],
+        callbacks=[CallbackBridge(callbacks), _FiniteLora()],
     )
+    trainer.emloc_checkpoint = Path(checkpoint_dir) if checkpoint_dir else Path(output_dir) / CHECKPOINT
+    trainer.emloc_signature = signature
+    return trainer
+
+
+class _FiniteLora(TrainerCallback):
+    """Stops a Trainer run whose LoRA weights become non-finite (the built-in loop checks the same)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        check_finite_lora(model, when=f"after step {state.global_step}")
 
 
 def finetune_hf(
@@ -366,14 +503,21 @@ def finetune_hf(
     seed: int = 0,
     stats=None,
     callbacks: Iterable[Callback] = (),
+    stop_after: int | None = None,
     **training_args,
 ) -> TrainResult:
-    """`finetune` through transformers' Trainer (and so torchrun, accelerate, DeepSpeed); the same adapter format."""
+    """`finetune` through transformers' Trainer (and so torchrun, accelerate, DeepSpeed); the same adapter format.
+
+    It checkpoints and resumes as `finetune` does (the same checkpoint format, in OUTPUT_DIR/checkpoint),
+    and `stop_after` ends early after that many steps, leaving a checkpoint.
+    """
     lora, config = lora or LoraSpec(), config or TrainSpec()
     output_dir = Path(output_dir)
     signature = _signature(fingerprint(model), lora, config, seed)
     if done := _finished(output_dir, signature):
         return done
+    checkpoint_dir = output_dir / CHECKPOINT
+    resume = _checkpoint_if_any(checkpoint_dir, signature)
     trainer = hf_trainer(
         model,
         tokenizer,
@@ -384,18 +528,18 @@ def finetune_hf(
         seed=seed,
         stats=stats,
         callbacks=callbacks,
+        checkpoint_dir=checkpoint_dir,
         **training_args,
     )
+    if stop_after is not None:
+        trainer.add_callback(_StopAfter(stop_after))
     initial = initial_factors(trainer.model)
     try:
-        trainer.train()
-        history = [
-            {"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
-            for h in trainer.state.log_history
-            if "loss" in h
-        ]
+        trainer.train(resume_from_checkpoint=str(checkpoint_dir) if resume else None)
+        history = _hf_history(trainer.state.log_history)
         result = TrainResult(output_dir / "adapter", history)
-        if trainer.is_world_process_zero():
+        finished = trainer.state.global_step >= trainer.state.max_steps  # a max_steps override counts
+        if finished and trainer.is_world_process_zero():
             result = _write_adapter(
                 trainer.model,
                 output_dir,
@@ -409,4 +553,6 @@ def finetune_hf(
         trainer.accelerator.wait_for_everyone()  # other ranks return once the adapter is on disk
     finally:
         trainer.model.unload()
+    if finished and trainer.is_world_process_zero():
+        discard(checkpoint_dir)
     return result

@@ -28,7 +28,7 @@ from .plots.memory import memory_phases_figure
 from .plots.spectra import energy_figure, kept_energy_figure, ranks_figure, spectrum_figure
 from .plots.training import loss_figure
 from .static import figure_html
-from .tables import MISSING, config_summary
+from .tables import config_summary
 from .tokens import token_kl_html
 
 PAGE_STYLE = (
@@ -61,11 +61,10 @@ class _Page:
 
 def _spectra_section(page: _Page, run: Run) -> None:
     page.section("Emulator: spectra and rank plan")
-    try:
-        spectra = run.spectra()
-    except MISSING:
+    if not run.has("spectra"):
         page.note("No spectra yet (the emulator stage writes them).")
         return
+    spectra = run.spectra()  # a damaged or foreign artifact fails the report; it is never left out quietly
     t = spectra.totals()
     page.text(
         f"<p>{t['compressed']} of {t['layers']} block linears compressed; {t['share_kept']:.1%} of their "
@@ -82,11 +81,10 @@ def _spectra_section(page: _Page, run: Run) -> None:
 
 def _activations_section(page: _Page, run: Run) -> None:
     page.section("Calibration activations")
-    try:
-        stats = run.calibration()
-    except MISSING:
+    if not run.has("calibration:train"):
         page.note("No calibration statistics yet (the calibrate stage writes them).")
         return
+    stats = run.calibration()  # a damaged or foreign artifact fails the report; it is never left out quietly
     page.text(f"<p>{stats.examples} examples, up to {stats.tokens} real tokens per input.</p>")
     page.figure("activation-heatmap", activation_heatmap(stats))
     # The input whose largest channel stands out most from its median channel.
@@ -100,11 +98,10 @@ def _activations_section(page: _Page, run: Run) -> None:
 
 def _drift_section(page: _Page, run: Run) -> None:
     page.section("Drift: emulator vs original")
-    try:
-        drift = run.drift()
-    except MISSING:
+    if not run.has("drift"):
         page.note("No drift report yet (the drift stage writes it).")
         return
+    drift = run.drift()  # a damaged or foreign artifact fails the report; it is never left out quietly
     page.text(T.drift_summary_table(drift.summary))
     page.figure("drift-by-block", layer_error_figure(drift.rows, by="block"))
     page.figure("drift-by-kind", layer_error_figure(drift.rows, by="kind"))
@@ -118,11 +115,10 @@ def _drift_section(page: _Page, run: Run) -> None:
 
 def _correction_section(page: _Page, run: Run) -> None:
     page.section("LoRA correction")
-    try:
-        report = run.correction()
-    except MISSING:
+    if not run.has("correction"):
         page.note("No correction report yet (the correct stage writes it).")
         return
+    report = run.correction()  # a damaged or foreign artifact fails the report; it is never left out quietly
     rows = report.rows
     page.text(
         f"<p>Corrected with L = {clamp_label(report.clamp)}; {sum(r['clamped'] for r in rows)} LoRA directions "

@@ -19,20 +19,20 @@ def test_peft_config_targets_every_block_linear_of_either_model(toy_task):
             "up_proj",
             "v_proj",
         ]
-    with pytest.raises(EmlocError, match="at least 1"):
-        peft_config(LoraSpec(r=0), model)
+    with pytest.raises(EmlocError, match="lora.r=0 must be ≥ 1"):
+        LoraSpec(r=0)
     with pytest.raises(EmlocError, match="Could not attach"):
         attach_lora(model, LoraSpec(targets=["no_such_layer"]))
 
 
 def test_load_adapter_names_a_missing_or_unchecked_adapter(toy_task, tmp_path):
     model, tok = tiny_model("llama")
-    with pytest.raises(EmlocError, match="no adapter_config.json"):
+    with pytest.raises(EmlocError, match="adapter_config.json is missing"):
         load_adapter(model, tmp_path / "nothing-here")
     result = quick_finetune(model, tok, toy_task, tmp_path / "run", LoraSpec(r=2, alpha=2), steps=1)
     (result.adapter_dir / "emloc.json").unlink()
-    with pytest.raises(EmlocError, match="check_base=False"):
-        load_adapter(model, result.adapter_dir)
+    with pytest.raises(EmlocError, match=r"lacks \['emloc.json'\]"):
+        load_adapter(model, result.adapter_dir, check_base=False)
 
 
 def test_adapter_refuses_another_base(toy_task, tmp_path):

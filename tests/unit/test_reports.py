@@ -82,7 +82,7 @@ def _reports() -> list[Report]:
 @pytest.mark.parametrize("report", _reports(), ids=lambda r: type(r).__name__)
 def test_every_report_round_trips_and_refuses_to_overwrite_by_default(report, tmp_path):
     path = report.save(tmp_path / "report")
-    assert sorted(p.name for p in path.iterdir())[0] == f"{report.kind}.json"
+    assert {f"{report.kind}.json", "manifest.json"} <= {p.name for p in path.iterdir()}
     loaded = type(report).load(path)
     assert loaded.rows == report.rows and len(report.rows) > 0
     frame = report.to_frame()
@@ -102,7 +102,7 @@ def test_loading_a_report_of_another_kind_is_refused(tmp_path):
     drift = _reports()[2]
     drift.save(tmp_path / "d")
     (tmp_path / "d" / "drift.json").rename(tmp_path / "d" / "evaluation.json")
-    with pytest.raises(EmlocError, match="not a 'evaluation'"):
+    with pytest.raises(EmlocError, match="holds a 'drift' artifact, not 'evaluation'"):
         EvalResult.load(tmp_path / "d")
 
 

@@ -15,7 +15,7 @@ from ..conftest import tiny_run_config
 
 
 def test_every_stage_writes_a_directory_named_for_it(tiny_run):
-    assert {p.name for p in tiny_run.dir.iterdir()} == {"run.json", "stages", *STAGES}
+    assert {p.name for p in tiny_run.dir.iterdir()} == {"run.json", ".lock", "stages", *STAGES}
     assert {p.name for p in tiny_run.path("evaluation:original").parent.iterdir()} == {
         *SETTINGS,
         "results.json",

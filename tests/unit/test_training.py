@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emloc_nb import EmlocError, LoraSpec, TrainSpec, finetune, hf_trainer, tiny_model
+from emloc_nb import EmlocError, LoraSpec, TrainSpec, finetune, finetune_hf, hf_trainer, tiny_model
 
 from ..conftest import FAST, quick_finetune, tiny_emulator
 
@@ -150,6 +150,47 @@ def test_gradient_checkpointing_gives_the_same_weights(toy_task, tmp_path):
     b = load_file(str(recomputed.adapter_dir / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in emulator.model.modules())
+
+
+def test_hf_trainer_resumes_from_its_safetensors_checkpoint_to_the_same_weights(toy_task, tmp_path):
+    model, tok, emulator = tiny_emulator(toy_task)
+    config = TrainSpec(steps=6, checkpoint_every=2, **FAST)
+    lora = LoraSpec(r=4, alpha=8, dropout=0.1)  # dropout makes the RNG state part of what must resume
+    whole = finetune_hf(emulator.model, tok, toy_task, tmp_path / "whole", lora=lora, config=config)
+    part = finetune_hf(emulator.model, tok, toy_task, tmp_path / "parts", lora=lora, config=config, stop_after=3)
+    assert len(part.history) == 3 and not (tmp_path / "parts" / "adapter").exists()
+    checkpoint = tmp_path / "parts" / "checkpoint"
+    assert {p.name for p in checkpoint.iterdir()} == {
+        "state.safetensors",
+        "state.json",
+        "trainer_state.json",
+        "manifest.json",
+    }  # the built-in loop's format, and no pickle (optimizer.pt, rng_state.pth, training_args.bin)
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+    resumed = finetune_hf(emulator.model, tok, toy_task, tmp_path / "parts", lora=lora, config=config)
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-6)
+    a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    assert not checkpoint.exists()
+
+
+def test_non_finite_lora_weights_stop_training_and_write_no_adapter(toy_task, tmp_path, monkeypatch):
+    model, tok = tiny_model("llama")
+    real_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):  # an update that overflows one weight, after a finite loss
+        out = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data[0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    config = TrainSpec(steps=3, checkpoint_every=0, **FAST)
+    with pytest.raises(EmlocError, match="became non-finite.*after step 1.*Lower the learning rate"):
+        finetune(model, tok, toy_task, tmp_path / "run", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
+    assert not (tmp_path / "run" / "adapter").exists()
+    assert not any("lora" in n for n, _ in model.named_modules())
 
 
 def test_micro_batches_give_the_adapter_of_the_full_batch(toy_task, tmp_path):
