@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,29 +16,6 @@ from emloc_nb.emulator import build_emulator
 from emloc_nb.models import tiny_model
 from emloc_nb.run import Run
 from emloc_nb.training import finetune
-
-
-def _widgets_of_this_checkout() -> None:
-    """Import emloc_nb.widgets from the widgets/ folder beside the emloc_nb being tested.
-
-    An editable install maps emloc_nb.widgets to its own checkout; run from another worktree
-    (PYTHONPATH=that worktree), the tests would otherwise see one checkout's core and another's widgets.
-    """
-    import emloc_nb
-
-    folder = Path(emloc_nb.__file__).resolve().parents[1] / "widgets"
-    if "emloc_nb.widgets" in sys.modules or not (folder / "__init__.py").is_file():
-        return
-    spec = importlib.util.spec_from_file_location(
-        "emloc_nb.widgets", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["emloc_nb.widgets"] = module
-    spec.loader.exec_module(module)
-    emloc_nb.widgets = module  # as the import system sets a subpackage on its parent
-
-
-_widgets_of_this_checkout()
 
 FAMILIES = ["llama", "gpt2", "qwen2", "opt"]
 FAST = dict(batch_size=8, lr=1e-2, warmup_steps=1)  # training settings that move a tiny model in a few steps
