@@ -1,3 +1,5 @@
+import mmap
+
 import pytest
 import torch
 
@@ -7,8 +9,16 @@ from emloc_nb.memory import PhaseMeter, phase, rss_mb
 MB = 2**20
 
 
-def _touch(mb: int) -> torch.Tensor:
-    return torch.ones(mb * MB // 4)  # written, so resident
+def _touch(mb: int) -> mmap.mmap:
+    """`mb` MB of fresh resident pages, unmapped when freed.
+
+    Not a tensor: the allocator may serve one from heap pages that earlier tests left resident,
+    and then the resident set would not grow at all.
+    """
+    pages = mmap.mmap(-1, mb * MB)
+    for offset in range(0, mb * MB, mmap.PAGESIZE):
+        pages[offset] = 1  # written, so resident
+    return pages
 
 
 def _phases_measure_their_own_peaks():
@@ -58,14 +68,14 @@ def test_a_repeated_phase_keeps_its_largest_peak_and_adds_its_time():
 def test_phases_outside_a_meter_record_nothing():
     with phase("nothing"):
         x = _touch(1)
-    assert x.numel() and memory._ACTIVE.get() is None
+    assert len(x) and memory._ACTIVE.get() is None
 
 
 def test_returning_freed_memory_to_the_os():
     if not memory.return_freed_memory():
         pytest.skip("not glibc")
     before = rss_mb()
-    chunks = [_touch(4) for _ in range(32)]  # 128 MB in blocks the heap would otherwise keep
+    chunks = [torch.ones(4 * MB // 4) for _ in range(32)]  # 128 MB of tensors the heap would otherwise keep
     del chunks
     assert rss_mb() < before + 40
 
