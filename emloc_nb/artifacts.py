@@ -500,19 +500,23 @@ def _files(root: Path) -> list[str]:
     return out
 
 
-def write_manifest(
-    directory: Path, *, kind: str, model_fingerprint: str | None = None, config: dict | None = None
-) -> None:
-    files = {rel: _sha256(directory / rel) for rel in _files(directory) if rel != MANIFEST}
-    manifest = {
+def _manifest(directory: Path, kind: str, files: list[str], model_fingerprint: str | None, config: dict | None):
+    return {
         "kind": kind,
         "format_version": FORMAT_VERSION,
         "package_version": package_version(),
         "model_fingerprint": model_fingerprint,
         "config": _jsonable(config or {}),
         "run": provenance.get(),
-        "files": files,
+        "files": {rel: _sha256(directory / rel) for rel in files},
     }
+
+
+def write_manifest(
+    directory: Path, *, kind: str, model_fingerprint: str | None = None, config: dict | None = None
+) -> None:
+    files = [rel for rel in _files(directory) if rel != MANIFEST]
+    manifest = _manifest(directory, kind, files, model_fingerprint, config)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
@@ -596,16 +600,7 @@ def write_side_manifest(
     config: dict | None = None,
 ) -> None:
     """A manifest for some of a directory's files (an artifact that shares its directory), written atomically."""
-    manifest = {
-        "kind": kind,
-        "format_version": FORMAT_VERSION,
-        "package_version": package_version(),
-        "model_fingerprint": model_fingerprint,
-        "config": _jsonable(config or {}),
-        "run": provenance.get(),
-        "files": {rel: _sha256(Path(directory) / rel) for rel in files},
-    }
-    write_json(Path(directory) / name, manifest)
+    write_json(Path(directory) / name, _manifest(Path(directory), kind, files, model_fingerprint, config))
 
 
 def verify_side_manifest(directory: str | Path, name: str, *, kind: str) -> dict:
