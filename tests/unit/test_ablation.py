@@ -1,5 +1,6 @@
 """`emloc ablate` on a tiny model: every method runs, the table aggregates over seeds, and it resumes."""
 
+import dataclasses
 import json
 import math
 
@@ -94,3 +95,16 @@ def test_copy_from_refuses_a_run_that_calibrated_otherwise(ablation):
         seed1.copy_from(seed0, "calibration:train")
     with pytest.raises(EmlocError, match="cannot be shared"):
         seed1.copy_from(seed0, "emulator")
+
+
+def test_one_seed_cannot_meet_the_beat_naive_by_one_std_goal(ablation):
+    _, _, spec, report = ablation
+    two = report.goals()
+    assert isinstance(two["beats_naive_by_more_than_one_std"], bool)  # two seeds: a spread to beat
+    one = dataclasses.replace(
+        report,
+        spec={**report.spec, "seeds": 1},
+        rows=[r for r in report.rows if r["seed"] == 0],
+    )
+    assert one.goals()["beats_naive_by_more_than_one_std"] is None  # std 0 would make it "met" for free
+    assert "more than one std: undetermined (needs 2 or more seeds)" in one.markdown()
