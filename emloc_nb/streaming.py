@@ -65,6 +65,7 @@ class Checkpoint:
     def skeleton(self) -> nn.Module:
         """The model with its parameters on the meta device; buffers such as rotary frequencies are real."""
         model = skeleton(self.path, trust_remote_code=self.trust_remote_code)
+        model.tie_weights()  # a tied head (SmolLM2's) is stored once, under the embeddings' name
         model.eval()
         return model
 

@@ -94,3 +94,25 @@ def test_the_pipeline_streams_when_asked_and_builds_the_same_emulator(tiny_files
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
     streamed.run_stage("drift", isolate=False)  # the later stages take the streamed emulator as any other
     assert streamed.drift().summary["kl"] >= 0
+
+
+def test_a_checkpoint_with_a_tied_head_streams_like_smollm2s(toy_task, tmp_path):
+    """SmolLM2 stores its tied LM head once, under the embeddings' name; the streamed build reads it from there."""
+    from transformers import LlamaForCausalLM
+
+    model, tok = tiny_model("llama", layers=2)
+    tied = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "tie_word_embeddings": True})).eval()
+    tied.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    loaded, _ = load_model(tmp_path / "ckpt")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    calib = batches(tok, toy_task.train, batch_size=8, limit=16)
+    whole = build_emulator(loaded, collect_stats(loaded, calib, progress=False), 0.5, progress=False)
+    streamed = build_streaming(tmp_path / "ckpt", calib, 0.5, tmp_path / "streamed", progress=False)
+    assert streamed.fingerprint == whole.fingerprint
+    ids, mask = calib[0]["input_ids"], calib[0]["attention_mask"]
+    assert torch.allclose(
+        streamed.model(input_ids=ids, attention_mask=mask).logits,
+        whole.model(input_ids=ids, attention_mask=mask).logits,
+        atol=1e-4,
+    )
