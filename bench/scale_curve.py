@@ -191,8 +191,12 @@ def main() -> None:
         help="frozen weights' dtype (bfloat16 halves them; on a CPU without avx512_bf16 "
         "its matmuls run ~7x slower, too slow for 3B here)",
     )
+    parser.add_argument("--render", action="store_true", help="rewrite the markdown and PNG from results/*.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        render(json.loads((RESULTS / "scale_curve.json").read_text()))
+        return
     if args.child:
         job = json.loads(args.child)
         emit(measure(job["shape"], job["setting"], args.steps, args.dtype))
@@ -236,6 +240,14 @@ def main() -> None:
                 row["error"] = row["predicted_mb"] / measured["peak_mb"] - 1
             extrapolated.append(row)
     after = machine()
+    payload = {"rows": rows, "extrapolated": extrapolated, "paper": PAPER, "args": vars(args)}
+    render(payload | {"minutes": (time.time() - started) / 60, "machine": [before, after]})
+
+
+def render(payload: dict) -> None:
+    """results/scale_curve.{json,md,png} from the measurements (`--render` redoes this from the saved JSON)."""
+    rows, extrapolated, args = payload["rows"], payload["extrapolated"], argparse.Namespace(**payload["args"])
+    before, after = payload["machine"]
 
     png = RESULTS / "scale_curve.png"
     RESULTS.mkdir(exist_ok=True)
@@ -253,13 +265,13 @@ def main() -> None:
     if rendered:
         lines += ["![scale curve](scale_curve.png)", ""]
     lines += [
-        "| size | parameters (of the model trained) | setting | weights MB | peak MB | × inference peak | s/step |",
-        "|---|---|---|---|---|---|---|",
+        "| size | parameters (of the model trained) | setting | weights MB | peak MB | × inference peak |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['size']} | {r['parameters'] / 1e9:.2f} B | {r['setting']} | {r['weights_mb']:.0f} | "
-            f"{r['peak_mb']:.0f} | {r['vs_inference']:.2f} | {r['s_per_step']:.2f} |"
+            f"{r['peak_mb']:.0f} | {r['vs_inference']:.2f} |"
         )
     goal = [r for r in rows if r["setting"] == "emulator@0.5"]
     met = all(r["vs_inference"] <= 1.0 for r in goal)
@@ -277,7 +289,7 @@ def main() -> None:
             "Each setting measured on the configuration cut to 1 and 2 blocks: block = peak(2) − peak(1), "
             "outer = peak(1) − block (embeddings, head, process), predicted = outer + layers × block.",
             "",
-            "| model | setting | one block MB | outer MB | layers | predicted GB | measured GB | error |",
+            "| model | setting | one block MB | outer MB | layers | predicted GiB | measured GiB | error |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in extrapolated:
@@ -302,12 +314,8 @@ def main() -> None:
             "Its figures include a vision encoder, image tokens (longer sequences) and a GPU's allocator; these are "
             "for a decoder alone at sequence 256 on CPU, so compare the ratios, not the gigabytes.",
         ]
-    lines += ["", f"Runtime {(time.time() - started) / 60:.0f} min. " + contention_note(before, after)]
-    write_results(
-        "scale_curve",
-        {"rows": rows, "extrapolated": extrapolated, "paper": PAPER, "args": vars(args), "machine": [before, after]},
-        "\n".join(lines),
-    )
+    lines += ["", f"Runtime {payload['minutes']:.0f} min. " + contention_note(before, after)]
+    write_results("scale_curve", payload, "\n".join(lines))
 
 
 if __name__ == "__main__":
