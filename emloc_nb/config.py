@@ -171,7 +171,7 @@ class TrainSpec(_Checked):
     # Steps; 0: a checkpoint only when stop_after ends a call early.
     checkpoint_every: int = field(default=50, metadata={"min": 0})
     # Memory levers (bench/results/memory_levers.md measures each):
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
+    gradient_checkpointing: bool = True  # recompute activations in the backward: within the inference budget, slower
     micro_batch_size: int | None = field(
         default=None, metadata=AT_LEAST_1
     )  # examples per forward/backward, gradients accumulated; None: the whole batch

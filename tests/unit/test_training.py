@@ -148,7 +148,8 @@ def test_gradient_checkpointing_gives_the_same_weights(toy_task, tmp_path):
     )
     a = load_file(str(plain.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(recomputed.adapter_dir / "adapter_model.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # bitwise: the default turned checkpointing on after the ablation tables were made without it
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in emulator.model.modules())
 
 
