@@ -161,7 +161,8 @@ def main() -> None:
         f"| **our build** (calibration + factoring) | {t['ours']:.1f} | 1.00 |",
         f"| naive per-layer float64 build | {t['naive']:.1f} | {t['naive'] / t['ours']:.2f} |",
         "",
-        f"Predicted errors, ours against the naive build: largest difference {gap:.1e} (ours runs the SVD in float32; the errors are about 0.1).",
+        f"Predicted errors, ours against the naive build: largest difference {gap:.1e} "
+        "(ours runs the SVD in float32; the errors are about 0.1).",
         "",
         f"- Build ≥ 5× faster than the naive reference: ×{goals['build_vs_naive']['ratio']:.2f}: "
         f"**{'met' if goals['build_vs_naive']['met'] else 'not met'}**.",
