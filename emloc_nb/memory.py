@@ -280,32 +280,68 @@ def weights_mb(model: nn.Module) -> float:
     return _bytes(list(model.parameters()) + list(model.buffers())) / MB
 
 
-def footprint(model: nn.Module, batch: dict, *, train: bool = True) -> dict:
+def footprint(model: nn.Module, batch: dict, *, train: bool = True, checkpointed: bool = False) -> dict:
     """Predicted memory of one step on `batch`, in MB.
 
     train=True: a LoRA training step (the model should have its LoRA attached, so
     that only LoRA weights require grad); train=False: a no-grad forward.
+    checkpointed=True: the step under gradient checkpointing of the repeated blocks,
+    which keeps only each block's input and what autograd saves outside the blocks,
+    and holds one block's saved activations at a time while the backward recomputes it.
+    The step itself runs without checkpointing, each saved tensor attributed to its block.
     """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     from .scoring import answer_nll
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: list[torch.Tensor] = []
+    running: list[int | None] = [None]  # the block whose forward is running, None outside the blocks
+    saved: dict[int | None, list[torch.Tensor]] = {None: []}
+    block_inputs: list[torch.Tensor] = []
 
     def pack(t):
         if t.untyped_storage().data_ptr() not in params:
-            saved.append(t)
+            saved.setdefault(running[0], []).append(t)
         return t
 
+    def enter(index):
+        def hook(module, args, kwargs):
+            running[0] = index
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                block_inputs.append(hidden)
+
+        return hook
+
+    def leave(module, args, output):
+        running[0] = None
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = [
+        h
+        for i, b in enumerate(blocks)
+        for h in (b.register_forward_pre_hook(enter(i), with_kwargs=True), b.register_forward_hook(leave))
+    ]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    with torch.set_grad_enabled(train), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        nll, mask = answer_nll(model, batch)
-        if train and trainable:
-            nll[mask].mean().backward()
+    try:
+        with torch.set_grad_enabled(train), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            nll, mask = answer_nll(model, batch)
+            if train and trainable:
+                nll[mask].mean().backward()
+    finally:
+        for h in handles:
+            h.remove()
     for p in trainable:
         p.grad = None
+    if checkpointed and blocks:
+        kept = saved[None] + block_inputs
+        base = _bytes(kept)
+        recompute = max((_bytes(kept + saved.get(i, [])) - base for i in range(len(blocks))), default=0)
+        activations = (base + recompute) / MB
+    else:
+        activations = _bytes([t for ts in saved.values() for t in ts]) / MB
     weights = weights_mb(model)
     state = 4 * sum(p.numel() * p.element_size() for p in trainable) / MB if train else 0.0
-    activations = _bytes(saved) / MB
     return {
         "weights_mb": weights,
         "trainable_state_mb": state,
@@ -315,19 +351,18 @@ def footprint(model: nn.Module, batch: dict, *, train: bool = True) -> dict:
 
 
 def predict_training(model: nn.Module, lora, config, batch: dict) -> dict:
-    """`footprint` of one LoRA training step of `model` as `finetune` runs it: the LoRA attached, gradient
-    checkpointing if `config` (a TrainSpec) asks, on `batch` (one micro-batch); `model` is left as it was."""
+    """`footprint` of one LoRA training step of `model` as `finetune` runs it: the LoRA attached, in training
+    mode, gradient checkpointing if `config` (a TrainSpec) asks, on `batch` (one micro-batch); `model` is
+    left as it was."""
     from .lora import attach_lora
 
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = attach_lora(model, lora)
+    peft_model.train()
     try:
-        return footprint(peft_model, batch, train=True)
+        return footprint(peft_model, batch, train=True, checkpointed=config.gradient_checkpointing)
     finally:
+        peft_model.eval()
         peft_model.unload()
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
 
 
 # (row, model, training?, the stage that measures it, its steady-state phase)

@@ -116,3 +116,22 @@ def test_stage_records_show_each_phase(tiny_run):
     assert "adapter_load" in phases["evaluate-original+corrected"] and "correction" in phases["correct"]
     steady = records["finetune_emulator"]["phases"]["train_steps"]
     assert steady["peak_rss_mb"] >= steady["start_rss_mb"] > 0 and records["calibrate"]["peak_method"]
+
+
+def test_the_planner_counts_what_gradient_checkpointing_keeps(toy_task):
+    from emloc_nb import LoraSpec, TrainSpec, tiny_model
+    from emloc_nb.data import batches
+    from emloc_nb.memory import predict_training
+
+    model, tokenizer = tiny_model("llama")
+    batch = batches(tokenizer, toy_task.train, batch_size=4, limit=4)[0]
+    plain = predict_training(model, LoraSpec(), TrainSpec(gradient_checkpointing=False), batch)
+    checkpointed = predict_training(model, LoraSpec(), TrainSpec(gradient_checkpointing=True), batch)
+    hidden = batch["input_ids"].numel() * model.config.hidden_size * 4 / MB  # one block's float32 input
+    # It keeps each block's input and recomputes one block at a time:
+    # more than the inputs, less than every block's activations.
+    assert model.config.num_hidden_layers * hidden < checkpointed["activations_mb"] < plain["activations_mb"]
+    assert checkpointed["weights_mb"] == plain["weights_mb"]
+    # The model comes back as it was: no LoRA, evaluation mode, no checkpointing.
+    assert not model.training and not any("lora" in n for n, _ in model.named_modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
