@@ -137,6 +137,9 @@ class CalibrationStats(Report):
         return cls(inputs, meta["model_fingerprint"], meta["examples"])
 
 
+_SLAB = 2048  # columns of x.T @ x per product: SmolLM2's inputs (≤ 1536 wide) take one
+
+
 def _default_forward(model: nn.Module, batch: Mapping) -> object:
     extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # the statistics need no logits
     return model(**model_inputs(model, batch), use_cache=False, **extra)
@@ -220,8 +223,10 @@ def collect_stats(
                     "Load the model in float32 (dtype=torch.float32) and check the inputs for invalid token ids."
                 )
             # One float32 product per batch, summed across batches in float64 (blocked summation); the in-place
-            # add widens each element as it goes, with no float64 copy of the product.
-            s.second_moment += x.T @ x
+            # add widens each element as it goes, with no float64 copy of the product. A wide input's product
+            # is made a slab of columns at a time: at width 8192 the whole one is a 256 MB temporary.
+            for j in range(0, x.shape[1], _SLAB):
+                s.second_moment[:, j : j + _SLAB] += x.T @ x[:, j : j + _SLAB]
             s.abs_sum += column_sums
             s.abs_max = torch.maximum(s.abs_max, magnitude.amax(0).double())
             s.tokens += x.shape[0]

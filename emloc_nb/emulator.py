@@ -70,23 +70,27 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def whitening(covariance: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, str]:
+def whitening(covariance: torch.Tensor, eps: float = 1e-6, *, overwrite: bool = False) -> tuple[torch.Tensor, str]:
     """S with S Sᵀ = C + εI, and how it was found.
 
     Cholesky of C + εI with ε relative to the mean eigenvalue; if C is not positive
     definite, more jitter, then eigh with eigenvalues clamped to a floor.
+    `overwrite=True` lets it use `covariance` (float64) as its scratch space: at an
+    8192-wide input that saves a 512 MB copy.
     """
     c = covariance.double()
-    scale = float(c.diagonal().mean()) or 1.0
-    # The jitter goes on the diagonal of one copy: no identity matrix and no temporaries, which for an
-    # 8192-wide input are 512 MB each in float64.
-    jittered = c.clone()
+    if c is covariance and not overwrite:
+        c = c.clone()
+    diagonal = c.diagonal().clone()
+    scale = float(diagonal.mean()) or 1.0
+    # The jitter goes on the diagonal: no identity matrix and no temporaries.
     for jitter in (eps, eps * 1e2, eps * 1e4):
-        jittered.diagonal().copy_(c.diagonal() + jitter * scale)
-        s, info = torch.linalg.cholesky_ex(jittered)
+        c.diagonal().copy_(diagonal + jitter * scale)
+        s, info = torch.linalg.cholesky_ex(c)
         if info == 0:
             return s, "cholesky" if jitter == eps else f"cholesky+jitter {jitter:g}"
-    del jittered
+        del s
+    c.diagonal().copy_(diagonal)
     lam, q = torch.linalg.eigh(c)
     floor = eps * max(float(lam.abs().max()), abs(scale), 1e-30)
     return q * lam.clamp_min(floor).sqrt(), "eigh"
@@ -313,10 +317,15 @@ def _shallow_copy(model: nn.Module) -> nn.Module:
 
 
 class Whiteners:
-    """S for each layer's input, computed once per shared input (layers sharing one are adjacent, so one is kept)."""
+    """S for each layer's input, computed once per shared input (layers sharing one are adjacent, so one is kept).
 
-    def __init__(self, stats: CalibrationStats | None, eps: float, shrinkage: float = 0.0):
-        self.stats, self.eps, self.shrinkage, self._key, self._value = stats, eps, shrinkage, None, None
+    `consume=True` turns each second moment into its covariance in place, for a caller that
+    drops the statistics once the layer is factored (the streamed build): one copy fewer.
+    """
+
+    def __init__(self, stats: CalibrationStats | None, eps: float, shrinkage: float = 0.0, *, consume: bool = False):
+        self.stats, self.eps, self.shrinkage, self.consume = stats, eps, shrinkage, consume
+        self._key, self._value = None, None
 
     def get(self, name: str, device: torch.device | None = None) -> tuple[torch.Tensor, str] | None:
         if self.stats is None:
@@ -324,9 +333,12 @@ class Whiteners:
         key = self.stats.key_for(name)
         if key != self._key:
             self._key, self._value = None, None  # free the previous S before computing the next
-            c = self.stats.inputs[key].covariance
-            c = c + self.shrinkage * torch.diag(c.diagonal())  # C + λ·diag(C): less trust in barely seen directions
-            self._key, self._value = key, whitening(c if device is None else c.to(device), self.eps)
+            inputs = self.stats.inputs[key]
+            c = inputs.second_moment.div_(max(inputs.tokens, 1)) if self.consume else inputs.covariance
+            if self.shrinkage:  # C + λ·diag(C): less trust in barely seen directions
+                c.diagonal().mul_(1 + self.shrinkage)
+            c = c if device is None else c.to(device)
+            self._key, self._value = key, whitening(c, self.eps, overwrite=True)
         return self._value
 
 

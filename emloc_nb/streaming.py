@@ -226,7 +226,9 @@ def stream(
                     collected[split][prefix + key] = s
                 hidden[split] = [{**batch, "hidden": h} for batch, h in zip(batches, outputs)]
             if tmp is not None:
-                whiteners = Whiteners(stats or CalibrationStats(collected["train"], "", 0), eps, shrinkage)
+                # Without kept statistics each second moment becomes its covariance in place.
+                own = CalibrationStats(collected["train"], "", 0) if stats is None else None
+                whiteners = Whiteners(stats or own, eps, shrinkage, consume=own is not None and not keep_stats)
                 for n in local:
                     full = prefix + n
                     low, row, spectra[full] = factor_layer(

@@ -27,6 +27,20 @@ def test_second_moment_matches_real_tokens(tiny, toy_task):
     assert stats.layer(layer).tokens == sum(int(b["attention_mask"].sum()) for b in calib)
 
 
+def test_wide_inputs_are_summed_a_slab_of_columns_at_a_time(llama, toy_task, monkeypatch):
+    from emloc_nb import calibration
+
+    calib = batches(llama[1], toy_task.train, batch_size=4, limit=8)
+    whole = collect_stats(llama[0], calib, progress=False)
+    monkeypatch.setattr(calibration, "_SLAB", 5)  # narrower than every input: several slabs each, one ragged
+    slabs = collect_stats(llama[0], calib, progress=False)
+    for key, s in whole.inputs.items():
+        assert s.second_moment.shape[1] > 5
+        # the same float32 dot products, blocked differently: agreement to float32 precision
+        scale = float(s.second_moment.abs().max())
+        torch.testing.assert_close(slabs.inputs[key].second_moment, s.second_moment, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_shared_inputs_are_collected_once(llama, toy_task):
     model, tok = llama
     stats = collect_stats(model, batches(tok, toy_task.train, batch_size=8, limit=16), progress=False)

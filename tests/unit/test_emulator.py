@@ -151,3 +151,13 @@ def test_whitening_handles_singular_second_moments():
     assert method.startswith("cholesky") and torch.allclose(s @ s.T, c, atol=1e-4 * c.diagonal().mean())
     s, method = whitening(-torch.eye(8, dtype=torch.float64))  # not positive semi-definite at all
     assert method == "eigh" and torch.isfinite(s).all() and torch.linalg.matrix_rank(s) == 8
+
+
+@pytest.mark.parametrize("c", [torch.eye(6, dtype=torch.float64) * 2, -torch.eye(6, dtype=torch.float64)])
+def test_whitening_keeps_the_callers_matrix_unless_told_it_may_overwrite(c):
+    kept = c.clone()
+    s, method = whitening(c)
+    assert torch.equal(c, kept)
+    scratch = c.clone()
+    s2, method2 = whitening(scratch, overwrite=True)
+    assert torch.equal(s2, s) and method2 == method
