@@ -339,6 +339,8 @@ class Whiteners:
                 c.diagonal().mul_(1 + self.shrinkage)
             c = c if device is None else c.to(device)
             self._key, self._value = key, whitening(c, self.eps, overwrite=True)
+            if self.consume:  # its scratch space now; freed before the layer is factored
+                inputs.second_moment = torch.empty(0, dtype=torch.float64)
         return self._value
 
 

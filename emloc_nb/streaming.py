@@ -172,9 +172,10 @@ def stream(
     missing = [n for n, s in source_of.items() if s is None]
     if missing:
         raise EmlocError(f"{checkpoint.path} lacks {missing[:3]}. The checkpoint is incomplete or of another model.")
-    targets = block_linears(model)
+    # Names and shapes only: holding the modules would keep every block's loaded weights alive.
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()}
     plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
-    choices = plan.resolve({n: tuple(linear_weight(m).shape) for n, m in targets.items()})
+    choices = plan.resolve(shapes)
     original_samples, emulator_samples = [], []
     collected: dict[str, dict] = {split: {} for split in batch_sets or {}}
     tokens: dict[str, int] = {}
@@ -210,7 +211,7 @@ def stream(
             block.load_state_dict({n.removeprefix(prefix): loaded[source_of[n]] for n in names}, assign=True)
             original_samples += [tensor_sample(n, loaded[source_of[n]]) for n in names]
             del loaded
-            local = [n.removeprefix(prefix) for n in targets if n.startswith(prefix)]
+            local = [n.removeprefix(prefix) for n in shapes if n.startswith(prefix)]
             for split, batches in hidden.items():
                 outputs = []
                 block_stats = collect_stats(
@@ -221,10 +222,9 @@ def stream(
                     progress=False,
                 )
                 tokens[split] = block_stats.tokens
-                for key, s in block_stats.inputs.items():
-                    s.layers = [prefix + n for n in s.layers]
-                    collected[split][prefix + key] = s
+                collected[split].update(_prefixed(block_stats, prefix))
                 hidden[split] = [{**batch, "hidden": h} for batch, h in zip(batches, outputs)]
+                del block_stats  # `collected` holds them, and drops them when the block is done
             if tmp is not None:
                 # Without kept statistics each second moment becomes its covariance in place.
                 own = CalibrationStats(collected["train"], "", 0) if stats is None else None
@@ -274,7 +274,7 @@ def stream(
             skipped = [
                 {"name": n, "reason": "outside the repeated blocks (embeddings and the LM head are kept)"}
                 for n in linear_layers(model)
-                if n not in targets
+                if n not in shapes
             ]
             write_json(tmp / WEIGHTS_INDEX, {"weight_map": weight_map})
             write_emulator_metadata(
@@ -299,6 +299,13 @@ def stream(
                 config=manifest_config(plan, mode, shrinkage),
             )
     return results
+
+
+def _prefixed(stats: CalibrationStats, prefix: str) -> dict:
+    """One block's input statistics under the whole model's layer names."""
+    for inputs in stats.inputs.values():
+        inputs.layers = [prefix + n for n in inputs.layers]
+    return {prefix + key: inputs for key, inputs in stats.inputs.items()}
 
 
 def _buffers_to(model: nn.Module, device: torch.device) -> None:

@@ -54,6 +54,33 @@ def test_the_streamed_emulator_equals_the_in_memory_one(sharded, toy_task):
     )
 
 
+def test_a_streamed_build_frees_each_block_before_loading_the_next(sharded, toy_task, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from emloc_nb import streaming
+
+    root, (model, tok) = sharded
+    factored, alive_at_each_read = [], []
+    factor_layer, tensors = streaming.factor_layer, streaming.Checkpoint.tensors
+
+    def spy_factor_layer(name, module, *args):
+        factored.append(weakref.ref(module.weight))  # the original's loaded weight
+        return factor_layer(name, module, *args)
+
+    def spy_tensors(self, names, **kwargs):
+        gc.collect()
+        alive_at_each_read.append(sum(w() is not None and not w().is_meta for w in factored))
+        return tensors(self, names, **kwargs)
+
+    monkeypatch.setattr(streaming, "factor_layer", spy_factor_layer)
+    monkeypatch.setattr(streaming.Checkpoint, "tensors", spy_tensors)
+    calib = batches(tok, toy_task.train, batch_size=8, limit=16)
+    build_streaming(root / "ckpt", calib, 0.5, tmp_path / "emulator", progress=False)
+    # the outer tensors, then one read per block: no weight of an earlier block is still held
+    assert len(alive_at_each_read) == 4 and len(factored) > 0 and alive_at_each_read == [0, 0, 0, 0]
+
+
 def test_a_streamed_build_from_saved_statistics_checks_they_belong_to_the_checkpoint(sharded, toy_task, tmp_path):
     root, (model, tok) = sharded
     calib = batches(tok, toy_task.train, batch_size=8, limit=16)
