@@ -26,7 +26,7 @@ THRESHOLDS = ["default", str(128 * 1024), str(1024 * 1024), str(8 * 1024 * 1024)
 
 
 def allocator(threshold: str, emulator_dir: str, steps: int) -> dict:
-    """Emulator fine-tuning (batch 8, no levers) and evaluation (64 examples) under one glibc mmap threshold."""
+    """Emulator fine-tuning (the default recipe) and evaluation (64 examples) under one glibc mmap threshold."""
     import dataclasses
 
     from emloc_nb import Emulator, evaluate, load_model, movie_sentiment
@@ -204,7 +204,7 @@ def main() -> None:
         "",
         "## 1. Freed blocks kept by glibc's heap",
         "",
-        "Emulator (ρ = 0.8) fine-tuning at batch 8 with no levers (steady state: steps 2–"
+        "Emulator (ρ = 0.8) fine-tuning at the default recipe (batch 8, gradient checkpointing; steady state: steps 2–"
         f"{args.steps}), then evaluation of the original on 64 examples, in the same process; "
         f"{args.rounds} interleaved rounds (peaks: the largest; times: medians).",
         "",
