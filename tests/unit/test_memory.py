@@ -1,6 +1,7 @@
 import mmap
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -22,16 +23,20 @@ def _touch(mb: int) -> mmap.mmap:
     return pages
 
 
-def _phases_measure_their_own_peaks():
+def _phases_measure_their_own_peaks(hold: float = 0.0):
+    """`hold`: seconds each allocation lives at its full size, for a sampler that cannot see shorter ones."""
     with PhaseMeter() as meter:
         with phase("big"):
             big = _touch(96)
+            time.sleep(hold)
             del big
         with phase("small"):
             small = _touch(8)
+            time.sleep(hold)
             del small
         with phase("outer"), phase("inner"):
             inner = _touch(48)
+            time.sleep(hold)
             del inner
     return meter
 
@@ -51,7 +56,7 @@ def test_a_phase_peak_is_its_own_after_a_reset():
 
 def test_the_sampling_fallback_measures_too(monkeypatch):
     monkeypatch.setattr(memory._ClearRefs, "available", staticmethod(lambda: False))
-    meter = _phases_measure_their_own_peaks()
+    meter = _phases_measure_their_own_peaks(hold=0.1)  # 20 sampling intervals
     assert meter.method == "sampled"
     assert meter.phases["big"]["peak_rss_mb"] >= meter.phases["big"]["start_rss_mb"] + 90
 
