@@ -5,14 +5,16 @@ one seed, scored on one split. Fine-tuning happens in ordinary runs (one per see
 and emulator variant); the corrections and evaluations are done here, on those runs'
 emulators and adapters, so each LoRA is trained once however many methods use it.
 
-    ablation_dir/ablation.json         an AblationReport: the spec, the base config and every row
-    ablation_dir/ablation.md           mean ± std per method and budget, paired tests, the goals
-    ablation_dir/runs/<run>/           a Run per (seed, budget, variant): calibration, emulator, LoRAs
-    ablation_dir/transfers/<run>/<method>/   the adapter a method writes (if any) and its evaluation
+    ablation_dir/runs/<run>/                   a Run per (seed, budget, variant): calibration, emulator, LoRAs
+    ablation_dir/<split>/ablation.json         an AblationReport: the spec, the base config and every row
+    ablation_dir/<split>/ablation.md           mean ± std per method and budget, paired tests, the goals
+    ablation_dir/<split>/transfers/<run>/<method>/   the adapter a method writes (if any) and its evaluation
 
 Each piece is written atomically and reused when present, so an interrupted ablation
-resumes where it stopped. Choose settings with `split="validation"`; the final table is
-the one on "test".
+resumes where it stopped. Choose settings with `split="validation"`, then write the final
+table with `split="test"` in the same directory: the runs do not depend on the split or on
+the base config's correction (the ablation applies its own), so each LoRA is trained once
+for both tables.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .artifacts import atomic_path
-from .config import RunConfig
+from .config import CorrectionSpec, EvalSpec, RunConfig
 from .errors import EmlocError
 from .reports import Report
 from .stats import mcnemar, mean_std, paired_bootstrap
@@ -281,6 +283,20 @@ class AblationReport(Report):
         return cls(meta["spec"], meta["config"], meta["rows"], meta["seconds"])
 
 
+def load_ablation(directory: str | Path, split: str | None = None) -> AblationReport:
+    """The report of an ablation directory: `split`'s, or else the test table if there is one, else validation's."""
+    directory = Path(directory)
+    if (directory / "ablation.json").is_file():  # a split's own folder
+        return AblationReport.load(directory)
+    for name in [split] if split else ["test", "validation"]:
+        if (directory / name / "ablation.json").is_file():
+            return AblationReport.load(directory / name)
+    raise EmlocError(
+        f"{directory} holds no ablation report{f' for the {split} split' if split else ''}. "
+        f"Write one with `emloc ablate CONFIG --dir {directory}`."
+    )
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None]
     return sum(values) / len(values) if values else None
@@ -330,7 +346,9 @@ class Ablation:
         d["seed"] = seed
         d["emulator"]["plan"] = {**d["emulator"]["plan"], "ratio": budget}
         d["baseline"] = variant == "whitened" and budget == self.spec.budgets[0]  # one full LoRA per seed
-        d["evaluation"]["split"] = self.spec.split
+        # What the runs never use here, fixed, so that a validation table, a test table and a base config
+        # that differs only in its correction all share one set of trained LoRAs.
+        d["correction"], d["evaluation"] = asdict(CorrectionSpec()), asdict(EvalSpec())
         if variant == "plain":
             d["emulator"]["mode"] = "plain"
         elif variant == "eigen":
@@ -359,19 +377,24 @@ class Ablation:
                 out += [(m, seed, b) for b in budgets]
         return out
 
+    @property
+    def out(self) -> Path:
+        """Where this split's report and transfers go."""
+        return self.dir / self.spec.split
+
     def execute(self, *, isolate: bool = True, log: Callable[[str], None] = print) -> AblationReport:
-        """Train what the rows need, then correct and evaluate each row; write ablation.json and ablation.md."""
+        """Train what the rows need, then correct and evaluate each row; write <split>/ablation.json and .md."""
         started = time.time()
         cells = self.cells()
         rows = []
         for i, (method, seed, budget) in enumerate(cells, 1):
             log(f"[ablate] {i}/{len(cells)}: {method.label}, seed {seed}" + (f", ρ = {budget:g}" if budget else ""))
             rows.append(self._row(method, seed, budget, isolate))
-        previous = self.dir / "ablation.json"
-        spent = AblationReport.load(self.dir).seconds if previous.is_file() else 0.0
+        previous = self.out / "ablation.json"
+        spent = AblationReport.load(self.out).seconds if previous.is_file() else 0.0
         report = AblationReport(asdict(self.spec), self.config.to_dict(), rows, spent + time.time() - started)
-        report.save_into(self.dir)
-        with atomic_path(self.dir / "ablation.md") as tmp:
+        report.save_into(self.out)
+        with atomic_path(self.out / "ablation.md") as tmp:
             tmp.write_text(report.markdown())
         return report
 
@@ -380,7 +403,7 @@ class Ablation:
 
         run = self.run(seed, budget or self.spec.budgets[0], method.variant or "whitened")
         # zero-shot depends on no seed: scored once
-        where = self.dir / "transfers" / ("zero-shot" if method.key == "zero-shot" else f"{run.dir.name}/{method.key}")
+        where = self.out / "transfers" / ("zero-shot" if method.key == "zero-shot" else f"{run.dir.name}/{method.key}")
         if not (where / "evaluation").is_dir():
             if method.adapter:
                 self._calibrate(run, seed, isolate)
@@ -437,10 +460,16 @@ class Ablation:
             )
         if adapter is not None:
             model = load_adapter(model, adapter, check_base=method.adapter != "transfer")
-        ev = run.config.evaluation
+        ev = self.config.evaluation
         try:
             result = evaluate(
-                model, tokenizer, run.task(), split=ev.split, limit=ev.limit, batch_size=ev.batch_size, progress=False
+                model,
+                tokenizer,
+                run.task(),
+                split=self.spec.split,
+                limit=ev.limit,
+                batch_size=ev.batch_size,
+                progress=False,
             )
         finally:
             if isinstance(model, PeftModel):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.ablation import AblationReport, goal_text
+from emloc_nb.ablation import AblationReport, goal_text, load_ablation
 from emloc_nb.correction import CorrectionReport
 from emloc_nb.evaluate import EvalResult
 
@@ -114,8 +114,8 @@ class AblationView(View):
         )
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> AblationView:
-        return cls(AblationReport.load(directory))
+    def from_dir(cls, directory: str | Path, split: str | None = None) -> AblationView:
+        return cls(load_ablation(directory, split))
 
     def _update(self) -> None:
         refresh(self.by_clamp, ablation_clamp_figure(self.summary, self.budget.value), "x", "y", "error_y")

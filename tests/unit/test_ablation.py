@@ -3,11 +3,12 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 
 from emloc_nb import EmlocError
-from emloc_nb.ablation import Ablation, AblationReport, AblationSpec
+from emloc_nb.ablation import Ablation, AblationReport, AblationSpec, load_ablation
 from emloc_nb.cli import main as cli
 
 from ..conftest import tiny_run_config
@@ -52,14 +53,35 @@ def test_summary_is_mean_and_std_over_seeds_with_paired_tests(ablation):
 
 def test_files_markdown_and_resume(ablation, tiny_files, capsys):
     directory, config, spec, report = ablation
-    loaded = AblationReport.load(directory)
-    assert loaded.rows == json.loads(json.dumps(report.rows))
-    text = (directory / "ablation.md").read_text()
+    loaded = load_ablation(directory)  # the ablation's folder finds its only table, validation's
+    assert loaded.rows == json.loads(json.dumps(report.rows)) == AblationReport.load(directory / "validation").rows
+    text = (directory / "validation" / "ablation.md").read_text()
     assert "| whitened emulator, naive transfer | 0.5 |" in text and "McNemar" in text and "Goals at ρ = 0.5" in text
-    stamps = {p: p.stat().st_mtime_ns for p in (directory / "transfers").rglob("evaluation.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in (directory / "validation" / "transfers").rglob("evaluation.json")}
     again = Ablation(directory, config, spec).execute(isolate=False, log=lambda _: None)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # every row reused, nothing recomputed
     assert [r["accuracy"] for r in again.rows] == [r["accuracy"] for r in report.rows]
+
+
+def test_the_test_table_trains_nothing_the_validation_table_trained(ablation, tmp_path):
+    """The runs depend on neither the split nor the base config's correction: one set of LoRAs serves every table."""
+    shared, config, spec, report = ablation
+    directory = tmp_path / "ablation"
+    shutil.copytree(shared, directory)  # the fixture is shared with other tests: add the test table to a copy
+    runs = {p: p.stat().st_mtime_ns for p in (directory / "runs").rglob("*.safetensors")}
+    other = dataclasses.replace(config, correction=dataclasses.replace(config.correction, clamp=0.0))
+    test = dataclasses.replace(
+        spec, split="test", seeds=1, budgets=[0.5], methods=["zero-shot", "naive", "naive+prior"]
+    )
+    table = Ablation(directory, other, test).execute(isolate=False, log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in runs} == runs and set(directory.rglob("*.safetensors")) >= set(runs)
+    assert table.spec["split"] == "test" and load_ablation(directory).spec["split"] == "test"  # test first
+    assert load_ablation(directory, "validation").rows == report.rows  # the validation table is untouched
+    assert table.goals()["method"] == "naive+prior"  # the goals are about the new base config's correction
+    examples = {r["method"]: r["examples"] for r in table.rows}
+    assert examples["naive"] == examples["naive+prior"] > 0
+    with pytest.raises(EmlocError, match="no ablation report for the validation split"):
+        load_ablation(directory / "runs", "validation")
 
 
 def test_cli_ablate_and_bad_specs(tiny_files, tmp_path, capsys):
