@@ -27,7 +27,7 @@ def test_second_moment_matches_real_tokens(tiny, toy_task):
     assert stats.layer(layer).tokens == sum(int(b["attention_mask"].sum()) for b in calib)
 
 
-def test_wide_inputs_are_summed_a_slab_of_columns_at_a_time(llama, toy_task, monkeypatch):
+def test_wide_inputs_are_summed_a_slab_of_columns_at_a_time_upper_triangle_only(llama, toy_task, monkeypatch):
     from emloc_nb import calibration
 
     calib = batches(llama[1], toy_task.train, batch_size=4, limit=8)
@@ -39,6 +39,7 @@ def test_wide_inputs_are_summed_a_slab_of_columns_at_a_time(llama, toy_task, mon
         # the same float32 dot products, blocked differently: agreement to float32 precision
         scale = float(s.second_moment.abs().max())
         torch.testing.assert_close(slabs.inputs[key].second_moment, s.second_moment, rtol=1e-5, atol=1e-6 * scale)
+        assert torch.equal(slabs.inputs[key].second_moment, slabs.inputs[key].second_moment.T)  # mirrored exactly
 
 
 def test_shared_inputs_are_collected_once(llama, toy_task):
