@@ -23,7 +23,9 @@ def expected(report, L, key):
 def test_errors_follow_L(correction_report):
     report = correction_report
     view = CorrectionView(report)
-    assert view.L == report.clamp == 3.0
+    assert report.clamp == view.L  # it starts where the adapter was written
+    view.clamp.set(3.0)
+    assert view.L == 3.0
     assert after(view, "overall") == pytest.approx(expected(report, 3.0, "error_all"))
     assert after(view, "LoRA subspace") == pytest.approx(expected(report, 3.0, "error_subspace"))
     view.clamp.slider.value = 0.5

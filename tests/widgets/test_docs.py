@@ -27,6 +27,7 @@ def docs_build():
 def test_a_view_renders_statically_with_every_figure_and_control(run_dir, correction_report, monkeypatch):
     monkeypatch.setenv("EMLOC_STATIC_VIEWS", "1")
     view = CorrectionView(correction_report)
+    view.clamp.set(3.0)  # the paper's L (the default adapter is written at 0, the naive transfer)
     bundle = view._repr_mimebundle_()
     assert set(bundle) == {"text/html", "text/plain"}
     page = bundle["text/html"]
