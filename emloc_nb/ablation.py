@@ -404,7 +404,7 @@ class Ablation:
         run = self.run(seed, budget or self.spec.budgets[0], method.variant or "whitened")
         # zero-shot depends on no seed: scored once
         where = self.out / "transfers" / ("zero-shot" if method.key == "zero-shot" else f"{run.dir.name}/{method.key}")
-        if not (where / "evaluation").is_dir():
+        if not self._evaluated(where, run):
             if method.adapter:
                 self._calibrate(run, seed, isolate)
             stages = ["emulator", "finetune_emulator"] if method.variant else []
@@ -422,6 +422,16 @@ class Ablation:
             "predicted": result.prediction_counts() if result.choices else None,
             "correct": result.correct,
         }
+
+    def _evaluated(self, where: Path, run) -> bool:
+        """Whether `where` holds an evaluation of this many examples (the limit is the base config's, not the run's)."""
+        from .evaluate import EvalResult
+
+        if not (where / "evaluation").is_dir():
+            return False
+        available = len(getattr(run.task(), self.spec.split))
+        limit = self.config.evaluation.limit
+        return EvalResult.load(where / "evaluation").examples == min(available, limit or available)
 
     def _calibrate(self, run, seed: int, isolate: bool) -> None:
         """Every run of a seed sees the same calibration examples: compute them once, copy them to the others."""

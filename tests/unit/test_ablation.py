@@ -79,7 +79,11 @@ def test_the_test_table_trains_nothing_the_validation_table_trained(ablation, tm
     assert load_ablation(directory, "validation").rows == report.rows  # the validation table is untouched
     assert table.goals()["method"] == "naive+prior"  # the goals are about the new base config's correction
     examples = {r["method"]: r["examples"] for r in table.rows}
-    assert examples["naive"] == examples["naive+prior"] > 0
+    assert examples["naive"] == examples["naive+prior"] > 1
+    fewer = dataclasses.replace(other, evaluation=dataclasses.replace(other.evaluation, limit=examples["naive"] - 1))
+    again = Ablation(directory, fewer, test).execute(isolate=False, log=lambda _: None)
+    assert {r["examples"] for r in again.rows} == {examples["naive"] - 1}  # a new limit is evaluated again
+    assert {p: p.stat().st_mtime_ns for p in runs} == runs  # and still trains nothing
     with pytest.raises(EmlocError, match="no ablation report for the validation split"):
         load_ablation(directory / "runs", "validation")
 
