@@ -404,7 +404,8 @@ class Ablation:
         run = self.run(seed, budget or self.spec.budgets[0], method.variant or "whitened")
         # zero-shot depends on no seed: scored once
         where = self.out / "transfers" / ("zero-shot" if method.key == "zero-shot" else f"{run.dir.name}/{method.key}")
-        if not self._evaluated(where, run):
+        result = self._saved_evaluation(where, run)
+        if result is None:
             if method.adapter:
                 self._calibrate(run, seed, isolate)
             stages = ["emulator", "finetune_emulator"] if method.variant else []
@@ -412,7 +413,7 @@ class Ablation:
             for stage in stages:
                 run.run_stage(stage, isolate=isolate)
             self._evaluate(run, method, where)
-        result = EvalResult.load(where / "evaluation")
+            result = EvalResult.load(where / "evaluation")
         return {
             "method": method.key,
             "label": method.label,
@@ -423,15 +424,16 @@ class Ablation:
             "correct": result.correct,
         }
 
-    def _evaluated(self, where: Path, run) -> bool:
-        """Whether `where` holds an evaluation of this many examples (the limit is the base config's, not the run's)."""
+    def _saved_evaluation(self, where: Path, run):
+        """The evaluation saved at `where` if it has as many examples as the base config's limit asks, else None."""
         from .evaluate import EvalResult
 
         if not (where / "evaluation").is_dir():
-            return False
+            return None
+        result = EvalResult.load(where / "evaluation")
         available = len(getattr(run.task(), self.spec.split))
         limit = self.config.evaluation.limit
-        return EvalResult.load(where / "evaluation").examples == min(available, limit or available)
+        return result if result.examples == min(available, limit or available) else None
 
     def _calibrate(self, run, seed: int, isolate: bool) -> None:
         """Every run of a seed sees the same calibration examples: compute them once, copy them to the others."""
