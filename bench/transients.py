@@ -10,6 +10,9 @@
    place, at SmolLM2's widest input (1536) and a 1B model's MLP width (5632).
 4. Loading: whether load_model / Emulator.load copy the weights (they memory-map them), and
    the peak of a bf16 load from a float32 file (converted one tensor at a time).
+5. Saved calibration statistics read layer by layer, as the emulator, drift and correction
+   stages read them: every input kept once read (a loaded report held them all) against
+   each read when asked for and dropped (`StoredInputs`).
 
     .venv/bin/python bench/transients.py          # writes results/transients.{json,md}
 """
@@ -147,6 +150,34 @@ def loading(what: str, emulator_dir: str) -> dict:
     }
 
 
+def calibrate(path: str) -> dict:
+    """SmolLM2's calibration statistics at the default recipe (64 examples), saved to `path`."""
+    from emloc_nb import batches, collect_stats, load_model, movie_sentiment
+    from emloc_nb.config import RunConfig
+
+    model, tok = load_model()
+    c = RunConfig().calibration
+    calib = batches(tok, movie_sentiment().train, batch_size=c.batch_size, limit=c.examples, max_length=c.max_length)
+    collect_stats(model, calib, progress=False).save(path, overwrite=True)
+    return {"saved": path}
+
+
+def statistics(how: str, path: str) -> dict:
+    """Peak above the load of reading every layer's covariance from saved statistics, in layer order."""
+    from emloc_nb import CalibrationStats
+    from emloc_nb.memory import PhaseMeter, phase, rss_mb
+
+    start = rss_mb()
+    with PhaseMeter() as meter:
+        stats = CalibrationStats.load(path)
+        inputs = dict(stats.inputs.items()) if how == "kept" else stats.inputs  # kept: what loading used to do
+        with phase("layers"):
+            for name in stats.layers:
+                float(inputs[stats.key_for(name)].covariance.trace())
+    size = sum(s.second_moment.numel() * 8 for s in inputs.values()) / 2**20
+    return {"peak_above_start_mb": meter.phases["layers"]["peak_rss_mb"] - start, "second_moments_mb": size}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
@@ -165,6 +196,10 @@ def main() -> None:
             emit(second_moment(int(rest[0])))
         elif kind == "load":
             emit(loading(rest[0], rest[1]))
+        elif kind == "calibrate":
+            emit(calibrate(rest[0]))
+        elif kind == "statistics":
+            emit(statistics(rest[0], rest[1]))
         return
 
     before = machine()
@@ -179,6 +214,9 @@ def main() -> None:
         loads = {
             w: child(__file__, "--child", "load", w, emulator_dir) for w in ("original", "original, bf16", "emulator")
         }
+        stats_dir = str(Path(tmp) / "calibration")
+        child(__file__, "--child", "calibrate", stats_dir)
+        reads = {how: child(__file__, "--child", "statistics", how, stats_dir) for how in ("kept", "dropped")}
     drift = child(__file__, "--child", "drift")
     moments = [child(__file__, "--child", "moment", d) for d in (1536, 5632)]
     after = machine()
@@ -246,6 +284,16 @@ def main() -> None:
             f"| {w} ({lo['dtype']}) | {lo['weights_mb']:.0f} | {lo['load_peak_above_start_mb']:.0f} | "
             f"{lo['resident_after_touch_mb']:.0f} |"
         )
+    lines += [
+        "",
+        "## 5. Saved calibration statistics, read layer by layer",
+        "",
+        f"SmolLM2's second moments (64 calibration examples, float64): {reads['kept']['second_moments_mb']:.0f} MB. "
+        "Peak above the start of reading every layer's covariance in layer order, as the emulator, drift and "
+        "correction stages do: each input kept once read (what a loaded report did) "
+        f"**{reads['kept']['peak_above_start_mb']:.0f} MB**; each read when asked for and dropped (`StoredInputs`) "
+        f"**{reads['dropped']['peak_above_start_mb']:.0f} MB**.",
+    ]
     lines += ["", contention_note(before, after)]
     write_results(
         "transients",
@@ -254,6 +302,7 @@ def main() -> None:
             "drift": drift,
             "second_moment": moments,
             "loading": loads,
+            "statistics": reads,
             "args": vars(args),
             "machine": [before, after],
         },

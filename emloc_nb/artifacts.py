@@ -36,7 +36,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -251,14 +251,44 @@ def write_grouped(path: str | Path, groups: dict[str, dict[str, torch.Tensor]]) 
     write_tensors(path, {f"{name}/{field}": t for name, fields in groups.items() for field, t in fields.items()})
 
 
-def read_grouped(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in read_tensors(path).items():
-        if "/" not in key:
-            raise EmlocError(f"{path} holds the tensor {key!r}, not a 'layer/field' one. Recreate it.")
-        name, field = key.rsplit("/", 1)
-        groups.setdefault(name, {})[field] = tensor
-    return groups
+class StoredGroups(Mapping):
+    """The groups of a `write_grouped` file ({layer: {field: tensor}}), each read when asked for and not kept.
+
+    A tensor read from the file keeps its memory-mapped pages resident while it lives, so a
+    caller going layer by layer holds one layer's tensors, not the whole file's. Each read
+    checks that the file is still the one opened here (a stage may have rewritten it).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fields: dict[str, list[str]] = {}
+        for key in safetensors_header(self.path):
+            if "/" not in key:
+                raise EmlocError(f"{self.path} holds the tensor {key!r}, not a 'layer/field' one. Recreate it.")
+            name, field = key.rsplit("/", 1)
+            self.fields.setdefault(name, []).append(field)
+        self._stamp = _file_stamp(self.path)
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        fields = self.fields[name]
+        if _file_stamp(self.path) != self._stamp:
+            raise EmlocError(f"{self.path} changed after it was opened (a stage rewrote it). Load the report again.")
+        tensors = read_tensors(self.path, names=[f"{name}/{f}" for f in fields])
+        return {f: tensors[f"{name}/{f}"] for f in fields}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 # ----------------------------------------------------------------------------- durable renames

@@ -66,14 +66,21 @@ class CalibrationStats(Report):
     """
 
     kind = "calibration"
+    reads_lazily = True  # second moments in float64 outweigh the model: one input in memory at a time
 
-    inputs: dict[str, InputStats]
+    inputs: Mapping[str, InputStats]  # a dict, or StoredInputs for a loaded report
     model_fingerprint: str
     examples: int
 
+    def _index(self) -> dict[str, tuple[int, list[str]]]:
+        """Each input's token count and layers, without reading a saved report's tensors."""
+        if isinstance(self.inputs, StoredInputs):
+            return {key: (info["tokens"], info["layers"]) for key, info in self.inputs.info.items()}
+        return {key: (s.tokens, s.layers) for key, s in self.inputs.items()}
+
     def key_for(self, layer: str) -> str:
-        for key, stats in self.inputs.items():
-            if layer in stats.layers:
+        for key, (_, layers) in self._index().items():
+            if layer in layers:
                 return key
         raise EmlocError(f"No calibration statistics for layer {layer!r}. Calibrate with that layer included.")
 
@@ -82,11 +89,11 @@ class CalibrationStats(Report):
 
     @property
     def layers(self) -> list[str]:
-        return [name for stats in self.inputs.values() for name in stats.layers]
+        return [name for _, layers in self._index().values() for name in layers]
 
     @property
     def tokens(self) -> int:
-        return max((s.tokens for s in self.inputs.values()), default=0)
+        return max((tokens for tokens, _ in self._index().values()), default=0)
 
     @cached_property
     def rows(self) -> list[dict]:
@@ -125,16 +132,39 @@ class CalibrationStats(Report):
         return {
             "model_fingerprint": self.model_fingerprint,
             "examples": self.examples,
-            "inputs": {key: {"tokens": s.tokens, "layers": s.layers} for key, s in self.inputs.items()},
+            "inputs": {key: {"tokens": tokens, "layers": layers} for key, (tokens, layers) in self._index().items()},
         }
 
     @classmethod
-    def _from_saved(cls, meta: dict, tensors: dict) -> CalibrationStats:
-        inputs = {
-            key: InputStats(**tensors[key], tokens=info["tokens"], layers=list(info["layers"]))
-            for key, info in meta["inputs"].items()
-        }
-        return cls(inputs, meta["model_fingerprint"], meta["examples"])
+    def _from_saved(cls, meta: dict, tensors: Mapping) -> CalibrationStats:
+        return cls(StoredInputs(tensors, meta["inputs"]), meta["model_fingerprint"], meta["examples"])
+
+
+class StoredInputs(Mapping):
+    """A saved CalibrationStats' inputs, each read from its file when asked for and not kept.
+
+    A model's second moments in float64 are larger than the model (770 MB for SmolLM2-135M);
+    the stages that go layer by layer (emulator, drift, correction) hold one at a time.
+    """
+
+    FIELDS = ("second_moment", "abs_sum", "abs_max")
+
+    def __init__(self, groups: Mapping, info: dict):
+        fields = getattr(groups, "fields", {key: list(groups[key]) for key in groups})
+        if set(fields) != set(info) or any(sorted(fields[key]) != sorted(self.FIELDS) for key in info):
+            raise ValueError("its tensors do not match its inputs")
+        self.groups = groups
+        self.info = {key: {"tokens": int(i["tokens"]), "layers": list(i["layers"])} for key, i in info.items()}
+
+    def __getitem__(self, key: str) -> InputStats:
+        info = self.info[key]
+        return InputStats(**self.groups[key], tokens=info["tokens"], layers=list(info["layers"]))
+
+    def __iter__(self):
+        return iter(self.info)
+
+    def __len__(self) -> int:
+        return len(self.info)
 
 
 _SLAB = 128  # columns of x.T @ x per product: the upper triangle costs (k + 1) / 2k of the whole for k slabs

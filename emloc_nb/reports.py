@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 from .artifacts import (
     FORMAT_VERSION,
     MANIFEST,
+    StoredGroups,
     atomic_dir,
-    read_grouped,
     read_json_object,
     verify_manifest,
     verify_side_manifest,
@@ -42,6 +42,8 @@ class Report:
     """Base class of the saveable report objects; see the module docstring."""
 
     kind: ClassVar[str]  # names the files and is recorded in the metadata
+    # True: _from_saved gets the tensor groups as a StoredGroups, each read when asked for (large reports).
+    reads_lazily: ClassVar[bool] = False
     # A subclass also has `rows` (list[dict]), a field or a property. It is not declared here,
     # where it would be an inherited default that dataclass subclasses pick up.
 
@@ -126,7 +128,9 @@ class Report:
                 "Load it with the class that wrote it."
             )
         tensor_file = path / f"{cls.kind}.safetensors"
-        tensors = read_grouped(tensor_file) if tensor_file.is_file() else {}
+        tensors = StoredGroups(tensor_file) if tensor_file.is_file() else {}
+        if not cls.reads_lazily:
+            tensors = dict(tensors.items())
         try:
             return cls._from_saved(meta, tensors)
         except EmlocError:

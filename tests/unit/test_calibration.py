@@ -117,3 +117,23 @@ def test_save_load_round_trip_is_exact(calibrated, tmp_path):
     summary = loaded.rows
     assert len(summary) == len(stats.inputs) and summary[0]["tokens"] == stats.tokens
     assert (loaded.inputs[summary[0]["input"]].eigenvalues() >= 0).all()
+
+
+def test_loaded_statistics_are_read_one_input_at_a_time(calibrated, tmp_path, monkeypatch):
+    *_, stats = calibrated
+    stats.save(tmp_path / "calib")
+    loaded = CalibrationStats.load(tmp_path / "calib")
+    reads = []
+    read = type(loaded.inputs.groups).__getitem__
+    monkeypatch.setattr(type(loaded.inputs.groups), "__getitem__", lambda self, k: reads.append(k) or read(self, k))
+    # Looking layers up reads no tensors; a layer's statistics read only its own input, afresh each time.
+    layer = stats.layers[-1]
+    assert loaded.layers == stats.layers and loaded.tokens == stats.tokens and reads == []
+    assert loaded.key_for(layer) == stats.key_for(layer) and reads == []
+    first, again = loaded.layer(layer), loaded.layer(layer)
+    assert reads == [stats.key_for(layer)] * 2 and first.second_moment is not again.second_moment
+    assert torch.equal(first.second_moment, stats.layer(layer).second_moment)
+    # A file rewritten after the load is refused, not read as if it were the one verified.
+    stats.save(tmp_path / "calib", overwrite=True)
+    with pytest.raises(EmlocError, match="changed after it was opened.*Load the report again"):
+        loaded.layer(layer)
