@@ -17,6 +17,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from .artifacts import StoredGroups
 from .errors import EmlocError
 from .memory import phase
 from .models import accepts, block_linears, fingerprint, model_inputs, on_device
@@ -150,7 +151,7 @@ class StoredInputs(Mapping):
     FIELDS = ("second_moment", "abs_sum", "abs_max")
 
     def __init__(self, groups: Mapping, info: dict):
-        fields = getattr(groups, "fields", {key: list(groups[key]) for key in groups})
+        fields = groups.fields if isinstance(groups, StoredGroups) else {k: list(v) for k, v in groups.items()}
         if set(fields) != set(info) or any(sorted(fields[key]) != sorted(self.FIELDS) for key in info):
             raise ValueError("its tensors do not match its inputs")
         self.groups = groups
