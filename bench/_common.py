@@ -70,8 +70,11 @@ def machine() -> dict:
     }
 
 
-def build_default_emulator(path: str | Path) -> dict:
-    """SmolLM2's emulator as the default recipe builds it (64 calibration examples, RunConfig's rank plan)."""
+def build_default_emulator(path: str | Path, stats_path: str | Path | None = None) -> dict:
+    """SmolLM2's emulator as the default recipe builds it (64 calibration examples, RunConfig's rank plan).
+
+    `stats_path`: also save the calibration statistics it was built from there.
+    """
     from emloc_nb import batches, build_emulator, collect_stats, load_model, movie_sentiment
     from emloc_nb.config import RunConfig
 
@@ -80,6 +83,8 @@ def build_default_emulator(path: str | Path) -> dict:
     c = config.calibration
     calib = batches(tok, movie_sentiment().train, batch_size=c.batch_size, limit=c.examples, max_length=c.max_length)
     stats = collect_stats(model, calib, progress=False)
+    if stats_path is not None:
+        stats.save(stats_path, overwrite=True)
     build_emulator(model, stats, config.rank_plan(), progress=False).save(path, tokenizer=tok, overwrite=True)
     return {"built": str(path)}
 

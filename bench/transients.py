@@ -150,18 +150,6 @@ def loading(what: str, emulator_dir: str) -> dict:
     }
 
 
-def calibrate(path: str) -> dict:
-    """SmolLM2's calibration statistics at the default recipe (64 examples), saved to `path`."""
-    from emloc_nb import batches, collect_stats, load_model, movie_sentiment
-    from emloc_nb.config import RunConfig
-
-    model, tok = load_model()
-    c = RunConfig().calibration
-    calib = batches(tok, movie_sentiment().train, batch_size=c.batch_size, limit=c.examples, max_length=c.max_length)
-    collect_stats(model, calib, progress=False).save(path, overwrite=True)
-    return {"saved": path}
-
-
 def statistics(how: str, path: str) -> dict:
     """Peak above the load of reading every layer's covariance from saved statistics, in layer order."""
     from emloc_nb import CalibrationStats
@@ -187,7 +175,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "build":
-            emit(build_default_emulator(rest[0]))
+            emit(build_default_emulator(*rest))
         elif kind == "allocator":
             emit(allocator(rest[0], rest[1], args.steps))
         elif kind == "drift":
@@ -196,16 +184,14 @@ def main() -> None:
             emit(second_moment(int(rest[0])))
         elif kind == "load":
             emit(loading(rest[0], rest[1]))
-        elif kind == "calibrate":
-            emit(calibrate(rest[0]))
         elif kind == "statistics":
             emit(statistics(rest[0], rest[1]))
         return
 
     before = machine()
     with tempfile.TemporaryDirectory() as tmp:
-        emulator_dir = str(Path(tmp) / "emulator")
-        child(__file__, "--child", "build", emulator_dir)
+        emulator_dir, stats_dir = str(Path(tmp) / "emulator"), str(Path(tmp) / "calibration")
+        child(__file__, "--child", "build", emulator_dir, stats_dir)
         runs = interleaved(
             THRESHOLDS,
             args.rounds,
@@ -214,8 +200,6 @@ def main() -> None:
         loads = {
             w: child(__file__, "--child", "load", w, emulator_dir) for w in ("original", "original, bf16", "emulator")
         }
-        stats_dir = str(Path(tmp) / "calibration")
-        child(__file__, "--child", "calibrate", stats_dir)
         reads = {how: child(__file__, "--child", "statistics", how, stats_dir) for how in ("kept", "dropped")}
     drift = child(__file__, "--child", "drift")
     moments = [child(__file__, "--child", "moment", d) for d in (1536, 5632)]

@@ -276,6 +276,11 @@ class StoredGroups(Mapping):
         tensors = read_tensors(self.path, names=[f"{name}/{f}" for f in fields])
         return {f: tensors[f"{name}/{f}"] for f in fields}
 
+    def read_all(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every group, from one read of the file."""
+        tensors = read_tensors(self.path)
+        return {name: {f: tensors[f"{name}/{f}"] for f in fields} for name, fields in self.fields.items()}
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.fields)
 

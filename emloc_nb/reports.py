@@ -128,9 +128,8 @@ class Report:
                 "Load it with the class that wrote it."
             )
         tensor_file = path / f"{cls.kind}.safetensors"
-        tensors = StoredGroups(tensor_file) if tensor_file.is_file() else {}
-        if not cls.reads_lazily:
-            tensors = dict(tensors.items())
+        groups = StoredGroups(tensor_file) if tensor_file.is_file() else None
+        tensors = {} if groups is None else groups if cls.reads_lazily else groups.read_all()
         try:
             return cls._from_saved(meta, tensors)
         except EmlocError:
