@@ -88,20 +88,29 @@ def _methods(clamps: list[float]) -> list[Method]:
         Method("lstsq", "least-squares κ", "whitened", "original", "transfer", {"clamp": 3.0, "kappa": "lstsq"}),
         Method(
             "naive+prior",
-            "naive + prior correction",
+            "naive + prior correction (the emulator's prior)",
             "whitened",
             "original",
             "transfer",
-            {"clamp": 0.0, "prior": True},
+            {"clamp": 0.0, "prior": True, "prior_target": "emulator"},
+            every_budget=True,
+        ),
+        Method(
+            "naive+labels",
+            "naive + prior correction (the labels' shares)",
+            "whitened",
+            "original",
+            "transfer",
+            {"clamp": 0.0, "prior": True, "prior_target": "labels"},
             every_budget=True,
         ),
         Method(
             "L=3+prior",
-            "L = 3 + prior correction",
+            "L = 3 + prior correction (the emulator's prior)",
             "whitened",
             "original",
             "transfer",
-            {"clamp": 3.0, "prior": True},
+            {"clamp": 3.0, "prior": True, "prior_target": "emulator"},
             every_budget=True,
         ),
         Method(
@@ -110,7 +119,7 @@ def _methods(clamps: list[float]) -> list[Method]:
             "whitened",
             "original",
             "transfer",
-            {"clamp": 3.0, "kappa": "lstsq", "prior": True},
+            {"clamp": 3.0, "kappa": "lstsq", "prior": True, "prior_target": "emulator"},
         ),
         Method(
             "eigen",
@@ -118,7 +127,7 @@ def _methods(clamps: list[float]) -> list[Method]:
             "eigen",
             "original",
             "transfer",
-            {"clamp": 3.0, "prior": True},
+            {"clamp": 3.0, "prior": True, "prior_target": "emulator"},
         ),
         Method(
             "shrinkage",
@@ -126,23 +135,28 @@ def _methods(clamps: list[float]) -> list[Method]:
             "shrinkage",
             "original",
             "transfer",
-            {"clamp": 3.0, "prior": True},
+            {"clamp": 3.0, "prior": True, "prior_target": "emulator"},
         ),
     ]
 
 
 def _normal(correction: dict) -> dict:
+    prior = correction.get("prior", False)
     return {
         "clamp": correction.get("clamp", 3.0),
         "kappa": correction.get("kappa", "clamp"),
-        "prior": correction.get("prior", False),
+        "prior": prior,
+        "prior_target": correction.get("prior_target", "emulator") if prior else None,
         "placebo": correction.get("placebo", False),
     }
 
 
-def default_method(config: RunConfig, clamps: list[float]) -> Method:
+def default_method(config: RunConfig, clamps: list[float], has_choices: bool) -> Method:
     """The method that is the config's own correction: a row of the table, or one made for it."""
+    from .correction import resolve_prior_target
+
     c = asdict(config.correction)
+    c["prior_target"] = resolve_prior_target(c["prior_target"], has_choices)
     for m in _methods(clamps):
         if m.adapter == "transfer" and m.variant == "whitened" and _normal(m.correction) == _normal(c):
             return m
@@ -171,9 +185,14 @@ class AblationSpec:
             raise EmlocError(f"Unknown ablation method(s) {unknown}. Methods: {', '.join(known)}.")
 
     def selected(self, config: RunConfig) -> list[Method]:
-        """The methods to run; the config's own correction is always one of them (the goals are about it)."""
-        methods = _methods(self.clamps)
-        default = default_method(config, self.clamps)
+        """The methods to run; the config's own correction is always one of them (the goals are about it).
+
+        A generation task has no classes, so the label-share prior is not one of its methods."""
+        from .run import task_of
+
+        has_choices = bool(task_of(config).choices)
+        methods = [m for m in _methods(self.clamps) if has_choices or m.correction.get("prior_target") != "labels"]
+        default = default_method(config, self.clamps, has_choices)
         if default not in methods:
             methods.append(default)
         return [m for m in methods if self.methods is None or m.key in self.methods or m == default]
@@ -220,7 +239,8 @@ class AblationReport(Report):
     def goals(self, method: str | None = None) -> dict:
         """The goals at the main budget, for `method` (default: the base config's own correction)."""
         spec = AblationSpec(**self.spec)
-        method = method or default_method(RunConfig.from_dict(self.config), spec.clamps).key
+        has_choices = any(r.get("predicted") for r in self.rows)  # rows of a choice task count predictions per class
+        method = method or default_method(RunConfig.from_dict(self.config), spec.clamps, has_choices).key
         summary = {(r["method"], r["budget"]): r for r in self.summary()}
         budget = spec.budgets[0]
         chosen, naive = summary.get((method, budget)), summary.get(("naive", budget))
@@ -446,7 +466,7 @@ class Ablation:
     def _evaluate(self, run, method: Method, where: Path) -> None:
         from peft import PeftModel
 
-        from .correction import correct_lora
+        from .correction import correct_lora, prior_inputs
         from .evaluate import evaluate
         from .lora import load_adapter
 
@@ -455,7 +475,7 @@ class Ablation:
         adapter = {"emulator": run.adapter_dir("emulator"), "original": run.adapter_dir("original")}.get(method.adapter)
         if method.adapter == "transfer":
             c = dict(method.correction)
-            prompts = list(run.calibration_examples("train")["messages"]) if c.pop("prior", False) else None
+            prior = prior_inputs(run, c.pop("prior", False), c.pop("prior_target", "emulator"))
             placebo = c.pop("placebo", False)
             adapter = where / "adapter"
             correct_lora(
@@ -464,8 +484,8 @@ class Ablation:
                 run.adapter_dir("emulator"),
                 adapter,
                 heldout=run.calibration("heldout"),
-                prior_prompts=prompts,
                 tokenizer=tokenizer,
+                **prior,
                 placebo_seed=run.config.seed if placebo else None,
                 overwrite=True,
                 **c,

@@ -31,6 +31,7 @@ from .errors import EmlocError
 # finite unless this is set), regex (a string that must compile), nonempty (a string or list), unique (a list),
 # check (a function of the value and its name), hint (what the values mean, for the message).
 AT_LEAST_1 = {"min": 1}
+PRIOR_TARGETS = ("auto", "labels", "emulator")
 CLAMP = {"min": 0, "allow_inf": True, "hint": "0: the naive transfer, inf: no clamp; the paper uses 3"}
 POSITIVE = {"gt": 0}
 
@@ -202,8 +203,11 @@ class CorrectionSpec(_Checked):
     `clamp` is the paper's L (0: the naive transfer, inf: no clamp). `kappa="lstsq"`
     replaces the clamp by the per-column factors that minimise the held-out error
     against the fine-tuned emulator. `prior` adds the prior correction: a rank-1 LoRA
-    on the output layer that gives the original + corrected LoRA the fine-tuned
-    emulator's mean answer distribution on the (unlabelled) calibration prompts.
+    on the output layer that gives the original + corrected LoRA a target mean answer
+    distribution on the (unlabelled) calibration prompts. `prior_target` is that target:
+    "labels" (the training answers' class shares; tasks with choices), "emulator" (the
+    fine-tuned emulator's mean answer distribution), or "auto" (labels when the task has
+    choices, else emulator).
     """
 
     # 0 by default: on validation, over 3 seeds and two tasks, the clamped correction never beat naive + prior
@@ -212,6 +216,9 @@ class CorrectionSpec(_Checked):
     # "clamp" (the paper's κ = min(1, L·mean|B'|/mean|D|)) or "lstsq".
     kappa: str = field(default="clamp", metadata={"choices": ("clamp", "lstsq")})
     prior: bool = True
+    # "auto" by default: on validation (3 seeds) the label shares beat the emulator's prior, 0.837 against 0.826
+    # (docs/findings.md); a generation task has no classes, so it keeps the emulator's.
+    prior_target: str = field(default="auto", metadata={"choices": PRIOR_TARGETS})
 
 
 @dataclass

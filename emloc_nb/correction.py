@@ -18,8 +18,12 @@ Beyond the paper:
 - The prior correction: the emulator's drift biases its answers, the LoRA learns to undo
   that bias, and on the original the undoing overshoots into a bias of its own. A rank-1
   LoRA on the output layer, ΔW_out = b aᵀ with a·h ≈ 1 at the answer position, adds the
-  logit offset b that gives the original + corrected LoRA the fine-tuned emulator's mean
-  answer distribution over the (unlabelled) calibration prompts. It ships in the adapter.
+  logit offset b that gives the original + corrected LoRA a target mean answer distribution
+  over the (unlabelled) calibration prompts. It ships in the adapter. The target is either
+  the training answers' class shares (a model fitted by maximum likelihood with a free
+  output bias predicts, on average over its training prompts, the class shares of its
+  labels; the transfer loses that and this restores it), or the fine-tuned emulator's own
+  mean answer distribution (for generation tasks, which have no classes).
 - The placebo: the same correction on a random subspace of the LoRA's rank, to tell a gain
   of the correction from a mere shift of the answers.
 """
@@ -39,6 +43,7 @@ from transformers.pytorch_utils import Conv1D
 from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_tensors, write_json, write_tensors
 from .calibration import CalibrationStats
 from .config import CLAMP, check_value
+from .data import IGNORE_INDEX, encode_example
 from .drift import output_energy
 from .emulator import Emulator
 from .errors import EmlocError
@@ -166,11 +171,12 @@ class PriorFit:
     token_ids: list[int]
     tokens: list[str]  # the support tokens as text
     bias: list[float]  # logit offset per support token
-    target: list[float]  # the fine-tuned emulator's mean probability of each support token
+    target: list[float]  # the target mean probability of each support token
     before: list[float]  # the original + corrected LoRA's, without the offset
     after: list[float]  # and with it
     spread: float  # std over the prompts of a·h (1 ± spread: how constant the rank-1 offset is)
     direction: torch.Tensor = field(repr=False)  # a, (d,)
+    target_kind: str = "emulator"  # whose mean distribution the target is: "labels" or "emulator"
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "direction"}
@@ -188,8 +194,8 @@ def fit_prior(
 ) -> PriorFit:
     """The offset b on the support tokens such that softmax(head(h) + b a·h), averaged over `states`, matches `target`.
 
-    `target` is the fine-tuned emulator's mean next-token distribution over the same prompts;
-    the support is every token either side gives at least `min_prob` on average.
+    `target` is a mean next-token distribution over the same prompts (`label_target` or the
+    fine-tuned emulator's); the support is every token either side gives at least `min_prob` on average.
     """
     with torch.no_grad():
         logits = head(states.to(head.weight.dtype)).double()
@@ -222,6 +228,55 @@ def fit_prior(
         float(t.std()) if len(t) > 1 else 0.0,
         direction.float(),
     )
+
+
+def resolve_prior_target(setting: str, has_choices: bool) -> str:
+    """`correction.prior_target` for a task: "labels" or "emulator" ("auto": labels when the task has choices)."""
+    if setting == "auto":
+        return "labels" if has_choices else "emulator"
+    if setting == "labels" and not has_choices:
+        raise EmlocError(
+            "correction.prior_target: labels needs a task with choices, and this task is scored by generation. "
+            "Set correction.prior_target: emulator (or auto)."
+        )
+    return setting
+
+
+def prior_inputs(run, prior: bool, prior_target: str) -> dict:
+    """correct_lora's prior arguments for a run: its calibration prompts and, for the label target, the shares."""
+    if not prior:
+        return {"prior_prompts": None, "label_shares": None}
+    task = run.task()
+    labels = resolve_prior_target(prior_target, bool(task.choices)) == "labels"
+    return {
+        "prior_prompts": list(run.calibration_examples("train")["messages"]),
+        "label_shares": task.choice_shares() if labels else None,
+    }
+
+
+def answer_tokens(tokenizer, prompt: list[dict], choices: list[str]) -> list[int]:
+    """The token each choice's answer starts with after `prompt`; they must differ to tell the choices apart."""
+    ids = []
+    for choice in choices:
+        enc = encode_example(tokenizer, prompt, choice)
+        n_prompt = enc["labels"].count(IGNORE_INDEX)
+        ids.append(enc["input_ids"][n_prompt] if len(enc["input_ids"]) > n_prompt else None)
+    if None in ids or len(set(ids)) < len(ids):
+        raise EmlocError(
+            f"The choices {choices} do not start with distinct tokens, so no class prior can be fitted on the first "
+            "answer token. Set correction.prior_target: emulator."
+        )
+    return ids
+
+
+def label_target(states: torch.Tensor, head: nn.Module, token_ids: list[int], shares: list[float]) -> torch.Tensor:
+    """The mean next-token distribution of `states` with its mass on the choices' tokens re-split by `shares`."""
+    with torch.no_grad():
+        mean = head(states.to(head.weight.dtype)).double().softmax(-1).mean(0)
+    target = mean.clone()
+    ids = torch.tensor(token_ids)
+    target[ids] = mean[ids].sum() * torch.tensor(shares, dtype=torch.float64) / sum(shares)
+    return target
 
 
 def prior_tensors(fit: PriorFit, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,6 +435,7 @@ def correct_lora(
     calibration: CalibrationStats | None = None,
     prior_prompts: list[list[dict]] | None = None,
     tokenizer=None,
+    label_shares: dict[str, float] | None = None,
     placebo_seed: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -393,6 +449,8 @@ def correct_lora(
     - `calibration`: the statistics the emulator was built from; adds each LoRA subspace's
       overlap with its input's top eigenvectors.
     - `prior_prompts` (with `tokenizer`): unlabelled prompts on which the prior correction is fitted.
+      Its target: `label_shares` (choice -> share of the training answers), or without them the
+      fine-tuned emulator's mean answer distribution.
     - `placebo_seed`: write the placebo instead (the correction on a random subspace).
     """
     clamp = check_value(clamp, float, "clamp", CLAMP)
@@ -401,6 +459,9 @@ def correct_lora(
         raise EmlocError("kappa='lstsq' minimises the error on held-out inputs: pass heldout= (their statistics).")
     if prior_prompts is not None and (tokenizer is None or not prior_prompts):
         raise EmlocError("The prior correction needs prompts and their tokenizer: pass prior_prompts= and tokenizer=.")
+    if label_shares is not None and prior_prompts is None:
+        raise EmlocError("label_shares sets the prior correction's target: pass prior_prompts= (and tokenizer=) too.")
+    choice_ids = answer_tokens(tokenizer, prior_prompts[0], list(label_shares)) if label_shares is not None else None
     original_fp = fingerprint(original)
     check_fingerprint(emulator.original_fingerprint, original_fp, artifact="The emulator", model="the original model")
     for what, stats in (("held-out", heldout), ("calibration", calibration)):
@@ -414,7 +475,7 @@ def correct_lora(
         factors = lora_factors(peft_emulator)
         task_type = _check_adapter(peft_emulator, factors, adapter_dir)
         target = None
-        if prior_prompts is not None:  # the fine-tuned emulator's mean answer distribution
+        if prior_prompts is not None and label_shares is None:  # the fine-tuned emulator's mean answer distribution
             states = answer_states(peft_emulator, tokenizer, prior_prompts)
             head = peft_emulator.get_output_embeddings()
             target = head(states.to(head.weight.dtype)).double().softmax(-1).mean(0)
@@ -491,17 +552,26 @@ def correct_lora(
         overwrite=overwrite,
         kind="corrected_adapter",
         model_fingerprint=original_fp,
-        config={"clamp": clamp, "kappa": kappa, "prior": target is not None, "placebo_seed": placebo_seed},
+        config={
+            "clamp": clamp,
+            "kappa": kappa,
+            "prior": prior_prompts is not None,
+            "label_shares": label_shares,
+            "placebo_seed": placebo_seed,
+        },
     ) as tmp:
         _write_adapter(tmp, tensors, ranks, task_type, fan_in_fan_out)
-        if target is not None:  # fitted on the original with the layer-corrected LoRA just written
+        if prior_prompts is not None:  # fitted on the original with the layer-corrected LoRA just written
             corrected = load_adapter(original, tmp, check_base=False, manifest=False)
             try:
                 states = answer_states(corrected, tokenizer, prior_prompts)
             finally:
                 corrected.unload()
             head = original.get_output_embeddings()
+            if label_shares is not None:
+                target = label_target(states, head, choice_ids, list(label_shares.values()))
             prior = fit_prior(states, head, target, tokenizer=tokenizer)
+            prior.target_kind = "labels" if label_shares is not None else "emulator"
             head_name = module_name(original, head)
             a_p, b_p = prior_tensors(prior, head)
             if not (torch.isfinite(a_p).all() and torch.isfinite(b_p).all()):

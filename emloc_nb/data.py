@@ -80,6 +80,20 @@ class Task:
             raise EmlocError(f"Unknown split {name!r}. Splits: {', '.join(SPLITS)}.")
         return getattr(self, name)
 
+    def choice_shares(self) -> dict[str, float]:
+        """Each choice's share of the training answers (the class prior a fine-tuned model should keep)."""
+        if not self.choices:
+            raise EmlocError(f"Task {self.name!r} is scored by generation and has no classes to take shares of.")
+        answers = [a.strip() for a in self.train["answer"]]
+        shares = {c: answers.count(c.strip()) / max(len(answers), 1) for c in self.choices}
+        missing = [c for c, v in shares.items() if v == 0]
+        if missing:
+            raise EmlocError(
+                f"The choice(s) {missing} never occur among the training answers, so a label prior would rule them "
+                "out. Set correction.prior_target: emulator."
+            )
+        return shares
+
     def __repr__(self) -> str:
         kind = f"choices={self.choices}" if self.choices else "generation"
         sizes = ", ".join(f"{s}={len(getattr(self, s))}" for s in SPLITS)

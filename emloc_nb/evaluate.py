@@ -135,15 +135,21 @@ def evaluate(
     if len(data) == 0:
         raise EmlocError(f"The {split} split of {task.name} is empty. Use a task with held-out examples.")
     model.eval()
-    correct, nll_sum, tokens, predictions, all_scores = 0, 0.0, 0, [], []
+    # Batches of similar length pad less (a quarter fewer tokens on the default task); results go back in order.
+    order = sorted(range(len(data)), key=lambda i: len(encode_example(tokenizer, data[i]["messages"])["input_ids"]))
+    correct, nll_sum, tokens = 0, 0.0, 0
+    predictions: list = [None] * len(data)
+    all_scores: list = [None] * len(data)
     collate = collator_for(tokenizer)
     for start in progress_bar(range(0, len(data), batch_size), desc=f"evaluate {split}", enabled=progress):
-        rows = data.select(range(start, min(start + batch_size, len(data))))
+        indices = order[start : start + batch_size]
+        rows = data.select(indices)
         prompts, answers = list(rows["messages"]), list(rows["answer"])
         if task.choices:
             scores, counts = choice_logprobs(model, tokenizer, prompts, task.choices)
             _finite(scores, "choice scores")
-            all_scores.extend(scores.tolist())
+            for i, row in zip(indices, scores.tolist(), strict=True):
+                all_scores[i] = row
             picked = [task.choices[i] for i in scores.argmax(1).tolist()]
             gold = torch.tensor([task.choices.index(a) for a in answers])
             nll_sum -= float(scores.gather(1, gold[:, None]).sum())
@@ -157,7 +163,8 @@ def evaluate(
             longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
             picked = [p.strip() for p in generate(model, tokenizer, prompts, longest + 4)]
         correct += sum(p.strip() == a.strip() for p, a in zip(picked, answers))
-        predictions.extend(picked)
+        for i, p in zip(indices, picked, strict=True):
+            predictions[i] = p
     return EvalResult(
         correct / len(data),
         nll_sum / max(tokens, 1),

@@ -69,8 +69,13 @@ def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:
     from .models import block_linears, linear_weight, skeleton
 
     model = skeleton(config.model, trust_remote_code=trust_remote_code)
+    from .correction import resolve_prior_target
+
     config.rank_plan().resolve({n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()})
-    task_of(config)
+    task = task_of(config)
+    c = config.correction
+    if c.prior and resolve_prior_target(c.prior_target, bool(task.choices)) == "labels":
+        task.choice_shares()  # every choice must occur among the training answers
 
 
 def task_of(config: RunConfig):

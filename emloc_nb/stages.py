@@ -257,11 +257,10 @@ def _finetune(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
 
 
 def _correct(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
-    from .correction import correct_lora
+    from .correction import correct_lora, prior_inputs
 
     model, tokenizer = base_model(run, stage.model)
     c = run.config.correction
-    prompts = list(run.calibration_examples("train")["messages"]) if c.prior else None
     report = correct_lora(
         model,
         run.emulator(with_original=True),
@@ -271,10 +270,10 @@ def _correct(run: Run, stage: Stage, part: str | None, progress: bool) -> dict:
         kappa=c.kappa,
         heldout=run.calibration("heldout"),
         calibration=run.calibration("train"),
-        prior_prompts=prompts,
         tokenizer=tokenizer,
         overwrite=True,
         progress=progress,
+        **prior_inputs(run, c.prior, c.prior_target),
     )
     report.save(run.path("correction"), overwrite=True)
     return {}

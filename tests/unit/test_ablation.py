@@ -8,8 +8,9 @@ import shutil
 import pytest
 
 from emloc_nb import EmlocError
-from emloc_nb.ablation import Ablation, AblationReport, AblationSpec, load_ablation
+from emloc_nb.ablation import Ablation, AblationReport, AblationSpec, default_method, load_ablation
 from emloc_nb.cli import main as cli
+from emloc_nb.config import RunConfig
 
 from ..conftest import tiny_run_config
 
@@ -71,15 +72,15 @@ def test_the_test_table_trains_nothing_the_validation_table_trained(ablation, tm
     runs = {p: p.stat().st_mtime_ns for p in (directory / "runs").rglob("*.safetensors")}
     other = dataclasses.replace(config, correction=dataclasses.replace(config.correction, clamp=0.0))
     test = dataclasses.replace(
-        spec, split="test", seeds=1, budgets=[0.5], methods=["zero-shot", "naive", "naive+prior"]
+        spec, split="test", seeds=1, budgets=[0.5], methods=["zero-shot", "naive", "naive+labels"]
     )
     table = Ablation(directory, other, test).execute(isolate=False, log=lambda _: None)
     assert {p: p.stat().st_mtime_ns for p in runs} == runs and set(directory.rglob("*.safetensors")) >= set(runs)
     assert table.spec["split"] == "test" and load_ablation(directory).spec["split"] == "test"  # test first
     assert load_ablation(directory, "validation").rows == report.rows  # the validation table is untouched
-    assert table.goals()["method"] == "naive+prior"  # the goals are about the new base config's correction
+    assert table.goals()["method"] == "naive+labels"  # the goals are about the new base config's correction
     examples = {r["method"]: r["examples"] for r in table.rows}
-    assert examples["naive"] == examples["naive+prior"] > 1
+    assert examples["naive"] == examples["naive+labels"] > 1
     fewer = dataclasses.replace(other, evaluation=dataclasses.replace(other.evaluation, limit=examples["naive"] - 1))
     again = Ablation(directory, fewer, test).execute(isolate=False, log=lambda _: None)
     assert {r["examples"] for r in again.rows} == {examples["naive"] - 1}  # a new limit is evaluated again
@@ -134,3 +135,13 @@ def test_one_seed_cannot_meet_the_beat_naive_by_one_std_goal(ablation):
     )
     assert one.goals()["beats_naive_by_more_than_one_std"] is None  # std 0 would make it "met" for free
     assert "more than one std: undetermined (needs 2 or more seeds)" in one.markdown()
+
+
+def test_the_default_prior_target_follows_the_task():
+    """auto: the label shares on a task with choices, the emulator's prior on a generation task."""
+    config = RunConfig()  # clamp 0, prior on, prior_target auto
+    assert default_method(config, [0.0, 3.0], has_choices=True).key == "naive+labels"
+    assert default_method(config, [0.0, 3.0], has_choices=False).key == "naive+prior"
+    explicit = dataclasses.replace(config, correction=dataclasses.replace(config.correction, prior_target="labels"))
+    with pytest.raises(EmlocError, match="needs a task with choices"):
+        default_method(explicit, [0.0], has_choices=False)

@@ -7,8 +7,9 @@ import torch
 from peft import PeftModel
 
 from emloc_nb import LoraSpec, TrainSpec, build_emulator, collect_stats, correct_lora, finetune, tiny_model
-from emloc_nb.correction import fit_prior, lstsq_kappa, placebo_layer
+from emloc_nb.correction import answer_tokens, fit_prior, label_target, lstsq_kappa, placebo_layer, resolve_prior_target
 from emloc_nb.data import batches
+from emloc_nb.errors import EmlocError
 from emloc_nb.lora import attach_lora, load_adapter, lora_factors
 from emloc_nb.scoring import answer_states
 
@@ -169,3 +170,72 @@ def test_eigen_init_starts_on_the_top_eigenvectors_and_changes_nothing(setup):
             assert a.norm(dim=1) == pytest.approx(torch.full((3,), 3**-0.5), rel=1e-5)
     finally:
         peft_model.unload()
+
+
+def test_label_prior_gives_the_original_the_training_labels_shares(setup, tmp_path):
+    """Through the files and stock peft: with the label target, the original + corrected adapter's mean
+    probabilities of the choices' first tokens split their mass in the training answers' shares, and the
+    rest of the answer distribution keeps its mass."""
+    model, tok, emulator, _, heldout, adapter, prompts, _ = setup
+    shares = {"yes": 0.3, "no": 0.7}
+    report = correct_lora(
+        model,
+        emulator,
+        adapter,
+        tmp_path / "c",
+        heldout=heldout,
+        prior_prompts=prompts,
+        tokenizer=tok,
+        label_shares=shares,
+    )
+    assert report.prior["target_kind"] == "labels"
+    ids = answer_tokens(tok, prompts[0], list(shares))
+    corrected = PeftModel.from_pretrained(model, str(tmp_path / "c"))
+    got = _mean_answer_distribution(corrected, tok, prompts)
+    corrected.unload()
+    mass = got[ids]
+    assert (mass / mass.sum()).tolist() == pytest.approx([0.3, 0.7], abs=1e-4)
+    plain = load_adapter(model, tmp_path / "c", check_base=False)  # the same LoRA, read through emloc_nb
+    assert _mean_answer_distribution(plain, tok, prompts)[ids].tolist() == pytest.approx(mass.tolist(), rel=1e-5)
+    plain.unload()
+
+
+def test_label_target_moves_only_the_split_between_the_choices():
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 20, bias=False)
+    states = torch.randn(30, 8, generator=g)
+    with torch.no_grad():
+        mean = head(states).double().softmax(-1).mean(0)
+    target = label_target(states, head, [3, 7], [1.0, 3.0])
+    assert float(target.sum()) == pytest.approx(1.0)
+    assert float(target[[3, 7]].sum()) == pytest.approx(float(mean[[3, 7]].sum()))
+    assert float(target[7] / target[3]) == pytest.approx(3.0)
+    others = [i for i in range(20) if i not in (3, 7)]
+    assert torch.equal(target[others], mean[others])
+
+
+def test_the_prior_target_follows_the_task():
+    assert resolve_prior_target("auto", has_choices=True) == "labels"
+    assert resolve_prior_target("auto", has_choices=False) == "emulator"
+    assert resolve_prior_target("emulator", has_choices=True) == "emulator"
+    with pytest.raises(EmlocError, match="prior_target: emulator"):
+        resolve_prior_target("labels", has_choices=False)
+
+
+def test_choice_shares_count_the_training_answers_and_refuse_a_missing_class(toy_task):
+    shares = toy_task.choice_shares()
+    answers = list(toy_task.train["answer"])
+    assert shares == {c: answers.count(c) / len(answers) for c in toy_task.choices}
+    lopsided = _toy([[{"role": "user", "content": "x"}]] * 2)  # one "no", one "yes"
+    assert lopsided.choice_shares() == {"no": 0.5, "yes": 0.5}
+    only_no = type(lopsided)("t", lopsided.train.select([0]), lopsided.train, lopsided.train, choices=["no", "yes"])
+    with pytest.raises(EmlocError, match=r"\['yes'\] never occur"):
+        only_no.choice_shares()
+
+
+def test_choices_must_start_with_distinct_tokens(setup):
+    _, tok, *_ = setup
+    prompt = [{"role": "user", "content": "Is it good?"}]
+    assert len(set(answer_tokens(tok, prompt, ["yes", "no"]))) == 2
+    with pytest.raises(EmlocError, match="distinct tokens"):
+        answer_tokens(tok, prompt, ["yes", "yes indeed"])

@@ -64,13 +64,17 @@ def predictions_figure(results: Mapping[str, object]) -> go.Figure:
     return fig
 
 
+PRIOR_TARGET_NAMES = {"labels": "training labels' shares (target)", "emulator": "fine-tuned emulator (target)"}
+
+
 def prior_figure(prior: dict) -> go.Figure:
-    """The prior correction on its support tokens: the fine-tuned emulator's mean probability (the target),
-    the original + corrected LoRA's before the offset, and after it."""
+    """The prior correction on its support tokens: the target mean probability (the training labels' shares
+    or the fine-tuned emulator's), the original + corrected LoRA's before the offset, and after it."""
     tokens = [repr(t) for t in prior["tokens"]]
+    target_name = PRIOR_TARGET_NAMES[prior.get("target_kind", "emulator")]  # older reports name no kind: the emulator's
     fig = go.Figure(
         [
-            go.Bar(name="fine-tuned emulator (target)", x=tokens, y=prior["target"], marker_color=PLAIN),
+            go.Bar(name=target_name, x=tokens, y=prior["target"], marker_color=PLAIN),
             go.Bar(name="original + LoRA, before", x=tokens, y=prior["before"], marker_color=BEFORE),
             go.Bar(
                 name="original + LoRA, after",
