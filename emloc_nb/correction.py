@@ -461,6 +461,14 @@ def correct_lora(
         raise EmlocError("The prior correction needs prompts and their tokenizer: pass prior_prompts= and tokenizer=.")
     if label_shares is not None and prior_prompts is None:
         raise EmlocError("label_shares sets the prior correction's target: pass prior_prompts= (and tokenizer=) too.")
+    if label_shares is not None and (
+        len(label_shares) < 2
+        or not all(isinstance(v, (int, float)) and 0 < v < math.inf for v in label_shares.values())
+    ):
+        raise EmlocError(
+            f"label_shares={label_shares!r} must give each of two or more choices a positive share, "
+            "e.g. Task.choice_shares()."
+        )
     choice_ids = answer_tokens(tokenizer, prior_prompts[0], list(label_shares)) if label_shares is not None else None
     original_fp = fingerprint(original)
     check_fingerprint(emulator.original_fingerprint, original_fp, artifact="The emulator", model="the original model")
@@ -592,6 +600,7 @@ def correct_lora(
                 "clamp": clamp,
                 "kappa": kappa,
                 "prior": prior is not None,
+                "prior_target": prior.target_kind if prior is not None else None,
                 "placebo_seed": placebo_seed,
                 "source_adapter": str(adapter_dir),
             },

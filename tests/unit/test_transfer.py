@@ -214,6 +214,16 @@ def test_label_target_moves_only_the_split_between_the_choices():
     assert torch.equal(target[others], mean[others])
 
 
+@pytest.mark.parametrize("shares", [{"yes": 1.0}, {"yes": 0.5, "no": 0.0}, {"yes": float("nan"), "no": 0.5}])
+def test_bad_label_shares_are_refused_before_any_work(setup, tmp_path, shares):
+    model, tok, emulator, _, _, adapter, prompts, _ = setup
+    with pytest.raises(EmlocError, match="positive share"):
+        correct_lora(
+            model, emulator, adapter, tmp_path / "c", prior_prompts=prompts, tokenizer=tok, label_shares=shares
+        )
+    assert not (tmp_path / "c").exists()
+
+
 def test_the_prior_target_follows_the_task():
     assert resolve_prior_target("auto", has_choices=True) == "labels"
     assert resolve_prior_target("auto", has_choices=False) == "emulator"
