@@ -384,7 +384,9 @@ def factor_layer(
             )
         bias = linear_bias(module)
         weight = module.weight
-        low = LowRankLinear(w.shape[1], w.shape[0], r, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        # Built on the meta device and allocated uninitialised: every value is copied in below.
+        low = LowRankLinear(w.shape[1], w.shape[0], r, bias=bias is not None, dtype=weight.dtype, device="meta")
+        low = low.to_empty(device=weight.device)
         low.up.weight.copy_(up)
         low.down.weight.copy_(down)
         if bias is not None:
