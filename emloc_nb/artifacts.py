@@ -696,12 +696,37 @@ _held: dict[str, list] = {}  # real path of the locked directory -> [fd, depth]
 LOCK_ENV = "EMLOC_RUN_LOCK"  # "FD:PATH": a stage child shares its parent's lock through this inherited descriptor
 
 
-def _lock_owner(fd: int) -> str:
+_PID_WIDTH = 12  # the holder writes its pid padded to a fixed width, so the file is never seen empty or half-old
+
+
+def _lock_owner(fd: int, wait_s: float = 1.0) -> str:
+    """The " (pid N)" of the live process holding the lock, or "" if none shows up within `wait_s`.
+
+    The holder writes its pid just after taking the lock; a reader that loses the race waits for it.
+    """
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        except OSError:
+            return ""
+        if text.isdigit() and _alive(int(text)):
+            return f" (pid {text})"
+        if time.monotonic() >= deadline:
+            return ""
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
     try:
-        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        return f" (pid {text})" if text.isdigit() else ""
-    except OSError:
-        return ""
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -742,8 +767,8 @@ def run_lock(directory: str | Path) -> Iterator[int]:
             f"Another emloc process{owner} is writing to {directory}. Wait for it to finish (or stop it), then retry."
         ) from None
     if own:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, str(os.getpid()).rjust(_PID_WIDTH).encode(), 0)
+        os.ftruncate(fd, _PID_WIDTH)
     _held[key] = [fd, 1]
     try:
         for line in clean_leftovers(directory, recursive=True):

@@ -300,3 +300,25 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
         holder.wait()
     with run_lock(tmp_path):  # a dead holder's lock is gone with it
         pass
+
+
+def test_a_writer_that_loses_the_race_still_names_the_holder(tmp_path):
+    """The holder takes the lock before it writes its pid; the refused writer waits for the pid, not a blank."""
+    import fcntl
+    import threading
+
+    from emloc_nb.artifacts import LOCK_FILE
+
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # a second open file: flock conflicts in-process
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    late = threading.Timer(0.2, os.pwrite, (fd, str(os.getpid()).encode(), 0))
+    late.start()
+    try:
+        with (
+            pytest.raises(EmlocError, match=rf"Another emloc process \(pid {os.getpid()}\) is writing"),
+            run_lock(tmp_path),
+        ):
+            pass
+    finally:
+        late.join()
+        os.close(fd)
