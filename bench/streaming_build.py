@@ -9,7 +9,7 @@
 
 Goal: peak ≤ 0.5 × the checkpoint's size.
 
-    .venv/bin/python bench/streaming_build.py      # results/streaming_build.{json,md}; about 15 min on 2 cores
+    .venv/bin/python bench/streaming_build.py      # results/streaming_build.{json,md}; about 30 min on 2 cores
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", help="the checkpoint's dtype (the build computes in float32)")
     parser.add_argument("--rho", type=float, default=0.5)
-    parser.add_argument("--examples", type=int, default=32, help="calibration sequences")
+    parser.add_argument("--examples", type=int, default=16, help="calibration sequences")
     parser.add_argument("--sequence", type=int, default=256, help="tokens per calibration sequence")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--render", action="store_true", help="rewrite the markdown from the committed JSON")
@@ -158,8 +158,9 @@ def render_markdown(data: dict) -> str:
         f"({fp32_mb:.0f} MB as the float32 weights an in-memory build would hold).",
         "",
         f"Build: `build_streaming`, ρ = {args['rho']:g}, calibration on {args['examples']} random sequences of "
-        f"{args['sequence']} tokens (batch {args['batch_size']}), second moments and whitening in float64, blocks "
-        "in float32.",
+        f"{args['sequence']} tokens (batch {args['batch_size']}, pushed through each block a sequence at a time), "
+        "second moments in float64: each input's, but the down projection (wider in than out) is factored from "
+        "its output's; blocks in float32.",
         "",
         "| what | MB | × checkpoint on disk | × float32 weights |",
         "|---|---|---|---|",

@@ -171,7 +171,19 @@ class StoredInputs(Mapping):
 _SLAB = 128  # columns of x.T @ x per product: the upper triangle costs (k + 1) / 2k of the whole for k slabs
 
 
-def _mirror_upper(c: torch.Tensor) -> None:
+def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total += xᵀx (float64 += float32 products), upper triangle only; `mirror_upper` completes it once at the end.
+
+    A slab of columns at a time: half the work of xᵀx, which costs about a forward pass, and no 256 MB
+    temporary at width 8192. Summing each batch's float32 product in float64 is blocked summation, and
+    the in-place add widens each element as it goes, with no float64 copy of the product.
+    """
+    for j in range(0, x.shape[1], _SLAB):
+        k = min(j + _SLAB, x.shape[1])
+        total[:k, j:k] += x[:, :k].T @ x[:, j:k]
+
+
+def mirror_upper(c: torch.Tensor) -> None:
     """Fill the strict lower triangle of `c` from its upper one, in place, a slab of columns at a time."""
     for j in range(0, c.shape[1], _SLAB):
         k = min(j + _SLAB, c.shape[1])
@@ -262,13 +274,7 @@ def collect_stats(
                     f"Non-finite activations (NaN/Inf) at the input of {name} in calibration batch {step['batch']}. "
                     "Load the model in float32 (dtype=torch.float32) and check the inputs for invalid token ids."
                 )
-            # One float32 product per batch, summed across batches in float64 (blocked summation); the in-place
-            # add widens each element as it goes, with no float64 copy of the product. Only the upper triangle
-            # is computed (mirrored once at the end), a slab of columns at a time: half the work of XᵀX, which
-            # costs about a forward pass, and no 256 MB temporary at width 8192.
-            for j in range(0, x.shape[1], _SLAB):
-                k = min(j + _SLAB, x.shape[1])
-                s.second_moment[:k, j:k] += x[:, :k].T @ x[:, j:k]
+            add_gram(s.second_moment, x)
             s.abs_sum += column_sums
             s.abs_max = torch.maximum(s.abs_max, magnitude.amax(0).double())
             s.tokens += x.shape[0]
@@ -293,7 +299,7 @@ def collect_stats(
         model.train(was_training)
 
     for s in inputs.values():
-        _mirror_upper(s.second_moment)
+        mirror_upper(s.second_moment)
         s.second_moment, s.abs_sum, s.abs_max = s.second_moment.cpu(), s.abs_sum.cpu(), s.abs_max.cpu()
     if examples == 0:
         raise EmlocError("The calibration set is empty. Pass at least one batch of examples (64 is the usual size).")

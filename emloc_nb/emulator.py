@@ -8,7 +8,10 @@ W S = U Σ Vᵀ:
 
 Since W S = U Σ Vᵀ, the same down factor is Σ_r^-½ U_rᵀ W, which is how we compute
 it: no inverse of S (ill-conditioned when some channels are nearly silent) is needed,
-and a full rank reproduces W to float precision.
+and a full rank reproduces W to float precision. And since W S Sᵀ Wᵀ = W C Wᵀ, U and Σ²
+are the eigenvectors and eigenvalues of the output's second moment: a layer wider in
+than out can be factored without its d_in × d_in input moment (`output_moment`; the
+streamed build does this for the down projection).
 
 The emulator is a copy of the model (same class, same module names) whose chosen
 layers are LowRankLinear; every other tensor is shared with the original, not copied.
@@ -94,6 +97,31 @@ def whitening(covariance: torch.Tensor, eps: float = 1e-6, *, overwrite: bool = 
     lam, q = torch.linalg.eigh(c)
     floor = eps * max(float(lam.abs().max()), abs(scale), 1e-30)
     return q * lam.clamp_min(floor).sqrt(), "eigh"
+
+
+def output_moment(
+    weight: torch.Tensor,
+    moment: torch.Tensor,
+    input_squares: torch.Tensor,
+    tokens: int,
+    eps: float = 1e-6,
+    shrinkage: float = 0.0,
+) -> torch.Tensor:
+    """W C' Wᵀ in float64, from `moment` = Σ (W x)(W x)ᵀ and `input_squares` = Σ x² per channel over `tokens`.
+
+    C' is the matrix the in-memory build whitens with (Whiteners, then `whitening`'s first try):
+    C + λ·diag(C) + ε·mean(diag(C + λ·diag C))·I. Its eigenvectors are the U of W S, its eigenvalues Σ².
+    """
+    w = weight.detach().double()
+    t = max(tokens, 1)
+    diagonal = input_squares.double().to(w.device) / t
+    scale = float(diagonal.mean()) * (1 + shrinkage) or 1.0
+    extra = shrinkage * diagonal + eps * scale  # W · diag(extra) · Wᵀ, a slab of input columns at a time
+    m = moment.double().to(w.device) / t
+    for j in range(0, w.shape[1], 1024):
+        part = w[:, j : j + 1024]
+        m += (part * extra[j : j + 1024]) @ part.T
+    return m
 
 
 @dataclass
@@ -351,29 +379,54 @@ class Whiteners:
 
 
 def factor_layer(
-    name: str, module: nn.Module, choice, whitener: tuple[torch.Tensor, str] | None, mode: str
+    name: str,
+    module: nn.Module,
+    choice,
+    whitener: tuple[torch.Tensor, str] | None,
+    mode: str,
+    *,
+    moment: torch.Tensor | None = None,
 ) -> tuple[LowRankLinear | None, dict, dict]:
     """One layer of the emulator: its LowRankLinear (None: kept dense), its spectrum-table row and its spectra.
 
     Runs on the layer's device (factoring on the GPU when the model is there), in float64
     except the SVD itself (float32 is plenty for the factors and twice as fast).
+    `moment` (W C' Wᵀ from `output_moment`, whitened mode only) stands in for the whitener:
+    the factors come from its float64 eigen-decomposition, and equal the whitener's up to rounding.
     """
+    if moment is not None and (whitener is not None or mode != "whitened"):
+        raise ValueError("factor_layer takes an output moment instead of a whitener, in whitened mode only")
     w = linear_weight(module).detach().double()
     sv_plain = _svdvals(w)
     spectra = {"plain": sv_plain.float().cpu()}
-    s, method = (None, "none") if whitener is None else (whitener[0].to(w.device), whitener[1])
+    if moment is not None:
+        s, method = None, "output moment"
+    else:
+        s, method = (None, "none") if whitener is None else (whitener[0].to(w.device), whitener[1])
     ws = w @ s if s is not None else None
     low = None
     if choice.rank is None:
-        sv_white = _svdvals(ws) if ws is not None else None
+        if moment is not None:
+            sv_white = torch.linalg.eigvalsh(moment.to(w.device, torch.float64)).flip(0).clamp_min(0).sqrt()
+        else:
+            sv_white = _svdvals(ws) if ws is not None else None
         error = 0.0
     else:
         r = choice.rank
-        u, sv, _ = (
-            t.double() for t in torch.linalg.svd((ws if mode == "whitened" else w).float(), full_matrices=False)
-        )
-        up = u[:, :r] * sv[:r].sqrt()
-        down = (u[:, :r].T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
+        if moment is not None:
+            lam, q = torch.linalg.eigh(moment.to(w.device, torch.float64))
+            u, sv = q.flip(1)[:, :r], lam.flip(0).clamp_min(0).sqrt()
+            del lam, q
+        else:
+            target = (ws if mode == "whitened" else w).float()
+            if mode == "whitened":
+                ws = None  # not needed again: its float64 copy is freed before the SVD's workspace is taken
+            u, sv, _ = torch.linalg.svd(target, full_matrices=False)
+            del target
+            u, sv = u[:, :r].double(), sv.double()  # only the kept columns in float64
+        up = u * sv[:r].sqrt()
+        down = (u.T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
+        del u
         if mode == "whitened":
             sv_white = sv
             error = float((sv[r:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())

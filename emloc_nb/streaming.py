@@ -10,6 +10,12 @@ of the whole model (bench/results/streaming_build.md). The statistics, the emula
 their fingerprints are those the in-memory path (`collect_stats`, `build_emulator`)
 gives, up to float summation order (a test checks).
 
+A build that keeps no statistics (`build_streaming`) factors each layer wider in than out
+(the down projection) from its output's second moment instead (emulator.output_moment):
+at a 1B model's 8192-wide MLP input that is a 2048² matrix instead of 8192², with 16×
+less accumulation and no Cholesky factor. The emulator is the same up to rounding and the
+signs of singular vectors (a test checks).
+
 Blocks must take the same inputs in every layer (one attention mask, one set of
 rotary embeddings), which holds for Llama-style decoders (Llama, Qwen2, Mistral without
 sliding windows); other models are refused with a clear error.
@@ -26,8 +32,16 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_dir, read_tensors, safetensors_header, write_json, write_manifest, write_tensors
-from .calibration import CalibrationStats, collect_stats
-from .emulator import WEIGHTS_INDEX, Emulator, Whiteners, factor_layer, manifest_config, write_emulator_metadata
+from .calibration import CalibrationStats, add_gram, collect_stats, mirror_upper
+from .emulator import (
+    WEIGHTS_INDEX,
+    Emulator,
+    Whiteners,
+    factor_layer,
+    manifest_config,
+    output_moment,
+    write_emulator_metadata,
+)
 from .errors import EmlocError
 from .memory import phase
 from .models import (
@@ -35,6 +49,7 @@ from .models import (
     block_linears,
     checkpoint_files,
     fingerprint_of,
+    linear_bias,
     linear_layers,
     linear_weight,
     resolve_checkpoint,
@@ -120,6 +135,62 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, blocks
 
 
+class _OutputMoments:
+    """Forward hooks summing, over real tokens, each layer's Σ (W x)(W x)ᵀ and its input's Σ x² per channel.
+
+    Set `mask` (the batch's attention mask) before each forward; `close()` removes the hooks.
+    """
+
+    def __init__(self, block: nn.Module, names: list[str]):
+        self.mask: torch.Tensor | None = None
+        self.sums: dict[str, list] = {}  # name -> [Σ y yᵀ (float64, upper triangle until close), Σ x², tokens]
+        self.handles = [block.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x, y = args[0].detach(), output.detach()
+            bias = linear_bias(module)
+            if bias is not None:
+                y = y - bias
+            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            if self.mask is not None:
+                if self.mask.numel() != x.shape[0]:
+                    raise EmlocError(
+                        f"The input of {name} has {x.shape[0]} token positions but the attention mask has "
+                        f"{self.mask.numel()}; a streamed build cannot tell padding apart in this model."
+                    )
+                keep = self.mask.reshape(-1).bool()
+                x, y = x[keep], y[keep]
+            x, y = x.float(), y.float()
+            squares = x.square().sum(0, dtype=torch.float64)
+            if not torch.isfinite(squares).all() or not torch.isfinite(y).all():
+                raise EmlocError(
+                    f"Non-finite activations (NaN/Inf) at {name} in calibration. Build in float32 "
+                    "(dtype=torch.float32) and check the inputs for invalid token ids."
+                )
+            if name not in self.sums:
+                d = y.shape[-1]
+                self.sums[name] = [torch.zeros(d, d, dtype=torch.float64, device=y.device), 0, 0]
+            total = self.sums[name]
+            add_gram(total[0], y)
+            total[1] = total[1] + squares
+            total[2] += x.shape[0]
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for total in self.sums.values():
+            mirror_upper(total[0])
+
+
+def _factor_from_output(name: str, module: nn.Module, choice, sums: list, eps: float, shrinkage: float):
+    moment, squares, tokens = sums
+    moment = output_moment(linear_weight(module), moment, squares, tokens, eps, shrinkage)
+    return factor_layer(name, module, choice, None, "whitened", moment=moment)
+
+
 def _run_block(block: nn.Module, batch: Mapping) -> torch.Tensor:
     out = block(batch["hidden"], **batch["kwargs"])
     return out[0] if isinstance(out, tuple) else out
@@ -176,6 +247,7 @@ def stream(
     shapes = {n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()}
     plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
     choices = plan.resolve(shapes)
+    by_output = output is not None and stats is None and not keep_stats and mode == "whitened"
     original_samples, emulator_samples = [], []
     collected: dict[str, dict] = {split: {} for split in batch_sets or {}}
     tokens: dict[str, int] = {}
@@ -212,28 +284,49 @@ def stream(
             original_samples += [tensor_sample(n, loaded[source_of[n]]) for n in names]
             del loaded
             local = [n.removeprefix(prefix) for n in shapes if n.startswith(prefix)]
+            # Without kept statistics, layers wider in than out are factored from their outputs' moments.
+            wide = [n for n in local if by_output and shapes[prefix + n][1] > shapes[prefix + n][0]]
+            wide = wide if len(wide) < len(local) else []
+            moments = None
             for split, batches in hidden.items():
                 outputs = []
-                block_stats = collect_stats(
-                    block,
-                    batches,
-                    layers=local,
-                    forward_fn=lambda b, x, outputs=outputs: outputs.append(_run_block(b, x)),
-                    progress=False,
-                )
+                hooks = _OutputMoments(block, wide) if wide and split == "train" else None
+
+                def forward(b, x, outputs=outputs, hooks=hooks):
+                    if hooks is not None:
+                        hooks.mask = x.get("attention_mask")
+                    outputs.append(_run_block(b, x))
+
+                try:
+                    block_stats = collect_stats(
+                        block,
+                        batches,
+                        layers=[n for n in local if n not in wide],
+                        forward_fn=forward,
+                        progress=False,
+                    )
+                finally:
+                    if hooks is not None:
+                        hooks.close()
+                moments = hooks.sums if hooks is not None else moments
                 tokens[split] = block_stats.tokens
                 collected[split].update(_prefixed(block_stats, prefix))
                 hidden[split] = [{**batch, "hidden": h} for batch, h in zip(batches, outputs)]
-                del block_stats  # `collected` holds them, and drops them when the block is done
+                del block_stats, hooks  # `collected` holds them, and drops them when the block is done
             if tmp is not None:
                 # Without kept statistics each second moment becomes its covariance in place.
                 own = CalibrationStats(collected["train"], "", 0) if stats is None else None
                 whiteners = Whiteners(stats or own, eps, shrinkage, consume=own is not None and not keep_stats)
                 for n in local:
                     full = prefix + n
-                    low, row, spectra[full] = factor_layer(
-                        full, block.get_submodule(n), choices[full], whiteners.get(full, device), mode
-                    )
+                    if n in wide:
+                        low, row, spectra[full] = _factor_from_output(
+                            full, block.get_submodule(n), choices[full], moments.pop(n), eps, shrinkage
+                        )
+                    else:
+                        low, row, spectra[full] = factor_layer(
+                            full, block.get_submodule(n), choices[full], whiteners.get(full, device), mode
+                        )
                     rows.append(row)
                     if low is not None:
                         parent, _, child = n.rpartition(".")
@@ -354,10 +447,26 @@ def build_streaming(
     """Calibrate on `batches` and build the emulator into `output` in one streamed pass, holding about one block.
 
     Each block's statistics are dropped once it is factored (`stream(..., keep_stats=True)`
-    keeps them). The emulator is loaded back from `output` (memory-mapped).
+    keeps them), its layers wider in than out are factored from their outputs' moments, and the
+    sequences go through each block one at a time. The emulator is loaded back from `output`
+    (memory-mapped).
     """
-    stream(source, batch_sets={"train": batches}, output=output, plan=plan, keep_stats=False, **kwargs)
+    sequences = [one for batch in batches for one in _sequences(batch)]
+    stream(source, batch_sets={"train": sequences}, output=output, plan=plan, keep_stats=False, **kwargs)
     return Emulator.load(output)
+
+
+def _sequences(batch: Mapping) -> list[dict]:
+    """A calibration batch as batches of one sequence each: every tensor with a row per sequence is split.
+
+    The streamed build holds every sequence's hidden states anyway; pushing them through a block one at
+    a time keeps the block's activations (at batch 8 and a 1B model's width, several hundred MB) to one's.
+    """
+    n = len(batch["input_ids"])
+    return [
+        {k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v for k, v in batch.items()}
+        for i in range(n)
+    ]
 
 
 __all__ = ["Checkpoint", "build_streaming", "stream"]

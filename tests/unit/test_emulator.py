@@ -161,3 +161,33 @@ def test_whitening_keeps_the_callers_matrix_unless_told_it_may_overwrite(c):
     scratch = c.clone()
     s2, method2 = whitening(scratch, overwrite=True)
     assert torch.equal(s2, s) and method2 == method
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.3])
+@torch.no_grad()
+def test_a_wide_layer_factored_from_its_outputs_moment_equals_the_whitened_one(shrinkage):
+    """W C' Wᵀ has the eigenvectors U and eigenvalues Σ² of W S: the same factors, without the input's moment."""
+    from emloc_nb.calibration import CalibrationStats, InputStats
+    from emloc_nb.emulator import Whiteners, factor_layer, output_moment
+    from emloc_nb.ranks import LayerChoice
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 16, bias=True)
+    x = torch.randn(400, 48) * torch.linspace(0.05, 3, 48)  # channels of very different scales
+    inputs = InputStats((x.T @ x).double(), x.abs().sum(0).double(), x.abs().amax(0).double(), 400, ["layer"])
+    whitener = Whiteners(CalibrationStats({"layer": inputs}, "", 1), 1e-6, shrinkage).get("layer")
+    assert whitener[1] == "cholesky"
+    y = x @ layer.weight.T  # the output without its bias
+    moment = output_moment(layer.weight, (y.T @ y).double(), x.square().sum(0).double(), 400, 1e-6, shrinkage)
+    for rank in (5, None):
+        choice = LayerChoice("layer", 16, 48, rank, "test")
+        low, row, spectra = factor_layer("layer", layer, choice, whitener, "whitened")
+        low_m, row_m, spectra_m = factor_layer("layer", layer, choice, None, "whitened", moment=moment)
+        assert row_m["whitening"] == "output moment"
+        assert row_m["predicted_error"] == pytest.approx(row["predicted_error"], rel=1e-5, abs=1e-12)
+        assert torch.allclose(spectra_m["whitened"], spectra["whitened"], rtol=0, atol=1e-5 * spectra["whitened"][0])
+        if rank is not None:
+            assert torch.allclose(low_m.dense_weight(), low.dense_weight(), atol=1e-5)
+            assert torch.equal(low_m.up.bias, layer.bias)
+    with pytest.raises(ValueError, match="whitened mode only"):
+        factor_layer("layer", layer, choice, None, "plain", moment=moment)

@@ -43,9 +43,25 @@ def test_the_streamed_emulator_equals_the_in_memory_one(sharded, toy_task):
     for r, s in zip(whole.spectra.rows, streamed.spectra.rows):
         assert r["name"] == s["name"] and r["predicted_error"] == pytest.approx(s["predicted_error"], rel=1e-6)
     assert len(list((root / "streamed").glob("emulator-*.safetensors"))) == 4  # the outer tensors, then a block each
-    # the one-pass build that drops each block's statistics once factored builds the same emulator
+    # the one-pass build that drops each block's statistics builds the same emulator up to rounding (its
+    # statistics are summed a sequence at a time, the SVDs run in float32) and the signs of singular vectors.
+    # Its layers wider in than out are factored from their outputs' moments, which need no Cholesky factor and
+    # so none of its larger jitter (the first block's rank-deficient input needs it: its tail is lifted).
     lean = build_streaming(root / "ckpt", calib, 0.5, root / "lean", overwrite=True, progress=False)
-    assert lean.fingerprint == whole.fingerprint and lean.calibration == whole.calibration
+    assert lean.ranks == whole.ranks and lean.calibration == whole.calibration
+    by_output = {r["name"] for r in lean.spectra.rows if r["whitening"] == "output moment"}
+    assert by_output == {r["name"] for r in whole.spectra.rows if r["d_in"] > r["d_out"]}
+    assert any(n.endswith("down_proj") for n in by_output)
+    modules = dict(lean.model.named_modules())
+    for r, s in zip(whole.spectra.rows, lean.spectra.rows):
+        name = r["name"]
+        dense = whole.model.get_submodule(name).dense_weight().detach()
+        gap = modules[name].dense_weight().detach() - dense
+        assert float(gap.abs().max()) < 1e-3 * float(dense.abs().max()), name
+        assert s["name"] == name and s["predicted_error"] == pytest.approx(r["predicted_error"], rel=1e-3)
+        kept = r["rank"] if r["whitening"] != "cholesky" else None
+        sv_whole, sv_lean = (x.spectra[name]["whitened"][:kept] for x in (whole.spectra, lean.spectra))
+        assert torch.allclose(sv_whole, sv_lean, rtol=0, atol=1e-3 * float(sv_whole[0])), name
     # the streamed emulator is a normal one: it runs and checks against its original
     Emulator.load(root / "streamed", original=model)
     out = streamed.model(input_ids=calib[0]["input_ids"], attention_mask=calib[0]["attention_mask"]).logits
@@ -64,9 +80,9 @@ def test_a_streamed_build_frees_each_block_before_loading_the_next(sharded, toy_
     factored, alive_at_each_read = [], []
     factor_layer, tensors = streaming.factor_layer, streaming.Checkpoint.tensors
 
-    def spy_factor_layer(name, module, *args):
+    def spy_factor_layer(name, module, *args, **kwargs):
         factored.append(weakref.ref(module.weight))  # the original's loaded weight
-        return factor_layer(name, module, *args)
+        return factor_layer(name, module, *args, **kwargs)
 
     def spy_tensors(self, names, **kwargs):
         gc.collect()
@@ -136,10 +152,10 @@ def test_a_checkpoint_with_a_tied_head_streams_like_smollm2s(toy_task, tmp_path)
     calib = batches(tok, toy_task.train, batch_size=8, limit=16)
     whole = build_emulator(loaded, collect_stats(loaded, calib, progress=False), 0.5, progress=False)
     streamed = build_streaming(tmp_path / "ckpt", calib, 0.5, tmp_path / "streamed", progress=False)
-    assert streamed.fingerprint == whole.fingerprint
+    assert streamed.ranks == whole.ranks and streamed.original_fingerprint == whole.original_fingerprint
     ids, mask = calib[0]["input_ids"], calib[0]["attention_mask"]
-    assert torch.allclose(
+    assert torch.allclose(  # not 1e-4: the first block's k and v differ by Cholesky's jitter (see above)
         streamed.model(input_ids=ids, attention_mask=mask).logits,
         whole.model(input_ids=ids, attention_mask=mask).logits,
-        atol=1e-4,
+        atol=1e-3,
     )
