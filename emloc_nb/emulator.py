@@ -112,16 +112,65 @@ def output_moment(
     C' is the matrix the in-memory build whitens with (Whiteners, then `whitening`'s first try):
     C + λ·diag(C) + ε·mean(diag(C + λ·diag C))·I. Its eigenvectors are the U of W S, its eigenvalues Σ².
     """
-    w = weight.detach().double()
+    w = weight.detach()
     t = max(tokens, 1)
     diagonal = input_squares.double().to(w.device) / t
     scale = float(diagonal.mean()) * (1 + shrinkage) or 1.0
     extra = shrinkage * diagonal + eps * scale  # W · diag(extra) · Wᵀ, a slab of input columns at a time
     m = moment.double().to(w.device) / t
-    for j in range(0, w.shape[1], 1024):
-        part = w[:, j : j + 1024]
-        m += (part * extra[j : j + 1024]) @ part.T
+    for j in range(0, w.shape[1], _SLAB):
+        part = w[:, j : j + _SLAB].double()
+        m += (part * extra[j : j + _SLAB]) @ part.T
     return m
+
+
+_SLAB = 1024  # rows or columns of a weight converted to float64 at a time by the Gram route
+
+
+def _gram_factors(
+    weight: torch.Tensor, s: torch.Tensor | None, moment: torch.Tensor | None, rank: int | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """σ(W), σ(W S) and the rank-r factors (up, down), from float64 eigen-decompositions of small Gram matrices.
+
+    Never forms W S or a float64 copy of W (a slab at a time): for a layer no wider in than out
+    the d_in² Gram (W S)ᵀ W S = Sᵀ WᵀW S gives V and Σ, so that up = W S V_r Σ_r^-½ and
+    down = Σ_r^-½ U_rᵀ W = Σ_r^-1 (S V_r Σ_r^-½)ᵀ WᵀW; for one wider in than out, `moment`
+    (W C' Wᵀ, the d_out² Gram W S (W S)ᵀ) gives U and Σ directly.
+    """
+    d_out, d_in = weight.shape
+    if moment is not None:  # wider in than out: everything is d_out²
+        gram_w = torch.zeros(d_out, d_out, dtype=torch.float64, device=weight.device)
+        for j in range(0, d_in, _SLAB):
+            part = weight[:, j : j + _SLAB].double()
+            gram_w += part @ part.T
+        lam, q = torch.linalg.eigh(moment.to(weight.device, torch.float64))
+    else:
+        gram_w = torch.zeros(d_in, d_in, dtype=torch.float64, device=weight.device)
+        for i in range(0, d_out, _SLAB):
+            part = weight[i : i + _SLAB].double()
+            gram_w += part.T @ part
+        lam, q = torch.linalg.eigh(s.T @ gram_w @ s)
+    sv_plain = torch.linalg.eigvalsh(gram_w).flip(0).clamp_min(0).sqrt()
+    sv_white = lam.flip(0).clamp_min(0).sqrt()
+    if rank is None:
+        return sv_plain, sv_white, None
+    root = sv_white[:rank].sqrt().clamp_min(1e-30)
+    basis = q.flip(1)[:, :rank]
+    del lam, q
+    if moment is not None:  # basis = U_r
+        up = basis * root
+        down = torch.empty(rank, d_in, dtype=torch.float64, device=weight.device)
+        for j in range(0, d_in, _SLAB):
+            down[:, j : j + _SLAB] = basis.T @ weight[:, j : j + _SLAB].double()
+        down /= root[:, None]
+    else:  # basis = V_r
+        p = (s @ basis) / root  # S V_r Σ_r^-½
+        up = torch.empty(d_out, rank, dtype=torch.float64, device=weight.device)
+        for i in range(0, d_out, _SLAB):
+            up[i : i + _SLAB] = weight[i : i + _SLAB].double() @ p
+        down = p.T @ gram_w
+        down /= (root**2)[:, None]
+    return sv_plain, sv_white, (up, down)
 
 
 @dataclass
@@ -385,60 +434,70 @@ def factor_layer(
     whitener: tuple[torch.Tensor, str] | None,
     mode: str,
     *,
+    gram: bool = False,
     moment: torch.Tensor | None = None,
 ) -> tuple[LowRankLinear | None, dict, dict]:
     """One layer of the emulator: its LowRankLinear (None: kept dense), its spectrum-table row and its spectra.
 
     Runs on the layer's device (factoring on the GPU when the model is there), in float64
     except the SVD itself (float32 is plenty for the factors and twice as fast).
-    `moment` (W C' Wᵀ from `output_moment`, whitened mode only) stands in for the whitener:
-    the factors come from its float64 eigen-decomposition, and equal the whitener's up to rounding.
+    `gram=True` (whitened mode; the streamed build's) factors from float64 Gram matrices instead,
+    in a fraction of the memory (`_gram_factors`): from the whitener, or from `moment`
+    (W C' Wᵀ, `output_moment`) for a layer wider in than out. The factors are the same up to
+    rounding and the signs of singular vectors.
     """
-    if moment is not None and (whitener is not None or mode != "whitened"):
-        raise ValueError("factor_layer takes an output moment instead of a whitener, in whitened mode only")
-    w = linear_weight(module).detach().double()
-    sv_plain = _svdvals(w)
-    spectra = {"plain": sv_plain.float().cpu()}
-    if moment is not None:
-        s, method = None, "output moment"
+    if gram and (mode != "whitened" or (whitener is None) == (moment is None)):
+        raise ValueError("the Gram route is whitened mode only, with a whitener or else an output moment")
+    sv_plain = sv_white = up = down = None
+    if gram:
+        s = None if whitener is None else whitener[0].to(module.weight.device)
+        sv_plain, sv_white, factors = _gram_factors(linear_weight(module).detach(), s, moment, choice.rank)
+        method = "output moment" if moment is not None else whitener[1]
+        if factors is not None:
+            up, down = factors
+        error = (
+            0.0
+            if choice.rank is None
+            else float((sv_white[choice.rank :] ** 2).sum().sqrt() / (sv_white**2).sum().sqrt())
+        )
     else:
+        w = linear_weight(module).detach().double()
+        sv_plain = _svdvals(w)
         s, method = (None, "none") if whitener is None else (whitener[0].to(w.device), whitener[1])
-    ws = w @ s if s is not None else None
-    low = None
-    if choice.rank is None:
-        if moment is not None:
-            sv_white = torch.linalg.eigvalsh(moment.to(w.device, torch.float64)).flip(0).clamp_min(0).sqrt()
-        else:
+        ws = w @ s if s is not None else None
+        if choice.rank is None:
             sv_white = _svdvals(ws) if ws is not None else None
-        error = 0.0
-    else:
-        r = choice.rank
-        if moment is not None:
-            lam, q = torch.linalg.eigh(moment.to(w.device, torch.float64))
-            u, sv = q.flip(1)[:, :r], lam.flip(0).clamp_min(0).sqrt()
-            del lam, q
+            error = 0.0
         else:
+            r = choice.rank
             target = (ws if mode == "whitened" else w).float()
             if mode == "whitened":
                 ws = None  # not needed again: its float64 copy is freed before the SVD's workspace is taken
             u, sv, _ = torch.linalg.svd(target, full_matrices=False)
             del target
             u, sv = u[:, :r].double(), sv.double()  # only the kept columns in float64
-        up = u * sv[:r].sqrt()
-        down = (u.T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
-        del u
-        if mode == "whitened":
-            sv_white = sv
-            error = float((sv[r:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())
-        else:
-            sv_white = _svdvals(ws) if ws is not None else None
-            error = (
-                float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws)) if ws is not None else math.nan
-            )
+            up = u * sv[:r].sqrt()
+            down = (u.T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
+            del u
+            if mode == "whitened":
+                sv_white = sv
+                error = float((sv[r:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())
+            else:
+                sv_white = _svdvals(ws) if ws is not None else None
+                error = (
+                    float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws))
+                    if ws is not None
+                    else math.nan
+                )
+    spectra = {"plain": sv_plain.float().cpu()}
+    low = None
+    if up is not None:
         bias = linear_bias(module)
-        weight = module.weight
+        weight = module.weight  # (d_in, d_out) in GPT-2's Conv1D: the shapes come from the choice
         # Built on the meta device and allocated uninitialised: every value is copied in below.
-        low = LowRankLinear(w.shape[1], w.shape[0], r, bias=bias is not None, dtype=weight.dtype, device="meta")
+        low = LowRankLinear(
+            choice.d_in, choice.d_out, choice.rank, bias=bias is not None, dtype=weight.dtype, device="meta"
+        )
         low = low.to_empty(device=weight.device)
         low.up.weight.copy_(up)
         low.down.weight.copy_(down)

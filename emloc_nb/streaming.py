@@ -10,11 +10,14 @@ of the whole model (bench/results/streaming_build.md). The statistics, the emula
 their fingerprints are those the in-memory path (`collect_stats`, `build_emulator`)
 gives, up to float summation order (a test checks).
 
-A build that keeps no statistics (`build_streaming`) factors each layer wider in than out
-(the down projection) from its output's second moment instead (emulator.output_moment):
-at a 1B model's 8192-wide MLP input that is a 2048² matrix instead of 8192², with 16×
-less accumulation and no Cholesky factor. The emulator is the same up to rounding and the
-signs of singular vectors (a test checks).
+A build that keeps no statistics (`build_streaming`) goes further, for the same emulator up
+to rounding and the signs of singular vectors (a test checks):
+- each layer wider in than out (the down projection) is factored from its output's second
+  moment (emulator.output_moment): at a 1B model's 8192-wide MLP input, a 2048² matrix
+  instead of 8192², 16× less accumulation and no Cholesky factor;
+- every layer is factored from float64 Gram matrices (factor_layer's `gram`), never
+  forming W S or a float64 copy of W;
+- the calibration sequences go through each block one at a time.
 
 Blocks must take the same inputs in every layer (one attention mask, one set of
 rotary embeddings), which holds for Llama-style decoders (Llama, Qwen2, Mistral without
@@ -186,9 +189,9 @@ class _OutputMoments:
 
 
 def _factor_from_output(name: str, module: nn.Module, choice, sums: list, eps: float, shrinkage: float):
-    moment, squares, tokens = sums
-    moment = output_moment(linear_weight(module), moment, squares, tokens, eps, shrinkage)
-    return factor_layer(name, module, choice, None, "whitened", moment=moment)
+    moment = output_moment(linear_weight(module), *sums, eps, shrinkage)
+    sums.clear()  # the raw sums, freed before the factoring's workspace is taken
+    return factor_layer(name, module, choice, None, "whitened", gram=True, moment=moment)
 
 
 def _run_block(block: nn.Module, batch: Mapping) -> torch.Tensor:
@@ -247,7 +250,9 @@ def stream(
     shapes = {n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()}
     plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
     choices = plan.resolve(shapes)
-    by_output = output is not None and stats is None and not keep_stats and mode == "whitened"
+    # A build that keeps no statistics factors from Gram matrices (factor_layer's `gram`), and its layers wider in
+    # than out from their outputs' moments: a fraction of the memory, the same emulator up to rounding.
+    lean = output is not None and stats is None and not keep_stats and mode == "whitened"
     original_samples, emulator_samples = [], []
     collected: dict[str, dict] = {split: {} for split in batch_sets or {}}
     tokens: dict[str, int] = {}
@@ -284,8 +289,7 @@ def stream(
             original_samples += [tensor_sample(n, loaded[source_of[n]]) for n in names]
             del loaded
             local = [n.removeprefix(prefix) for n in shapes if n.startswith(prefix)]
-            # Without kept statistics, layers wider in than out are factored from their outputs' moments.
-            wide = [n for n in local if by_output and shapes[prefix + n][1] > shapes[prefix + n][0]]
+            wide = [n for n in local if lean and shapes[prefix + n][1] > shapes[prefix + n][0]]
             wide = wide if len(wide) < len(local) else []
             moments = None
             for split, batches in hidden.items():
@@ -325,7 +329,7 @@ def stream(
                         )
                     else:
                         low, row, spectra[full] = factor_layer(
-                            full, block.get_submodule(n), choices[full], whiteners.get(full, device), mode
+                            full, block.get_submodule(n), choices[full], whiteners.get(full, device), mode, gram=lean
                         )
                     rows.append(row)
                     if low is not None:

@@ -163,31 +163,38 @@ def test_whitening_keeps_the_callers_matrix_unless_told_it_may_overwrite(c):
     assert torch.equal(s2, s) and method2 == method
 
 
+@pytest.mark.parametrize("shape", [(16, 48), (48, 16), (32, 32)])
 @pytest.mark.parametrize("shrinkage", [0.0, 0.3])
 @torch.no_grad()
-def test_a_wide_layer_factored_from_its_outputs_moment_equals_the_whitened_one(shrinkage):
-    """W C' Wᵀ has the eigenvectors U and eigenvalues Σ² of W S: the same factors, without the input's moment."""
+def test_the_gram_route_gives_the_svd_routes_factors(shape, shrinkage):
+    """Factors from float64 Gram matrices equal the SVD of W S: from Sᵀ WᵀW S, or from W C' Wᵀ (the output's
+    second moment, no input moment at all) for a layer wider in than out."""
     from emloc_nb.calibration import CalibrationStats, InputStats
     from emloc_nb.emulator import Whiteners, factor_layer, output_moment
     from emloc_nb.ranks import LayerChoice
 
     torch.manual_seed(0)
-    layer = torch.nn.Linear(48, 16, bias=True)
-    x = torch.randn(400, 48) * torch.linspace(0.05, 3, 48)  # channels of very different scales
+    d_out, d_in = shape
+    layer = torch.nn.Linear(d_in, d_out, bias=True)
+    x = torch.randn(400, d_in) * torch.linspace(0.05, 3, d_in)  # channels of very different scales
     inputs = InputStats((x.T @ x).double(), x.abs().sum(0).double(), x.abs().amax(0).double(), 400, ["layer"])
     whitener = Whiteners(CalibrationStats({"layer": inputs}, "", 1), 1e-6, shrinkage).get("layer")
     assert whitener[1] == "cholesky"
     y = x @ layer.weight.T  # the output without its bias
     moment = output_moment(layer.weight, (y.T @ y).double(), x.square().sum(0).double(), 400, 1e-6, shrinkage)
     for rank in (5, None):
-        choice = LayerChoice("layer", 16, 48, rank, "test")
+        choice = LayerChoice("layer", d_out, d_in, rank, "test")
         low, row, spectra = factor_layer("layer", layer, choice, whitener, "whitened")
-        low_m, row_m, spectra_m = factor_layer("layer", layer, choice, None, "whitened", moment=moment)
-        assert row_m["whitening"] == "output moment"
-        assert row_m["predicted_error"] == pytest.approx(row["predicted_error"], rel=1e-5, abs=1e-12)
-        assert torch.allclose(spectra_m["whitened"], spectra["whitened"], rtol=0, atol=1e-5 * spectra["whitened"][0])
-        if rank is not None:
-            assert torch.allclose(low_m.dense_weight(), low.dense_weight(), atol=1e-5)
-            assert torch.equal(low_m.up.bias, layer.bias)
+        routes = [factor_layer("layer", layer, choice, whitener, "whitened", gram=True)]
+        routes.append(factor_layer("layer", layer, choice, None, "whitened", gram=True, moment=moment))
+        for (low_g, row_g, spectra_g), method in zip(routes, ["cholesky", "output moment"]):
+            assert row_g["whitening"] == method
+            assert row_g["predicted_error"] == pytest.approx(row["predicted_error"], rel=1e-5, abs=1e-12)
+            for kind in ("plain", "whitened"):  # the d_out² route lists only min(d_out, d_in) values
+                top = spectra[kind][: len(spectra_g[kind])]
+                assert torch.allclose(spectra_g[kind][: len(top)], top, rtol=0, atol=1e-5 * float(top[0])), kind
+            if rank is not None:
+                assert torch.allclose(low_g.dense_weight(), low.dense_weight(), atol=1e-5)
+                assert torch.equal(low_g.up.bias, layer.bias)
     with pytest.raises(ValueError, match="whitened mode only"):
-        factor_layer("layer", layer, choice, None, "plain", moment=moment)
+        factor_layer("layer", layer, choice, None, "plain", gram=True, moment=moment)
