@@ -719,16 +719,6 @@ def _lock_owner(fd: int, wait_s: float = 1.0) -> str:
         time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def run_lock(directory: str | Path) -> Iterator[int]:
     """Hold the exclusive write lock of a run directory (re-entrant in a process); yield its descriptor.
