@@ -9,7 +9,7 @@
 
 Goal: peak ≤ 0.5 × the checkpoint's size.
 
-    .venv/bin/python bench/streaming_build.py      # results/streaming_build.{json,md}; about 30 min on 2 cores
+    .venv/bin/python bench/streaming_build.py      # results/streaming_build.{json,md}; about 5 min on 2 cores
 """
 
 from __future__ import annotations
