@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="steps per measurement (the first is not steady state)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every setting")
-    parser.add_argument("--levers", nargs="+", default=LEVERS)
+    parser.add_argument("--levers", nargs="+", default=LEVERS, help="emulator settings; none and default always run")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -121,7 +121,9 @@ def main() -> None:
         child(__file__, "--child", "build", emulator_dir)
         inference = child(__file__, "--child", "eval")
         print("original inference:", inference, flush=True)
-        settings = [("emulator", lv) for lv in args.levers] + [("original", "none"), ("original", "default")]
+        # "none" (the times' reference) and "default" (the goal) are always measured
+        levers = ["none", *(lv for lv in args.levers if lv not in ("none", "default")), "default"]
+        settings = [("emulator", lv) for lv in levers] + [("original", "none"), ("original", "default")]
         runs = interleaved(
             settings,
             args.rounds,
