@@ -99,6 +99,9 @@ def whitening(covariance: torch.Tensor, eps: float = 1e-6, *, overwrite: bool = 
     return q * lam.clamp_min(floor).sqrt(), "eigh"
 
 
+_SLAB = 1024  # rows or columns of a weight converted to float64 at a time by the Gram route
+
+
 def output_moment(
     weight: torch.Tensor,
     moment: torch.Tensor,
@@ -122,9 +125,6 @@ def output_moment(
         part = w[:, j : j + _SLAB].double()
         m += (part * extra[j : j + _SLAB]) @ part.T
     return m
-
-
-_SLAB = 1024  # rows or columns of a weight converted to float64 at a time by the Gram route
 
 
 def _gram_factors(
