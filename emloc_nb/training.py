@@ -257,7 +257,8 @@ def finetune(
     Checkpoints (safetensors: LoRA weights, AdamW moments, RNG state) go to
     `output_dir/checkpoint` every `config.checkpoint_every` steps; a later call with
     the same model and settings resumes from there and ends with the same weights as
-    an uninterrupted run (other settings are refused). `stop_after` ends early after
+    an uninterrupted run (other settings are refused): bitwise on one thread; on several,
+    the last bits can differ in some runs. `stop_after` ends early after
     that many steps (to simulate an interruption, or to train in slices from a notebook).
     """
     lora, config = lora or LoraSpec(), config or TrainSpec()
