@@ -159,8 +159,8 @@ def render_markdown(data: dict) -> str:
         "",
         f"Build: `build_streaming`, ρ = {args['rho']:g}, calibration on {args['examples']} random sequences of "
         f"{args['sequence']} tokens (batch {args['batch_size']}, pushed through each block a sequence at a time), "
-        "second moments in float64: each input's, but the down projection (wider in than out) is factored from "
-        "its output's; blocks in float32.",
+        "second moments in float64, every layer factored from float64 Gram matrices: those wider in than out "
+        "(down, k, v) from their outputs' second moments, the others from their inputs'; blocks in float32.",
         "",
         "| what | MB | × checkpoint on disk | × float32 weights |",
         "|---|---|---|---|",

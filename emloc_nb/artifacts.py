@@ -36,6 +36,7 @@ import re
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -704,8 +705,6 @@ def _lock_owner(fd: int, wait_s: float = 1.0) -> str:
 
     The holder writes its pid just after taking the lock; a reader that loses the race waits for it.
     """
-    import time
-
     deadline = time.monotonic() + wait_s
     while True:
         try:

@@ -11,7 +11,7 @@ it: no inverse of S (ill-conditioned when some channels are nearly silent) is ne
 and a full rank reproduces W to float precision. And since W S Sᵀ Wᵀ = W C Wᵀ, U and Σ²
 are the eigenvectors and eigenvalues of the output's second moment: a layer wider in
 than out can be factored without its d_in × d_in input moment (`output_moment`; the
-streamed build does this for the down projection).
+streamed build does this for the down, k and v projections).
 
 The emulator is a copy of the model (same class, same module names) whose chosen
 layers are LowRankLinear; every other tensor is shared with the original, not copied.
@@ -382,6 +382,11 @@ def _svdvals(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
 
 
+def _truncation_error(sv: torch.Tensor, rank: int) -> float:
+    """The relative output error of keeping the top `rank` of the whitened singular values `sv`."""
+    return float((sv[rank:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())
+
+
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors stored once, under their first name (the input embedding)."""
     state, seen = {}, set()
@@ -455,11 +460,7 @@ def factor_layer(
         method = "output moment" if moment is not None else whitener[1]
         if factors is not None:
             up, down = factors
-        error = (
-            0.0
-            if choice.rank is None
-            else float((sv_white[choice.rank :] ** 2).sum().sqrt() / (sv_white**2).sum().sqrt())
-        )
+        error = 0.0 if choice.rank is None else _truncation_error(sv_white, choice.rank)
     else:
         w = linear_weight(module).detach().double()
         sv_plain = _svdvals(w)
@@ -481,7 +482,7 @@ def factor_layer(
             del u
             if mode == "whitened":
                 sv_white = sv
-                error = float((sv[r:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())
+                error = _truncation_error(sv, r)
             else:
                 sv_white = _svdvals(ws) if ws is not None else None
                 error = (

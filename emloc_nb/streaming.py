@@ -290,8 +290,8 @@ def stream(
             del loaded
             local = [n.removeprefix(prefix) for n in shapes if n.startswith(prefix)]
             wide = [n for n in local if lean and shapes[prefix + n][1] > shapes[prefix + n][0]]
-            wide = wide if len(wide) < len(local) else []
-            moments = None
+            wide = wide if len(wide) < len(local) else []  # collect_stats needs at least one layer to calibrate
+            moments = {}
             for split, batches in hidden.items():
                 outputs = []
                 hooks = _OutputMoments(block, wide) if wide and split == "train" else None
@@ -312,7 +312,8 @@ def stream(
                 finally:
                     if hooks is not None:
                         hooks.close()
-                moments = hooks.sums if hooks is not None else moments
+                if hooks is not None:
+                    moments = hooks.sums
                 tokens[split] = block_stats.tokens
                 collected[split].update(_prefixed(block_stats, prefix))
                 hidden[split] = [{**batch, "hidden": h} for batch, h in zip(batches, outputs)]
