@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +102,14 @@ def read_json(path: str | Path) -> Any:
         ) from None
     except RecursionError:
         raise EmlocError(f"{path} nests JSON too deeply to be one of ours. Recreate it.") from None
+
+
+def shard_files(index: Path, remedy: str) -> list[Path]:
+    """The safetensors shards a `*.safetensors.index.json` lists, beside it; `remedy` ends the error of a bad index."""
+    names = set(read_json_object(index, {"weight_map": dict})["weight_map"].values())
+    if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise EmlocError(f"{index} names shards that are not plain file names. {remedy}")
+    return [index.parent / name for name in sorted(names)]
 
 
 def read_json_object(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None) -> dict:
@@ -442,7 +450,12 @@ def atomic_dir(
     path = Path(path)
     if path.is_dir() and any(path.iterdir()) and not overwrite:  # fail fast; checked again at the rename
         raise _not_empty_error(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, or no permission
+        raise EmlocError(
+            f"Cannot create {path.parent} ({first_line(e)}). Choose an output under a writable folder."
+        ) from None
     clean_leftovers(path.parent, only=path.name)
     tmp = _temp_name(path, "tmp")
     tmp.mkdir()

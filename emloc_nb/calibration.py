@@ -20,7 +20,7 @@ from torch import nn
 from .artifacts import StoredGroups
 from .errors import EmlocError
 from .memory import phase
-from .models import accepts, block_linears, fingerprint, model_inputs, on_device
+from .models import accepts, block_linears, check_token_ids, fingerprint, model_inputs, on_device
 from .progress import progress as progress_bar
 from .reports import Report
 
@@ -272,7 +272,7 @@ def collect_stats(
             if not torch.isfinite(column_sums).all():  # a NaN/Inf anywhere in x reaches its column's sum
                 raise EmlocError(
                     f"Non-finite activations (NaN/Inf) at the input of {name} in calibration batch {step['batch']}. "
-                    "Load the model in float32 (dtype=torch.float32) and check the inputs for invalid token ids."
+                    "Load the model in float32 (dtype=torch.float32), and check the weights before it for NaN/Inf."
                 )
             add_gram(s.second_moment, x)
             s.abs_sum += column_sums
@@ -288,6 +288,7 @@ def collect_stats(
     try:
         for i, batch in enumerate(progress_bar(batches, desc="calibration", enabled=progress)):
             batch = on_device(model, batch)
+            check_token_ids(model, batch)
             mask = batch.get("attention_mask")
             step.update(mask=None if mask is None else mask.bool(), seen={}, batch=i)
             forward_fn(model, batch)

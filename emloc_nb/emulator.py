@@ -34,6 +34,7 @@ from .artifacts import (
     atomic_dir,
     check_fingerprint,
     read_json_object,
+    shard_files,
     verify_manifest,
     write_json,
     write_tensors,
@@ -97,6 +98,14 @@ def whitening(covariance: torch.Tensor, eps: float = 1e-6, *, overwrite: bool = 
     lam, q = torch.linalg.eigh(c)
     floor = eps * max(float(lam.abs().max()), abs(scale), 1e-30)
     return q * lam.clamp_min(floor).sqrt(), "eigh"
+
+
+def check_whitening(eps: float, shrinkage: float) -> None:
+    """The jitter ε and the shrinkage λ of a build, refused before any work: a NaN in either gives a NaN emulator."""
+    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps > 0):
+        raise EmlocError(f"eps={eps!r} must be a finite number > 0 (1e-6 is the usual jitter).")
+    if not (isinstance(shrinkage, int | float) and math.isfinite(shrinkage) and shrinkage >= 0):
+        raise EmlocError(f"shrinkage={shrinkage!r} must be a finite number ≥ 0 (0: whiten with C itself).")
 
 
 _SLAB = 1024  # rows or columns of a weight converted to float64 at a time by the Gram route
@@ -359,11 +368,7 @@ def weight_files(path: Path) -> list[Path]:
     """The emulator's safetensors files: one, or the shards its index lists."""
     index = path / WEIGHTS_INDEX
     if index.is_file():
-        weight_map = read_json_object(index, {"weight_map": dict})["weight_map"]
-        names = set(weight_map.values())
-        if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
-            raise EmlocError(f"{index} names shards that are not plain file names. Rebuild the emulator.")
-        return [path / name for name in sorted(names)]
+        return shard_files(index, "Rebuild the emulator.")
     return [path / WEIGHTS]
 
 
@@ -453,6 +458,11 @@ def factor_layer(
     """
     if gram and (mode != "whitened" or (whitener is None) == (moment is None)):
         raise ValueError("the Gram route is whitened mode only, with a whitener or else an output moment")
+    if not torch.isfinite(linear_weight(module)).all():  # its factors would be NaN, or the solver would not converge
+        raise EmlocError(
+            f"The weight of {name} holds NaN or Inf: the model is damaged. Load it again from its checkpoint, "
+            "and check that checkpoint's files."
+        )
     sv_plain = sv_white = up = down = None
     if gram:
         s = None if whitener is None else whitener[0].to(module.weight.device)
@@ -549,8 +559,7 @@ def build_emulator(
     whitens with C + λ·diag(C): a few dozen examples see some directions of a wide
     input only by chance, and the shrinkage trusts those directions less.
     """
-    if shrinkage < 0 or math.isnan(shrinkage):
-        raise EmlocError(f"shrinkage={shrinkage} must be ≥ 0 (0: whiten with C itself).")
+    check_whitening(eps, shrinkage)
     if mode not in MODES:
         raise EmlocError(f"Unknown mode {mode!r}. Use 'whitened' (activation-aware) or 'plain' (the SVD baseline).")
     plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import atomic_dir, atomic_path, read_json, read_tensors, safetensors_header
+from .artifacts import atomic_dir, atomic_path, read_tensors, safetensors_header, shard_files
 from .errors import EmlocError, first_line
 from .fetch import pip_download
 from .memory import phase
@@ -174,8 +174,25 @@ def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory (one, or the shards its index lists); [] if none."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return [path / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+        return shard_files(index, "Save the model again (save_pretrained).")
     return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+def check_token_ids(model: nn.Module, batch: Mapping) -> None:
+    """A batch's input_ids as the model's embedding can read them: an integer tensor inside its vocabulary."""
+    ids = batch.get("input_ids")
+    if not torch.is_tensor(ids) or ids.is_floating_point() or ids.is_complex():
+        raise EmlocError(
+            f"batch['input_ids'] must be a tensor of token ids, not {type(ids).__name__}"
+            f"{'' if not torch.is_tensor(ids) else ' of ' + str(ids.dtype)}. Build batches with emloc_nb.batches."
+        )
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embedding, "num_embeddings", None)
+    if vocab and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+        raise EmlocError(
+            f"Token id {bad} is outside the model's vocabulary (0..{vocab - 1}). Tokenize with this model's tokenizer."
+        )
 
 
 def stored_dtype(files: list[Path]) -> torch.dtype | None:

@@ -31,10 +31,27 @@ def answer_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tenso
         raise EmlocError("The batch has no answer tokens (all labels are -100). Check that examples have answers.")
     keep = min(width, width - int(labelled[0]) + 1)
     extra = {"logits_to_keep": keep} if accepts(model, "logits_to_keep") else {}
-    logits = model(**model_inputs(model, batch), use_cache=False, **extra).logits[:, -keep:]
+    head = model.get_output_embeddings()
+    # The head reads a strided slice (the kept positions). Over a 16-bit weight, torch's CPU backward then copies
+    # the weight once per sequence (432 MB for SmolLM2 at batch 8, bench/results/memory_levers.md); a contiguous
+    # input avoids it. float32 has no such copy and keeps its kernels (and its results, bit for bit).
+    hook = (
+        head.register_forward_pre_hook(_contiguous_input)
+        if head is not None and head.weight.dtype != torch.float32
+        else None
+    )
+    try:
+        logits = model(**model_inputs(model, batch), use_cache=False, **extra).logits[:, -keep:]
+    finally:
+        if hook is not None:
+            hook.remove()
     target = labels[:, width - keep + 1 :]
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
     return nll, target != IGNORE_INDEX
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
 
 
 @torch.no_grad()

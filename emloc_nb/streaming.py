@@ -40,16 +40,18 @@ from .emulator import (
     WEIGHTS_INDEX,
     Emulator,
     Whiteners,
+    check_whitening,
     factor_layer,
     manifest_config,
     output_moment,
     write_emulator_metadata,
 )
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .memory import phase
 from .models import (
     block_index,
     block_linears,
+    check_token_ids,
     checkpoint_files,
     fingerprint_of,
     linear_bias,
@@ -86,6 +88,19 @@ class Checkpoint:
         model.tie_weights()  # a tied head (SmolLM2's) is stored once, under the embeddings' name
         model.eval()
         return model
+
+    @contextlib.contextmanager
+    def mismatch(self):
+        """Loading its tensors into the skeleton: a shape or dtype its config does not expect, as one EmlocError."""
+        try:
+            yield
+        except EmlocError:
+            raise
+        except (RuntimeError, ValueError) as e:
+            raise EmlocError(
+                f"{self.path} holds tensors its config.json does not describe ({first_line(e)}). The config and the "
+                "weights come from different models: save the model again."
+            ) from None
 
     def tensors(self, names: list[str], *, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """The named tensors, converted and placed one at a time (artifacts.read_tensors)."""
@@ -129,7 +144,9 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     blocks = model.get_submodule(name)
     if not isinstance(blocks, nn.ModuleList):
         raise EmlocError(f"{name} is not a ModuleList of blocks; this model cannot be built by streaming.")
-    kinds = {getattr(b, "attention_type", None) for b in blocks}
+    # transformers names each block's mask in config.layer_types (Qwen2, Gemma); older models on the block itself
+    layer_types = getattr(model.config, "layer_types", None)
+    kinds = set(layer_types) if layer_types else {getattr(b, "attention_type", None) for b in blocks}
     if len(kinds) > 1:
         raise EmlocError(
             f"The blocks of this model take different attention masks ({sorted(map(str, kinds))}); a streamed build "
@@ -169,7 +186,7 @@ class _OutputMoments:
             if not torch.isfinite(squares).all() or not torch.isfinite(y).all():
                 raise EmlocError(
                     f"Non-finite activations (NaN/Inf) at {name} in calibration. Build in float32 "
-                    "(dtype=torch.float32) and check the inputs for invalid token ids."
+                    "(dtype=torch.float32), and check the weights up to this layer for NaN/Inf."
                 )
             if name not in self.sums:
                 d = y.shape[-1]
@@ -231,10 +248,18 @@ def stream(
         raise EmlocError("Nothing to do: pass batch_sets (to calibrate) and/or output (to build the emulator).")
     if output is not None and stats is None and "train" not in (batch_sets or {}):
         raise EmlocError("Building the emulator needs statistics: pass stats, or batch_sets with a 'train' set.")
+    if output is None and not keep_stats:
+        raise EmlocError("keep_stats=False with no output keeps nothing. Pass output, or keep the statistics.")
     if mode not in ("whitened", "plain"):
         raise EmlocError(f"Unknown mode {mode!r}. Use 'whitened' (activation-aware) or 'plain' (the SVD baseline).")
+    check_whitening(eps, shrinkage)
     dtype, device = torch_dtype(dtype), resolve_device(device)
     checkpoint = Checkpoint(source, trust_remote_code=trust_remote_code)
+    if output is not None and Path(output).resolve() in (checkpoint.path.resolve(), *checkpoint.path.resolve().parents):
+        raise EmlocError(
+            f"The emulator's output {output} would replace the checkpoint it is built from ({checkpoint.path}). "
+            "Write it to another directory."
+        )
     model = checkpoint.skeleton()
     blocks_name, blocks = _blocks(model)
     state = model.state_dict(keep_vars=True)
@@ -264,7 +289,8 @@ def stream(
         # used for the first block's inputs, then freed.
         outer = [n for n in state if block_index(n) is None]
         loaded = checkpoint.tensors(sorted({source_of[n] for n in outer}), dtype=dtype, device=device)
-        model.load_state_dict({n: loaded[source_of[n]] for n in outer}, strict=False, assign=True)
+        with checkpoint.mismatch():
+            model.load_state_dict({n: loaded[source_of[n]] for n in outer}, strict=False, assign=True)
         model.tie_weights()
         _buffers_to(model, device)
         for n in outer:
@@ -285,7 +311,8 @@ def stream(
             block = blocks[i]
             names = [n for n in state if n.startswith(prefix)]
             loaded = checkpoint.tensors([source_of[n] for n in names], dtype=dtype, device=device)
-            block.load_state_dict({n.removeprefix(prefix): loaded[source_of[n]] for n in names}, assign=True)
+            with checkpoint.mismatch():
+                block.load_state_dict({n.removeprefix(prefix): loaded[source_of[n]] for n in names}, assign=True)
             original_samples += [tensor_sample(n, loaded[source_of[n]]) for n in names]
             del loaded
             local = [n.removeprefix(prefix) for n in shapes if n.startswith(prefix)]
@@ -418,6 +445,7 @@ def _first_input(model: nn.Module, blocks: nn.ModuleList, batch: dict) -> dict:
     """The batch as the first block sees it: hidden states and the keyword arguments the model passes blocks."""
     from .models import model_inputs, on_device
 
+    check_token_ids(model, batch)
     first = blocks[0]
     blocks[0] = _Capture(first)
     try:

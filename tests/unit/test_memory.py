@@ -140,3 +140,39 @@ def test_the_planner_counts_what_gradient_checkpointing_keeps(toy_task):
     # The model comes back as it was: no LoRA, evaluation mode, no checkpointing.
     assert not model.training and not any("lora" in n for n, _ in model.named_modules())
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+HEAD_SCRIPT = """
+import sys
+import torch
+from emloc_nb import memory
+from emloc_nb.models import tiny_model
+from emloc_nb.scoring import answer_nll
+memory.return_freed_memory()  # every block above 128 KiB is its own mapping: a copy shows in the resident set
+model, tok = tiny_model("llama")
+model.resize_token_embeddings(32768)  # the head's weight: 32768 x 64, 4 MB in bf16
+model.to(getattr(torch, sys.argv[1]))
+model.requires_grad_(False)  # frozen, as under a LoRA
+model.model.norm.weight.requires_grad_(True)  # so that the gradient flows back through the head
+ids = torch.randint(4, len(tok), (16, 48))
+labels = torch.full_like(ids, -100)
+labels[:, -4:] = ids[:, -4:]
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+nll, mask = answer_nll(model, batch)  # warm-up: kernels and their workspaces
+nll[mask].float().mean().backward()
+with memory.PhaseMeter() as meter, memory.phase("step"):
+    nll, mask = answer_nll(model, batch)
+    nll[mask].float().mean().backward()
+step = meter.phases["step"]
+print(step["peak_rss_mb"] - step["start_rss_mb"])
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_output_layer_backward_does_not_copy_its_weight_per_sequence(dtype):
+    # The step itself takes about 30 MB (the kept logits and their gradients); a copy of the head's weight per
+    # sequence would add 16 x 4 MB in bf16 (it did: 71 MB), 16 x 8 MB in float32.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the resident set is read from /proc")
+    run = subprocess.run([sys.executable, "-c", HEAD_SCRIPT, dtype], capture_output=True, text=True, check=True)
+    assert float(run.stdout.split()[-1]) < 48

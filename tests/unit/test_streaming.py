@@ -159,3 +159,104 @@ def test_a_checkpoint_with_a_tied_head_streams_like_smollm2s(toy_task, tmp_path)
         whole.model(input_ids=ids, attention_mask=mask).logits,
         atol=1e-3,
     )
+
+
+def _damaged(tmp_path, how: str):
+    """A tiny llama checkpoint with one defect."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_model("llama", layers=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    file = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(file)
+    if how == "index without weight_map":
+        (tmp_path / "ckpt" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    elif how == "a weight of another shape":
+        state["model.layers.1.self_attn.q_proj.weight"] = state["model.layers.1.self_attn.q_proj.weight"][:, :32]
+    elif how == "an integer weight":
+        state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"].int()
+    elif how == "NaN in the last layer's weight":  # no later layer reads its output: only its own check sees it
+        state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file({k: v.contiguous() for k, v in state.items()}, file, metadata={"format": "pt"})
+    return tmp_path / "ckpt", tok
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("index without weight_map", "lacks the field 'weight_map'"),
+        ("a weight of another shape", "does not describe"),
+        ("an integer weight", "does not describe"),
+        ("NaN in the last layer's weight", r"layers\.1\.mlp\.down_proj holds NaN or Inf"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_writes_nothing(toy_task, tmp_path, how, message):
+    ckpt, tok = _damaged(tmp_path, how)
+    calib = batches(tok, toy_task.train, batch_size=8, limit=16)
+    with pytest.raises(EmlocError, match=message):  # keep_stats=True: the pipeline's route
+        stream(ckpt, batch_sets={"train": calib}, output=tmp_path / "emulator", progress=False)
+    assert not (tmp_path / "emulator").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"eps": -1e-3}, r"eps=-0\.001 must be a finite number > 0"),
+        ({"eps": float("nan")}, r"eps=nan must be"),
+        ({"eps": 0.0}, r"eps=0\.0 must be"),
+        ({"shrinkage": -2.0}, r"shrinkage=-2\.0 must be a finite number ≥ 0"),
+        ({"shrinkage": float("inf")}, r"shrinkage=inf must be"),
+    ],
+)
+def test_whitening_settings_are_checked_before_any_work(sharded, toy_task, tmp_path, settings, message):
+    root, (model, tok) = sharded
+    calib = batches(tok, toy_task.train, batch_size=8, limit=8)
+    with pytest.raises(EmlocError, match=message):
+        build_streaming(root / "ckpt", calib, 0.5, tmp_path / "emulator", progress=False, **settings)
+    with pytest.raises(EmlocError, match=message):
+        build_emulator(model, collect_stats(model, calib, progress=False), 0.5, progress=False, **settings)
+    assert not (tmp_path / "emulator").exists()
+
+
+def test_an_output_over_its_own_checkpoint_is_refused_and_the_checkpoint_survives(sharded, toy_task, tmp_path):
+    root, (model, tok) = sharded
+    calib = batches(tok, toy_task.train, batch_size=8, limit=8)
+    files = sorted(p.name for p in (root / "ckpt").iterdir())
+    for output in (root / "ckpt", root):
+        with pytest.raises(EmlocError, match="would replace the checkpoint it is built from"):
+            build_streaming(root / "ckpt", calib, 0.5, output, overwrite=True, progress=False)
+    assert sorted(p.name for p in (root / "ckpt").iterdir()) == files
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(EmlocError, match="Cannot create .*a-file"):
+        build_streaming(root / "ckpt", calib, 0.5, tmp_path / "a-file" / "emulator", progress=False)
+    with pytest.raises(EmlocError, match="keeps nothing"):
+        stream(root / "ckpt", batch_sets={"train": calib}, keep_stats=False, progress=False)
+
+
+def test_blocks_with_different_attention_masks_are_refused(tmp_path, toy_task):
+    """Qwen2 with a sliding window on some layers: each block needs its own mask, which a streamed build lacks."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model, tok = tiny_model("qwen2", layers=2)
+    config = {**model.config.to_dict(), "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    Qwen2ForCausalLM(Qwen2Config(**{**config, "layer_types": None})).save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    calib = batches(tok, toy_task.train, batch_size=8, limit=8)
+    with pytest.raises(EmlocError, match=r"different attention masks.*emulator\.streaming: false"):
+        stream(tmp_path / "ckpt", batch_sets={"train": calib}, progress=False)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(sharded, toy_task):
+    root, (model, tok) = sharded
+    batch = dict(batches(tok, toy_task.train, batch_size=8, limit=8)[0])
+    batch["input_ids"] = batch["input_ids"].clone()
+    batch["input_ids"][0, -1] = 5000
+    for calibrate in (
+        lambda b: collect_stats(model, [b], progress=False),
+        lambda b: stream(root / "ckpt", batch_sets={"train": [b]}, progress=False),
+    ):
+        with pytest.raises(EmlocError, match="Token id 5000 is outside the model's vocabulary"):
+            calibrate(batch)
+        with pytest.raises(EmlocError, match=r"input_ids'\] must be a tensor of token ids, not list"):
+            calibrate({**batch, "input_ids": batch["input_ids"].tolist()})
