@@ -13,6 +13,8 @@
 5. Saved calibration statistics read layer by layer, as the emulator, drift and correction
    stages read them: every input kept once read (a loaded report held them all) against
    each read when asked for and dropped (`StoredInputs`).
+6. The output layer's backward over the kept answer positions (a strided slice), in bf16 and
+   float32, against a contiguous copy of them (what `answer_nll` hands a 16-bit head).
 
     .venv/bin/python bench/transients.py          # writes results/transients.{json,md}
 """
@@ -166,6 +168,26 @@ def statistics(how: str, path: str) -> dict:
     return {"peak_above_start_mb": meter.phases["layers"]["peak_rss_mb"] - start, "second_moments_mb": size}
 
 
+def head_backward(dtype: str, layout: str) -> dict:
+    """Peak above its start of the output layer's backward over the kept answer positions, SmolLM2's head."""
+    import torch
+
+    from emloc_nb import load_model
+    from emloc_nb.memory import PhaseMeter, phase, return_freed_memory
+
+    return_freed_memory()
+    head = load_model(dtype=dtype)[0].get_output_embeddings().requires_grad_(False)  # frozen, as under a LoRA
+    hidden = torch.randn(8, 100, head.in_features, dtype=head.weight.dtype, requires_grad=True)
+    float(head.weight.sum())  # read once: a float32 weight is memory-mapped, and its first read adds its pages
+    with PhaseMeter() as meter, phase("head"):
+        kept = hidden[:, -5:]  # what logits_to_keep hands the head: a strided slice
+        kept = kept.contiguous() if layout == "contiguous" else kept
+        head(kept).float().logsumexp(-1).sum().backward()
+    p = meter.phases["head"]
+    weight_mb = head.weight.numel() * head.weight.element_size() / 2**20
+    return {"peak_above_start_mb": p["peak_rss_mb"] - p["start_rss_mb"], "weight_mb": weight_mb}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
@@ -186,6 +208,8 @@ def main() -> None:
             emit(loading(rest[0], rest[1]))
         elif kind == "statistics":
             emit(statistics(rest[0], rest[1]))
+        elif kind == "head":
+            emit(head_backward(rest[0], rest[1]))
         return
 
     before = machine()
@@ -203,6 +227,11 @@ def main() -> None:
         reads = {how: child(__file__, "--child", "statistics", how, stats_dir) for how in ("kept", "dropped")}
     drift = child(__file__, "--child", "drift")
     moments = [child(__file__, "--child", "moment", d) for d in (1536, 5632)]
+    heads = {
+        (dtype, layout): child(__file__, "--child", "head", dtype, layout)
+        for dtype in ("bfloat16", "float32")
+        for layout in ("strided", "contiguous")
+    }
     after = machine()
 
     alloc = {
@@ -278,6 +307,18 @@ def main() -> None:
         f"**{reads['kept']['peak_above_start_mb']:.0f} MB**; each read when asked for and dropped (`StoredInputs`) "
         f"**{reads['dropped']['peak_above_start_mb']:.0f} MB**.",
     ]
+    lines += [
+        "",
+        "## 6. The output layer's backward over the kept answer positions",
+        "",
+        "SmolLM2's head (the tied embeddings, 49152 × 576) on the last 5 of 100 positions of 8 sequences, as "
+        "`answer_nll` asks for them (`logits_to_keep`): peak of forward and backward above their start.",
+        "",
+        "| weights | head input | head weight MB | peak above start MB |",
+        "|---|---|---|---|",
+    ]
+    for (dtype, layout), h in heads.items():
+        lines.append(f"| {dtype} | {layout} | {h['weight_mb']:.0f} | {h['peak_above_start_mb']:.0f} |")
     lines += ["", contention_note(before, after)]
     write_results(
         "transients",
@@ -287,6 +328,7 @@ def main() -> None:
             "second_moment": moments,
             "loading": loads,
             "statistics": reads,
+            "head_backward": [{"dtype": d, "layout": lo, **h} for (d, lo), h in heads.items()],
             "args": vars(args),
             "machine": [before, after],
         },
