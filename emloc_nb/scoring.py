@@ -33,8 +33,8 @@ def answer_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tenso
     extra = {"logits_to_keep": keep} if accepts(model, "logits_to_keep") else {}
     head = model.get_output_embeddings()
     # The head reads a strided slice (the kept positions). Over a 16-bit weight, torch's CPU backward then copies
-    # the weight once per sequence (432 MB for SmolLM2 at batch 8, bench/results/memory_levers.md); a contiguous
-    # input avoids it. float32 has no such copy and keeps its kernels (and its results, bit for bit).
+    # the weight once per sequence (about 430 MB for SmolLM2 at batch 8, bench/results/transients.md, item 6); a
+    # contiguous input avoids it. float32 has no such copy and keeps its kernels (and its results, bit for bit).
     hook = (
         head.register_forward_pre_hook(_contiguous_input)
         if head is not None and head.weight.dtype != torch.float32
