@@ -358,7 +358,12 @@ class Ablation:
         if self._original is None:
             from .models import load_model
 
-            self._original = load_model(self.config.model, trust_remote_code=self.trust_remote_code)
+            self._original = load_model(
+                self.config.model,
+                dtype=self.config.dtype,
+                device=self.config.device,
+                trust_remote_code=self.trust_remote_code,
+            )
         return self._original
 
     def run_config(self, seed: int, budget: float, variant: str) -> RunConfig:

@@ -263,9 +263,7 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """torch.float32 for "float32", torch.bfloat16 for "bfloat16"; a torch.dtype passes through."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise EmlocError(f"{dtype!r} is not a floating-point torch dtype. Use 'float32' or 'bfloat16'.")
     return value

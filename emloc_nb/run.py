@@ -331,8 +331,19 @@ class Run:
         """Share an original this process already loaded from `config.model`, instead of loading another copy.
 
         Several runs of one model in one process (an ablation's) then hold it once; artifacts are
-        still checked against it by fingerprint wherever they are loaded with it.
+        still checked against it by fingerprint wherever they are loaded with it. It must be in the run's
+        dtype and on its device: the fingerprint ignores both, and the results would not be this run's.
         """
+        from .models import model_dtype, resolve_device, torch_dtype
+
+        dtype, device = model_dtype(model), next(model.parameters()).device
+        wanted_dtype, wanted_device = torch_dtype(self.config.dtype), resolve_device(self.config.device)
+        if dtype != wanted_dtype or device.type != wanted_device.type:
+            raise EmlocError(
+                f"The shared original is {dtype} on {device}, but this run computes in {wanted_dtype} on "
+                f"{wanted_device}. Load it with load_model(..., dtype={self.config.dtype!r}, "
+                f"device={self.config.device!r})."
+            )
         self._cache[f"original:{self.config.dtype}"] = (model, tokenizer)
         self._cache["tokenizer"] = tokenizer
 

@@ -392,7 +392,7 @@ STAGES: dict[str, Stage] = {
             reads=(),
             writes=("calibration:train", "calibration:heldout"),
             model="original",
-            settings=("model", "seed", "task", "calibration"),
+            settings=("model", "dtype", "seed", "task", "calibration"),
             doc="second moments of every block linear's input, on training and on held-out examples",
         ),
         Stage(
@@ -401,7 +401,7 @@ STAGES: dict[str, Stage] = {
             reads=("calibration:train",),
             writes=("emulator",),
             model="original",
-            settings=("emulator",),
+            settings=("dtype", "emulator"),
             doc="the activation-aware SVD emulator and its spectra",
         ),
         Stage(
@@ -410,6 +410,7 @@ STAGES: dict[str, Stage] = {
             reads=("emulator", "calibration:heldout"),
             writes=("drift",),
             model="original",
+            settings=("dtype",),
             doc="how far the emulator strays from the original, per layer, per block and end to end",
         ),
         Stage(
@@ -418,7 +419,7 @@ STAGES: dict[str, Stage] = {
             reads=("emulator", "calibration:train"),
             writes=("adapter:emulator",),
             model="emulator",
-            settings=("model", "seed", "task", "lora", "train"),
+            settings=("model", "dtype", "seed", "task", "lora", "train"),
             doc="LoRA fine-tuning on the emulator",
         ),
         Stage(
@@ -427,7 +428,7 @@ STAGES: dict[str, Stage] = {
             reads=("calibration:train",),  # for a data-aligned LoRA (lora.init="eigen")
             writes=("adapter:original",),
             model="original",
-            settings=("model", "seed", "task", "baseline", "lora", "train"),
+            settings=("model", "dtype", "seed", "task", "baseline", "lora", "train"),
             doc="LoRA fine-tuning on the original: the upper bound EMLoC avoids paying for",
             enabled=lambda config: config.baseline,
         ),
@@ -438,7 +439,7 @@ STAGES: dict[str, Stage] = {
             writes=("corrected_adapter", "correction"),
             model="original",
             doc="the emulator's LoRA corrected for the original model (Algorithm 1, then the prior correction)",
-            settings=("correction",),
+            settings=("dtype", "correction"),
         ),
         Stage(
             "evaluate",
@@ -447,7 +448,7 @@ STAGES: dict[str, Stage] = {
             writes=("results",),
             model=None,
             doc="task accuracy of every setting, and the results table",
-            settings=("model", "seed", "task", "baseline", "evaluation"),
+            settings=("model", "dtype", "seed", "task", "baseline", "evaluation"),
             parts=settings,
             part_writes="evaluation:{}",
             part_reads=lambda setting: setting_reads(SETTINGS[setting]),

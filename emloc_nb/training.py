@@ -33,7 +33,7 @@ from .artifacts import (
 )
 from .config import LoraSpec, TrainSpec
 from .data import IGNORE_INDEX, Task, collator_for, tokenize
-from .errors import EmlocError
+from .errors import EmlocError, first_line
 from .lora import attach_lora, check_finite_lora, initial_factors, save_adapter
 from .memory import phase
 from .models import fingerprint, model_dtype, torch_dtype
@@ -133,10 +133,20 @@ def _restore(meta: dict, tensors: dict, peft_model: PeftModel, optimizer: torch.
         ) from None
 
 
-def _signature(base_fingerprint: str, lora: LoraSpec, config: TrainSpec, seed: int) -> dict:
-    """What decides the trained weights: an adapter or checkpoint is reused only for the same signature."""
+def _signature(model: nn.Module, lora: LoraSpec, config: TrainSpec, seed: int) -> dict:
+    """What decides the trained weights: an adapter or checkpoint is reused only for the same signature.
+
+    The model's dtype is part of it: the fingerprint ignores dtype (one model in float32 or bf16), but a
+    checkpoint resumed in another dtype would give an adapter trained half in each.
+    """
     train = {k: v for k, v in asdict(config).items() if k not in MEMORY_LEVERS}
-    signature = {"base_fingerprint": base_fingerprint, "lora": asdict(lora), "train": train, "seed": seed}
+    signature = {
+        "base_fingerprint": fingerprint(model),
+        "dtype": str(model_dtype(model)).removeprefix("torch."),
+        "lora": asdict(lora),
+        "train": train,
+        "seed": seed,
+    }
     return json.loads(json.dumps(signature))  # as read back
 
 
@@ -151,6 +161,16 @@ def _check_frozen_dtype(model: nn.Module, config: TrainSpec) -> None:
             f"(load_model(..., dtype={config.frozen_dtype!r}) or Emulator.load(..., dtype={config.frozen_dtype!r})), "
             "or set frozen_dtype to null."
         )
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    try:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as e:  # transformers: "... does not support gradient checkpointing"
+        raise EmlocError(
+            f"{type(model).__name__} cannot recompute its activations ({first_line(e)}). Set "
+            "train.gradient_checkpointing: false."
+        ) from None
 
 
 def _check_same_run(recorded: dict | None, signature: dict, where: Path) -> None:
@@ -265,7 +285,7 @@ def finetune(
     _check_frozen_dtype(model, config)
     output_dir = Path(output_dir)
     adapter_dir, checkpoint_dir = output_dir / "adapter", output_dir / CHECKPOINT
-    signature = _signature(fingerprint(model), lora, config, seed)
+    signature = _signature(model, lora, config, seed)
     if done := _finished(output_dir, signature):
         return done
     if len(task.train) == 0:
@@ -283,9 +303,9 @@ def finetune(
     optimizer = torch.optim.AdamW(
         [p for p in peft_model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:  # whatever happens, `model` comes back without the LoRA layers
+        if config.gradient_checkpointing:
+            _enable_checkpointing(model)
         if resume:
             meta, tensors = _read_checkpoint(checkpoint_dir, signature)
             _restore(meta, tensors, peft_model, optimizer)
@@ -316,7 +336,7 @@ def finetune(
             return TrainResult(adapter_dir, history)
         result = _write_adapter(peft_model, output_dir, history, signature, initial, task=task.name)
     finally:
-        if config.gradient_checkpointing:
+        if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
         peft_model.unload()
         model.eval()
@@ -434,7 +454,7 @@ def hf_trainer(
     from transformers import TrainingArguments
 
     lora, config = lora or LoraSpec(), config or TrainSpec()
-    signature = _signature(fingerprint(model), lora, config, seed)
+    signature = _signature(model, lora, config, seed)
     _check_frozen_dtype(model, config)
     torch.manual_seed(seed)
     peft_model = attach_lora(model, lora, stats=stats)
@@ -514,7 +534,7 @@ def finetune_hf(
     """
     lora, config = lora or LoraSpec(), config or TrainSpec()
     output_dir = Path(output_dir)
-    signature = _signature(fingerprint(model), lora, config, seed)
+    signature = _signature(model, lora, config, seed)
     if done := _finished(output_dir, signature):
         return done
     checkpoint_dir = output_dir / CHECKPOINT

@@ -109,6 +109,10 @@ def test_correct_clamp_and_evaluate_limit_redo_only_what_they_change(finished_ru
     assert cli(["correct", "--run-dir", str(run.dir), "--set", "train.steps=5"]) == 1
     assert "finetune_emulator" in capsys.readouterr().err
     assert Run(run.dir).config.train.steps == run.config.train.steps and run.has("results")
+    # Every stage computes in the run's dtype: changing it reaches back to calibration.
+    assert cli(["evaluate", "--run-dir", str(run.dir), "--set", "dtype=bfloat16"]) == 1
+    assert "calibrate" in capsys.readouterr().err
+    assert Run(run.dir).config.dtype == "float32" and run.has("results")
 
 
 def test_training_arguments_pass_through_to_the_hf_trainer(tiny_files, tmp_path, capsys):

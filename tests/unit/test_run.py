@@ -1,8 +1,9 @@
 """Run: the one owner of a run directory's layout, with a loader for every artifact."""
 
 import pytest
+import torch
 
-from emloc_nb import EmlocError, Run
+from emloc_nb import EmlocError, Run, load_model
 from emloc_nb.calibration import CalibrationStats
 from emloc_nb.correction import CorrectionReport
 from emloc_nb.drift import DriftReport
@@ -60,3 +61,23 @@ def test_a_directory_that_is_no_run_is_refused(tiny_files, tmp_path):
     (tmp_path / "other.txt").write_text("x")
     with pytest.raises(EmlocError, match="not empty and holds no run"):
         Run(tmp_path, tiny_run_config(model, data))
+
+
+def test_a_shared_original_in_another_dtype_is_refused(tiny_files, tmp_path):
+    # The fingerprint ignores dtype: a float32 original shared with a bf16 run would give float32 results.
+    root, model_dir, data = tiny_files
+    config = tiny_run_config(model_dir, data)
+    config.dtype = "bfloat16"
+    run = Run(tmp_path / "bf16", config)
+    with pytest.raises(EmlocError, match=r"torch\.float32 on cpu, but this run computes in torch\.bfloat16"):
+        run.use_original(*load_model(model_dir))
+    model, tok = load_model(model_dir, dtype="bfloat16")
+    run.use_original(model, tok)
+    assert run.original()[0] is model
+
+
+def test_only_floating_point_dtypes_are_taken(tiny_files):
+    _, model_dir, _ = tiny_files
+    for dtype in (torch.int8, torch.complex64, "int8", "bool"):
+        with pytest.raises(EmlocError, match="is not a floating-point torch dtype"):
+            load_model(model_dir, dtype=dtype)

@@ -93,6 +93,26 @@ def test_a_checkpoint_or_adapter_of_another_run_is_refused(toy_task, tmp_path):
         )
 
 
+def test_a_checkpoint_is_not_resumed_in_another_dtype(toy_task, tmp_path):
+    # The fingerprint is the same in float32 and bf16; an adapter trained half in each would be neither's.
+    model, tok = tiny_model("llama")
+    quick_finetune(model, tok, toy_task, tmp_path / "run", LoraSpec(r=2, alpha=2), steps=4, stop_after=2)
+    with pytest.raises(EmlocError, match="another fine-tuning run.*dtype"):
+        quick_finetune(model.to(torch.bfloat16), tok, toy_task, tmp_path / "run", LoraSpec(r=2, alpha=2), steps=4)
+
+
+def test_checkpointing_a_model_that_cannot_is_one_line_and_leaves_no_lora(toy_task, tmp_path, monkeypatch):
+    model, tok = tiny_model("llama")
+    monkeypatch.setattr(type(model), "supports_gradient_checkpointing", False)
+    config = TrainSpec(steps=2, checkpoint_every=0, gradient_checkpointing=True, **FAST)
+    with pytest.raises(EmlocError, match="cannot recompute its activations.*gradient_checkpointing: false"):
+        finetune(model, tok, toy_task, tmp_path / "a", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
+    assert not any("lora" in n for n, _ in model.named_modules())
+    config = TrainSpec(steps=1, checkpoint_every=0, gradient_checkpointing=False, **FAST)
+    again = finetune(model, tok, toy_task, tmp_path / "b", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
+    assert (again.adapter_dir / "adapter_model.safetensors").is_file()
+
+
 def test_a_failed_run_leaves_the_model_without_lora(toy_task, tmp_path):
     model, tok = tiny_model("llama")
 
