@@ -447,6 +447,9 @@ def hf_trainer(
 ):
     """A transformers Trainer for the same LoRA, data and schedule; works under torchrun (gloo on CPU).
 
+    The schedule is the same cosine decay to a tenth of the rate, but transformers' warm-up starts a
+    step earlier (from 0, where the built-in loop starts from lr / warmup_steps), so the two adapters differ.
+
     Every `config.checkpoint_every` steps it writes a checkpoint in the built-in loop's
     format (safetensors and JSON, no pickles) to `checkpoint_dir` (default
     OUTPUT_DIR/checkpoint); `trainer.train(resume_from_checkpoint=checkpoint_dir)` resumes.
