@@ -41,7 +41,9 @@ from .progress import progress as progress_bar
 from .scoring import answer_nll
 
 Callback = Callable[[dict], None]  # receives {"step", "steps", "loss", "lr"} after every optimiser step
-# TrainSpec settings that change memory and time but not the trained weights (beyond float summation order).
+# TrainSpec settings that change memory and time but not the trained weights (beyond float summation order,
+# which over bf16 frozen weights is bf16's rounding: micro-batched adapters then differ by about as much as
+# bf16 ones differ from float32 ones).
 MEMORY_LEVERS = ("checkpoint_every", "gradient_checkpointing", "micro_batch_size")
 
 
