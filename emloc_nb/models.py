@@ -188,10 +188,13 @@ def check_token_ids(model: nn.Module, batch: Mapping) -> None:
         )
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embedding, "num_embeddings", None)
-    if vocab and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+    if not vocab or not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
         raise EmlocError(
-            f"Token id {bad} is outside the model's vocabulary (0..{vocab - 1}). Tokenize with this model's tokenizer."
+            f"Token id {high if high >= vocab else low} is outside the model's vocabulary (0..{vocab - 1}). "
+            "Tokenize with this model's tokenizer."
         )
 
 
