@@ -535,7 +535,8 @@ def correct_lora(
             raise EmlocError(
                 f"The corrected LoRA of {name} is not finite (NaN/Inf). Check the adapter and the emulator."
             )
-        dtype = originals[name].weight.dtype
+        # LoRA weights stay at least float32, as trained over 16-bit frozen weights (peft keeps them so)
+        dtype = torch.promote_types(originals[name].weight.dtype, torch.float32)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a_c.to(dtype)
         tensors[f"base_model.model.{name}.lora_B.weight"] = b_c.to(dtype)
         ranks[name] = a_c.shape[0]
@@ -587,8 +588,9 @@ def correct_lora(
                     "The prior correction is not finite (NaN/Inf). Check the adapter and the calibration prompts, "
                     "or set correction.prior=false."
                 )
-            tensors[f"base_model.model.{head_name}.lora_A.weight"] = a_p.to(head.weight.dtype)
-            tensors[f"base_model.model.{head_name}.lora_B.weight"] = b_p.to(head.weight.dtype)
+            dtype = torch.promote_types(head.weight.dtype, torch.float32)
+            tensors[f"base_model.model.{head_name}.lora_A.weight"] = a_p.to(dtype)
+            tensors[f"base_model.model.{head_name}.lora_B.weight"] = b_p.to(dtype)
             _write_adapter(tmp, tensors, {**ranks, head_name: 1}, task_type, fan_in_fan_out)
         write_json(
             tmp / "emloc.json",

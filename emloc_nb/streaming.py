@@ -262,6 +262,15 @@ def stream(
         )
     model = checkpoint.skeleton()
     blocks_name, blocks = _blocks(model)
+    # A config cut to fewer layers than its weights: the emulator would silently drop the rest.
+    stored_blocks = {block_index(n) for n in checkpoint.weight_map if n.startswith(f"{blocks_name}.")}
+    extra = stored_blocks - {None, *range(len(blocks))}
+    if extra:
+        raise EmlocError(
+            f"{checkpoint.path} holds the weights of {len(extra)} block(s) its config.json does not have "
+            f"({blocks_name}.{min(extra)}…; the config has {len(blocks)}). The config and the weights come from "
+            "different models: save the model again."
+        )
     state = model.state_dict(keep_vars=True)
     stored = {}  # tied weights (the LM head) are read once, under the first of their names the checkpoint has
     for name, p in state.items():

@@ -150,6 +150,7 @@ def test_a_stage_whose_inputs_are_missing_names_the_stage_that_writes_them(tiny_
 
 def test_a_whole_tiny_pipeline_in_bf16_runs_and_its_adapters_load(tiny_setup):
     import torch
+    from safetensors.torch import load_file
 
     from emloc_nb import load_adapter, load_model
 
@@ -165,6 +166,10 @@ def test_a_whole_tiny_pipeline_in_bf16_runs_and_its_adapters_load(tiny_setup):
         ("original", run.original()[0]),
     ]:
         load_adapter(base, run.adapter_dir(which)).unload()
+    # LoRA weights stay float32 over bf16 models: trained, and corrected (a bf16 copy would round them)
+    for which in ("emulator", "corrected"):
+        stored = load_file(str(run.adapter_dir(which) / "adapter_model.safetensors"))
+        assert {t.dtype for t in stored.values()} == {torch.float32}, which
     # the same adapters fit the float32 models: a fingerprint does not depend on the dtype
     load_adapter(run.emulator(dtype="float32").model, run.adapter_dir("emulator")).unload()
     load_adapter(load_model(model)[0], run.adapter_dir("corrected")).unload()

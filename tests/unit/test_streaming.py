@@ -178,6 +178,8 @@ def _damaged(tmp_path, how: str):
         state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"].int()
     elif how == "NaN in the last layer's weight":  # no later layer reads its output: only its own check sees it
         state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    elif how == "a block its config lacks":  # a config cut to fewer layers than the weights hold
+        state.update({k.replace(".layers.1.", ".layers.2."): v.clone() for k, v in state.items() if ".layers.1." in k})
     save_file({k: v.contiguous() for k, v in state.items()}, file, metadata={"format": "pt"})
     return tmp_path / "ckpt", tok
 
@@ -189,6 +191,7 @@ def _damaged(tmp_path, how: str):
         ("a weight of another shape", "does not describe"),
         ("an integer weight", "does not describe"),
         ("NaN in the last layer's weight", r"layers\.1\.mlp\.down_proj holds NaN or Inf"),
+        ("a block its config lacks", r"weights of 1 block\(s\) its config\.json does not have \(model\.layers\.2…"),
     ],
 )
 def test_a_damaged_checkpoint_is_refused_in_one_line_and_writes_nothing(toy_task, tmp_path, how, message):
