@@ -584,13 +584,15 @@ class Collator:
 
     Left padding puts every answer at the end of the batch, so scoring can keep only
     the last logits. position_ids count real tokens only, so outputs do not depend on
-    padding. Works as an HF Trainer `data_collator`.
+    padding. `multiple` rounds the width up (few distinct shapes: `models.length_multiple`).
+    Works as an HF Trainer `data_collator`.
     """
 
     pad_token_id: int
+    multiple: int = 1
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
+        width = -(-max(len(f["input_ids"]) for f in features) // self.multiple) * self.multiple
         ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(features), width), dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -608,11 +610,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def collator_for(tokenizer: PreTrainedTokenizerBase) -> Collator:
+def collator_for(tokenizer: PreTrainedTokenizerBase, multiple: int = 1) -> Collator:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise EmlocError("The tokenizer has neither a pad nor an eos token. Set tokenizer.pad_token before use.")
-    return Collator(pad)
+    return Collator(pad, multiple)
 
 
 def batches(

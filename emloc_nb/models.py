@@ -295,6 +295,17 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def length_multiple(model: nn.Module) -> int:
+    """What a training batch's length is padded up to a multiple of: few distinct shapes where they cost memory.
+
+    With 16-bit weights on the CPU, oneDNN compiles and caches kernels for each new input
+    shape; unpadded micro-batches meet a new length almost every example, and the cache grew
+    by about 100 MB a step (`bench/results/transients.md`, item 7). float32 (MKL) keeps none.
+    """
+    on_cpu = next((p.device.type == "cpu" for p in model.parameters()), True)
+    return 32 if on_cpu and model_dtype(model).itemsize == 2 else 1
+
+
 @phase("load")
 def load_model(
     source: str | os.PathLike = DEFAULT_MODEL,

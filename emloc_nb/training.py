@@ -36,7 +36,7 @@ from .data import IGNORE_INDEX, Task, collator_for, tokenize
 from .errors import EmlocError, first_line
 from .lora import attach_lora, check_finite_lora, initial_factors, save_adapter
 from .memory import phase
-from .models import fingerprint, model_dtype, torch_dtype
+from .models import fingerprint, length_multiple, model_dtype, torch_dtype
 from .progress import progress as progress_bar
 from .scoring import answer_nll
 
@@ -295,7 +295,7 @@ def finetune(
     start, history = 0, []
     resume = _checkpoint_if_any(checkpoint_dir, signature)
     encoded = tokenize(tokenizer, task.train, max_length=config.max_length)
-    collate = collator_for(tokenizer)
+    collate = collator_for(tokenizer, length_multiple(model))
     order = _order(len(encoded), config.steps, config.batch_size, seed)
     callbacks = list(callbacks)
 
@@ -503,7 +503,7 @@ def hf_trainer(
         model=peft_model,
         args=args,
         train_dataset=train,
-        data_collator=collator_for(tokenizer),
+        data_collator=collator_for(tokenizer, length_multiple(model)),
         callbacks=[CallbackBridge(callbacks), _FiniteLora()],
     )
     trainer.emloc_checkpoint = Path(checkpoint_dir) if checkpoint_dir else Path(output_dir) / CHECKPOINT

@@ -267,3 +267,34 @@ def test_the_lora_weights_are_fp32_while_training_on_bf16_weights(toy_task):
     assert trainable and {p.dtype for p in trainable} == {torch.float32}
     assert {p.dtype for p in frozen} == {torch.bfloat16}
     peft_model.unload()
+
+
+def test_16_bit_weights_on_the_cpu_train_on_batches_padded_to_few_lengths(toy_task, tmp_path, monkeypatch):
+    """oneDNN caches kernels per input shape for bf16: each new length cost memory (transients.md, item 7)."""
+    import emloc_nb.training
+    from emloc_nb.data import collator_for, tokenize
+    from emloc_nb.models import length_multiple
+    from emloc_nb.scoring import answer_nll
+
+    model, tok = tiny_model("llama")
+    assert length_multiple(model) == 1  # float32 (MKL) keeps no per-shape cache: no padding to pay for
+    rows = tokenize(tok, toy_task.train.select(range(3)), max_length=256).to_list()
+    plain, padded = collator_for(tok)(rows), collator_for(tok, 32)(rows)
+    assert plain["input_ids"].shape[1] % 32 and padded["input_ids"].shape[1] % 32 == 0
+    with torch.no_grad():  # left padding with position ids over real tokens: the same losses
+        (nll, mask), (nll_padded, mask_padded) = answer_nll(model, plain), answer_nll(model, padded)
+    assert torch.allclose(nll[mask], nll_padded[mask_padded], atol=1e-5)
+
+    model = model.to(torch.bfloat16)
+    assert length_multiple(model) == 32
+    widths = []
+    real_collator_for = emloc_nb.training.collator_for
+
+    def spy(tokenizer, multiple=1):
+        collate = real_collator_for(tokenizer, multiple)
+        return lambda features: widths.append(collate(features)["input_ids"].shape[1]) or collate(features)
+
+    monkeypatch.setattr(emloc_nb.training, "collator_for", spy)
+    config = TrainSpec(steps=2, checkpoint_every=0, frozen_dtype="bfloat16", micro_batch_size=1, **FAST)
+    finetune(model, tok, toy_task, tmp_path / "bf16", lora=LoraSpec(r=2, alpha=2), config=config, progress=False)
+    assert widths and all(w % 32 == 0 for w in widths)
