@@ -70,7 +70,7 @@ def measure_train(which: str, levers: str, emulator_dir: str, steps: int) -> dic
     from emloc_nb.config import RunConfig
     from emloc_nb.data import Task, collator_for, tokenize
     from emloc_nb.memory import PhaseMeter, predict_training, return_freed_memory, rss_mb, weights_mb
-    from emloc_nb.models import load_tokenizer
+    from emloc_nb.models import length_multiple, load_tokenizer
     from emloc_nb.training import finetune
 
     return_freed_memory()
@@ -85,7 +85,8 @@ def measure_train(which: str, levers: str, emulator_dir: str, steps: int) -> dic
         finetune(model, tok, task, out, lora=lora, config=config, progress=False)
     phases = meter.phases
     micro = config.micro_batch_size or config.batch_size
-    batch = collator_for(tok)(tokenize(tok, task.train.select(range(micro)), max_length=config.max_length).to_list())
+    examples = tokenize(tok, task.train.select(range(micro)), max_length=config.max_length).to_list()
+    batch = collator_for(tok, length_multiple(model))(examples)
     predicted = predict_training(model, lora, config, batch)
     return {
         "baseline_rss_mb": baseline,

@@ -47,7 +47,7 @@ def allocator(threshold: str, emulator_dir: str, steps: int) -> dict:
     if threshold != "default":
         return_freed_memory(int(threshold))
     full = movie_sentiment()
-    config = dataclasses.replace(RunConfig().train, steps=steps, checkpoint_every=0, micro_batch_size=None)
+    config = dataclasses.replace(RunConfig().train, steps=steps, checkpoint_every=0)  # the default levers
     task = Task(full.name, full.train.select(range(config.batch_size * steps)), full.test, full.choices)
     with PhaseMeter() as meter, tempfile.TemporaryDirectory() as out:
         baseline = rss_mb()
@@ -304,7 +304,7 @@ def main() -> None:
         "",
         "## 1. Freed blocks kept by glibc's heap",
         "",
-        "Emulator (ρ = 0.8) fine-tuning at the default recipe (batch 8, gradient checkpointing; steady state: steps 2–"
+        "Emulator (ρ = 0.8) fine-tuning at the default recipe (batch 8, one example at a time; steady state: steps 2–"
         f"{args.steps}), then evaluation of the original on 64 examples, in the same process; "
         f"{args.rounds} interleaved rounds (peaks: the largest; times: medians).",
         "",

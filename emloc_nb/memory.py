@@ -352,8 +352,8 @@ def footprint(model: nn.Module, batch: dict, *, train: bool = True, checkpointed
 
 def predict_training(model: nn.Module, lora, config, batch: dict) -> dict:
     """`footprint` of one LoRA training step of `model` as `finetune` runs it: the LoRA attached, in training
-    mode, gradient checkpointing if `config` (a TrainSpec) asks, on `batch` (one micro-batch); `model` is
-    left as it was."""
+    mode, gradient checkpointing if `config` (a TrainSpec) asks, on `batch` (one micro-batch, collated as
+    `finetune` collates it: `collator_for(tokenizer, length_multiple(model))`); `model` is left as it was."""
     from .lora import attach_lora
 
     peft_model = attach_lora(model, lora)
@@ -388,20 +388,22 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
     and key/value cache are not accounted.
     """
     from .data import collator_for, tokenize
+    from .models import length_multiple
     from .stages import base_model
 
     config = run.config.train
     size = batch_size or config.micro_batch_size or config.batch_size
     tokenizer = run.tokenizer()
-    encoded = tokenize(tokenizer, run.task().train.select(range(size)), max_length=config.max_length)
-    batch = collator_for(tokenizer)(encoded.to_list())
+    examples = tokenize(tokenizer, run.task().train.select(range(size)), max_length=config.max_length).to_list()
     records = run.stage_records()
     rows = []
     for label, which, train, stage, steady in BUDGET_ROWS:
         net, _ = base_model(run, which, config.frozen_dtype if train else None)
-        predicted = (
-            predict_training(net, run.config.lora, config, batch) if train else footprint(net, batch, train=False)
-        )
+        if train:  # padded as finetune pads it
+            batch = collator_for(tokenizer, length_multiple(net))(examples)
+            predicted = predict_training(net, run.config.lora, config, batch)
+        else:
+            predicted = footprint(net, collator_for(tokenizer)(examples), train=False)
         record = records.get(stage, {})
         baseline = record.get("baseline_rss_mb")
         measured = record.get("phases", {}).get(steady, {}).get("peak_rss_mb")
