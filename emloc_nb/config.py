@@ -173,7 +173,7 @@ class TrainSpec(_Checked):
     checkpoint_every: int = field(default=50, metadata={"min": 0})
     # Memory levers (bench/results/memory_levers.md measures each):
     # Examples per forward/backward, gradients accumulated (None: the whole batch). One at a time keeps
-    # fine-tuning within the inference budget on its own, at the step time of whole batches (no padding).
+    # fine-tuning within the inference budget on its own, at about the step time of whole batches (no padding).
     micro_batch_size: int | None = field(default=1, metadata=AT_LEAST_1)
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory still, ×1.5 step time
     # "bfloat16": frozen weights in bf16, LoRA weights in fp32; None: the run's dtype.

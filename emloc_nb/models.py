@@ -300,7 +300,7 @@ def length_multiple(model: nn.Module) -> int:
 
     With 16-bit weights on the CPU, oneDNN compiles and caches kernels for each new input
     shape; unpadded micro-batches meet a new length almost every example, and the cache grew
-    by about 100 MB a step (`bench/results/transients.md`, item 7). float32 (MKL) keeps none.
+    by about 60 MB a step (`bench/results/transients.md`, item 7). float32 (MKL) keeps none.
     """
     on_cpu = next((p.device.type == "cpu" for p in model.parameters()), True)
     return 32 if on_cpu and model_dtype(model).itemsize == 2 else 1
