@@ -11,7 +11,7 @@ as the pipeline's stage processes do.
 3. Children fine-tune the emulator at the default recipe (batch 8, LoRA r = 8 on all seven
    projections, sequences up to 256 tokens) under each lever setting, in interleaved
    rounds: steady-state peak, seconds per step, and the planner's prediction
-   (emloc_nb.memory.predict_training plus the process baseline).
+   (emloc_nb.memory.predict_training on the longest micro-batch, plus the process baseline).
 4. The same for the original, with no levers and with the default ones.
 
     .venv/bin/python bench/memory_levers.py          # writes results/memory_levers.{json,md}
@@ -68,8 +68,8 @@ def measure_eval() -> dict:
 def measure_train(which: str, levers: str, emulator_dir: str, steps: int) -> dict:
     from emloc_nb import Emulator, load_model, movie_sentiment
     from emloc_nb.config import RunConfig
-    from emloc_nb.data import Task, collator_for, tokenize
-    from emloc_nb.memory import PhaseMeter, predict_training, return_freed_memory, rss_mb, weights_mb
+    from emloc_nb.data import Task, collator_for
+    from emloc_nb.memory import PhaseMeter, longest_examples, predict_training, return_freed_memory, rss_mb, weights_mb
     from emloc_nb.models import length_multiple, load_tokenizer
     from emloc_nb.training import finetune
 
@@ -85,7 +85,7 @@ def measure_train(which: str, levers: str, emulator_dir: str, steps: int) -> dic
         finetune(model, tok, task, out, lora=lora, config=config, progress=False)
     phases = meter.phases
     micro = config.micro_batch_size or config.batch_size
-    examples = tokenize(tok, task.train.select(range(micro)), max_length=config.max_length).to_list()
+    examples = longest_examples(tok, task.train, micro, max_length=config.max_length)  # it trains on all of them
     batch = collator_for(tok, length_multiple(model))(examples)
     predicted = predict_training(model, lora, config, batch)
     return {
@@ -196,8 +196,8 @@ def main() -> None:
         f"{goal['emulator_steady_peak_mb']:.0f} MB vs {budget:.0f} MB = ×{goal['ratio']:.2f}: "
         f"**{'met' if goal['met'] else 'not met'}**.",
         "",
-        "Planner: tensor accounting of one step (weights, LoRA state, saved activations of one micro-batch) plus the "
-        "process baseline, against the measured steady-state peak.",
+        "Planner: tensor accounting of one step (weights, LoRA state, saved activations of the longest micro-batch) "
+        "plus the process baseline, against the measured steady-state peak.",
         "",
         contention_note(before, after),
     ]

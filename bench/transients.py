@@ -17,7 +17,8 @@
    float32, against a contiguous copy of them (what `answer_nll` hands a 16-bit head).
 7. oneDNN's kernel caches under bf16 frozen weights: emulator fine-tuning at micro-batches of
    one example for 8 steps, each micro-batch as long as its example against padded to a
-   multiple of 32 tokens (`models.length_multiple`), and float32 (MKL, no such cache).
+   multiple of 32 tokens (`models.length_multiple`), and float32 (MKL, no such cache). After
+   the steps: the free bytes glibc's heap keeps (mallinfo2) and what malloc_trim returns.
 
     .venv/bin/python bench/transients.py          # writes results/transients.{json,md}
 """
@@ -25,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import tempfile
 from pathlib import Path
 
@@ -224,11 +226,33 @@ def shape_cache(dtype: str, multiple: str, emulator_dir: str, steps: int = 8) ->
             callbacks=[lambda event: after.append(rss_mb())],
         )
     p = meter.phases["train_steps"]
+    before_trim, heap_free, returned = rss_mb(), glibc_heap_free_mb(), None
+    if heap_free is not None:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        returned = before_trim - rss_mb()
     return {
         "rss_after_step_mb": after,
         "steady_peak_mb": p["peak_rss_mb"],
         "s_per_step": p["seconds"] / (steps - 1),
+        "heap_free_mb": heap_free,
+        "returned_by_trim_mb": returned,
     }
+
+
+def glibc_heap_free_mb() -> float | None:
+    """Free bytes inside glibc's heaps (mallinfo2's fordblks), or None where glibc < 2.33 or not glibc."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in fields]
+
+    mallinfo2.restype = Mallinfo2
+    return mallinfo2().fordblks / 2**20
 
 
 def main() -> None:
@@ -373,16 +397,24 @@ def main() -> None:
         "## 7. oneDNN's kernel caches under bf16 frozen weights",
         "",
         "Emulator (ρ = 0.8) fine-tuning at micro-batches of one example (batch 8), 8 steps: resident memory after "
-        "steps 1, 2, 4 and 8, the peak of steps 2–8, and the time of a step.",
+        "steps 1, 2, 4 and 8, the peak of steps 2–8, the time of a step; then the free memory glibc's heap keeps "
+        "(mallinfo2) and what `malloc_trim(0)` gives back of it.",
         "",
         "| frozen weights | each micro-batch's length | RSS after step 1 / 2 / 4 / 8 MB | steady-state peak MB "
-        "| s/step |",
-        "|---|---|---|---|---|",
+        "| s/step | heap's free MB | returned by malloc_trim MB |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def mb(value):
+        return "–" if value is None else f"{value:.0f}"
+
     for (dtype, multiple), sc in shapes.items():
         rss = " / ".join(f"{sc['rss_after_step_mb'][i]:.0f}" for i in (0, 1, 3, 7))
         length = "its example's" if multiple == "1" else f"padded to a multiple of {multiple}"
-        lines.append(f"| {dtype} | {length} | {rss} | {sc['steady_peak_mb']:.0f} | {sc['s_per_step']:.2f} |")
+        lines.append(
+            f"| {dtype} | {length} | {rss} | {sc['steady_peak_mb']:.0f} | {sc['s_per_step']:.2f} | "
+            f"{mb(sc['heap_free_mb'])} | {mb(sc['returned_by_trim_mb'])} |"
+        )
     lines += ["", contention_note(before, after)]
     write_results(
         "transients",

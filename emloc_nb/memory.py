@@ -353,7 +353,8 @@ def footprint(model: nn.Module, batch: dict, *, train: bool = True, checkpointed
 def predict_training(model: nn.Module, lora, config, batch: dict) -> dict:
     """`footprint` of one LoRA training step of `model` as `finetune` runs it: the LoRA attached, in training
     mode, gradient checkpointing if `config` (a TrainSpec) asks, on `batch` (one micro-batch, collated as
-    `finetune` collates it: `collator_for(tokenizer, length_multiple(model))`); `model` is left as it was."""
+    `finetune` collates it: `collator_for(tokenizer, length_multiple(model))`; the run's largest is
+    `longest_examples`); `model` is left as it was."""
     from .lora import attach_lora
 
     peft_model = attach_lora(model, lora)
@@ -363,6 +364,19 @@ def predict_training(model: nn.Module, lora, config, batch: dict) -> dict:
     finally:
         peft_model.eval()
         peft_model.unload()
+
+
+def longest_examples(tokenizer, dataset, size: int, *, max_length: int) -> list[dict]:
+    """The `size` longest examples of `dataset`, tokenized as `finetune` tokenizes them.
+
+    A run's memory peaks at its longest micro-batch, so the planner predicts from these: no micro-batch
+    of `size` examples drawn from `dataset` pads to more tokens. The first ones can be much shorter: the
+    default recipe's run trains first on an example of 61 tokens, and its longest has 109.
+    """
+    from .data import tokenize
+
+    encoded = tokenize(tokenizer, dataset, max_length=max_length).to_list()
+    return sorted(encoded, key=lambda e: len(e["input_ids"]), reverse=True)[:size]
 
 
 # (row, model, training?, the stage that measures it, its steady-state phase)
@@ -378,23 +392,26 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
     """Predicted (tensor accounting) against measured memory for one run, per setting.
 
     Rows: inference and LoRA fine-tuning of the original and of the emulator. The
-    prediction uses one real batch of the size a step runs (the micro-batch when the
-    run micro-batches, or `batch_size`), with the models as the stages load them
-    (bf16 frozen weights when train.frozen_dtype says so, gradient checkpointing when
-    on). `predicted_peak_mb` adds the stage's process baseline (Python and the libraries)
+    prediction uses the run's longest batch of the size a step runs (the micro-batch when the
+    run micro-batches, or `batch_size`), from the examples it trains on, with the models as
+    the stages load them (bf16 frozen weights when train.frozen_dtype says so, gradient
+    checkpointing when on). `predicted_peak_mb` adds the stage's process baseline (Python and the libraries)
     to that total; `measured_peak_mb` is the peak of the stage's steady-state phase
     (train_steps, after the first step; evaluation), and `error` their relative gap.
     For inference only the weights are predicted: a forward's short-lived activations
     and key/value cache are not accounted.
     """
-    from .data import collator_for, tokenize
+    from .data import collator_for
     from .models import length_multiple
     from .stages import base_model
+    from .training import examples_seen
 
     config = run.config.train
     size = batch_size or config.micro_batch_size or config.batch_size
     tokenizer = run.tokenizer()
-    examples = tokenize(tokenizer, run.task().train.select(range(size)), max_length=config.max_length).to_list()
+    train = run.task().train
+    seen = train.select(examples_seen(len(train), config, run.config.seed))
+    examples = longest_examples(tokenizer, seen, size, max_length=config.max_length)
     records = run.stage_records()
     rows = []
     for label, which, train, stage, steady in BUDGET_ROWS:

@@ -67,6 +67,11 @@ def _order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
     return order
 
 
+def examples_seen(n: int, config: TrainSpec, seed: int) -> list[int]:
+    """The indices of the training examples that `finetune` with `config` and `seed` trains on, each once."""
+    return sorted(set(_order(n, config.steps, config.batch_size, seed)[: config.steps * config.batch_size]))
+
+
 CHECKPOINT = "checkpoint"  # the checkpoint directory in an output directory, and its manifest kind
 
 

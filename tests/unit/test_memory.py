@@ -176,3 +176,30 @@ def test_the_output_layer_backward_does_not_copy_its_weight_per_sequence(dtype):
         pytest.skip("the resident set is read from /proc")
     run = subprocess.run([sys.executable, "-c", HEAD_SCRIPT, dtype], capture_output=True, text=True, check=True)
     assert float(run.stdout.split()[-1]) < 48
+
+
+def test_the_planner_predicts_from_the_longest_micro_batch_a_run_trains_on(toy_task, tmp_path, monkeypatch):
+    from emloc_nb import TrainSpec, tiny_model, training
+    from emloc_nb.data import collator_for, tokenize
+    from emloc_nb.memory import longest_examples
+
+    model, tok = tiny_model("llama")
+    config = TrainSpec(steps=3, batch_size=4, micro_batch_size=2, checkpoint_every=0)
+    trained_on = []
+    step = training._step
+    monkeypatch.setattr(
+        training, "_step", lambda peft, opt, examples, *a: trained_on.extend(examples) or step(peft, opt, examples, *a)
+    )
+    training.finetune(model, tok, toy_task, tmp_path, config=config, seed=5, progress=False)
+    seen = training.examples_seen(len(toy_task.train), config, seed=5)
+    encoded = tokenize(tok, toy_task.train.select(seen), max_length=config.max_length).to_list()
+    assert sorted(e["input_ids"] for e in trained_on) == sorted(e["input_ids"] for e in encoded)
+
+    longest = longest_examples(tok, toy_task.train.select(seen), 2, max_length=config.max_length)
+    lengths = sorted(len(e["input_ids"]) for e in encoded)
+    assert sorted(len(e["input_ids"]) for e in longest) == lengths[-2:] and lengths[-2] > lengths[0]
+    collate = collator_for(tok)
+    planned = collate(longest)["input_ids"].numel()
+    micro_batches = [collate(trained_on[i : i + 2]) for i in range(0, len(trained_on), 2)]
+    assert all(b["input_ids"].numel() <= planned for b in micro_batches)  # none pads to more tokens
+    assert any(b["input_ids"].numel() < planned for b in micro_batches)  # while the first ones may pad to fewer
