@@ -135,8 +135,9 @@ def loading(what: str, emulator_dir: str) -> dict:
     import torch
 
     from emloc_nb import Emulator, load_model
-    from emloc_nb.memory import PhaseMeter, phase, weights_mb
+    from emloc_nb.memory import PhaseMeter, phase, return_freed_memory, weights_mb
 
+    return_freed_memory()  # as the stage processes load (under glibc's default a bf16 load kept 0-220 MB more)
     with PhaseMeter() as meter:
         with phase("load"):
             if what == "original":
@@ -160,8 +161,9 @@ def loading(what: str, emulator_dir: str) -> dict:
 def statistics(how: str, path: str) -> dict:
     """Peak above the load of reading every layer's covariance from saved statistics, in layer order."""
     from emloc_nb import CalibrationStats
-    from emloc_nb.memory import PhaseMeter, phase, rss_mb
+    from emloc_nb.memory import PhaseMeter, phase, return_freed_memory, rss_mb
 
+    return_freed_memory()  # as the stage processes read them
     start = rss_mb()
     with PhaseMeter() as meter:
         stats = CalibrationStats.load(path)
