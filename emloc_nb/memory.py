@@ -395,9 +395,10 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
     prediction uses the run's longest batch of the size a step runs (the micro-batch when the
     run micro-batches, or `batch_size`), from the examples it trains on, with the models as
     the stages load them (bf16 frozen weights when train.frozen_dtype says so, gradient
-    checkpointing when on). `predicted_peak_mb` adds the stage's process baseline (Python and the libraries)
-    to that total; `measured_peak_mb` is the peak of the stage's steady-state phase
-    (train_steps, after the first step; evaluation), and `error` their relative gap.
+    checkpointing when on). `predicted_peak_mb` adds the stage's process baseline (Python and
+    the libraries: its resident memory as it began to load the model) to that total;
+    `measured_peak_mb` is the peak of the stage's steady-state phase (train_steps, after the
+    first step; evaluation), and `error` their relative gap.
     For inference only the weights are predicted: a forward's short-lived activations
     and key/value cache are not accounted.
     """
@@ -409,8 +410,8 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
     config = run.config.train
     size = batch_size or config.micro_batch_size or config.batch_size
     tokenizer = run.tokenizer()
-    train = run.task().train
-    seen = train.select(examples_seen(len(train), config, run.config.seed))
+    training_set = run.task().train
+    seen = training_set.select(examples_seen(len(training_set), config, run.config.seed))
     examples = longest_examples(tokenizer, seen, size, max_length=config.max_length)
     records = run.stage_records()
     rows = []
@@ -422,8 +423,10 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
         else:
             predicted = footprint(net, collator_for(tokenizer)(examples), train=False)
         record = records.get(stage, {})
-        baseline = record.get("baseline_rss_mb")
-        measured = record.get("phases", {}).get(steady, {}).get("peak_rss_mb")
+        phases = record.get("phases", {})
+        # The process as it began to load the model: the libraries a stage imports lazily (about 120 MB) are in.
+        baseline = phases.get("load", {}).get("start_rss_mb", record.get("baseline_rss_mb"))
+        measured = phases.get(steady, {}).get("peak_rss_mb")
         peak = predicted["total_mb"] + baseline if baseline is not None else None
         rows.append(
             {

@@ -123,6 +123,28 @@ def test_stage_records_show_each_phase(tiny_run):
     assert steady["peak_rss_mb"] >= steady["start_rss_mb"] > 0 and records["calibrate"]["peak_method"]
 
 
+def test_the_budget_adds_the_process_as_it_began_to_load_the_model(tiny_run, monkeypatch):
+    import copy
+
+    from emloc_nb.memory import budget
+
+    records = copy.deepcopy(tiny_run.stage_records())
+    for record in records.values():  # a stage process's baseline comes before the libraries it imports lazily
+        record["baseline_rss_mb"] -= 120
+    monkeypatch.setattr(tiny_run, "stage_records", lambda: records)
+    rows = {r["setting"]: r for r in budget(tiny_run)}
+    for setting, stage in (
+        ("LoRA fine-tuning, emulator", "finetune_emulator"),
+        ("inference, emulator", "evaluate-emulator"),
+    ):
+        row, phases = rows[setting], records[stage]["phases"]
+        assert row["process_baseline_mb"] == phases["load"]["start_rss_mb"]
+        assert row["predicted_peak_mb"] == row["total_mb"] + row["process_baseline_mb"]
+        steady = "train_steps" if stage.startswith("finetune") else "evaluation"
+        assert row["measured_peak_mb"] == phases[steady]["peak_rss_mb"]
+        assert row["error"] == row["predicted_peak_mb"] / row["measured_peak_mb"] - 1
+
+
 def test_the_planner_counts_what_gradient_checkpointing_keeps(toy_task):
     from emloc_nb import LoraSpec, TrainSpec, tiny_model
     from emloc_nb.data import batches
