@@ -68,10 +68,10 @@ def measure_eval() -> dict:
 def measure_train(which: str, levers: str, emulator_dir: str, steps: int) -> dict:
     from emloc_nb import Emulator, load_model, movie_sentiment
     from emloc_nb.config import RunConfig
-    from emloc_nb.data import Task, collator_for
+    from emloc_nb.data import Task
     from emloc_nb.memory import PhaseMeter, longest_examples, predict_training, return_freed_memory, rss_mb, weights_mb
-    from emloc_nb.models import length_multiple, load_tokenizer
-    from emloc_nb.training import finetune
+    from emloc_nb.models import load_tokenizer
+    from emloc_nb.training import finetune, training_collator
 
     return_freed_memory()
     config, lora = train_spec(levers, steps), RunConfig().lora
@@ -86,7 +86,7 @@ def measure_train(which: str, levers: str, emulator_dir: str, steps: int) -> dic
     phases = meter.phases
     micro = config.micro_batch_size or config.batch_size
     examples = longest_examples(tok, task.train, micro, max_length=config.max_length)  # it trains on all of them
-    batch = collator_for(tok, length_multiple(model))(examples)
+    batch = training_collator(tok, model)(examples)
     predicted = predict_training(model, lora, config, batch)
     return {
         "baseline_rss_mb": baseline,

@@ -137,7 +137,7 @@ def loading(what: str, emulator_dir: str) -> dict:
     from emloc_nb import Emulator, load_model
     from emloc_nb.memory import PhaseMeter, phase, return_freed_memory, weights_mb
 
-    return_freed_memory()  # as the stage processes load (under glibc's default a bf16 load kept 0-220 MB more)
+    return_freed_memory()  # as the stage processes load (without it a bf16 load kept 90-220 MB more in 3 of 7 runs)
     with PhaseMeter() as meter:
         with phase("load"):
             if what == "original":

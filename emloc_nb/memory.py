@@ -353,7 +353,7 @@ def footprint(model: nn.Module, batch: dict, *, train: bool = True, checkpointed
 def predict_training(model: nn.Module, lora, config, batch: dict) -> dict:
     """`footprint` of one LoRA training step of `model` as `finetune` runs it: the LoRA attached, in training
     mode, gradient checkpointing if `config` (a TrainSpec) asks, on `batch` (one micro-batch, collated as
-    `finetune` collates it: `collator_for(tokenizer, length_multiple(model))`; the run's largest is
+    `finetune` collates it: `training.training_collator(tokenizer, model)`; the run's largest is
     `longest_examples`); `model` is left as it was."""
     from .lora import attach_lora
 
@@ -403,9 +403,8 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
     and key/value cache are not accounted.
     """
     from .data import collator_for
-    from .models import length_multiple
     from .stages import base_model
-    from .training import examples_seen
+    from .training import examples_seen, training_collator
 
     config = run.config.train
     size = batch_size or config.micro_batch_size or config.batch_size
@@ -417,9 +416,8 @@ def budget(run, *, batch_size: int | None = None) -> list[dict]:
     rows = []
     for label, which, train, stage, steady in BUDGET_ROWS:
         net, _ = base_model(run, which, config.frozen_dtype if train else None)
-        if train:  # padded as finetune pads it
-            batch = collator_for(tokenizer, length_multiple(net))(examples)
-            predicted = predict_training(net, run.config.lora, config, batch)
+        if train:
+            predicted = predict_training(net, run.config.lora, config, training_collator(tokenizer, net)(examples))
         else:
             predicted = footprint(net, collator_for(tokenizer)(examples), train=False)
         record = records.get(stage, {})

@@ -32,7 +32,7 @@ from .artifacts import (
     write_tensors,
 )
 from .config import LoraSpec, TrainSpec
-from .data import IGNORE_INDEX, Task, collator_for, tokenize
+from .data import IGNORE_INDEX, Collator, Task, collator_for, tokenize
 from .errors import EmlocError, first_line
 from .lora import attach_lora, check_finite_lora, initial_factors, save_adapter
 from .memory import phase
@@ -70,6 +70,11 @@ def _order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
 def examples_seen(n: int, config: TrainSpec, seed: int) -> list[int]:
     """The indices of the training examples that `finetune` with `config` and `seed` trains on, each once."""
     return sorted(set(_order(n, config.steps, config.batch_size, seed)[: config.steps * config.batch_size]))
+
+
+def training_collator(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> Collator:
+    """Batches padded as fine-tuning pads them: up to a multiple of `models.length_multiple(model)` tokens."""
+    return collator_for(tokenizer, length_multiple(model))
 
 
 CHECKPOINT = "checkpoint"  # the checkpoint directory in an output directory, and its manifest kind
@@ -300,7 +305,7 @@ def finetune(
     start, history = 0, []
     resume = _checkpoint_if_any(checkpoint_dir, signature)
     encoded = tokenize(tokenizer, task.train, max_length=config.max_length)
-    collate = collator_for(tokenizer, length_multiple(model))
+    collate = training_collator(tokenizer, model)
     order = _order(len(encoded), config.steps, config.batch_size, seed)
     callbacks = list(callbacks)
 
@@ -508,7 +513,7 @@ def hf_trainer(
         model=peft_model,
         args=args,
         train_dataset=train,
-        data_collator=collator_for(tokenizer, length_multiple(model)),
+        data_collator=training_collator(tokenizer, model),
         callbacks=[CallbackBridge(callbacks), _FiniteLora()],
     )
     trainer.emloc_checkpoint = Path(checkpoint_dir) if checkpoint_dir else Path(output_dir) / CHECKPOINT
