@@ -9,9 +9,10 @@ W S = U Σ Vᵀ:
 Since W S = U Σ Vᵀ, the same down factor is Σ_r^-½ U_rᵀ W, which is how we compute
 it: no inverse of S (ill-conditioned when some channels are nearly silent) is needed,
 and a full rank reproduces W to float precision. And since W S Sᵀ Wᵀ = W C Wᵀ, U and Σ²
-are the eigenvectors and eigenvalues of the output's second moment: a layer wider in
-than out can be factored without its d_in × d_in input moment (`output_moment`; the
-streamed build does this for the down, k and v projections).
+are the eigenvectors and eigenvalues of the output's second moment. Every build factors
+from these float64 Gram matrices, the smaller side of W S's (d_in² or d_out²), not from an SVD;
+a layer wider in than out (down, k, v) can even be factored without its d_in × d_in input
+moment (`output_moment`), which is what the streamed build that keeps no statistics does.
 
 The emulator is a copy of the model (same class, same module names) whose chosen
 layers are LowRankLinear; every other tensor is shared with the original, not copied.
@@ -152,17 +153,19 @@ def _gram_factors(
         for j in range(0, d_in, _SLAB):
             part = weight[:, j : j + _SLAB].double()
             gram_w += part @ part.T
-        lam, q = torch.linalg.eigh(moment.to(weight.device, torch.float64))
+        white = moment.to(weight.device, torch.float64)
     else:
         gram_w = torch.zeros(d_in, d_in, dtype=torch.float64, device=weight.device)
         for i in range(0, d_out, _SLAB):
             part = weight[i : i + _SLAB].double()
             gram_w += part.T @ part
-        lam, q = torch.linalg.eigh(s.T @ gram_w @ s)
+        white = s.T @ gram_w @ s
     sv_plain = torch.linalg.eigvalsh(gram_w).flip(0).clamp_min(0).sqrt()
+    if rank is None:  # a dense layer: its spectra only
+        return sv_plain, torch.linalg.eigvalsh(white).flip(0).clamp_min(0).sqrt(), None
+    lam, q = torch.linalg.eigh(white)
+    del white
     sv_white = lam.flip(0).clamp_min(0).sqrt()
-    if rank is None:
-        return sv_plain, sv_white, None
     root = sv_white[:rank].sqrt().clamp_min(1e-30)
     basis = q.flip(1)[:, :rank]
     del lam, q
@@ -180,6 +183,14 @@ def _gram_factors(
         down = p.T @ gram_w
         down /= (root**2)[:, None]
     return sv_plain, sv_white, (up, down)
+
+
+def _output_gram(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(W S)(W S)ᵀ = W C' Wᵀ in float64, forming W S a slab of rows at a time (no float64 copy of W)."""
+    ws = torch.empty(weight.shape, dtype=torch.float64, device=weight.device)
+    for i in range(0, weight.shape[0], _SLAB):
+        ws[i : i + _SLAB] = weight[i : i + _SLAB].double() @ s
+    return ws @ ws.T
 
 
 @dataclass
@@ -444,62 +455,51 @@ def factor_layer(
     whitener: tuple[torch.Tensor, str] | None,
     mode: str,
     *,
-    gram: bool = False,
     moment: torch.Tensor | None = None,
 ) -> tuple[LowRankLinear | None, dict, dict]:
     """One layer of the emulator: its LowRankLinear (None: kept dense), its spectrum-table row and its spectra.
 
-    Runs on the layer's device (factoring on the GPU when the model is there), in float64
-    except the SVD itself (float32 is plenty for the factors and twice as fast).
-    `gram=True` (whitened mode; the streamed build's) factors from float64 Gram matrices instead,
-    in a fraction of the memory (`_gram_factors`): from the whitener, or from `moment`
-    (W C' Wᵀ, `output_moment`) for a layer wider in than out. The factors are the same up to
-    rounding and the signs of singular vectors.
+    Runs on the layer's device (factoring on the GPU when the model is there). Whitened mode
+    factors from float64 Gram matrices (`_gram_factors`), never from an SVD of W S: from
+    Sᵀ WᵀW S for a layer no wider in than out, and from the output's second moment W C' Wᵀ for
+    one wider in than out, which is `moment` when given (the streamed build accumulates it
+    from the layer's outputs, with no whitener) and (W S)(W S)ᵀ otherwise. Plain mode takes
+    a float32 SVD of W.
     """
-    if gram and (mode != "whitened" or (whitener is None) == (moment is None)):
-        raise ValueError("the Gram route is whitened mode only, with a whitener or else an output moment")
-    if not torch.isfinite(linear_weight(module)).all():  # its factors would be NaN, or the solver would not converge
+    if (mode == "whitened" and (whitener is None) == (moment is None)) or (mode != "whitened" and moment is not None):
+        raise ValueError("whitened mode takes a whitener or else an output moment; plain mode no moment")
+    w = linear_weight(module).detach()
+    if not torch.isfinite(w).all():  # its factors would be NaN, or the solver would not converge
         raise EmlocError(
             f"The weight of {name} holds NaN or Inf: the model is damaged. Load it again from its checkpoint, "
             "and check that checkpoint's files."
         )
-    sv_plain = sv_white = up = down = None
-    if gram:
-        s = None if whitener is None else whitener[0].to(module.weight.device)
-        sv_plain, sv_white, factors = _gram_factors(linear_weight(module).detach(), s, moment, choice.rank)
-        method = "output moment" if moment is not None else whitener[1]
+    up = down = None
+    s, method = (None, "none") if whitener is None else (whitener[0].to(w.device), whitener[1])
+    if mode == "whitened":
+        if moment is not None:
+            method = "output moment"
+        elif w.shape[0] < w.shape[1]:  # the d_out² Gram of W S is the smaller one
+            moment, s = _output_gram(w, s), None
+        sv_plain, sv_white, factors = _gram_factors(w, s, moment, choice.rank)
         if factors is not None:
             up, down = factors
         error = 0.0 if choice.rank is None else _truncation_error(sv_white, choice.rank)
-    else:
-        w = linear_weight(module).detach().double()
-        sv_plain = _svdvals(w)
-        s, method = (None, "none") if whitener is None else (whitener[0].to(w.device), whitener[1])
-        ws = w @ s if s is not None else None
-        if choice.rank is None:
-            sv_white = _svdvals(ws) if ws is not None else None
-            error = 0.0
-        else:
+    else:  # the SVD baseline; with statistics, its spectrum and error in the whitened metric are reported too
+        w64 = w.double()
+        sv_plain = _svdvals(w64)
+        ws = w64 @ s if s is not None else None
+        sv_white = _svdvals(ws) if ws is not None else None
+        error = 0.0 if choice.rank is None else math.nan
+        if choice.rank is not None:
             r = choice.rank
-            target = (ws if mode == "whitened" else w).float()
-            if mode == "whitened":
-                ws = None  # not needed again: its float64 copy is freed before the SVD's workspace is taken
-            u, sv, _ = torch.linalg.svd(target, full_matrices=False)
-            del target
+            u, sv, _ = torch.linalg.svd(w.float(), full_matrices=False)  # float32 is plenty for the factors
             u, sv = u[:, :r].double(), sv.double()  # only the kept columns in float64
             up = u * sv[:r].sqrt()
-            down = (u.T @ w) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ S⁻¹ (or Σ^½ V_rᵀ)
+            down = (u.T @ w64) / sv[:r].sqrt().clamp_min(1e-30)[:, None]  # = Σ^½ V_rᵀ
             del u
-            if mode == "whitened":
-                sv_white = sv
-                error = _truncation_error(sv, r)
-            else:
-                sv_white = _svdvals(ws) if ws is not None else None
-                error = (
-                    float(torch.linalg.norm((w - up @ down) @ s) / torch.linalg.norm(ws))
-                    if ws is not None
-                    else math.nan
-                )
+            if ws is not None:
+                error = float(torch.linalg.norm((w64 - up @ down) @ s) / torch.linalg.norm(ws))
     spectra = {"plain": sv_plain.float().cpu()}
     low = None
     if up is not None:

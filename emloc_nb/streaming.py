@@ -12,11 +12,9 @@ gives, up to float summation order (a test checks).
 
 A build that keeps no statistics (`build_streaming`) goes further, for the same emulator up
 to rounding and the signs of singular vectors (a test checks):
-- each layer wider in than out (the down projection) is factored from its output's second
-  moment (emulator.output_moment): at a 1B model's 8192-wide MLP input, a 2048² matrix
-  instead of 8192², 16× less accumulation and no Cholesky factor;
-- every layer is factored from float64 Gram matrices (factor_layer's `gram`), never
-  forming W S or a float64 copy of W;
+- each layer wider in than out (down, k, v) is factored from its output's second moment
+  (emulator.output_moment): at a 1B model's 8192-wide MLP input, a 2048² matrix instead
+  of 8192², 16× less accumulation and no Cholesky factor;
 - the calibration sequences go through each block one at a time.
 
 Blocks must take the same inputs in every layer (one attention mask, one set of
@@ -208,7 +206,7 @@ class _OutputMoments:
 def _factor_from_output(name: str, module: nn.Module, choice, sums: list, eps: float, shrinkage: float):
     moment = output_moment(linear_weight(module), *sums, eps, shrinkage)
     sums.clear()  # the raw sums, freed before the factoring's workspace is taken
-    return factor_layer(name, module, choice, None, "whitened", gram=True, moment=moment)
+    return factor_layer(name, module, choice, None, "whitened", moment=moment)
 
 
 def _run_block(block: nn.Module, batch: Mapping) -> torch.Tensor:
@@ -284,8 +282,8 @@ def stream(
     shapes = {n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()}
     plan = plan if isinstance(plan, RankPlan) else RankPlan(plan)
     choices = plan.resolve(shapes)
-    # A build that keeps no statistics factors from Gram matrices (factor_layer's `gram`), and its layers wider in
-    # than out from their outputs' moments: a fraction of the memory, the same emulator up to rounding.
+    # A build that keeps no statistics factors its layers wider in than out from their outputs' moments: a fraction
+    # of the memory, the same emulator up to rounding.
     lean = output is not None and stats is None and not keep_stats and mode == "whitened"
     original_samples, emulator_samples = [], []
     collected: dict[str, dict] = {split: {} for split in batch_sets or {}}
@@ -366,7 +364,7 @@ def stream(
                         )
                     else:
                         low, row, spectra[full] = factor_layer(
-                            full, block.get_submodule(n), choices[full], whiteners.get(full, device), mode, gram=lean
+                            full, block.get_submodule(n), choices[full], whiteners.get(full, device), mode
                         )
                     rows.append(row)
                     if low is not None:

@@ -166,9 +166,10 @@ def test_whitening_keeps_the_callers_matrix_unless_told_it_may_overwrite(c):
 @pytest.mark.parametrize("shape", [(16, 48), (48, 16), (32, 32)])
 @pytest.mark.parametrize("shrinkage", [0.0, 0.3])
 @torch.no_grad()
-def test_the_gram_route_gives_the_svd_routes_factors(shape, shrinkage):
-    """Factors from float64 Gram matrices equal the SVD of W S: from Sᵀ WᵀW S, or from W C' Wᵀ (the output's
-    second moment, no input moment at all) for a layer wider in than out."""
+def test_whitened_factors_are_the_truncated_svd_of_w_s(shape, shrinkage):
+    """The factors from float64 Gram matrices equal a float64 SVD of W S: from the whitener (Sᵀ WᵀW S, or
+    (W S)(W S)ᵀ for a layer wider in than out), and from the output's second moment W C' Wᵀ with no input
+    moment at all."""
     from emloc_nb.calibration import CalibrationStats, InputStats
     from emloc_nb.emulator import Whiteners, factor_layer, output_moment
     from emloc_nb.ranks import LayerChoice
@@ -180,21 +181,29 @@ def test_the_gram_route_gives_the_svd_routes_factors(shape, shrinkage):
     inputs = InputStats((x.T @ x).double(), x.abs().sum(0).double(), x.abs().amax(0).double(), 400, ["layer"])
     whitener = Whiteners(CalibrationStats({"layer": inputs}, "", 1), 1e-6, shrinkage).get("layer")
     assert whitener[1] == "cholesky"
+    w = layer.weight.double()
+    u, sv, _ = torch.linalg.svd(w @ whitener[0], full_matrices=False)  # the definition, in float64
     y = x @ layer.weight.T  # the output without its bias
     moment = output_moment(layer.weight, (y.T @ y).double(), x.square().sum(0).double(), 400, 1e-6, shrinkage)
     for rank in (5, None):
         choice = LayerChoice("layer", d_out, d_in, rank, "test")
-        low, row, spectra = factor_layer("layer", layer, choice, whitener, "whitened")
-        routes = [factor_layer("layer", layer, choice, whitener, "whitened", gram=True)]
-        routes.append(factor_layer("layer", layer, choice, None, "whitened", gram=True, moment=moment))
-        for (low_g, row_g, spectra_g), method in zip(routes, ["cholesky", "output moment"]):
-            assert row_g["whitening"] == method
-            assert row_g["predicted_error"] == pytest.approx(row["predicted_error"], rel=1e-5, abs=1e-12)
-            for kind in ("plain", "whitened"):  # the d_out² route lists only min(d_out, d_in) values
-                top = spectra[kind][: len(spectra_g[kind])]
-                assert torch.allclose(spectra_g[kind][: len(top)], top, rtol=0, atol=1e-5 * float(top[0])), kind
-            if rank is not None:
-                assert torch.allclose(low_g.dense_weight(), low.dense_weight(), atol=1e-5)
-                assert torch.equal(low_g.up.bias, layer.bias)
-    with pytest.raises(ValueError, match="whitened mode only"):
-        factor_layer("layer", layer, choice, None, "plain", gram=True, moment=moment)
+        routes = [factor_layer("layer", layer, choice, whitener, "whitened")]
+        routes.append(factor_layer("layer", layer, choice, None, "whitened", moment=moment))
+        for (low, row, spectra), method in zip(routes, ["cholesky", "output moment"]):
+            assert row["whitening"] == method
+            error = 0.0 if rank is None else float((sv[rank:] ** 2).sum().sqrt() / (sv**2).sum().sqrt())
+            assert row["predicted_error"] == pytest.approx(error, rel=1e-5, abs=1e-12)
+            plain = torch.linalg.svdvals(w)
+            for values, kind in ((sv, "whitened"), (plain, "plain")):  # a d_out² Gram adds d_out − d_in (near) zeros
+                found = spectra[kind].double()
+                assert torch.allclose(found[: len(values)], values, rtol=0, atol=1e-5 * float(values[0])), kind
+                assert float(found[len(values) :].sum()) < 1e-2 * float(values[0]), kind  # σ = √(rounding)
+            if rank is None:
+                assert low is None
+            else:  # W_E = U_r U_rᵀ W
+                assert torch.allclose(low.dense_weight(), u[:, :rank] @ (u[:, :rank].T @ w), atol=1e-5)
+                assert torch.equal(low.up.bias, layer.bias)
+    with pytest.raises(ValueError, match="plain mode no moment"):
+        factor_layer("layer", layer, choice, None, "plain", moment=moment)
+    with pytest.raises(ValueError, match="a whitener or else an output moment"):
+        factor_layer("layer", layer, choice, None, "whitened")
