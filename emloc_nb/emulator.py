@@ -9,8 +9,8 @@ W S = U Σ Vᵀ:
 Since W S = U Σ Vᵀ, the same down factor is Σ_r^-½ U_rᵀ W, which is how we compute
 it: no inverse of S (ill-conditioned when some channels are nearly silent) is needed,
 and a full rank reproduces W to float precision. And since W S Sᵀ Wᵀ = W C Wᵀ, U and Σ²
-are the eigenvectors and eigenvalues of the output's second moment. Every build factors
-from these float64 Gram matrices, the smaller side of W S's (d_in² or d_out²), not from an SVD;
+are the eigenvectors and eigenvalues of the output's second moment. Every whitened build factors
+from these float64 Gram matrices, the smaller of W S's two (d_in² or d_out²), not from an SVD;
 a layer wider in than out (down, k, v) can even be factored without its d_in × d_in input
 moment (`output_moment`), which is what the streamed build that keeps no statistics does.
 

@@ -207,3 +207,28 @@ def test_whitened_factors_are_the_truncated_svd_of_w_s(shape, shrinkage):
         factor_layer("layer", layer, choice, None, "plain", moment=moment)
     with pytest.raises(ValueError, match="a whitener or else an output moment"):
         factor_layer("layer", layer, choice, None, "whitened")
+
+
+def test_a_whitened_build_takes_no_svd_and_keeps_each_inputs_jitter(calibrated, monkeypatch):
+    """Every layer is factored from Gram eigen-decompositions; a layer wider in than out (its d_out² Gram,
+    (W S)(W S)ᵀ) whitens with the same S as the rest, the larger jitter of an indefinite moment included."""
+    from emloc_nb.calibration import CalibrationStats, InputStats
+
+    model, _, _, stats = calibrated
+    down = next(n for n in block_linears(model) if n.endswith("down_proj"))
+    inputs = dict(stats.inputs)
+    key = stats.key_for(down)
+    moment = inputs[key].second_moment.clone()
+    moment[0, :] = moment[:, 0] = 0  # a dead channel, summed a hair below zero: Cholesky needs more jitter
+    moment[0, 0] = -1e-3 * float(moment.diagonal().mean())
+    inputs[key] = InputStats(moment, inputs[key].abs_sum, inputs[key].abs_max, inputs[key].tokens, [down])
+    stats = CalibrationStats(inputs, stats.model_fingerprint, stats.examples)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("the whitened build took an SVD")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    rows = {r["name"]: r for r in build_emulator(model, stats, 0.5, progress=False).spectra.rows}
+    assert rows[down]["d_in"] > rows[down]["d_out"] and rows[down]["whitening"].startswith("cholesky+jitter")
+    for name, row in rows.items():
+        assert row["whitening"] == whitening(stats.layer(name).covariance)[1], name
