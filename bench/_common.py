@@ -89,11 +89,11 @@ def build_default_emulator(path: str | Path, stats_path: str | Path | None = Non
     return {"built": str(path)}
 
 
-def write_results(name: str, payload: dict, markdown: str) -> None:
-    """bench/results/<name>.json and .md."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+def write_results(name: str, payload: dict, markdown: str, *, directory: Path = RESULTS) -> None:
+    """<directory>/<name>.json and .md (bench/results by default)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (directory / f"{name}.md").write_text(markdown.rstrip() + "\n")
     print(markdown)
 
 
