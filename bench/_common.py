@@ -89,6 +89,30 @@ def build_default_emulator(path: str | Path, stats_path: str | Path | None = Non
     return {"built": str(path)}
 
 
+def random_batch(vocab: int, batch: int, sequence: int, *, answer: int = 0, generator=None) -> dict:
+    """Random token ids (memory depends only on shapes), no padding; with `answer`, its last tokens labelled."""
+    import torch
+
+    ids = torch.randint(0, vocab, (batch, sequence), generator=generator)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if answer:
+        out["labels"] = torch.full_like(ids, -100)
+        out["labels"][:, -answer:] = ids[:, -answer:]
+    return out
+
+
+def train_step(peft_model, optimizer, batch: dict) -> float:
+    """One LoRA step on the answer tokens' mean loss, as `finetune` takes one on a whole batch; the loss."""
+    from emloc_nb.scoring import answer_nll
+
+    optimizer.zero_grad(set_to_none=True)
+    nll, mask = answer_nll(peft_model, batch)
+    loss = nll[mask].mean()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def write_results(name: str, payload: dict, markdown: str, *, directory: Path = RESULTS) -> None:
     """<directory>/<name>.json and .md (bench/results by default)."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 A synthetic Llama (random weights: memory depends only on shapes; `--size` is one of
 scale_curve's shapes, or `tiny`) in `--dtype` on `--device`, and random token batches
-(batch 8, sequence 256, the last 8 tokens the answer):
+(batch 8, sequence 256, the last 8 tokens the answer, as in scale_curve):
 
 - calibration (`collect_stats`) and factoring (`build_emulator`, ρ = `--rho`) on the device;
 - inference: no-grad forwards of the original;
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RESULTS, machine, write_results
-from scale_curve import CURVE, LLAMA
+from _common import RESULTS, machine, random_batch, train_step, write_results
+from scale_curve import ANSWER_TOKENS, CURVE, LLAMA, SEQUENCE
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from emloc_nb import build_emulator, collect_stats, fingerprint
@@ -34,42 +34,26 @@ from emloc_nb.config import LoraSpec
 from emloc_nb.correction import correct_lora
 from emloc_nb.lora import attach_lora, initial_factors, save_adapter
 from emloc_nb.memory import PhaseMeter, phase
-from emloc_nb.scoring import answer_nll
+from emloc_nb.models import model_inputs, on_device
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
     **CURVE,
 }  # fmt: skip
-BATCH, SEQUENCE, ANSWER = 8, 256, 8
-
-
-def random_batches(n: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """`n` batches of random tokens whose last ANSWER tokens are labelled (the rest is -100)."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(vocab, (BATCH, SEQUENCE), generator=generator)
-        labels = torch.full_like(ids, -100)
-        labels[:, -ANSWER:] = ids[:, -ANSWER:]
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
+BATCH = 8
 
 
 def train(model, which: str, data: list[dict], steps: int, adapter_dir: Path | None = None) -> float:
     """`steps` LoRA steps on `model` (the first one alone, then the steady state); the last loss."""
     peft_model = attach_lora(model, LoraSpec())
+    peft_model.train()
     initial = initial_factors(peft_model)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     loss = float("nan")
     for step in range(steps):
         with phase(f"{which}: {'train_first_step' if step == 0 else 'train_steps'}"):
-            optimizer.zero_grad(set_to_none=True)
-            nll, mask = answer_nll(peft_model, data[step % len(data)])
-            value = nll[mask].mean()
-            value.backward()
-            optimizer.step()
-            loss = float(value.detach())
+            loss = train_step(peft_model, optimizer, data[step % len(data)])
     if adapter_dir is not None:
         save_adapter(peft_model, adapter_dir, base_fingerprint=fingerprint(model), initial=initial)
     del optimizer
@@ -90,8 +74,15 @@ def main() -> None:
     torch.manual_seed(0)
     before = machine()
     config = LlamaConfig(**{**LLAMA, **SHAPES[args.size]})
-    calibration = random_batches(8, config.vocab_size, seed=0)
-    training = random_batches(args.steps, config.vocab_size, seed=1)
+    generator = torch.Generator().manual_seed(0)
+
+    def batches(n: int) -> list[dict]:
+        return [
+            random_batch(config.vocab_size, BATCH, SEQUENCE, answer=ANSWER_TOKENS, generator=generator)
+            for _ in range(n)
+        ]
+
+    calibration, training = batches(8), batches(args.steps)
     started = time.perf_counter()
     with PhaseMeter() as meter, tempfile.TemporaryDirectory() as tmp:
         with phase("load"), torch.device(device):
@@ -100,7 +91,7 @@ def main() -> None:
         emulator = build_emulator(model, stats, args.rho, progress=False)
         with phase("inference"), torch.no_grad():
             for batch in calibration:
-                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, logits_to_keep=ANSWER)
+                model(**model_inputs(model, on_device(model, batch)), logits_to_keep=ANSWER_TOKENS)
         losses = {
             "emulator": train(emulator.model, "emulator", training, args.steps, Path(tmp) / "adapter"),
             "original": train(model, "original", training, args.steps),

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, child, contention_note, emit, machine, write_results
+from _common import RESULTS, child, contention_note, emit, machine, random_batch, train_step, write_results
 
 SEQUENCE, ANSWER_TOKENS = 256, 8
 LLAMA = dict(vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -98,15 +98,11 @@ def measure(shape: dict, setting: str, steps: int, dtype: str) -> dict:
     from emloc_nb.config import RunConfig
     from emloc_nb.lora import attach_lora
     from emloc_nb.memory import PhaseMeter, return_freed_memory, rss_mb, weights_mb
-    from emloc_nb.scoring import answer_nll
 
     return_freed_memory()
     torch.manual_seed(0)
     rho = float(setting.split("@")[1]) if setting.startswith("emulator") else None
-    ids = torch.randint(0, shape.get("vocab_size", LLAMA["vocab_size"]), (1, SEQUENCE))
-    labels = torch.full_like(ids, -100)
-    labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch = random_batch(shape.get("vocab_size", LLAMA["vocab_size"]), 1, SEQUENCE, answer=ANSWER_TOKENS)
     with PhaseMeter() as meter:
         baseline = rss_mb()
         with meter.phase("load"):
@@ -116,7 +112,12 @@ def measure(shape: dict, setting: str, steps: int, dtype: str) -> dict:
         if setting == "inference":
             with meter.phase("inference"), torch.no_grad():
                 for _ in range(steps):
-                    model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=1)
+                    model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        use_cache=False,
+                        logits_to_keep=1,
+                    )
             out["peak_mb"] = meter.phases["inference"]["peak_rss_mb"]
             out["s_per_step"] = meter.phases["inference"]["seconds"] / steps
         else:
@@ -128,10 +129,7 @@ def measure(shape: dict, setting: str, steps: int, dtype: str) -> dict:
             optimizer = torch.optim.AdamW(trainable, lr=1e-4)
             for step in range(steps):
                 with meter.phase("train_first_step" if step == 0 else "train_steps"):
-                    optimizer.zero_grad(set_to_none=True)
-                    nll, mask = answer_nll(peft_model, batch)
-                    nll[mask].mean().backward()
-                    optimizer.step()
+                    train_step(peft_model, optimizer, batch)
             out["first_step_peak_mb"] = meter.phases["train_first_step"]["peak_rss_mb"]
             out["peak_mb"] = meter.phases["train_steps"]["peak_rss_mb"]
             out["s_per_step"] = meter.phases["train_steps"]["seconds"] / (steps - 1)

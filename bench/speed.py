@@ -20,7 +20,7 @@ import argparse
 import time
 
 import torch
-from _common import contention_note, interleaved, machine, median, write_results
+from _common import contention_note, interleaved, machine, median, train_step, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from emloc_nb import batches, build_emulator, collect_stats, load_model, movie_sentiment
@@ -29,7 +29,6 @@ from emloc_nb.config import RunConfig
 from emloc_nb.data import collator_for, tokenize
 from emloc_nb.lora import attach_lora
 from emloc_nb.models import block_linears, linear_weight
-from emloc_nb.scoring import answer_nll
 
 
 @torch.no_grad()
@@ -86,13 +85,6 @@ def timed(fn, *args) -> tuple[object, float]:
     start = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - start
-
-
-def train_step(peft_model, optimizer, batch) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    nll, mask = answer_nll(peft_model, batch)
-    nll[mask].mean().backward()
-    optimizer.step()
 
 
 def main() -> None:

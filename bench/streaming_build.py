@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, child, contention_note, emit, machine, write_results
+from _common import RESULTS, child, contention_note, emit, machine, random_batch, write_results
 
 SHAPE = dict(
     vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -73,10 +73,10 @@ def build(directory: Path, output: Path, rho: float, examples: int, sequence: in
 
     return_freed_memory()
     generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(0, examples, batch_size):
-        ids = torch.randint(0, SHAPE["vocab_size"], (batch_size, sequence), generator=generator)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    batches = [
+        random_batch(SHAPE["vocab_size"], batch_size, sequence, generator=generator)
+        for _ in range(0, examples, batch_size)
+    ]
     started = time.time()
     with PhaseMeter() as meter:
         baseline = rss_mb()
