@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.ablation import AblationReport, goal_text, load_ablation
+from emloc_nb.ablation import AblationReport, goal_text, load_ablation, std_goal_text
 from emloc_nb.correction import CorrectionReport
 from emloc_nb.evaluate import EvalResult
 
@@ -98,7 +98,7 @@ class AblationView(View):
         text = (
             f"<p>Goals at ρ = {goals['budget']:g} for <code>{goals['method']}</code>: beats zero-shot "
             f"<b>{goal_text(goals['beats_zero_shot'])}</b>; beats the naive transfer by more than one std "
-            f"<b>{goal_text(goals['beats_naive_by_more_than_one_std'])}</b>; recovered share "
+            f"<b>{std_goal_text(goals)}</b>; recovered share "
             f"<b>{T.fmt(goals['recovered'], '.2f')}</b>.</p>"
             if goals
             else ""
