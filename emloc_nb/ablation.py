@@ -41,7 +41,7 @@ class Method:
 
     key: str
     label: str
-    variant: str | None  # the run whose LoRA it uses: "whitened", "plain", "eigen", "shrinkage"; None: no emulator
+    variant: str | None  # the run whose LoRA it uses: "whitened", "plain", "eigen", "shrinkage", "energy"; None: none
     model: str  # what is scored: "original" or "emulator"
     adapter: str | None  # "emulator", "original" (the run's own adapters), "transfer" (written here) or None
     correction: dict = field(default_factory=dict)  # correct_lora's clamp, kappa, prior, placebo
@@ -120,6 +120,17 @@ def _methods(clamps: list[float]) -> list[Method]:
             "original",
             "transfer",
             {"clamp": 3.0, "kappa": "lstsq", "prior": True, "prior_target": "emulator"},
+        ),
+        Method("eigen-naive", "data-aligned LoRA (eigen init), naive", "eigen", "original", "transfer", {"clamp": 0.0}),
+        Method("eigen-L=3", "data-aligned LoRA (eigen init), L = 3", "eigen", "original", "transfer", {"clamp": 3.0}),
+        Method("energy-naive", "energy-allocated ranks, naive", "energy", "original", "transfer", {"clamp": 0.0}),
+        Method(
+            "energy+labels",
+            "energy-allocated ranks, naive + prior (the labels' shares)",
+            "energy",
+            "original",
+            "transfer",
+            {"clamp": 0.0, "prior": True, "prior_target": "labels"},
         ),
         Method(
             "eigen",
@@ -371,6 +382,7 @@ class Ablation:
         self.dir, self.config, self.spec = Path(directory), config, spec
         self.trust_remote_code = trust_remote_code  # the caller's choice, never the config's
         self._original = None  # (model, tokenizer), loaded once and shared by every run
+        self.isolate = True  # stages in fresh processes; execute() sets it
 
     def original(self):
         if self._original is None:
@@ -398,7 +410,18 @@ class Ablation:
             d["lora"]["init"] = "eigen"
         elif variant == "shrinkage":
             d["emulator"]["shrinkage"] = self.spec.shrinkage
+        elif variant == "energy":
+            d["emulator"]["plan"] = self._energy_plan(seed, budget)
         return RunConfig.from_dict(d)
+
+    def _energy_plan(self, seed: int, budget: float) -> dict:
+        """The plan that spends `budget` where the whitened energy is, from the seed's uniform run's spectra."""
+        from .ranks import allocate
+
+        uniform = self.run(seed, self.spec.budgets[0], "whitened")
+        uniform.run_stage("calibrate", isolate=self.isolate)
+        uniform.run_stage("emulator", isolate=self.isolate)
+        return allocate(uniform.spectra(), budget, strategy="energy").to_dict()
 
     def run(self, seed: int, budget: float, variant: str):
         from .run import Run
@@ -428,6 +451,7 @@ class Ablation:
     def execute(self, *, isolate: bool = True, log: Callable[[str], None] = print) -> AblationReport:
         """Train what the rows need, then correct and evaluate each row; write <split>/ablation.json and .md."""
         started = time.time()
+        self.isolate = isolate
         cells = self.cells()
         rows = []
         for i, (method, seed, budget) in enumerate(cells, 1):
