@@ -11,6 +11,7 @@ from emloc_nb.calibration import CalibrationStats
 from emloc_nb.models import block_index
 
 from .base import View, figure_widget, refresh
+from .focus import most_peaked_input
 from .plots.activations import activation_heatmap, channel_figure, eigen_figure, input_label
 
 ALL = "all blocks"
@@ -21,10 +22,12 @@ class ActivationsView(View):
 
     Controls: `block` (filters `input`), `input` (the key of a layer input, e.g. the
     q/k/v input of a block) and `factor` (an outlier is a channel whose max |x|
-    exceeds `factor` times the median channel's).
+    exceeds `factor` times the median channel's). `layer` (an input key, or the name of
+    a layer that reads it) picks the input shown first; without it, the input whose
+    largest channel stands out most (`most_peaked_input`).
     """
 
-    def __init__(self, stats: CalibrationStats, *, title: str = "Calibration activations"):
+    def __init__(self, stats: CalibrationStats, *, layer: str | None = None, title: str = "Calibration activations"):
         self.stats = stats
         self.keys = list(stats.inputs)
         blocks = sorted({block_index(k) for k in self.keys}, key=lambda b: -1 if b is None else b)
@@ -32,6 +35,7 @@ class ActivationsView(View):
             options=[(ALL, ALL)] + [(f"block {b}", b) for b in blocks if b is not None], value=ALL, description="block"
         )
         self.input = W.Dropdown(options=self._options(ALL), description="input", layout=W.Layout(width="420px"))
+        self.input.value = self._key(layer) if layer else most_peaked_input(stats)
         self.factor = W.FloatSlider(
             value=6.0, min=2.0, max=50.0, step=0.5, description="outlier ×", continuous_update=False
         )
@@ -54,11 +58,11 @@ class ActivationsView(View):
         )
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, split: str = "train") -> ActivationsView:
+    def from_run(cls, run_dir: str | Path, split: str = "train", **kwargs) -> ActivationsView:
         """`split`: "train" (the statistics the emulator was built from) or "heldout"."""
         from emloc_nb.run import Run
 
-        return cls(Run(run_dir).calibration(split), title=f"Activations · {split}")
+        return cls(Run(run_dir).calibration(split), title=f"Activations · {split}", **kwargs)
 
     def _options(self, block) -> list[tuple[str, str]]:
         keys = [k for k in self.keys if block == ALL or block_index(k) == block]
@@ -73,9 +77,11 @@ class ActivationsView(View):
 
     def select(self, key: str) -> None:
         """Show input `key` (any layer name that reads it also works)."""
-        key = key if key in self.stats.inputs else self.stats.key_for(key)
         self.block.value = ALL
-        self.input.value = key
+        self.input.value = self._key(key)
+
+    def _key(self, key: str) -> str:
+        return key if key in self.stats.inputs else self.stats.key_for(key)
 
     @property
     def current(self):

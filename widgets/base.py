@@ -46,6 +46,17 @@ def refresh(live: go.FigureWidget, fresh: go.Figure, *keys: str, title: bool = T
             live.layout.title = fresh.layout.title
 
 
+def redraw(live: go.FigureWidget, fresh: go.Figure, *keys: str) -> None:
+    """`refresh`, or, where `fresh` has other traces than `live` (a series that comes and goes with a
+    control), `fresh`'s traces in place of `live`'s, and its title."""
+    if [t.name for t in live.data] == [t.name for t in fresh.data]:
+        refresh(live, fresh, *keys)
+        return
+    live.data = ()
+    live.add_traces(list(fresh.data))
+    live.layout.title = fresh.layout.title
+
+
 def note(text: str) -> W.HTML:
     """A short, escaped message shown where a view or figure cannot be built."""
     return W.HTML(f"<p style='color:#555; font-style:italic'>{html.escape(text)}</p>")

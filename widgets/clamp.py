@@ -1,7 +1,9 @@
 """One control for the correction's clamp L, from 0 (naive transfer) through a log range to ∞ (no clamp).
 
-A log slider cannot reach either end, so a three-way toggle picks the ends and the
-slider sets L in between.
+A slider cannot reach either end, so a three-way toggle picks the ends and the
+slider sets L in between. The slider steps through 1-2-3-5 values per decade, so
+the paper's L = 3 (and 1, 10, ...) is exactly the value used: a log slider's step
+would have turned 3 into 10^0.5 = 3.16.
 """
 
 from __future__ import annotations
@@ -11,27 +13,27 @@ import math
 import ipywidgets as W
 
 L_MIN, L_MAX = 0.01, 100.0
+STEPS = [float(f"{m}e{e}") for e in range(-2, 2) for m in (1, 2, 3, 5)] + [L_MAX]  # 0.01, 0.02, ..., 50, 100
+
+
+def _options(values) -> list[tuple[str, float]]:
+    return [(format(v, ".3g"), v) for v in sorted(values)]
 
 
 class ClampControl:
-    """`.value` is the effective L; `.widget` holds the toggle and the slider; `observe(fn)` calls fn(L)."""
+    """`.value` is the effective L; `.widget` holds the toggle and the slider; `observe(fn)` calls fn(L).
+
+    The slider shows L only in the "clamped at L" mode; in the other two it is disabled (and a static page
+    leaves it out), so that one L is on show.
+    """
 
     def __init__(self, value: float = 3.0):
         self.mode = W.ToggleButtons(
-            options=[("naive (L = 0)", "naive"), ("clamp L", "clamp"), ("no clamp (L = ∞)", "inf")],
+            options=[("naive (L = 0)", "naive"), ("clamped at L", "clamp"), ("no clamp (L = ∞)", "inf")],
             value="clamp",
-            description="L",
+            description="correction",
         )
-        self.slider = W.FloatLogSlider(
-            value=3.0,
-            base=10,
-            min=math.log10(L_MIN),
-            max=math.log10(L_MAX),
-            step=0.05,
-            description="L",
-            readout_format=".3g",
-            continuous_update=True,
-        )
+        self.slider = W.SelectionSlider(options=_options(STEPS), value=3.0, description="L", continuous_update=True)
         self.widget = W.HBox([self.mode, self.slider])
         self._callbacks: list = []
         self._holding = False
@@ -48,7 +50,8 @@ class ClampControl:
         return float(self.slider.value)
 
     def set(self, value: float) -> None:
-        """Any L ≥ 0: 0 and ∞ pick the ends, anything else moves the slider (clipped to its range).
+        """Any L ≥ 0: 0 and ∞ pick the ends, anything else moves the slider (clipped to its range; a value
+        between its steps becomes a step of its own, so that L is the value asked for).
 
         Observers are called once, with the new L, if it changed.
         """
@@ -60,7 +63,11 @@ class ClampControl:
             elif math.isinf(value):
                 self.mode.value = "inf"
             else:
-                self.slider.value = min(L_MAX, max(L_MIN, value))
+                value = min(L_MAX, max(L_MIN, float(value)))
+                steps = [v for _, v in self.slider.options]
+                if value not in steps:
+                    self.slider.options = _options(steps + [value])
+                self.slider.value = value
                 self.mode.value = "clamp"
         finally:
             self._holding = False

@@ -13,10 +13,11 @@ import ipywidgets as W
 
 from emloc_nb.correction import CorrectionReport
 
-from .base import View, figure_widget, note, refresh
+from .base import View, figure_widget, note, redraw, refresh
 from .clamp import ClampControl
+from .focus import largest_discrepancy_layer
 from .plots.common import clamp_label, short_names
-from .plots.correction import correction_error_figure, correction_norms_figure, kappa_figure
+from .plots.correction import PAPER_L, correction_error_figure, correction_norms_figure, kappa_figure
 from .toy import ToyCorrection
 
 __all__ = ["CorrectionView", "ToyCorrection"]
@@ -29,7 +30,9 @@ def _mean(values) -> float:
 
 class CorrectionView(View):
     """Controls: `clamp` (a ClampControl; `clamp.set(L)` or the toggle/slider; `L` reads it) and `layer`
-    (whose per-direction κ is drawn). `rows` is the layer table at the current L."""
+    (whose per-direction κ is drawn; by default the one `largest_discrepancy_layer` picks). `rows` is the
+    layer table at the current L. At L = 0, the naive transfer, nothing is subtracted: the figures show the
+    paper's L = 3 beside it (`paper` holds its rows; None at any other L)."""
 
     def __init__(self, report: CorrectionReport, *, layer: str | None = None):
         self.report = report
@@ -38,14 +41,14 @@ class CorrectionView(View):
         self.clamp = ClampControl(report.clamp)
         self.layer = W.Dropdown(
             options=list(zip(short_names(names), names)),
-            value=layer or names[0],
+            value=layer or largest_discrepancy_layer(report.layers),
             description="layer",
             layout=W.Layout(width="380px"),
         )
         self.summary = W.HTML()
-        self.rows = report.rows_at(self.L)
-        self.errors = figure_widget(correction_error_figure(self.rows, clamp=self.L)) if self.has_errors else None
-        self.norms = figure_widget(correction_norms_figure(self.rows))
+        self._at_L()
+        self.errors = figure_widget(self._error_figure()) if self.has_errors else None
+        self.norms = figure_widget(self._norms_figure())
         self.kappa = figure_widget(kappa_figure(report, self.layer.value, self.L))
         self.clamp.observe(lambda _: self._update())
         self.layer.observe(lambda _: self._update_kappa(), names="value")
@@ -77,22 +80,37 @@ class CorrectionView(View):
     def L(self) -> float:
         return self.clamp.value
 
+    def _at_L(self) -> None:
+        self.rows = self.report.rows_at(self.L)
+        self.paper = self.report.rows_at(PAPER_L) if self.L == 0 else None
+
+    def _error_figure(self):
+        return correction_error_figure(self.rows, clamp=self.L, paper=self.paper)
+
+    def _norms_figure(self):
+        return correction_norms_figure(self.paper or self.rows, clamp=self.L)
+
     def _update(self) -> None:
-        L = self.L
-        self.rows = self.report.rows_at(L)
+        self._at_L()
         if self.errors is not None:
-            refresh(self.errors, correction_error_figure(self.rows, clamp=L), "y")
-        refresh(self.norms, correction_norms_figure(self.rows), "y", "hovertext")
+            redraw(self.errors, self._error_figure(), "y", "hovertext")  # at L = 0 "corrected" gives way
+        refresh(self.norms, self._norms_figure(), "y", "hovertext")
         self._update_kappa()
-        clamped = sum(r["clamped"] for r in self.rows)
-        columns = sum(int(self.report.stats[r["name"]]["valid"].sum()) for r in self.rows)
-        text = f"At L = {clamp_label(L, '.3g')}: {clamped} of {columns} LoRA directions clamped (κ < 1)"
+        shown = self.paper or self.rows  # the corrected adapter on show: at L, or at the paper's L when L = 0
+        clamped = sum(r["clamped"] for r in shown)
+        columns = sum(int(self.report.stats[r["name"]]["valid"].sum()) for r in shown)
+        if self.paper is None:
+            at, corrected = f"At L = {clamp_label(self.L, '.3g')}", "corrected"
+        else:
+            at = f"L = 0 is the naive transfer: nothing is subtracted. At the paper's L = {PAPER_L:g}"
+            corrected = f"corrected at L = {PAPER_L:g}"
+        text = f"{at}: {clamped} of {columns} LoRA directions clamped (κ < 1)"
         if self.has_errors:
             text += (
-                f" · mean error overall {_mean(r['before_all'] for r in self.rows):.4f} naive → "
-                f"<b>{_mean(r['after_all'] for r in self.rows):.4f}</b> corrected · on the LoRA subspace "
-                f"{_mean(r['before_subspace'] for r in self.rows):.4f} → "
-                f"<b>{_mean(r['after_subspace'] for r in self.rows):.4f}</b>"
+                f" · mean error overall {_mean(r['before_all'] for r in shown):.4f} naive → "
+                f"<b>{_mean(r['after_all'] for r in shown):.4f}</b> {corrected} · on the LoRA subspace "
+                f"{_mean(r['before_subspace'] for r in shown):.4f} → "
+                f"<b>{_mean(r['after_subspace'] for r in shown):.4f}</b>"
             )
         self.summary.value = f"<p>{text}</p>"
 

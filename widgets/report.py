@@ -20,9 +20,10 @@ from emloc_nb.ranks import LayerChoice
 from emloc_nb.run import Run
 
 from . import tables as T
+from .focus import least_energy_layer, most_peaked_input
 from .plots.activations import activation_heatmap, channel_figure, eigen_figure, input_label
 from .plots.common import clamp_label
-from .plots.correction import correction_error_figure, correction_norms_figure
+from .plots.correction import PAPER_L, correction_error_figure, correction_norms_figure
 from .plots.drift import block_cosine_figure, layer_error_figure
 from .plots.memory import memory_phases_figure
 from .plots.spectra import energy_figure, kept_energy_figure, ranks_figure, spectrum_figure
@@ -73,7 +74,7 @@ def _spectra_section(page: _Page, run: Run) -> None:
     page.figure("kept-energy", kept_energy_figure(spectra))
     choices = {r["name"]: LayerChoice(r["name"], r["d_out"], r["d_in"], r["rank"], r["reason"]) for r in spectra.rows}
     page.figure("ranks", ranks_figure(spectra, choices))
-    worst = max(spectra.rows, key=lambda r: r["predicted_error"])
+    worst = spectra.layer(least_energy_layer(spectra))
     page.text(f"<p>The layer with the largest predicted error: <code>{html.escape(worst['name'])}</code>.</p>")
     page.figure("spectrum-worst", spectrum_figure(spectra, worst["name"], worst["rank"]))
     page.figure("energy-worst", energy_figure(spectra, worst["name"], worst["rank"]))
@@ -87,9 +88,7 @@ def _activations_section(page: _Page, run: Run) -> None:
     stats = run.calibration()  # a damaged or foreign artifact fails the report; it is never left out quietly
     page.text(f"<p>{stats.examples} examples, up to {stats.tokens} real tokens per input.</p>")
     page.figure("activation-heatmap", activation_heatmap(stats))
-    # The input whose largest channel stands out most from its median channel.
-    peak_ratio = lambda s: float(s.abs_max.max() / s.abs_max.median().clamp_min(1e-12))
-    peaked = max(stats.inputs, key=lambda k: peak_ratio(stats.inputs[k]))
+    peaked = most_peaked_input(stats)  # the input whose largest channel stands out most from its median channel
     label = input_label(stats, peaked)
     page.text(f"<p>The most peaked input: <code>{html.escape(peaked)}</code> ({html.escape(label)}).</p>")
     page.figure("activation-channels", channel_figure(stats.inputs[peaked], title=f"Per-channel |x| · {label}"))
@@ -124,11 +123,12 @@ def _correction_section(page: _Page, run: Run) -> None:
         f"<p>Corrected with L = {clamp_label(report.clamp)}; {sum(r['clamped'] for r in rows)} LoRA directions "
         "clamped.</p>"
     )
+    paper = report.rows_at(PAPER_L) if report.clamp == 0 else None  # L = 0 corrects nothing: show the paper's L
     if all("before_all" in r for r in rows):
-        page.figure("correction-errors", correction_error_figure(rows, clamp=report.clamp))
+        page.figure("correction-errors", correction_error_figure(rows, clamp=report.clamp, paper=paper))
     else:
         page.note("The report has no held-out statistics, so no before/after errors.")
-    page.figure("correction-norms", correction_norms_figure(rows))
+    page.figure("correction-norms", correction_norms_figure(paper or rows, clamp=report.clamp))
     columns = [
         ("name", "layer", "text"),
         ("d_norm", "‖D‖", ".4g"),

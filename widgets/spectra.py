@@ -10,8 +10,16 @@ import ipywidgets as W
 from emloc_nb.spectra import SpectrumTable
 
 from .base import View, figure_widget, refresh
+from .focus import least_energy_layer
 from .plots.common import short_names, trace
-from .plots.spectra import energy_figure, kept_energy_figure, kept_energy_markers, kept_energy_title, spectrum_figure
+from .plots.spectra import (
+    energy_figure,
+    energy_floor,
+    kept_energy_figure,
+    kept_energy_markers,
+    kept_energy_title,
+    spectrum_figure,
+)
 
 
 class SpectrumView(View):
@@ -20,14 +28,15 @@ class SpectrumView(View):
     Controls: `layer`, `ratio` (kept share ρ of the layer's parameters; ρ = 1 keeps it
     dense) and `rank` (set either; the other follows). `current` holds the readout:
     rank, energy kept, predicted error and parameters kept, all from
-    `SpectrumTable.energy_at` / `error_at` / `params_at`. Without `ratio`, the view
-    opens on the rank the run's plan gave `layer`.
+    `SpectrumTable.energy_at` / `error_at` / `params_at`. Without `layer`, the view opens on
+    the compressed layer that keeps the least energy (`least_energy_layer`); without `ratio`,
+    on the rank the run's plan gave the layer.
     """
 
     def __init__(self, spectra: SpectrumTable, *, layer: str | None = None, ratio: float | None = None):
         self.spectra = spectra
         names = spectra.names
-        layer = layer or names[0]
+        layer = layer or least_energy_layer(spectra)
         self.layer = W.Dropdown(
             options=list(zip(short_names(names), names)),
             value=layer,
@@ -160,10 +169,13 @@ class SpectrumView(View):
         self._update_rank()
 
     def _update_summary(self) -> None:
-        """The uniform-ρ markers and the title follow ρ, whichever slider moved it."""
+        """The uniform-ρ panel, the colour scale's floor and the title follow ρ, whichever slider moved it."""
+        floor = energy_floor(self.spectra, self.ratio.value)
         with self.summary.batch_update():
             trace(self.summary, "uniform ρ").z = kept_energy_markers(self.spectra, self.ratio.value)
-            self.summary.layout.title.text = kept_energy_title(self.ratio.value)
+            for heat in self.summary.data:  # both panels share one scale
+                heat.zmin = floor
+            self.summary.layout.title = kept_energy_title(self.ratio.value, floor)
 
     def _update_rank(self) -> None:
         c = self.current

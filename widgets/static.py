@@ -2,8 +2,8 @@
 
 A live view is an ipywidgets tree; a static page cannot run it. With EMLOC_STATIC_VIEWS=1
 a view displays as HTML instead: its text as is, each figure as a plotly div (plotly.js
-itself is loaded once by the page), each control as its label and current value, and
-each tab of a Tab one after the other under its title.
+itself is loaded once by the page), each control as its label and current value (a disabled
+one not at all), and each tab of a Tab one after the other under its title.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def figure_html(fig: go.Figure, div_id: str | None = None) -> str:
 
 
 def _control(widget: W.Widget) -> str:
+    if getattr(widget, "disabled", False):
+        return ""  # a control that does not act now (the clamp slider beside "naive") would show a stale value
     label = getattr(widget, "description", "") or type(widget).__name__
     value = widget.value
     if isinstance(widget, (W.Dropdown, W.ToggleButtons, W.RadioButtons, W.Select)) and widget.label is not None:

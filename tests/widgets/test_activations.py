@@ -85,3 +85,18 @@ def test_eigenvalues_are_computed_once_per_input(stats, monkeypatch):
     assert len(computed) == 2 and len(trace(view.eigen, "eigenvalues").y) == stats.inputs[other].dim
     view.select(first)  # back to an input seen before: redrawn from the cache
     assert len(computed) == 2 and trace(view.eigen, "eigenvalues").y == shown
+
+
+def test_opens_on_the_input_whose_largest_channel_stands_out_most(stats):
+    key = peaked_input(stats)
+    view = ActivationsView(stats)
+    assert view.input.value == key and view.block.value == "all blocks"
+    ratio = lambda s: float(s.abs_max.max() / s.abs_max.median())
+    assert all(ratio(stats.inputs[key]) >= ratio(s) for s in stats.inputs.values())
+    assert list(trace(view.channels, "max |x|").y) == pytest.approx(stats.inputs[key].abs_max.tolist())
+    # An explicit layer wins: an input key, or a layer that reads one.
+    first = next(iter(stats.inputs))
+    assert ActivationsView(stats, layer=first).input.value == first
+    assert ActivationsView(stats, layer="model.layers.0.self_attn.v_proj").input.value == (
+        "model.layers.0.self_attn.q_proj"
+    )

@@ -12,12 +12,20 @@ from emloc_nb.widgets import CorrectionView, ToyCorrection
 from emloc_nb.widgets.plots.common import trace
 
 
-def after(view, part):
-    return list(trace(view.errors, f"corrected, {part}").y)
+def after(view, part, label="corrected"):
+    return list(trace(view.errors, f"{label}, {part}").y)
+
+
+def per_block(rows, values) -> list[float]:
+    """The mean of per-layer `values` over each block's layers, blocks in order: what a bar shows."""
+    blocks: dict = {}
+    for r, v in zip(rows, values):
+        blocks.setdefault(r["block"], []).append(v)
+    return [sum(v) / len(v) for _, v in sorted(blocks.items())]
 
 
 def expected(report, L, key):
-    return [report.errors_at(r["name"], L)[key] for r in report.rows]
+    return per_block(report.rows, [report.errors_at(r["name"], L)[key] for r in report.rows])
 
 
 def test_errors_follow_L(correction_report):
@@ -26,33 +34,48 @@ def test_errors_follow_L(correction_report):
     assert report.clamp == view.L  # it starts where the adapter was written
     view.clamp.set(3.0)
     assert view.L == 3.0
+    assert list(trace(view.errors, "corrected, overall").x) == ["0", "1"]  # one bar per block
     assert after(view, "overall") == pytest.approx(expected(report, 3.0, "error_all"))
     assert after(view, "LoRA subspace") == pytest.approx(expected(report, 3.0, "error_subspace"))
     view.clamp.slider.value = 0.5
-    L = view.L
-    assert pytest.approx(0.5, rel=0.15) == L
-    assert after(view, "overall") == pytest.approx(expected(report, L, "error_all"))
+    assert view.L == 0.5  # the slider's steps are the values themselves
+    assert after(view, "overall") == pytest.approx(expected(report, 0.5, "error_all"))
     assert after(view, "overall") != pytest.approx(expected(report, 3.0, "error_all"))
 
 
-def test_L_zero_is_the_naive_transfer(correction_report):
-    view = CorrectionView(correction_report)
+def test_L_zero_is_the_naive_transfer_drawn_once_beside_the_papers_L(correction_report):
+    report = correction_report
+    view = CorrectionView(report)
+    view.clamp.set(1.0)
     view.clamp.mode.value = "naive"
     assert view.L == 0.0
-    assert after(view, "overall") == pytest.approx([r["before_all"] for r in correction_report.rows])
-    assert after(view, "LoRA subspace") == pytest.approx([r["before_subspace"] for r in correction_report.rows])
-    assert list(trace(view.errors, "naive, overall").y) == pytest.approx(
-        [r["before_all"] for r in correction_report.rows]
+    names = [t.name for t in view.errors.data]
+    assert not [n for n in names if n.startswith("corrected")]  # no second, identical "corrected" series
+    assert after(view, "overall", "naive") == pytest.approx(
+        per_block(report.rows, [r["before_all"] for r in report.rows])
     )
+    assert after(view, "overall", "paper's L = 3") == pytest.approx(expected(report, 3.0, "error_all"))
+    assert after(view, "LoRA subspace", "paper's L = 3") == pytest.approx(expected(report, 3.0, "error_subspace"))
+    assert "L = 0 is the naive transfer" in view.errors.layout.title.text
+    assert "naive transfer" in view.summary.value and "at L = 3" in view.summary.value
+    # κ at L = 0 is 0 everywhere: the κ figures show the paper's L instead, and say so.
+    name = view.layer.value
+    np.testing.assert_allclose(trace(view.kappa, "κ").y, report.kappa_at(name, 3.0).numpy())
+    assert "L = 3" in view.kappa.layout.title.text and "L = 0" in view.kappa.layout.title.text
+    rows = report.rows_at(3.0)
+    assert list(trace(view.norms, "mean κ").y) == pytest.approx(per_block(rows, [r["kappa_mean"] for r in rows]))
+    view.clamp.set(1.0)  # and back: the corrected series returns
+    assert after(view, "overall") == pytest.approx(expected(report, 1.0, "error_all"))
 
 
 def test_no_clamp_is_exact_on_the_lora_subspace(correction_report):
-    view = CorrectionView(correction_report)
+    report = correction_report
+    view = CorrectionView(report)
     view.clamp.set(math.inf)
     assert view.clamp.slider.disabled
     assert max(after(view, "LoRA subspace")) < 1e-6
     assert list(trace(view.norms, "mean κ").y) == pytest.approx(
-        [1.0 if r["lora_rank"] else 0.0 for r in correction_report.rows]
+        per_block(report.rows, [1.0 if r["lora_rank"] else 0.0 for r in report.rows])
     )
     assert "0 of" in view.summary.value
 
@@ -64,8 +87,18 @@ def test_kappa_and_norms(correction_report):
     view.layer.value = name
     view.clamp.set(1.0)
     np.testing.assert_allclose(trace(view.kappa, "κ").y, report.kappa_at(name, 1.0).numpy())
-    assert list(trace(view.norms, "‖D‖").y) == [r["d_norm"] for r in report.rows]
-    assert list(trace(view.norms, "mean κ").y) == pytest.approx([r["kappa_mean"] for r in report.rows_at(1.0)])
+    rows = report.rows_at(1.0)
+    assert list(trace(view.norms, "‖D‖").y) == pytest.approx(per_block(rows, [r["d_norm"] for r in rows]))
+    assert list(trace(view.norms, "mean κ").y) == pytest.approx(per_block(rows, [r["kappa_mean"] for r in rows]))
+
+
+def test_opens_on_the_layer_with_the_largest_discrepancy_for_its_lora(correction_report):
+    rows = correction_report.layers
+    ratio = {r["name"]: r["d_norm"] / r["b_norm"] for r in rows if r["b_norm"] > 0}
+    largest = max(ratio, key=ratio.get)
+    assert largest != rows[0]["name"]  # the rule, not model order, picks it here
+    assert CorrectionView(correction_report).layer.value == largest
+    assert CorrectionView(correction_report, layer=rows[2]["name"]).layer.value == rows[2]["name"]
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -103,10 +136,27 @@ def test_clamp_set_reports_once_with_the_new_value():
     seen = []
     clamp.observe(seen.append)
     clamp.set(0.5)  # moves the slider, then leaves the naive mode: one report, already with the new L
-    assert seen == [clamp.value] and clamp.value == pytest.approx(0.5, rel=0.15)
+    assert seen == [0.5] and clamp.value == 0.5
     clamp.set(math.inf)
     assert seen[1:] == [math.inf] and clamp.slider.disabled
     clamp.set(math.inf)  # unchanged: nothing to report
     assert len(seen) == 2
     clamp.mode.value = "naive"  # the controls themselves still report
     assert seen[2:] == [0.0]
+
+
+def test_clamp_values_are_exact_and_a_static_page_shows_one_L():
+    from emloc_nb.widgets.clamp import ClampControl
+    from emloc_nb.widgets.static import view_html
+
+    clamp = ClampControl()
+    assert clamp.value == 3.0 and clamp.slider.value == 3.0  # the paper's L, not 10 ** 0.5
+    assert {0.01, 0.1, 1.0, 3.0, 10.0, 100.0} <= {v for _, v in clamp.slider.options}
+    assert "L: <b>3</b>" in view_html(clamp.widget)
+    clamp.set(0.7)  # between two steps: becomes a step of its own
+    assert clamp.value == 0.7 and "L: <b>0.7</b>" in view_html(clamp.widget)
+    clamp.set(0.0)
+    page = view_html(clamp.widget)
+    assert "naive (L = 0)" in page and "L: <b>" not in page  # the disabled slider is not a second L
+    clamp.set(math.inf)
+    assert "L = ∞" in view_html(clamp.widget) and "L: <b>" not in view_html(clamp.widget)

@@ -4,23 +4,50 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from emloc_nb.drift import DriftReport
 from emloc_nb.widgets import DriftView
 from emloc_nb.widgets.plots.common import trace
 from emloc_nb.widgets.tokens import readable_tokens, token_kl_html
 
 
-def test_layer_errors_regroup_by_kind(drift_report):
+def mean_by(rows, key, value):
+    """{group: mean of `value` over the rows of the group}, the groups in first-seen order."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(str(r[key]), []).append(r[value])
+    return {g: sum(v) / len(v) for g, v in groups.items()}
+
+
+def test_layer_errors_are_block_means_and_regroup_by_kind(drift_report):
+    rows = drift_report.rows
     view = DriftView(drift_report)
     measured = trace(view.layers, "measured (held-out)")
-    assert list(measured.y) == [r["measured_error"] for r in drift_report.rows]  # model order = block order
-    assert list(trace(view.layers, "predicted (calibration)").y) == [r["predicted_error"] for r in drift_report.rows]
+    blocks = mean_by(rows, "block", "measured_error")
+    assert list(measured.x) == list(blocks) == ["0", "1"]  # one bar per block, not one per layer
+    assert list(measured.y) == pytest.approx(list(blocks.values()))
+    predicted = mean_by(rows, "block", "predicted_error")
+    assert list(trace(view.layers, "predicted (calibration)").y) == pytest.approx(list(predicted.values()))
+    assert all(r["name"].split("layers.", 1)[1] in measured.hovertext[r["block"]] for r in rows)  # every layer
+    assert "mean over its layers" in view.layers.layout.xaxis.title.text
     view.group.value = "kind"
-    groups, blocks = measured.x
-    kinds = list(dict.fromkeys(r["kind"] for r in drift_report.rows))
-    assert list(groups) == [k for k in kinds for _ in range(2)]
-    by_name = {(r["kind"], str(r["block"])): r["measured_error"] for r in drift_report.rows}
-    assert list(measured.y) == [by_name[(g, b)] for g, b in zip(groups, blocks)]
+    kinds = mean_by(rows, "kind", "measured_error")
+    assert list(measured.x) == list(kinds) and len(kinds) == 7
+    assert list(measured.y) == pytest.approx(list(kinds.values()))
+
+
+def test_opens_on_the_layer_with_the_largest_measured_error(drift_report):
+    rows = drift_report.rows
+    worst = max(rows, key=lambda r: r["measured_error"])
+    assert worst["name"] != rows[0]["name"]  # the rule, not model order, picks it here
+    view = DriftView(drift_report)
+    assert view.layer.value == worst["name"]
+    assert worst["name"] in view.detail.value and f"{worst['measured_error']:.4f}" in view.detail.value
+    assert f"1 of {len(rows)} by measured error" in view.detail.value
+    view.layer.value = rows[0]["name"]
+    assert f"{rows[0]['measured_error']:.4f}" in view.detail.value
+    assert DriftView(drift_report, layer=rows[3]["name"]).layer.value == rows[3]["name"]  # an explicit layer wins
 
 
 def test_block_cosine_and_summary(drift_report):
@@ -80,8 +107,8 @@ def test_report_without_token_examples_shows_a_note():
     assert "no token examples" in view.tokens.value and view.example.disabled
 
 
-def test_layer_axis_stays_unique_when_kinds_repeat_in_a_block():
-    # GPT-2 has attn.c_proj and mlp.c_proj in every block: bars must not collapse onto one category.
+def test_layer_kinds_stay_apart_when_they_repeat_in_a_block():
+    # GPT-2 has attn.c_proj and mlp.c_proj in every block: by kind, they must not be averaged into one bar.
     names = [
         f"transformer.h.{b}.{part}"
         for b in range(2)
@@ -99,8 +126,9 @@ def test_layer_axis_stays_unique_when_kinds_repeat_in_a_block():
         for i, n in enumerate(names)
     ]
     view = DriftView(DriftReport(layers, [], {}))
-    for by in ("block", "kind"):
-        view.group.value = by
-        groups, labels = trace(view.layers, "measured (held-out)").x
-        assert len(set(zip(groups, labels))) == len(names)
-        assert sorted(trace(view.layers, "measured (held-out)").y) == [i / 10 for i in range(len(names))]
+    measured = trace(view.layers, "measured (held-out)")
+    assert list(measured.x) == ["0", "1"] and list(measured.y) == pytest.approx([0.15, 0.55])
+    view.group.value = "kind"
+    assert list(measured.x) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert list(measured.y) == pytest.approx([0.2, 0.3, 0.4, 0.5])
+    assert view.layer.value == names[-1]

@@ -17,6 +17,7 @@ PACKAGES = {
 }  # folder -> the package it installs as
 CORE = sorted((ROOT / "emloc_nb").glob("*.py"))
 PURE = sorted((ROOT / "widgets" / "plots").glob("*.py")) + [
+    ROOT / "widgets" / "focus.py",
     ROOT / "widgets" / "tables.py",
     ROOT / "widgets" / "tokens.py",
 ]

@@ -36,8 +36,16 @@ def test_plan_totals_hit_the_budget(spectra, strategy, budget):
     assert planner.totals["params_kept"] == kept
     assert planner.totals["share_kept"] == pytest.approx(kept / dense)
     assert f"{kept:,}" in planner.status.value
-    ranks = [planner.choices[r["name"]].rank for r in spectra.rows]
-    assert list(trace(planner.figure, "rank").y) == [r or 0 for r in ranks]
+    # One bar per block: the share of its parameters kept.
+    blocks: dict = {}
+    for r in spectra.rows:
+        rank, full = planner.choices[r["name"]].rank, r["d_out"] * r["d_in"]
+        kept_dense = blocks.setdefault(r["block"], [0, 0])
+        kept_dense[0] += full if rank is None else rank * (r["d_out"] + r["d_in"])
+        kept_dense[1] += full
+    bars = trace(planner.figure, "parameters kept")
+    assert list(bars.x) == [str(b) for b in sorted(blocks)]
+    assert list(bars.y) == pytest.approx([k / d for k, d in (blocks[b] for b in sorted(blocks))])
 
 
 def test_energy_strategy_keeps_at_least_the_uniform_energy(spectra):
@@ -56,12 +64,9 @@ def test_dense_layers_by_regex_and_by_pick(spectra):
     dense = {n for n, c in choices.items() if c.rank is None}
     assert dense == {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"}
     assert re.escape("model.layers.1.mlp.up_proj") in planner.plan.rules
-    names = spectra.names
-    bars = trace(planner.figure, "kept dense").y
-    assert (
-        bars[names.index("model.layers.0.self_attn.q_proj")] == 64
-        and bars[names.index("model.layers.0.mlp.up_proj")] == 0
-    )
+    hover = trace(planner.figure, "parameters kept").hovertext  # block 0, block 1: each layer's rank
+    assert "0.self_attn.q_proj: dense" in hover[0] and "1.mlp.up_proj: dense" in hover[1]
+    assert "0.mlp.up_proj: rank" in hover[0]
 
 
 def test_impossible_budget_is_reported_not_raised_by_the_controls(spectra):

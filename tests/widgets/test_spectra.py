@@ -124,4 +124,39 @@ def test_opens_on_the_rank_the_run_planned(spectra, run_dir):
         else:
             assert trace(view.spectrum, "selected rank").x == trace(view.spectrum, "plan rank").x == (row["rank"],) * 2
             assert trace(view.energy, "selected").x == (row["rank"],)
-    assert Dashboard(run_dir).view("Spectra").current["rank"] == spectra.rows[0]["rank"]
+    least = min((r for r in spectra.rows if r["rank"] is not None), key=lambda r: r["energy_kept"])
+    assert Dashboard(run_dir).view("Spectra").current["rank"] == least["rank"]
+
+
+def test_opens_on_the_compressed_layer_that_keeps_the_least_energy(spectra):
+    rows = spectra.rows
+    least = min((r for r in rows if r["rank"] is not None), key=lambda r: r["energy_kept"])
+    view = SpectrumView(spectra)
+    assert view.layer.value == least["name"] != rows[0]["name"]  # the rule, not model order, picks it
+    assert view.current["energy"] == pytest.approx(least["energy_kept"]) and least["energy_kept"] < 1.0
+    assert all(view.current["energy"] <= r["energy_kept"] + 1e-6 for r in rows)  # no layer keeps less
+    assert SpectrumView(spectra, layer=rows[0]["name"]).layer.value == rows[0]["name"]  # an explicit layer wins
+
+
+def test_an_uninformative_first_layer_is_not_the_default(spectra):
+    # As on SmolLM2: layer 0's q_proj keeps all its energy (dense here), while others keep less.
+    from emloc_nb.spectra import SpectrumTable
+
+    rows = [dict(r) for r in spectra.rows]
+    rows[0].update(rank=None, dense=True, energy_kept=1.0)
+    view = SpectrumView(SpectrumTable(rows, spectra.spectra, spectra.skipped))
+    assert view.current["energy"] < 1.0 and view.layer.value != rows[0]["name"]
+
+
+def test_heatmap_colours_span_the_values_shown_and_the_title_fits(spectra):
+    fig = kept_energy_figure(spectra, ratio=0.5)
+    shown = [r["energy_kept"] for r in spectra.rows] + spectra.energy_at_ratio(0.5)
+    for heat in fig.data:  # one scale for both panels, from the lowest value shown to 1
+        assert heat.zmin == pytest.approx(min(shown)) and heat.zmax == 1
+    title = fig.layout.title.text
+    assert len(title.split("<br>")[0]) <= 60  # the first line is short; the details go on a second, smaller one
+    assert "ρ = 0.50" in title and f"{min(shown):.3f}" in title
+    view = SpectrumView(spectra, ratio=0.5)
+    view.ratio.value = 0.1  # the scale follows the uniform ρ's lower values
+    low = min([r["energy_kept"] for r in spectra.rows] + spectra.energy_at_ratio(0.1))
+    assert low < min(shown) and all(h.zmin == pytest.approx(low) for h in view.summary.data)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from emloc_nb.widgets import AblationView, Dashboard, TransferView
 from emloc_nb.widgets.plots.common import trace
 
@@ -18,8 +20,12 @@ def test_transfer_view_shows_every_evaluated_setting(tiny_run):
     assert counts[0] == sum(a == tiny_run.task().choices[0] for a in view.results["original"].answers)
     prior = tiny_run.correction().prior
     assert view.prior is not None and list(trace(view.prior, "original + LoRA, after").y) == prior["after"]
-    shares = [v for v in trace(view.subspaces, "share of the adapter that is the correction").y if v is not None]
-    assert len(shares) == len(tiny_run.correction().rows) and all(0 <= v < 1 for v in shares)
+    rows = tiny_run.correction().rows
+    shares = trace(view.subspaces, "share of the adapter that is the correction")
+    assert list(shares.x) == ["0", "1"]  # one bar per block, the mean over its layers
+    for block, share in zip((0, 1), shares.y):
+        layers = [r["correction_share"] for r in rows if r["block"] == block]
+        assert share == pytest.approx(sum(layers) / len(layers)) and 0 <= share < 1
 
 
 def test_ablation_view_curves_are_the_summary(tiny_ablation):

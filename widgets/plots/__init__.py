@@ -1,6 +1,6 @@
 """Pure plotly figures, one module per stage: the core's data objects in, a `go.Figure` out.
 
-    common       colours, layout, titles, trace lookup, short layer names, the grouped axis, labels
+    common       colours, layout, titles, trace lookup, short layer names, per-block bars, labels
     activations  calibration activations       spectra     spectra and rank choices
     drift        emulator vs original           correction  the LoRA correction
     training     loss curves                    memory      predicted and measured memory

@@ -1,4 +1,4 @@
-"""What every figure shares: colours, layout, titles, trace lookup, layer names, the grouped axis, labels.
+"""What every figure shares: colours, layout, titles, trace lookup, layer names, per-block bars, labels.
 
 Figures are pure plotly: the core's data objects in, a `go.Figure` out. Both the live
 views (which wrap them in FigureWidgets and refresh them with `widgets.base.refresh`)
@@ -27,8 +27,11 @@ LAYOUT = dict(
 LEGEND_RIGHT = dict(orientation="v", yanchor="top", y=1.0, x=1.02, xanchor="left")  # for stacked subplots
 
 
-def layout_title(text: str) -> dict:
-    """A figure title at the top left of the canvas, above the legend row."""
+def layout_title(text: str, subtitle: str | None = None) -> dict:
+    """A figure title at the top left of the canvas, above the legend row. What does not fit a short title goes
+    in `subtitle`, a second and smaller line (plotly cuts a long title off at the figure's edge)."""
+    if subtitle:
+        text += f"<br><span style='font-size:12px;color:#555'>{subtitle}</span>"
     return dict(text=text, x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container")
 
 
@@ -51,24 +54,58 @@ def short_names(names: Sequence[str]) -> list[str]:
     return [".".join(p[common:]) for p in parts]
 
 
-def group_axis(rows: Sequence[dict], by: str) -> tuple[list[int], list[list[str]]]:
-    """Order of `rows` grouped by block or by layer kind, and a two-level (group, layer) category axis."""
-    short = short_names([r["name"] for r in rows])
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))  # first-seen order: q, k, v, o, gate, up, down
-    block = lambda r: -1 if r.get("block") is None else r["block"]
-    if by == "block":
-        order = sorted(range(len(rows)), key=lambda i: block(rows[i]))  # stable: model order within a block
-        groups = [f"block {rows[i]['block']}" for i in order]
-        labels = [short[i].split(".", 1)[-1] if rows[i].get("block") is not None else short[i] for i in order]
-    elif by == "kind":
-        order = sorted(range(len(rows)), key=lambda i: (kinds.index(rows[i]["kind"]), block(rows[i])))
-        groups = [rows[i]["kind"] for i in order]
-        labels = [str(rows[i]["block"]) for i in order]
-    else:
+GROUPED = {"block": "block", "kind": "layer kind"}
+
+
+def kinds(rows: Sequence[dict]) -> list[str]:
+    """Each row's layer kind (q_proj, ..., down_proj), or its name within its block where a kind repeats in one
+    (GPT-2's attn.c_proj and mlp.c_proj)."""
+    keyed = [(r.get("block"), r["kind"]) for r in rows]
+    if len(set(keyed)) == len(keyed):
+        return [r["kind"] for r in rows]
+    return [r["name"].split(f".{r['block']}.", 1)[-1] if r.get("block") is not None else r["name"] for r in rows]
+
+
+def by_group(
+    rows: Sequence[dict], values: Sequence, *, by: str = "block", how: str = "mean", texts: Sequence[str] | None = None
+) -> tuple[list[str], list, list[str]]:
+    """Per-layer `values` (one per row) as one bar per block, or per layer kind (by="kind"): the bar labels,
+    each group's mean or sum (`how`) over its layers (missing values left out), and a hover text that
+    lists every layer with its value (or its entry of `texts`); plotly shows the bar's own value beside it.
+
+    One bar per block linear is unreadable on a real model (210 labels on SmolLM2); one per block is not,
+    and the hover keeps every layer's number. Layers outside the blocks get a bar each, first.
+    """
+    if by not in GROUPED:
         raise ValueError(f"group by 'block' or 'kind', not {by!r}")
-    if len(set(zip(groups, labels))) < len(order):  # e.g. GPT-2 has attn.c_proj and mlp.c_proj in a block
-        labels = [short[i] for i in order]
-    return order, [groups, labels]
+    short = short_names([r["name"] for r in rows])
+    texts = texts if texts is not None else [_number(v) for v in values]
+    kind = kinds(rows)
+    groups: dict = {}  # group key -> indices of its rows, in model order
+    for i, r in enumerate(rows):
+        key = kind[i] if by == "kind" else r["block"] if r.get("block") is not None else short[i]
+        groups.setdefault(key, []).append(i)
+    keys = list(groups)
+    if by == "block":  # layers outside the blocks first, then the blocks in order
+        keys.sort(key=lambda k: (isinstance(k, int), k if isinstance(k, int) else 0))
+    aggregate = {"mean": lambda v: sum(v) / len(v), "sum": sum}[how]
+    labels, bars, hover = [], [], []
+    for key in keys:
+        present = [float(values[i]) for i in groups[key] if finite(values[i]) is not None]
+        labels.append(str(key))
+        bars.append(aggregate(present) if present else None)
+        hover.append("<br>".join([f"<b>{GROUPED[by]} {key}</b>"] + [f"{short[i]}: {texts[i]}" for i in groups[key]]))
+    return labels, bars, hover
+
+
+def group_title(by: str, how: str = "mean") -> str:
+    """The axis title of a `by_group` axis, saying what a bar is."""
+    over = "its layers" if by == "block" else "the blocks"
+    return f"{GROUPED[by]} ({how} over {over}; hover for each layer)"
+
+
+def _number(value) -> str:
+    return "—" if finite(value) is None else format(value, ".4g")
 
 
 def positive(values: np.ndarray) -> list:

@@ -6,32 +6,31 @@ from collections.abc import Sequence
 
 import plotly.graph_objects as go
 
-from .common import LAYOUT, WHITENED, group_axis, layout_title
+from .common import GROUPED, LAYOUT, WHITENED, by_group, group_title, layout_title
 
 
 def layer_error_figure(layers: Sequence[dict], *, by: str = "block") -> go.Figure:
-    """Measured (held-out) and predicted relative output error per layer, grouped by block or by kind."""
-    order, axis = group_axis(layers, by)
+    """Measured (held-out) and predicted relative output error, one bar per block or per layer kind
+    (the mean over its layers; the hover lists each layer)."""
+    x, measured, hover = by_group(layers, [r["measured_error"] for r in layers], by=by)
+    _, predicted, _ = by_group(layers, [r["predicted_error"] for r in layers], by=by)
     fig = go.Figure(
         [
-            go.Bar(
-                name="measured (held-out)",
-                x=axis,
-                y=[layers[i]["measured_error"] for i in order],
-                marker_color=WHITENED,
-                hovertext=[layers[i]["name"] for i in order],
-            ),
+            go.Bar(name="measured (held-out)", x=x, y=measured, marker_color=WHITENED, hovertext=hover),
             go.Scatter(
                 name="predicted (calibration)",
-                x=axis,
-                y=[layers[i]["predicted_error"] for i in order],
+                x=x,
+                y=predicted,
                 mode="markers",
                 marker=dict(color="black", symbol="line-ew-open", size=14, line=dict(width=2)),
             ),
         ]
     )
     fig.update_layout(
-        **LAYOUT, title=layout_title(f"Relative output error per layer, by {by}"), yaxis_title="‖(W − W_E) x‖ / ‖W x‖"
+        **LAYOUT,
+        title=layout_title(f"Relative output error per {GROUPED[by]}"),
+        xaxis=dict(title=group_title(by), type="category"),
+        yaxis_title="‖(W − W_E) x‖ / ‖W x‖",
     )
     return fig
 

@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .common import LAYOUT, PLAIN, PLAN, SELECTED, WHITENED, group_axis, layout_title, positive
+from .common import LAYOUT, PLAIN, PLAN, SELECTED, WHITENED, by_group, group_title, kinds, layout_title, positive
 
 
 def _vline(name: str, x: float | None, y0: float, y1: float, color: str, dash: str) -> go.Scatter:
@@ -89,9 +89,7 @@ def block_grid(rows) -> tuple[list[str], list[str], list[tuple[int, int]]]:
     Columns are the layer kinds (q_proj, ..., down_proj) in model order, or the name within the block
     where a kind repeats in one (GPT-2's attn.c_proj and mlp.c_proj). Layers outside the blocks get a row each.
     """
-    within = [r["name"].split(f".{r['block']}.", 1)[-1] if r.get("block") is not None else r["name"] for r in rows]
-    keyed = [(r.get("block"), r["kind"]) for r in rows]
-    columns = [r["kind"] for r in rows] if len(set(keyed)) == len(keyed) else within
+    columns = kinds(rows)
     blocks = list(dict.fromkeys(r.get("block") if r.get("block") is not None else r["name"] for r in rows))
     cols = list(dict.fromkeys(columns))
     cells = [
@@ -116,16 +114,26 @@ def kept_energy_markers(spectra, ratio: float) -> list[list]:
     return grid_values(spectra.rows, list(spectra.energy_at_ratio(ratio)))
 
 
-def kept_energy_title(ratio: float | None = None) -> str:
-    return "Whitened energy kept, block × projection: the built plan" + (
-        f" (left) and every layer at ρ = {ratio:.2f} (right)" if ratio is not None else ""
-    )
+def energy_floor(spectra, ratio: float | None = None) -> float:
+    """The smallest kept energy the heatmap shows (the built plan's, and at a uniform ρ if given): where its
+    colour scale starts, so that 0.96 and 1.00 do not get the same colour."""
+    values = [r["energy_kept"] for r in spectra.rows]
+    if ratio is not None:
+        values += list(spectra.energy_at_ratio(ratio))
+    return min(min(values, default=0.0), 0.999)  # a scale from 1 to 1 has no colours
+
+
+def kept_energy_title(ratio: float | None = None, floor: float | None = None) -> dict:
+    panels = "the built plan" + (f" (left) and every layer at ρ = {ratio:.2f} (right)" if ratio is not None else "")
+    scale = f"; colours from {floor:.3f} (the lowest shown) to 1" if floor is not None else ""
+    return layout_title("Whitened energy kept, block × projection", panels + scale)
 
 
 def kept_energy_figure(spectra, *, ratio: float | None = None) -> go.Figure:
     """Kept whitened energy as a block × projection heatmap: the built plan and, optionally, a uniform ρ beside it.
 
     One cell per block linear reads far better than a bar per layer (210 on SmolLM2); dense layers say so.
+    The colour scale runs from the lowest value shown to 1, where the differences are.
     """
     rows = spectra.rows
     labels, cols, cells = block_grid(rows)
@@ -136,8 +144,9 @@ def kept_energy_figure(spectra, *, ratio: float | None = None) -> go.Figure:
             for r in rows
         ],
     )
-    text = grid_values(rows, ["dense" if r["rank"] is None else f"{r['energy_kept']:.2f}" for r in rows])
-    heat = dict(x=cols, y=labels, zmin=0, zmax=1, colorscale="Viridis", xgap=1, ygap=1)
+    text = grid_values(rows, ["dense" if r["rank"] is None else f"{r['energy_kept']:.3f}" for r in rows])
+    floor = energy_floor(spectra, ratio)
+    heat = dict(x=cols, y=labels, zmin=floor, zmax=1, colorscale="Viridis", xgap=1, ygap=1)
     panels = 1 if ratio is None else 2
     fig = make_subplots(rows=1, cols=panels, shared_yaxes=True, horizontal_spacing=0.03)
     fig.add_trace(
@@ -149,7 +158,7 @@ def kept_energy_figure(spectra, *, ratio: float | None = None) -> go.Figure:
             textfont=dict(size=9),
             hovertext=hover,
             hovertemplate="%{hovertext}<extra></extra>",
-            colorbar=dict(title="energy kept"),
+            colorbar=dict(title=dict(text="energy kept", side="right"), tickformat=".3f"),
             **heat,
         ),
         row=1,
@@ -169,7 +178,7 @@ def kept_energy_figure(spectra, *, ratio: float | None = None) -> go.Figure:
         )
     fig.update_layout(
         **{**LAYOUT, "height": max(320, 16 * len(labels) + 150)},
-        title=layout_title(kept_energy_title(ratio)),
+        title=kept_energy_title(ratio, floor),
     )
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", tickangle=-30)
@@ -177,38 +186,45 @@ def kept_energy_figure(spectra, *, ratio: float | None = None) -> go.Figure:
 
 
 def ranks_figure(spectra, choices: dict) -> go.Figure:
-    """Planned rank per layer (bars; dense layers in grey at full rank) and the energy each keeps."""
+    """Per block: the share of its parameters the plan keeps (bars) and the mean whitened energy its layers keep
+    (dots); the hover lists each layer's rank, or "dense"."""
     rows = spectra.rows
-    order, axis = group_axis(rows, "block")
-    full = [min(rows[i]["d_out"], rows[i]["d_in"]) for i in order]
-    rank = [choices[rows[i]["name"]].rank for i in order]
-    energy = [spectra.energy_at(rows[i]["name"], r) for i, r in zip(order, rank)]
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(
-        go.Bar(
-            name="rank",
-            x=axis,
-            y=[r if r is not None else 0 for r in rank],
-            marker_color=WHITENED,
-            hovertext=[choices[rows[i]["name"]].reason for i in order],
+    ranks = [choices[r["name"]].rank for r in rows]
+    kept = [spectra.params_at(r["name"], rank) for r, rank in zip(rows, ranks)]
+    energy = [spectra.energy_at(r["name"], rank) for r, rank in zip(rows, ranks)]
+    texts = [
+        f"dense · {choices[r['name']].reason}" if rank is None else f"rank {rank} of {min(r['d_out'], r['d_in'])}"
+        for r, rank in zip(rows, ranks)
+    ]
+    x, kept_sum, hover = by_group(rows, kept, how="sum", texts=texts)
+    _, dense_sum, _ = by_group(rows, [r["d_out"] * r["d_in"] for r in rows], how="sum")
+    _, mean_energy, energy_hover = by_group(rows, energy)
+    fig = go.Figure(
+        [
+            go.Bar(
+                name="parameters kept",
+                x=x,
+                y=[k / d for k, d in zip(kept_sum, dense_sum)],
+                marker_color=WHITENED,
+                hovertext=hover,
+            ),
+            go.Scatter(
+                name="energy kept",
+                x=x,
+                y=mean_energy,
+                mode="markers",
+                marker=dict(color=SELECTED, size=7),
+                hovertext=energy_hover,
+            ),
+        ]
+    )
+    fig.update_layout(
+        **LAYOUT,
+        title=layout_title(
+            "Planned ranks per block",
+            "bars: share of the block's parameters kept · dots: mean whitened energy its layers keep",
         ),
-        secondary_y=False,
+        xaxis=dict(title=group_title("block"), type="category"),
+        yaxis=dict(title="share kept", range=[0, 1.02]),
     )
-    fig.add_trace(
-        go.Bar(name="kept dense", x=axis, y=[f if r is None else 0 for f, r in zip(full, rank)], marker_color=PLAIN),
-        secondary_y=False,
-    )
-    fig.add_trace(
-        go.Scatter(
-            name="full rank", x=axis, y=full, mode="markers", marker=dict(symbol="line-ew-open", size=14, color="black")
-        ),
-        secondary_y=False,
-    )
-    fig.add_trace(
-        go.Scatter(name="energy kept", x=axis, y=energy, mode="markers", marker=dict(color=SELECTED, size=6)),
-        secondary_y=True,
-    )
-    fig.update_layout(**LAYOUT, title=layout_title("Planned rank per layer"), barmode="overlay")
-    fig.update_yaxes(title_text="rank", secondary_y=False)
-    fig.update_yaxes(title_text="whitened energy kept", range=[0, 1.02], secondary_y=True)
     return fig

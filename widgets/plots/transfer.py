@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 
-from .common import AFTER, BEFORE, LAYOUT, PLAIN, PLAN, WHITENED, group_axis, layout_title
+from .common import AFTER, BEFORE, LAYOUT, PLAIN, PLAN, WHITENED, by_group, group_title, layout_title
 
 SETTING_COLORS = ["#7f7f7f", "#2ca02c", "#9467bd", "#1f77b4", "#ff7f0e", "#d62728", "#8c564b"]
 
@@ -97,24 +97,23 @@ def prior_figure(prior: dict) -> go.Figure:
 
 
 def subspace_figure(rows: Sequence[dict]) -> go.Figure:
-    """Per layer: how far the LoRA's input subspace moved from its initialisation, how much it overlaps the
-    input's top eigenvectors, and how much of the corrected adapter is the correction rather than the LoRA."""
-    order, axis = group_axis(rows, "block")
+    """Per block (mean over its layers): how far the LoRA's input subspace moved from its initialisation, how
+    much it overlaps the input's top eigenvectors, and how much of the corrected adapter is the correction."""
     series = [
         ("overlap with A's initial subspace", "init_overlap", PLAIN),
         ("overlap with the input's top eigenvectors", "data_overlap", PLAN),
         ("share of the adapter that is the correction", "correction_share", BEFORE),
     ]
-    fig = go.Figure(
-        [
-            go.Bar(name=label, x=axis, y=[_none_if_nan(rows[i].get(key)) for i in order], marker_color=color)
-            for label, key, color in series
-        ]
-    )
+    bars = []
+    for label, key, color in series:
+        x, y, hover = by_group(rows, [_none_if_nan(r.get(key)) for r in rows])
+        bars.append(go.Bar(name=label, x=x, y=y, hovertext=hover, marker_color=color))
+    fig = go.Figure(bars)
     fig.update_layout(
         **LAYOUT,
         barmode="group",
-        title=layout_title("The LoRA's subspace: where it came from, what it sees, and how much the correction adds"),
+        title=layout_title("The LoRA's subspace", "where it came from, what it sees, and how much the correction adds"),
+        xaxis=dict(title=group_title("block"), type="category"),
         yaxis_title="mean cos² of principal angles / share",
         yaxis_range=[0, 1.05],
     )
