@@ -9,7 +9,9 @@ peft directories plus emloc.json, which records the base model's fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +65,14 @@ def peft_config(spec: LoraSpec, model: nn.Module) -> LoraConfig:
     return config
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing`: a warning that is not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def attach_lora(model: nn.Module, spec: LoraSpec, *, stats=None) -> PeftModel:
     """Wrap `model` (original or emulator) with a fresh LoRA; only the LoRA weights train.
 
@@ -75,7 +85,8 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, stats=None) -> PeftModel:
     if spec.init == "eigen" and stats is None:
         raise EmlocError("LoRA init 'eigen' needs the calibration statistics: pass stats= (or use init='random').")
     try:
-        peft_model = get_peft_model(model, config)
+        with _quiet_peft():
+            peft_model = get_peft_model(model, config)
     except ValueError as e:
         targets = config.target_modules
         shown = sorted(targets) if isinstance(targets, (set, list)) else targets
@@ -165,7 +176,8 @@ def load_adapter(
         raise EmlocError(f"The adapter at {path} has non-finite weights (NaN/Inf) in {bad[:3]}. Retrain it.")
     config = _read_lora_config(path / "adapter_config.json", model)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
+        with _quiet_peft():
+            peft_model = PeftModel.from_pretrained(model, str(path), config=config, is_trainable=trainable)
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, ImportError, IndexError) as e:
         _strip_lora(model)  # peft wraps the layers before it loads the weights: leave `model` as it was
         raise EmlocError(

@@ -348,7 +348,7 @@ def finetune(
             return TrainResult(adapter_dir, history)
         result = _write_adapter(peft_model, output_dir, history, signature, initial, task=task.name)
     finally:
-        if getattr(model, "is_gradient_checkpointing", False):
+        if getattr(model, "is_activation_checkpointing", False):  # is_gradient_checkpointing is deprecated
             model.gradient_checkpointing_disable()
         peft_model.unload()
         model.eval()
