@@ -108,7 +108,7 @@ def test_runs_of_a_seed_share_one_calibration(ablation):
     contents = []
     for seed in (0, 1):
         files = sorted((directory / "runs").glob(f"seed{seed}-*/calibrate/train/calibration.safetensors"))
-        assert len(files) == 5  # whitened at two budgets, plain, eigen, shrinkage
+        assert len(files) == 6  # whitened at two budgets, plain, eigen, shrinkage, energy
         contents.append({f.read_bytes() for f in files})
         assert len(contents[-1]) == 1
     assert contents[0] != contents[1]  # another seed draws other examples
