@@ -33,7 +33,7 @@ from emloc_nb import build_emulator, collect_stats, fingerprint
 from emloc_nb.config import LoraSpec
 from emloc_nb.correction import correct_lora
 from emloc_nb.lora import attach_lora, initial_factors, save_adapter
-from emloc_nb.memory import PhaseMeter, phase
+from emloc_nb.measure import PhaseMeter, phase
 from emloc_nb.models import model_inputs, on_device
 
 SHAPES = {

@@ -97,7 +97,8 @@ def measure(shape: dict, setting: str, steps: int, dtype: str) -> dict:
 
     from emloc_nb.config import RunConfig
     from emloc_nb.lora import attach_lora
-    from emloc_nb.memory import PhaseMeter, return_freed_memory, rss_mb, weights_mb
+    from emloc_nb.measure import PhaseMeter, return_freed_memory, rss_mb
+    from emloc_nb.memory import weights_mb
 
     return_freed_memory()
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _EXPORTS = {  # name -> the module that defines it
     "CalibrationStats": "calibration",

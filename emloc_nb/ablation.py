@@ -27,9 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .artifacts import atomic_path
-from .config import CorrectionSpec, EvalSpec, RunConfig
+from .config import CorrectionSpec, EvalSpec, RunConfig, resolve_prior_target
 from .errors import EmlocError
+from .evaluate import EvalResult
+from .models import load_model
+from .ranks import allocate
 from .reports import Report
+from .run import Run, task_of
+from .stage_bodies import evaluate_adapter, transfer_lora
 from .stats import mcnemar, mean_std, paired_bootstrap
 
 INF = math.inf
@@ -164,8 +169,6 @@ def _normal(correction: dict) -> dict:
 
 def default_method(config: RunConfig, clamps: list[float], has_choices: bool) -> Method:
     """The method that is the config's own correction: a row of the table, or one made for it."""
-    from .correction import resolve_prior_target
-
     c = asdict(config.correction)
     c["prior_target"] = resolve_prior_target(c["prior_target"], has_choices)
     for m in _methods(clamps):
@@ -199,8 +202,6 @@ class AblationSpec:
         """The methods to run; the config's own correction is always one of them (the goals are about it).
 
         A generation task has no classes, so the label-share prior is not one of its methods."""
-        from .run import task_of
-
         has_choices = bool(task_of(config).choices)
         methods = [m for m in _methods(self.clamps) if has_choices or m.correction.get("prior_target") != "labels"]
         default = default_method(config, self.clamps, has_choices)
@@ -386,8 +387,6 @@ class Ablation:
 
     def original(self):
         if self._original is None:
-            from .models import load_model
-
             self._original = load_model(
                 self.config.model,
                 dtype=self.config.dtype,
@@ -416,16 +415,12 @@ class Ablation:
 
     def _energy_plan(self, seed: int, budget: float) -> dict:
         """The plan that spends `budget` where the whitened energy is, from the seed's uniform run's spectra."""
-        from .ranks import allocate
-
         uniform = self.run(seed, self.spec.budgets[0], "whitened")
         uniform.run_stage("calibrate", isolate=self.isolate)
         uniform.run_stage("emulator", isolate=self.isolate)
         return allocate(uniform.spectra(), budget, strategy="energy").to_dict()
 
     def run(self, seed: int, budget: float, variant: str):
-        from .run import Run
-
         run = Run(
             self.dir / "runs" / f"seed{seed}-rho{budget:g}-{variant}",
             self.run_config(seed, budget, variant),
@@ -466,8 +461,6 @@ class Ablation:
         return report
 
     def _row(self, method: Method, seed: int, budget: float | None, isolate: bool) -> dict:
-        from .evaluate import EvalResult
-
         run = self.run(seed, budget or self.spec.budgets[0], method.variant or "whitened")
         # zero-shot depends on no seed: scored once
         where = self.out / "transfers" / ("zero-shot" if method.key == "zero-shot" else f"{run.dir.name}/{method.key}")
@@ -493,8 +486,6 @@ class Ablation:
 
     def _saved_evaluation(self, where: Path, run):
         """The evaluation saved at `where` if it has as many examples as the base config's limit asks, else None."""
-        from .evaluate import EvalResult
-
         if not (where / "evaluation").is_dir():
             return None
         result = EvalResult.load(where / "evaluation")
@@ -511,49 +502,35 @@ class Ablation:
                 run.copy_from(first, f"calibration:{split}")
 
     def _evaluate(self, run, method: Method, where: Path) -> None:
-        from peft import PeftModel
-
-        from .correction import correct_lora, prior_inputs
-        from .evaluate import evaluate
-        from .lora import load_adapter
-
+        """Score one row: its LoRA (carried over by the pipeline's own correction, for a transfer) on its model."""
         original, tokenizer = run.original()
         model = run.emulator().model if method.model == "emulator" else original
         adapter = {"emulator": run.adapter_dir("emulator"), "original": run.adapter_dir("original")}.get(method.adapter)
         if method.adapter == "transfer":
             c = dict(method.correction)
-            prior = prior_inputs(run, c.pop("prior", False), c.pop("prior_target", "emulator"))
-            placebo = c.pop("placebo", False)
             adapter = where / "adapter"
-            correct_lora(
-                original,
-                run.emulator(with_original=True),
-                run.adapter_dir("emulator"),
+            transfer_lora(
+                run,
                 adapter,
-                heldout=run.calibration("heldout"),
-                tokenizer=tokenizer,
-                **prior,
-                placebo_seed=run.config.seed if placebo else None,
-                overwrite=True,
+                prior=c.pop("prior", False),
+                prior_target=c.pop("prior_target", "emulator"),
+                placebo_seed=run.config.seed if c.pop("placebo", False) else None,
+                data_overlap=False,  # the report is not kept: no need for its eigendecompositions
                 **c,
             )
-        if adapter is not None:
-            model = load_adapter(model, adapter, check_base=method.adapter != "transfer")
         ev = self.config.evaluation
-        try:
-            result = evaluate(
-                model,
-                tokenizer,
-                run.task(),
-                split=self.spec.split,
-                limit=ev.limit,
-                batch_size=ev.batch_size,
-                progress=False,
-            )
-        finally:
-            if isinstance(model, PeftModel):
-                model.unload()
-        result.save(where / "evaluation", overwrite=True)
+        evaluate_adapter(
+            run,
+            model,
+            tokenizer,
+            adapter,
+            where / "evaluation",
+            check_base=method.adapter != "transfer",
+            split=self.spec.split,
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            progress=False,
+        )
 
 
 def ablate(

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import EmlocError, first_line
+from .version import __version__
 
 if TYPE_CHECKING:
     import torch
@@ -53,8 +54,6 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old|del)-(?P<pid>\d+)-[0-
 
 
 def package_version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -781,10 +780,6 @@ def run_lock(directory: str | Path) -> Iterator[int]:
         if own:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-
-
-def holds_lock(directory: str | Path) -> bool:
-    return os.path.realpath(directory) in _held
 
 
 # ----------------------------------------------------------------------------- fault injection for the kill tests

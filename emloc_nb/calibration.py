@@ -19,7 +19,7 @@ from torch import nn
 
 from .artifacts import StoredGroups
 from .errors import EmlocError
-from .memory import phase
+from .measure import phase
 from .models import accepts, block_linears, check_token_ids, fingerprint, model_inputs, on_device
 from .progress import progress as progress_bar
 from .reports import Report

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import EmlocError
+from .ranks import RankPlan
 
 # Field metadata the checks read: min/max (inclusive), gt/lt (exclusive), choices, allow_inf (floats are
 # finite unless this is set), regex (a string that must compile), nonempty (a string or list), unique (a list),
@@ -221,6 +222,18 @@ class CorrectionSpec(_Checked):
     prior_target: str = field(default="auto", metadata={"choices": PRIOR_TARGETS})
 
 
+def resolve_prior_target(setting: str, has_choices: bool) -> str:
+    """`correction.prior_target` for a task: "labels" or "emulator" ("auto": labels when the task has choices)."""
+    if setting == "auto":
+        return "labels" if has_choices else "emulator"
+    if setting == "labels" and not has_choices:
+        raise EmlocError(
+            "correction.prior_target: labels needs a task with choices, and this task is scored by generation. "
+            "Set correction.prior_target: emulator (or auto)."
+        )
+    return setting
+
+
 @dataclass
 class EvalSpec(_Checked):
     # "validation" while choosing settings; "test" only for the final table.
@@ -397,9 +410,7 @@ class RunConfig:
             if f.name not in SECTIONS:
                 setattr(self, f.name, check_value(getattr(self, f.name), hints[f.name], f.name, f.metadata))
 
-    def rank_plan(self):
-        from .ranks import RankPlan
-
+    def rank_plan(self) -> RankPlan:
         plan = self.emulator.plan
         return RankPlan.load(plan) if isinstance(plan, str) else RankPlan.from_dict(plan)
 

@@ -48,7 +48,7 @@ from .drift import output_energy
 from .emulator import Emulator
 from .errors import EmlocError
 from .lora import INITIAL_A_FILE, load_adapter, lora_factors
-from .memory import phase
+from .measure import phase
 from .models import block_index, fingerprint, linear_weight, module_name
 from .progress import progress as progress_bar
 from .reports import LayerReport
@@ -228,30 +228,6 @@ def fit_prior(
         float(t.std()) if len(t) > 1 else 0.0,
         direction.float(),
     )
-
-
-def resolve_prior_target(setting: str, has_choices: bool) -> str:
-    """`correction.prior_target` for a task: "labels" or "emulator" ("auto": labels when the task has choices)."""
-    if setting == "auto":
-        return "labels" if has_choices else "emulator"
-    if setting == "labels" and not has_choices:
-        raise EmlocError(
-            "correction.prior_target: labels needs a task with choices, and this task is scored by generation. "
-            "Set correction.prior_target: emulator (or auto)."
-        )
-    return setting
-
-
-def prior_inputs(run, prior: bool, prior_target: str) -> dict:
-    """correct_lora's prior arguments for a run: its calibration prompts and, for the label target, the shares."""
-    if not prior:
-        return {"prior_prompts": None, "label_shares": None}
-    task = run.task()
-    labels = resolve_prior_target(prior_target, bool(task.choices)) == "labels"
-    return {
-        "prior_prompts": list(run.calibration_examples("train")["messages"]),
-        "label_shares": task.choice_shares() if labels else None,
-    }
 
 
 def answer_tokens(tokenizer, prompt: list[dict], choices: list[str]) -> list[int]:

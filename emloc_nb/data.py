@@ -33,7 +33,7 @@ from .artifacts import atomic_path
 from .config import check_test_size, check_value
 from .errors import EmlocError, first_line
 from .fetch import pip_download
-from .models import cache_dir
+from .models import cache_dir, downloads_allowed
 
 log = logging.getLogger(__name__)
 
@@ -400,8 +400,6 @@ def hf_dataset(source: str, split: str | None = None) -> Dataset | DatasetDict:
     A folder is a `save_to_disk` dataset, or files `datasets.load_dataset` reads (parquet, CSV, JSON).
     """
     import datasets
-
-    from .models import downloads_allowed
 
     name = source.removeprefix(HF_PREFIX)
     path = Path(name).expanduser()

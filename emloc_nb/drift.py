@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .artifacts import check_fingerprint
 from .calibration import CalibrationStats, collect_stats
-from .memory import phase
+from .measure import phase
 from .models import fingerprint, linear_weight, model_inputs, on_device
 from .progress import progress as progress_bar
 from .reports import LayerReport

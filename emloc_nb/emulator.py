@@ -42,8 +42,19 @@ from .artifacts import (
 )
 from .calibration import CalibrationStats
 from .errors import EmlocError, first_line
-from .memory import phase
-from .models import block_index, block_linears, fingerprint, linear_bias, linear_layers, linear_weight, load_errors
+from .measure import phase
+from .models import (
+    block_index,
+    block_linears,
+    fingerprint,
+    linear_bias,
+    linear_layers,
+    linear_weight,
+    load_errors,
+    materialize,
+    resolve_device,
+    torch_dtype,
+)
 from .progress import progress as progress_bar
 from .ranks import RankPlan
 from .spectra import SpectrumTable
@@ -255,8 +266,6 @@ class Emulator:
         at a time when asked), never read into a second copy.
         """
         from accelerate import init_empty_weights
-
-        from .models import materialize, resolve_device, torch_dtype
 
         path = Path(path)
         verify_manifest(

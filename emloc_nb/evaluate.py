@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from .config import check_value
 from .data import SPLITS, Task, collator_for, encode_example
 from .errors import EmlocError
-from .memory import phase
+from .measure import phase
 from .progress import progress as progress_bar
 from .reports import Report
 from .scoring import answer_nll, choice_logprobs, generate

@@ -29,7 +29,7 @@ from .artifacts import (
 from .config import LoraSpec, check_value
 from .emulator import LowRankLinear
 from .errors import EmlocError, first_line
-from .memory import phase
+from .measure import phase
 from .models import block_linears, fingerprint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

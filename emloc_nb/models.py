@@ -33,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 from .artifacts import atomic_dir, atomic_path, read_tensors, safetensors_header, shard_files
 from .errors import EmlocError, first_line
 from .fetch import pip_download
-from .memory import phase
+from .measure import phase
 
 log = logging.getLogger(__name__)
 

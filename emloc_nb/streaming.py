@@ -45,7 +45,7 @@ from .emulator import (
     write_emulator_metadata,
 )
 from .errors import EmlocError, first_line
-from .memory import phase
+from .measure import phase
 from .models import (
     block_index,
     block_linears,
@@ -55,6 +55,8 @@ from .models import (
     linear_bias,
     linear_layers,
     linear_weight,
+    model_inputs,
+    on_device,
     resolve_checkpoint,
     resolve_device,
     skeleton,
@@ -450,8 +452,6 @@ def _buffers_to(model: nn.Module, device: torch.device) -> None:
 
 def _first_input(model: nn.Module, blocks: nn.ModuleList, batch: dict) -> dict:
     """The batch as the first block sees it: hidden states and the keyword arguments the model passes blocks."""
-    from .models import model_inputs, on_device
-
     check_token_ids(model, batch)
     first = blocks[0]
     blocks[0] = _Capture(first)

@@ -35,7 +35,7 @@ from .config import LoraSpec, TrainSpec
 from .data import IGNORE_INDEX, Collator, Task, collator_for, tokenize
 from .errors import EmlocError, first_line
 from .lora import attach_lora, check_finite_lora, initial_factors, save_adapter
-from .memory import phase
+from .measure import phase
 from .models import fingerprint, length_multiple, model_dtype, torch_dtype
 from .progress import progress as progress_bar
 from .scoring import answer_nll

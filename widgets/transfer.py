@@ -75,7 +75,7 @@ class TransferView(View):
     @classmethod
     def of(cls, run) -> TransferView:
         """The view of a Run: every setting evaluated so far, and its correction report if written."""
-        from emloc_nb.stages import settings
+        from emloc_nb.eval_settings import settings
 
         results = {s: run.eval_result(s) for s in settings(run.config) if run.has(f"evaluation:{s}")}
         return cls(results, run.correction() if run.has("correction") else None)

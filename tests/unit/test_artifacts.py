@@ -187,7 +187,7 @@ def test_a_model_that_asks_for_its_own_code_does_not_run_it(tiny_files, tmp_path
 
 
 def test_the_callers_trust_remote_code_reaches_the_stage_child_and_nothing_else_does(tiny_files, tmp_path, monkeypatch):
-    from emloc_nb import stages
+    from emloc_nb import runner
 
     _, model, data = tiny_files
     launched = []
@@ -204,11 +204,11 @@ def test_the_callers_trust_remote_code_reaches_the_stage_child_and_nothing_else_
         def poll(self):
             return 0
 
-    monkeypatch.setattr(stages.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(runner.subprocess, "Popen", FakeChild)
     monkeypatch.setattr(Run, "stage_records", lambda self: {"calibrate": {"peak_rss_mb": 1.0}})
     for trusted in (False, True):
         run = Run(tmp_path / f"run{trusted}", tiny_run_config(model, data), trust_remote_code=trusted)
         with run.writing():
-            stages._run_step(run, "calibrate", isolate=True)
+            runner._run_step(run, "calibrate", isolate=True)
         assert ("--trust-remote-code" in launched[-1]) is trusted
         assert "trust_remote_code" not in (run.dir / "run.json").read_text()

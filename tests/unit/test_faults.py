@@ -29,7 +29,8 @@ import yaml
 
 from emloc_nb import EmlocError
 from emloc_nb.artifacts import run_lock
-from emloc_nb.run import ADAPTERS, Run
+from emloc_nb.layout import ADAPTERS
+from emloc_nb.run import Run
 from emloc_nb.stages import STAGES
 
 from ..conftest import tiny_run_config

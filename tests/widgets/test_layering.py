@@ -1,9 +1,11 @@
-"""Layering: the core never imports the notebook stack; the pure builders never import ipywidgets;
-nothing outside emloc_nb.run spells out a path inside a run directory."""
+"""Layering: emloc_nb's modules import one way (no cycle, counting imports inside functions and lazy names);
+the core never imports the notebook stack; the pure builders never import ipywidgets; nothing outside
+emloc_nb.layout and emloc_nb.run spells out a path inside a run directory."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,153 @@ def imports_of(path: Path) -> set[str]:
 
 def notebook_stack(modules: set[str]) -> set[str]:
     return {m for m in modules if m.split(".")[0] in NOTEBOOK_STACK or m.startswith("emloc_nb.widgets")}
+
+
+# ----------------------------------------------------------------------------- one way: no import cycle
+
+LAZY_NAME = re.compile(r"^(emloc_nb(?:\.\w+)+):\w+$")  # "module:attribute", as emloc_nb.lazy names its targets
+
+
+def module_of(path: Path) -> str:
+    return PACKAGES[path.parent] if path.stem == "__init__" else f"{PACKAGES[path.parent]}.{path.stem}"
+
+
+def references(source: str, package: str, modules: set[str]) -> dict[str, tuple[int, str]]:
+    """The modules among `modules` that `source` imports (at the top, inside functions, under TYPE_CHECKING) or names
+    lazily ("module:attribute" strings), each with the line and text of its first reference."""
+    lines = source.splitlines()
+    found: dict[str, tuple[int, str]] = {}
+
+    def add(module: str, node: ast.AST) -> None:
+        if module in modules:
+            found.setdefault(module, (node.lineno, lines[node.lineno - 1].strip()))
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name, node)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                anchor = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{anchor}.{base}" if base else anchor
+            for alias in node.names:  # `from . import x` imports the submodule x, not the package around it
+                add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base, node)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (m := LAZY_NAME.match(node.value)):
+            add(m[1], node)
+    return found
+
+
+def import_graph(sources: dict[str, str], package: str = "emloc_nb") -> dict[str, dict[str, tuple[int, str]]]:
+    """module -> {module it depends on: (line, text)}, over the modules of one package given as {name: source}."""
+    modules = set(sources)
+    graph = {}
+    for name, source in sources.items():
+        inside = name if name == package else name.rsplit(".", 1)[0]
+        graph[name] = {m: where for m, where in references(source, inside, modules).items() if m != name}
+    return graph
+
+
+def cycles(graph: dict[str, dict]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each as one cycle through all its members'
+    first edges: [a, b, ..., a]."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_cycle_through(graph, component) for component in components]
+
+
+def _cycle_through(graph: dict[str, dict], component: list[str]) -> list[str]:
+    """A shortest cycle from the component's first module back to itself, inside the component (breadth first)."""
+    start, members = component[0], set(component)
+    previous = {start: None}
+    queue = [start]
+    while queue:
+        v = queue.pop(0)
+        for w in sorted(graph[v]):
+            if w == start:
+                path = [v]
+                while previous[path[-1]] is not None:
+                    path.append(previous[path[-1]])
+                return [*reversed(path), start]
+            if w in members and w not in previous:
+                previous[w] = v
+                queue.append(w)
+    raise AssertionError(f"no cycle through {component}")
+
+
+def describe(graph: dict[str, dict], cycle: list[str]) -> str:
+    steps = [f"  {a}  imports  {b}   (line {graph[a][b][0]}: {graph[a][b][1]})" for a, b in zip(cycle, cycle[1:])]
+    return " -> ".join(m.removeprefix("emloc_nb.") for m in cycle) + "\n" + "\n".join(steps)
+
+
+def core_sources() -> dict[str, str]:
+    return {module_of(p): p.read_text() for p in CORE}
+
+
+def test_emloc_nb_imports_one_way():
+    graph = import_graph(core_sources())
+    found = cycles(graph)
+    assert not found, f"{len(found)} import cycle(s) in emloc_nb (imports inside functions and lazy names count):\n" + (
+        "\n".join(describe(graph, c) for c in found)
+    )
+
+
+def test_the_cycle_check_sees_imports_inside_functions_and_lazy_names():
+    sources = {
+        "emloc_nb": "from .lazy import lazy\nEXPORTS = {'Run': 'emloc_nb.run:Run'}\n",
+        "emloc_nb.lazy": "def lazy(target): ...\n",
+        "emloc_nb.low": "def f():\n    from .high import g\n",  # upward, inside a function
+        "emloc_nb.high": "from . import low\n",
+        "emloc_nb.run": "from .lazy import lazy\ng = lazy('emloc_nb.high:g')\n",
+    }
+    graph = import_graph(sources)
+    assert graph["emloc_nb"] == {"emloc_nb.lazy": (1, "from .lazy import lazy"), "emloc_nb.run": (2, ANY_LINE)}
+    assert graph["emloc_nb.run"]["emloc_nb.high"] == (2, "g = lazy('emloc_nb.high:g')")
+    assert cycles(graph) == [["emloc_nb.high", "emloc_nb.low", "emloc_nb.high"]]
+    assert "(line 2: from .high import g)" in describe(graph, cycles(graph)[0])
+    sources["emloc_nb.low"] = "def f():\n    return 1\n"
+    assert cycles(import_graph(sources)) == []
+    sources["emloc_nb.low"] = "from .lazy import lazy\nRun = lazy('emloc_nb.run:Run')\n"  # upward, by a lazy name
+    assert cycles(import_graph(sources)) == [["emloc_nb.high", "emloc_nb.low", "emloc_nb.run", "emloc_nb.high"]]
+
+
+class _AnyLine(str):
+    def __eq__(self, other):
+        return isinstance(other, str)
+
+    __hash__ = str.__hash__
+
+
+ANY_LINE = _AnyLine()
+
+
+# ----------------------------------------------------------------------------- the notebook stack
 
 
 @pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
