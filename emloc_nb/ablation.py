@@ -29,7 +29,7 @@ from pathlib import Path
 from .artifacts import atomic_path
 from .config import CorrectionSpec, EvalSpec, RunConfig, resolve_prior_target
 from .errors import EmlocError
-from .evaluate import EvalResult
+from .evaluation import EvalResult
 from .models import load_model
 from .ranks import allocate
 from .reports import Report

@@ -50,9 +50,9 @@ tokenized_batches = lazy("emloc_nb.data:batches")
 CalibrationStats = lazy("emloc_nb.calibration:CalibrationStats")
 Emulator = lazy("emloc_nb.emulator:Emulator")
 SpectrumTable = lazy("emloc_nb.spectra:SpectrumTable")
-DriftReport = lazy("emloc_nb.drift:DriftReport")
-CorrectionReport = lazy("emloc_nb.correction:CorrectionReport")
-EvalResult = lazy("emloc_nb.evaluate:EvalResult")
+DriftReport = lazy("emloc_nb.emulator_drift:DriftReport")
+CorrectionReport = lazy("emloc_nb.correction_report:CorrectionReport")
+EvalResult = lazy("emloc_nb.evaluation:EvalResult")
 
 
 def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:

@@ -1,6 +1,6 @@
 """Scoring answers: the likelihood of answer tokens, constrained choice among answers, greedy generation.
 
-The training loss (`answer_nll`), the evaluation (`emloc_nb.evaluate`) and the memory
+The training loss (`answer_nll`), the evaluation (`emloc_nb.evaluation`) and the memory
 accounting all score answers through these functions, so they agree on what an
 answer's likelihood is.
 """

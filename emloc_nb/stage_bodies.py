@@ -15,12 +15,13 @@ from peft import PeftModel
 
 from .calibration import collect_stats
 from .config import resolve_prior_target
-from .correction import CorrectionReport, correct_lora
-from .drift import drift
+from .correction import correct_lora
+from .correction_report import CorrectionReport
 from .emulator import build_emulator
+from .emulator_drift import drift
 from .errors import EmlocError
 from .eval_settings import SETTINGS
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .lora import load_adapter
 from .memory import weights_mb
 from .streaming import stream

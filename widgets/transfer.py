@@ -15,8 +15,8 @@ from pathlib import Path
 import ipywidgets as W
 
 from emloc_nb.ablation import AblationReport, goal_text, load_ablation, std_goal_text
-from emloc_nb.correction import CorrectionReport
-from emloc_nb.evaluate import EvalResult
+from emloc_nb.correction_report import CorrectionReport
+from emloc_nb.evaluation import EvalResult
 
 from . import tables as T
 from .base import View, figure_widget, note, refresh

@@ -39,8 +39,8 @@ import torch  # noqa: E402, F401
 import transformers  # noqa: E402, F401
 
 import emloc_nb.correction  # noqa: E402, F401
-import emloc_nb.drift  # noqa: E402, F401
-import emloc_nb.evaluate  # noqa: E402, F401
+import emloc_nb.emulator_drift  # noqa: E402, F401
+import emloc_nb.evaluation  # noqa: E402, F401
 import emloc_nb.training  # noqa: E402, F401
 from emloc_nb import artifacts  # noqa: E402
 from emloc_nb.cli import main  # noqa: E402

@@ -3,8 +3,8 @@ import torch
 
 from emloc_nb import EmlocError, Emulator, RankPlan, allocate, build_emulator, collect_stats, fingerprint, tiny_model
 from emloc_nb.data import batches
-from emloc_nb.drift import relative_error
 from emloc_nb.emulator import LowRankLinear, whitening
+from emloc_nb.emulator_drift import relative_error
 from emloc_nb.models import block_linears, linear_weight, model_inputs
 from emloc_nb.ranks import rank_for_ratio
 

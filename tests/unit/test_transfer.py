@@ -8,10 +8,11 @@ from peft import PeftModel
 
 from emloc_nb import LoraSpec, TrainSpec, build_emulator, collect_stats, correct_lora, finetune, tiny_model
 from emloc_nb.config import resolve_prior_target
-from emloc_nb.correction import answer_tokens, fit_prior, label_target, lstsq_kappa, placebo_layer
 from emloc_nb.data import batches
 from emloc_nb.errors import EmlocError
+from emloc_nb.layer_correction import lstsq_kappa, placebo_layer
 from emloc_nb.lora import attach_lora, load_adapter, lora_factors
+from emloc_nb.prior import answer_tokens, fit_prior, label_target
 from emloc_nb.scoring import answer_states
 
 

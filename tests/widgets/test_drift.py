@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from emloc_nb.drift import DriftReport
+from emloc_nb.emulator_drift import DriftReport
 from emloc_nb.widgets import DriftView
 from emloc_nb.widgets.plots.common import trace
 from emloc_nb.widgets.tokens import readable_tokens, token_kl_html
