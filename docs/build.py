@@ -93,7 +93,7 @@ def page(nb: nbformat.NotebookNode, title: str) -> str:
 
 def build(notebook: Path, output: Path) -> Path:
     """Execute one notebook and write its static page; returns the page's path."""
-    from emloc_nb.artifacts import atomic_path
+    from emloc_nb.atomic import atomic_path
 
     nb = nbformat.read(notebook, as_version=4)
     saved = os.environ.get("EMLOC_STATIC_VIEWS")
@@ -118,14 +118,14 @@ def build(notebook: Path, output: Path) -> Path:
 def write_plotly_js(output: Path) -> None:
     from plotly.offline import get_plotlyjs
 
-    from emloc_nb.artifacts import atomic_path
+    from emloc_nb.atomic import atomic_path
 
     with atomic_path(output / PLOTLY_JS) as tmp:
         tmp.write_text(get_plotlyjs(), encoding="utf-8")
 
 
 def write_index(output: Path) -> None:
-    from emloc_nb.artifacts import atomic_path
+    from emloc_nb.atomic import atomic_path
 
     pages = sorted(p for p in output.glob("*.html") if p.name != "index.html")
     items = "".join(f"<li><a href='{html.escape(p.name)}'>{html.escape(p.stem)}</a></li>" for p in pages)

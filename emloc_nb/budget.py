@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .data import collator_for
 from .memory import footprint, longest_examples, predict_training
 from .stage_bodies import base_model
+from .tokens import collator_for
 from .training import examples_seen, training_collator
 
 # (row, model, training?, the stage that measures it, its steady-state phase)

@@ -20,19 +20,17 @@ import os
 import sys
 from pathlib import Path
 
+from .ablation import ablate
+from .ablation_methods import AblationSpec
 from .config import RunConfig, is_small, parse_setting, small_settings, with_settings
 from .errors import EmlocError
-from .lazy import lazy, resolve
+from .lazy import resolve
+from .model_sources import pretrained_args
 from .results import results_markdown
 from .run import Run
 from .runner import finetune_with_trainer
 from .stages import reconfigure
 from .version import __version__
-
-# The torch side of the commands, imported on first use (emloc_nb.lazy).
-pretrained_args = lazy("emloc_nb.models:pretrained_args")
-AblationSpec = lazy("emloc_nb.ablation:AblationSpec")
-ablate = lazy("emloc_nb.ablation:ablate")
 
 # Flags that stand for a `--set` key: the one place that maps them (value None: the flag was not given).
 SHORTCUTS = {

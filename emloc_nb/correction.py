@@ -15,19 +15,22 @@ from peft import LoraConfig
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import FORMAT_VERSION, atomic_dir, check_fingerprint, read_tensors, write_json, write_tensors
+from .artifacts import FORMAT_VERSION, artifact_dir, check_fingerprint
 from .calibration import CalibrationStats
-from .config import CLAMP, check_value
+from .checks import check_value
+from .config import CLAMP
 from .correction_report import CorrectionReport
 from .emulator import Emulator
 from .errors import EmlocError
+from .fingerprints import fingerprint
 from .layer_correction import correct_layer, error_terms, lstsq_kappa, placebo_layer, subspace_cosines
 from .lora import INITIAL_A_FILE, load_adapter, lora_factors
 from .measure import phase
-from .models import block_index, fingerprint, linear_weight, module_name
 from .prior import answer_tokens, fit_prior, label_target, prior_tensors
 from .progress import progress as progress_bar
 from .scoring import answer_states
+from .serial import read_tensors, write_json, write_tensors
+from .structure import block_index, linear_weight, module_name
 
 
 def _check_adapter(peft_emulator, factors: dict, adapter_dir) -> str:
@@ -210,7 +213,7 @@ def correct_lora(
 
     fan_in_fan_out = any(isinstance(originals[n], Conv1D) for n in ranks)
     prior = None
-    with atomic_dir(
+    with artifact_dir(
         output_dir,
         overwrite=overwrite,
         kind="corrected_adapter",

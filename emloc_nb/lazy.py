@@ -46,16 +46,17 @@ def resolve(target: str):
 
 
 class Lazy:
-    """Stands for the function or class `target` names; imports it when first called or asked for an attribute."""
+    """Stands for the function or class `target` names; imports it when called or asked for an attribute.
+
+    It looks the name up on every use (a dictionary lookup once the module is imported), as an import
+    inside the function would, so a test that patches the module's attribute is seen.
+    """
 
     def __init__(self, target: str):
         self.target = target
-        self._value = None
 
     def resolve(self):
-        if self._value is None:
-            self._value = resolve(self.target)
-        return self._value
+        return resolve(self.target)
 
     def __call__(self, *args, **kwargs):
         return self.resolve()(*args, **kwargs)

@@ -17,20 +17,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .artifacts import (
-    FORMAT_VERSION,
-    atomic_dir,
-    read_json_object,
-    read_tensors,
-    verify_manifest,
-    write_json,
-    write_tensors,
-)
-from .config import LoraSpec, check_value
-from .emulator import LowRankLinear
+from .artifacts import FORMAT_VERSION, artifact_dir, verify_manifest
+from .checks import check_value
+from .config import LoraSpec
 from .errors import EmlocError, first_line
+from .factoring import LowRankLinear
+from .fingerprints import fingerprint
 from .measure import phase
-from .models import block_linears, fingerprint
+from .serial import read_json_object, read_tensors, write_json, write_tensors
+from .structure import block_linears
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INITIAL_A_FILE = "initial_lora_A.safetensors"  # beside an adapter: A at initialisation, per layer
@@ -123,7 +118,7 @@ def save_adapter(
     """
     info = info or {}
     check_finite_lora(peft_model, when=f"before the adapter was written to {path}")
-    with atomic_dir(
+    with artifact_dir(
         path, overwrite=overwrite, kind="adapter", model_fingerprint=base_fingerprint, config=info.get("run", {})
     ) as tmp:
         peft_model.save_pretrained(tmp)

@@ -1,4 +1,5 @@
-"""Measured memory: each phase's peak resident memory (and peak CUDA memory), and the resident set now.
+"""Measured memory: each phase's peak resident memory (and peak CUDA memory), the resident set now, and the
+bytes a model's weights take.
 
 `PhaseMeter` measures: inside it, each `phase("load")`, `phase("train_steps")`, ...
 records the peak resident memory of that phase alone (and the peak CUDA memory on a
@@ -26,6 +27,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MB = 2**20
 _STATUS = Path("/proc/self/status")
@@ -260,3 +265,19 @@ def phase(name: str) -> Iterator[None]:
         return
     with meter.phase(name):
         yield
+
+
+def tensor_bytes(tensors) -> int:
+    """The bytes of the storages behind `tensors`, each counted once (views and tied weights share one)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
+
+
+def weights_mb(model: nn.Module) -> float:
+    """Unique parameter and buffer bytes (tied weights count once)."""
+    return tensor_bytes(list(model.parameters()) + list(model.buffers())) / MB

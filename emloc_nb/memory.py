@@ -14,25 +14,10 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .data import tokenize
 from .lora import attach_lora
-from .measure import MB
+from .measure import MB, tensor_bytes, weights_mb
 from .scoring import answer_nll
-
-
-def _bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
-    return total
-
-
-def weights_mb(model: nn.Module) -> float:
-    """Unique parameter and buffer bytes (tied weights count once)."""
-    return _bytes(list(model.parameters()) + list(model.buffers())) / MB
+from .tokens import tokenize
 
 
 def footprint(model: nn.Module, batch: dict, *, train: bool = True, checkpointed: bool = False) -> dict:
@@ -86,11 +71,11 @@ def footprint(model: nn.Module, batch: dict, *, train: bool = True, checkpointed
         p.grad = None
     if checkpointed and blocks:
         kept = saved[None] + block_inputs
-        base = _bytes(kept)
-        recompute = max((_bytes(kept + saved.get(i, [])) - base for i in range(len(blocks))), default=0)
+        base = tensor_bytes(kept)
+        recompute = max((tensor_bytes(kept + saved.get(i, [])) - base for i in range(len(blocks))), default=0)
         activations = (base + recompute) / MB
     else:
-        activations = _bytes([t for ts in saved.values() for t in ts]) / MB
+        activations = tensor_bytes([t for ts in saved.values() for t in ts]) / MB
     weights = weights_mb(model)
     state = 4 * sum(p.numel() * p.element_size() for p in trainable) / MB if train else 0.0
     return {

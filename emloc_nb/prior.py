@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, encode_example
 from .errors import EmlocError
+from .tokens import IGNORE_INDEX, encode_example
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from .artifacts import atomic_path, write_json
+from .atomic import atomic_path
 from .eval_settings import SETTINGS, TRAINED_BY, settings
 from .layout import record_name
+from .serial import write_json
 
 
 def write_results(run) -> None:

@@ -20,33 +20,29 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import runner
-from .artifacts import (
-    atomic_dir,
-    discard,
-    is_leftover,
-    read_json,
-    read_json_object,
-    run_lock,
-    verify_manifest,
-    write_json,
-)
+from .artifacts import verify_manifest
+from .atomic import atomic_dir, discard, is_leftover
 from .config import RunConfig, is_small, resolve_prior_target, small_settings
 from .errors import EmlocError
 from .layout import ADAPTERS, LAYOUT, SHARED_BY, artifact_path, in_layout
-from .lazy import lazy, resolve
+from .lazy import lazy
+from .model_sources import DEFAULT_MODEL
+from .runlock import run_lock
+from .serial import read_json, read_json_object, write_json
 from .stages import check_provenance
+from .tasks import BUILT_IN_TASKS, HF_PREFIX
 
 # The torch side a run directory reaches into, imported on first use.
 load_model = lazy("emloc_nb.models:load_model")
 load_tokenizer = lazy("emloc_nb.models:load_tokenizer")
 skeleton = lazy("emloc_nb.models:skeleton")
-block_linears = lazy("emloc_nb.models:block_linears")
-linear_weight = lazy("emloc_nb.models:linear_weight")
+block_linears = lazy("emloc_nb.structure:block_linears")
+linear_weight = lazy("emloc_nb.structure:linear_weight")
 model_dtype = lazy("emloc_nb.models:model_dtype")
 resolve_device = lazy("emloc_nb.models:resolve_device")
 torch_dtype = lazy("emloc_nb.models:torch_dtype")
 load_task = lazy("emloc_nb.data:load_task")
-tokenized_batches = lazy("emloc_nb.data:batches")
+tokenized_batches = lazy("emloc_nb.tokens:batches")
 CalibrationStats = lazy("emloc_nb.calibration:CalibrationStats")
 Emulator = lazy("emloc_nb.emulator:Emulator")
 SpectrumTable = lazy("emloc_nb.spectra:SpectrumTable")
@@ -74,11 +70,8 @@ def task_of(config: RunConfig):
 
 def _inputs(config: RunConfig) -> list[Path]:
     """The files a run reads that the user owns: a local model and a data file or folder (not Hub ids)."""
-    default_model, built_in, hf_prefix = (
-        resolve(name) for name in ("emloc_nb.models:DEFAULT_MODEL", "emloc_nb.data:BUILT_IN", "emloc_nb.data:HF_PREFIX")
-    )
-    named = [config.model] if config.model != default_model else []
-    named += [config.task.source.removeprefix(hf_prefix)] if config.task.source not in built_in else []
+    named = [config.model] if config.model != DEFAULT_MODEL else []
+    named += [config.task.source.removeprefix(HF_PREFIX)] if config.task.source not in BUILT_IN_TASKS else []
     return [p for p in (Path(v).expanduser() for v in named) if p.exists()]
 
 

@@ -15,14 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from .artifacts import LOCK_ENV, run_lock, write_json
 from .errors import EmlocError
 from .layout import record_name
-from .lazy import lazy
 from .measure import PhaseMeter, return_freed_memory, rss_mb
+from .runlock import LOCK_ENV, run_lock
+from .serial import write_json
+from .stage_bodies import finetune_with_trainer as trainer_lora
 from .stages import STAGES, check_provenance, get, recording
-
-trainer_lora = lazy("emloc_nb.stage_bodies:finetune_with_trainer")
 
 PARENT_ENV = "EMLOC_PARENT_PID"  # a stage process dies with the process that started it (emloc_nb.stage_process)
 _CHILD = "import sys; from emloc_nb.stage_process import main; sys.exit(main(sys.argv[1:]))"
@@ -114,6 +113,8 @@ def _run_step(run, step: str, isolate: bool) -> None:
 
 def execute(run, step: str, *, isolated: bool) -> None:
     """Run one step ("calibrate", "evaluate:original", ...) in this process and write its stage record."""
+    import torch  # noqa: F401  (loaded first, as it always was: the baseline counts it; the stage imports the rest)
+
     return_freed_memory()
     name, _, part = step.partition(":")
     stage = get(name)

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data import IGNORE_INDEX, collator_for, encode_example
 from .errors import EmlocError
-from .models import accepts, model_inputs, on_device
+from .structure import accepts, model_inputs, on_device
+from .tokens import IGNORE_INDEX, collator_for, encode_example
 
 
 def answer_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,31 +1,37 @@
 """What each stage of a run computes: one function per stage, and the steps they share with the ablation.
 
 A stage function takes (run, stage, part, progress) and returns extra fields for its stage
-record. The registry (emloc_nb.stages) names each one as a "module:function" string, so the
-stage runner and the CLI never import torch themselves; the runner calls it in a stage process.
-The ablation builds its rows from the same steps: `transfer_lora` carries the emulator's LoRA over
-to the original, `evaluate_adapter` scores a model with an adapter.
+record; the registry (emloc_nb.stages) lists them. They reach the torch side through lazy names
+(emloc_nb.lazy), so that each stage process imports what its own stage uses and no more (the
+libraries a process loads count in its measured peak), and the registry, the runner and the CLI
+import no torch at all. The ablation builds its rows from the same steps: `transfer_lora` carries
+the emulator's LoRA over to the original, `evaluate_adapter` scores a model with an adapter.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peft import PeftModel
-
-from .calibration import collect_stats
 from .config import resolve_prior_target
-from .correction import correct_lora
-from .correction_report import CorrectionReport
-from .emulator import build_emulator
-from .emulator_drift import drift
 from .errors import EmlocError
 from .eval_settings import SETTINGS
-from .evaluation import evaluate
-from .lora import load_adapter
-from .memory import weights_mb
-from .streaming import stream
-from .training import TrainResult, finetune, finetune_hf
+from .lazy import lazy
+from .measure import weights_mb
+
+if TYPE_CHECKING:
+    from .correction_report import CorrectionReport
+    from .training import TrainResult
+
+collect_stats = lazy("emloc_nb.calibration:collect_stats")
+build_emulator = lazy("emloc_nb.emulator:build_emulator")
+stream = lazy("emloc_nb.streaming:stream")
+drift = lazy("emloc_nb.emulator_drift:drift")
+finetune = lazy("emloc_nb.training:finetune")
+finetune_hf = lazy("emloc_nb.hf_training:finetune_hf")
+correct_lora = lazy("emloc_nb.correction:correct_lora")
+load_adapter = lazy("emloc_nb.lora:load_adapter")
+evaluate = lazy("emloc_nb.evaluation:evaluate")
 
 
 def base_model(run, which: str, dtype: str | None = None):
@@ -135,7 +141,7 @@ def finetune_stage(run, stage, part: str | None, progress: bool) -> dict:
 
 
 def finetune_with_trainer(run, target: str, **training_args) -> Path:
-    """The fine-tuning stage's LoRA through transformers' Trainer (emloc_nb.runner.finetune_with_trainer)."""
+    """The fine-tuning stage's LoRA through transformers' Trainer (emloc_nb.runner.finetune_with_trainer runs it)."""
     return train_lora(run, target, finetune_hf, **training_args)[1].adapter_dir
 
 
@@ -215,6 +221,8 @@ def evaluate_adapter(
     progress: bool,
 ) -> dict:
     """Score `model` (with the adapter at `adapter`, if any) on the run's task; save the EvalResult to `output`."""
+    from peft import PeftModel
+
     if adapter is not None:
         model = load_adapter(model, adapter, check_base=check_base)
     try:

@@ -4,9 +4,9 @@
 
 Each `Stage` in `STAGES` says what it reads and writes (run artifacts, see emloc_nb.layout; a
 stage is done when everything it writes exists), which model it loads and which settings decide
-its result. Its function lives in emloc_nb.stage_bodies and is named here as a "module:function"
-string (emloc_nb.lazy), so the registry, the runner and the CLI import no torch. Adding a stage is
-one function there and one entry here. Running the stages is emloc_nb.runner.
+its result. Its function lives in emloc_nb.stage_bodies, which reaches the torch side only through
+lazy names, so the registry, the runner and the CLI import no torch. Adding a stage is one function
+there and one entry here. Running the stages is emloc_nb.runner.
 """
 
 from __future__ import annotations
@@ -15,12 +15,20 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .artifacts import differences, manifest_digest, provenance, read_manifest
+from .artifacts import differences, manifest_digest, read_manifest
 from .config import RunConfig, with_settings
 from .errors import EmlocError
 from .eval_settings import SETTINGS, setting_reads, settings
-from .lazy import lazy
+from .provenance import provenance
 from .results import write_results
+from .stage_bodies import (
+    calibrate_stage,
+    correct_stage,
+    drift_stage,
+    emulator_stage,
+    evaluate_stage,
+    finetune_stage,
+)
 
 Body = Callable[..., dict]  # (run, stage, part, progress) -> extra fields of the stage record
 
@@ -71,7 +79,7 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage(
             "calibrate",
-            lazy("emloc_nb.stage_bodies:calibrate_stage"),
+            calibrate_stage,
             reads=(),
             writes=("calibration:train", "calibration:heldout"),
             model="original",
@@ -80,7 +88,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "emulator",
-            lazy("emloc_nb.stage_bodies:emulator_stage"),
+            emulator_stage,
             reads=("calibration:train",),
             writes=("emulator",),
             model="original",
@@ -89,7 +97,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "drift",
-            lazy("emloc_nb.stage_bodies:drift_stage"),
+            drift_stage,
             reads=("emulator", "calibration:heldout"),
             writes=("drift",),
             model="original",
@@ -98,7 +106,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "finetune_emulator",
-            lazy("emloc_nb.stage_bodies:finetune_stage"),
+            finetune_stage,
             reads=("emulator", "calibration:train"),
             writes=("adapter:emulator",),
             model="emulator",
@@ -107,7 +115,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "finetune_original",
-            lazy("emloc_nb.stage_bodies:finetune_stage"),
+            finetune_stage,
             reads=("calibration:train",),  # for a data-aligned LoRA (lora.init="eigen")
             writes=("adapter:original",),
             model="original",
@@ -117,7 +125,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "correct",
-            lazy("emloc_nb.stage_bodies:correct_stage"),
+            correct_stage,
             reads=("emulator", "adapter:emulator", "calibration:train", "calibration:heldout"),
             writes=("corrected_adapter", "correction"),
             model="original",
@@ -126,7 +134,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "evaluate",
-            lazy("emloc_nb.stage_bodies:evaluate_stage"),
+            evaluate_stage,
             reads=("emulator", "adapter:emulator", "corrected_adapter"),
             writes=("results",),
             model=None,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.ablation import AblationReport, goal_text, load_ablation, std_goal_text
+from emloc_nb.ablation_report import AblationReport, goal_text, load_ablation, std_goal_text
 from emloc_nb.correction_report import CorrectionReport
 from emloc_nb.evaluation import EvalResult
 

@@ -8,7 +8,9 @@ import shutil
 import pytest
 
 from emloc_nb import EmlocError
-from emloc_nb.ablation import Ablation, AblationReport, AblationSpec, default_method, load_ablation, std_goal_text
+from emloc_nb.ablation import Ablation
+from emloc_nb.ablation_methods import AblationSpec, default_method
+from emloc_nb.ablation_report import AblationReport, load_ablation, std_goal_text
 from emloc_nb.cli import main as cli
 from emloc_nb.config import RunConfig
 

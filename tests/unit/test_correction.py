@@ -17,10 +17,10 @@ from emloc_nb import (
     tiny_model,
 )
 from emloc_nb.correction_report import CorrectionReport
-from emloc_nb.data import batches
 from emloc_nb.layer_correction import clamp_factors, error_terms
 from emloc_nb.lora import load_adapter, lora_factors, peft_config, save_adapter
-from emloc_nb.models import linear_weight, model_inputs
+from emloc_nb.structure import linear_weight, model_inputs
+from emloc_nb.tokens import batches
 
 D_OUT, D_IN, R = 12, 10, 3
 

@@ -147,8 +147,8 @@ def test_the_budget_adds_the_process_as_it_began_to_load_the_model(tiny_run, mon
 
 def test_the_planner_counts_what_gradient_checkpointing_keeps(toy_task):
     from emloc_nb import LoraSpec, TrainSpec, tiny_model
-    from emloc_nb.data import batches
     from emloc_nb.memory import predict_training
+    from emloc_nb.tokens import batches
 
     model, tokenizer = tiny_model("llama")
     batch = batches(tokenizer, toy_task.train, batch_size=4, limit=4)[0]
@@ -168,7 +168,7 @@ HEAD_SCRIPT = """
 import sys
 import torch
 from emloc_nb import measure
-from emloc_nb.models import tiny_model
+from emloc_nb.tiny import tiny_model
 from emloc_nb.scoring import answer_nll
 measure.return_freed_memory()  # every block above 128 KiB is its own mapping: a copy shows in the resident set
 model, tok = tiny_model("llama")
@@ -202,8 +202,8 @@ def test_the_output_layer_backward_does_not_copy_its_weight_per_sequence(dtype):
 
 def test_the_planner_predicts_from_the_longest_micro_batch_a_run_trains_on(toy_task, tmp_path, monkeypatch):
     from emloc_nb import TrainSpec, tiny_model, training
-    from emloc_nb.data import collator_for, tokenize
     from emloc_nb.memory import longest_examples
+    from emloc_nb.tokens import collator_for, tokenize
 
     model, tok = tiny_model("llama")
     config = TrainSpec(steps=3, batch_size=4, micro_batch_size=2, checkpoint_every=0)
