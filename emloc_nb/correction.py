@@ -11,11 +11,10 @@ import math
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .artifacts import FORMAT_VERSION, artifact_dir, check_fingerprint
+from .artifacts import artifact_dir, check_fingerprint
 from .calibration import CalibrationStats
 from .checks import check_value
 from .config import CLAMP
@@ -24,12 +23,12 @@ from .emulator import Emulator
 from .errors import EmlocError
 from .fingerprints import fingerprint
 from .layer_correction import correct_layer, error_terms, lstsq_kappa, placebo_layer, subspace_cosines
-from .lora import INITIAL_A_FILE, load_adapter, lora_factors
+from .lora import INITIAL_A_FILE, load_adapter, lora_factors, write_adapter_info, write_lora_factors
 from .measure import phase
 from .prior import answer_tokens, fit_prior, label_target, prior_tensors
 from .progress import progress as progress_bar
 from .scoring import answer_states
-from .serial import read_tensors, write_json, write_tensors
+from .serial import read_tensors
 from .structure import block_index, linear_weight, module_name
 
 
@@ -50,24 +49,6 @@ def _check_adapter(peft_emulator, factors: dict, adapter_dir) -> str:
             "which the correction cannot carry over to the original. Train a plain LoRA on linear layers instead."
         )
     return config.task_type
-
-
-def _write_adapter(path: Path, tensors: dict, ranks: dict[str, int], task_type, fan_in_fan_out: bool) -> None:
-    """A standard peft adapter with the scaling folded in (lora_alpha = r for every layer)."""
-    r = max(ranks.values())
-    LoraConfig(
-        r=r,
-        lora_alpha=r,
-        target_modules=sorted(ranks),
-        use_rslora=False,
-        lora_dropout=0.0,
-        bias="none",
-        task_type=task_type,
-        fan_in_fan_out=fan_in_fan_out,
-        rank_pattern={n: k for n, k in ranks.items() if k != r},
-        alpha_pattern={n: k for n, k in ranks.items() if k != r},
-    ).save_pretrained(str(path))
-    write_tensors(path / "adapter_model.safetensors", tensors)
 
 
 def _top_eigenvectors(calibration: CalibrationStats, name: str, r: int, cache: dict) -> torch.Tensor:
@@ -226,7 +207,7 @@ def correct_lora(
             "placebo_seed": placebo_seed,
         },
     ) as tmp:
-        _write_adapter(tmp, tensors, ranks, task_type, fan_in_fan_out)
+        write_lora_factors(tmp, tensors, ranks, task_type=task_type, fan_in_fan_out=fan_in_fan_out)
         if prior_prompts is not None:  # fitted on the original with the layer-corrected LoRA just written
             corrected = load_adapter(original, tmp, check_base=False, manifest=False)
             try:
@@ -248,13 +229,14 @@ def correct_lora(
             dtype = torch.promote_types(head.weight.dtype, torch.float32)
             tensors[f"base_model.model.{head_name}.lora_A.weight"] = a_p.to(dtype)
             tensors[f"base_model.model.{head_name}.lora_B.weight"] = b_p.to(dtype)
-            _write_adapter(tmp, tensors, {**ranks, head_name: 1}, task_type, fan_in_fan_out)
-        write_json(
-            tmp / "emloc.json",
-            {
-                "format_version": FORMAT_VERSION,
-                "kind": "corrected_adapter",
-                "base_fingerprint": original_fp,
+            write_lora_factors(
+                tmp, tensors, {**ranks, head_name: 1}, task_type=task_type, fan_in_fan_out=fan_in_fan_out
+            )
+        write_adapter_info(
+            tmp,
+            kind="corrected_adapter",
+            base_fingerprint=original_fp,
+            info={
                 "emulator_fingerprint": emulator.fingerprint,
                 "clamp": clamp,
                 "kappa": kappa,
