@@ -11,17 +11,12 @@ the emulator's LoRA over to the original, `evaluate_adapter` scores a model with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .config import resolve_prior_target
 from .errors import EmlocError
 from .eval_settings import SETTINGS
 from .lazy import lazy
 from .measure import weights_mb
-
-if TYPE_CHECKING:
-    from .correction_report import CorrectionReport
-    from .training import TrainResult
 
 collect_stats = lazy("emloc_nb.calibration:collect_stats")
 build_emulator = lazy("emloc_nb.emulator:build_emulator")
@@ -114,14 +109,14 @@ def drift_stage(run, stage, part: str | None, progress: bool) -> dict:
 
 
 def train_lora(run, target: str, train=finetune, **options) -> tuple:
-    """(model, result) of training the run's LoRA on its "emulator" or "original" with `train`.
+    """(model, TrainResult) of training the run's LoRA on its "emulator" or "original" with `train`.
 
     `train` is the built-in loop (`finetune`) or transformers' Trainer (`finetune_hf`); both get the
     run's task, settings and output directory, and the model as the fine-tuning stage loads it.
     """
     model, tokenizer = base_model(run, target, run.config.train.frozen_dtype)
     stats = run.calibration("train") if run.config.lora.init == "eigen" else None  # a data-aligned LoRA starts there
-    result: TrainResult = train(
+    result = train(
         model,
         tokenizer,
         run.task(),
@@ -168,8 +163,8 @@ def transfer_lora(
     placebo_seed: int | None = None,
     data_overlap: bool = True,
     progress: bool = True,
-) -> CorrectionReport:
-    """Write the run's emulator LoRA, corrected for the original, to `output` (see correct_lora).
+):
+    """Write the run's emulator LoRA, corrected for the original, to `output`; return its CorrectionReport.
 
     `data_overlap=False` skips the report's overlaps with the inputs' top eigenvectors (they cost an
     eigendecomposition per input, and the adapter does not depend on them).
