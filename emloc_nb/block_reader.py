@@ -59,7 +59,7 @@ class Checkpoint:
             ) from None
 
     def tensors(self, names: list[str], *, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """The named tensors, converted and placed one at a time (artifacts.read_tensors)."""
+        """The named tensors, converted and placed one at a time (serial.read_tensors)."""
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise EmlocError(f"{self.path} lacks {missing[:3]}. The checkpoint is incomplete or of another model.")

@@ -11,7 +11,7 @@ from .provenance import provenance
 def fault(point: str) -> None:
     """SIGKILL this process the Nth time it passes `point` when EMLOC_FAULT="point:N" (kill tests only).
 
-    "point:N@STEP" counts only passes inside that stage step (see emloc_nb.stages.recording).
+    "point:N@STEP" counts only passes inside that stage step (emloc_nb.provenance: set by emloc_nb.stages.recording).
     """
     spec = os.environ.get("EMLOC_FAULT")
     if not spec:

@@ -1,12 +1,14 @@
 """The one place that decides what loads lazily.
 
-emloc-nb has a torch side (models, tasks, the method, the stage bodies) and a shell that starts
-without torch: `import emloc_nb`, configs and artifacts, the run directory, the stage registry and
-runner, the CLI. A shell module names the torch-side code it calls as a "module:attribute" string,
+emloc-nb has a torch side (models, tokens, the method) and a shell that starts without torch:
+`import emloc_nb`, configs and artifacts, the run directory, the stage functions, registry and
+runner, the ablation, the CLI. A shell module names the torch-side code it calls as a
+"module:attribute" string,
 
     load_model = lazy("emloc_nb.models:load_model")
 
-imported on first use. That is the only way emloc-nb imports its own code late; the layering test
+imported on first use. That is the only way emloc-nb imports its own code late (the stage
+functions use it too, so a stage process loads only what its stage needs); the layering test
 (tests/widgets/test_layering.py) reads these strings as imports, so they follow the same one-way
 order as every other import (docs/architecture.md).
 

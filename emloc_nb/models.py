@@ -44,7 +44,7 @@ def materialize(model: nn.Module, files: list[Path], *, dtype, device, incomplet
     `incomplete` is the error when some weight is missing ("{missing}" names them).
 
     Tensors that need no conversion stay memory-mapped; others are converted to `dtype` and
-    placed on `device` one by one (artifacts.read_tensors), so no second copy is held.
+    placed on `device` one by one (serial.read_tensors), so no second copy is held.
     """
     state = {}
     for file in files:

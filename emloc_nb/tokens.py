@@ -61,7 +61,7 @@ class Collator:
 
     Left padding puts every answer at the end of the batch, so scoring can keep only
     the last logits. position_ids count real tokens only, so outputs do not depend on
-    padding. `multiple` rounds the width up (few distinct shapes: `models.length_multiple`).
+    padding. `multiple` rounds the width up (few distinct shapes: `emloc_nb.models.length_multiple`).
     Works as an HF Trainer `data_collator`.
     """
 

@@ -1,4 +1,4 @@
-"""Memory: predicted components and measured peaks per setting (rows of `emloc_nb.budget.budget`), and the
+"""Memory: predicted components and measured peaks per setting (rows of `emloc_nb.memory.budget`), and the
 measured peak of each phase of each stage (`Run.stage_records()`)."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _memory_bars(rows: Sequence[dict], columns) -> list[go.Bar]:
 
 
 def memory_components_figure(rows: Sequence[dict]) -> go.Figure:
-    """Predicted memory per setting, stacked by component (rows of `emloc_nb.budget.budget`)."""
+    """Predicted memory per setting, stacked by component (rows of `emloc_nb.memory.budget`)."""
     fig = go.Figure(_memory_bars(rows, MEMORY_PARTS))
     fig.update_layout(
         **LAYOUT, barmode="stack", title=layout_title("Predicted memory per setting (MB)"), yaxis_title="MB"
