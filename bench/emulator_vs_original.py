@@ -32,7 +32,8 @@ def measure(path: str, steps: int, batch_size: int, checkpointing: bool) -> dict
     from transformers import AutoTokenizer
 
     from emloc_nb import Emulator, LoraSpec, attach_lora, batches, load_model, movie_sentiment
-    from emloc_nb.memory import footprint, peak_rss_mb, rss_mb, weights_mb
+    from emloc_nb.measure import peak_rss_mb, rss_mb, weights_mb
+    from emloc_nb.memory import footprint
     from emloc_nb.scoring import answer_nll
 
     torch.manual_seed(0)

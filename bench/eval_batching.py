@@ -26,9 +26,9 @@ def measure(setting: str, limit: int, batch_size: int) -> None:
     import torch
 
     from emloc_nb import evaluate, load_model, movie_sentiment
-    from emloc_nb.data import encode_example
-    from emloc_nb.memory import PhaseMeter, return_freed_memory
+    from emloc_nb.measure import PhaseMeter, return_freed_memory
     from emloc_nb.scoring import choice_logprobs
+    from emloc_nb.tokens import encode_example
 
     return_freed_memory()
     model, tok = load_model()

@@ -33,8 +33,8 @@ from emloc_nb import build_emulator, collect_stats, fingerprint
 from emloc_nb.config import LoraSpec
 from emloc_nb.correction import correct_lora
 from emloc_nb.lora import attach_lora, initial_factors, save_adapter
-from emloc_nb.memory import PhaseMeter, phase
-from emloc_nb.models import model_inputs, on_device
+from emloc_nb.measure import PhaseMeter, phase
+from emloc_nb.structure import model_inputs, on_device
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,

@@ -52,7 +52,7 @@ def train_spec(levers: str, steps: int):
 def measure_eval() -> dict:
     from emloc_nb import evaluate, load_model, movie_sentiment
     from emloc_nb.config import RunConfig
-    from emloc_nb.memory import PhaseMeter, return_freed_memory, rss_mb
+    from emloc_nb.measure import PhaseMeter, return_freed_memory, rss_mb
 
     return_freed_memory()
     ev = RunConfig().evaluation
@@ -68,9 +68,10 @@ def measure_eval() -> dict:
 def measure_train(which: str, levers: str, emulator_dir: str, steps: int) -> dict:
     from emloc_nb import Emulator, load_model, movie_sentiment
     from emloc_nb.config import RunConfig
-    from emloc_nb.data import Task
-    from emloc_nb.memory import PhaseMeter, longest_examples, predict_training, return_freed_memory, rss_mb, weights_mb
+    from emloc_nb.measure import PhaseMeter, return_freed_memory, rss_mb, weights_mb
+    from emloc_nb.memory import longest_examples, predict_training
     from emloc_nb.models import load_tokenizer
+    from emloc_nb.tasks import Task
     from emloc_nb.training import finetune, training_collator
 
     return_freed_memory()

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from emloc_nb import batches, collect_stats, load_model, movie_sentiment
-from emloc_nb.data import collator_for, encode_example
-from emloc_nb.emulator import whitening
-from emloc_nb.models import block_linears, linear_weight, model_inputs
+from emloc_nb.factoring import whitening
 from emloc_nb.scoring import answer_nll, choice_logprobs
+from emloc_nb.structure import block_linears, linear_weight, model_inputs
+from emloc_nb.tokens import collator_for, encode_example
 
 HERE = Path(__file__).parent
 

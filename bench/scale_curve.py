@@ -65,9 +65,9 @@ def make_model(shape: dict, rho: float | None, dtype: str):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from emloc_nb.emulator import LowRankLinear
-    from emloc_nb.models import block_linears
+    from emloc_nb.factoring import LowRankLinear
     from emloc_nb.ranks import RankPlan
+    from emloc_nb.structure import block_linears
 
     config = LlamaConfig(**{**LLAMA, **shape})
     with torch.device("meta"):
@@ -97,7 +97,7 @@ def measure(shape: dict, setting: str, steps: int, dtype: str) -> dict:
 
     from emloc_nb.config import RunConfig
     from emloc_nb.lora import attach_lora
-    from emloc_nb.memory import PhaseMeter, return_freed_memory, rss_mb, weights_mb
+    from emloc_nb.measure import PhaseMeter, return_freed_memory, rss_mb, weights_mb
 
     return_freed_memory()
     torch.manual_seed(0)

@@ -26,15 +26,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from emloc_nb import batches, build_emulator, collect_stats, load_model, movie_sentiment
 from emloc_nb.calibration import _default_forward
 from emloc_nb.config import RunConfig
-from emloc_nb.data import collator_for, tokenize
 from emloc_nb.lora import attach_lora
-from emloc_nb.models import block_linears, linear_weight
+from emloc_nb.structure import block_linears, linear_weight
+from emloc_nb.tokens import collator_for, tokenize
 
 
 @torch.no_grad()
 def naive_build(model, data, plan) -> dict[str, float]:
     """The textbook per-layer float64 build; returns each layer's predicted (whitened) error."""
-    from emloc_nb.emulator import whitening
+    from emloc_nb.factoring import whitening
 
     layers = block_linears(model)
     moments, tokens, handles, mask = {}, {}, [], {}

@@ -68,7 +68,7 @@ def write_checkpoint(directory: Path, dtype: str) -> dict:
 def build(directory: Path, output: Path, rho: float, examples: int, sequence: int, batch_size: int) -> dict:
     import torch
 
-    from emloc_nb.memory import PhaseMeter, return_freed_memory, rss_mb
+    from emloc_nb.measure import PhaseMeter, return_freed_memory, rss_mb
     from emloc_nb.streaming import build_streaming
 
     return_freed_memory()

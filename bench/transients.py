@@ -3,7 +3,7 @@
 1. glibc keeps freed large blocks in its heap (its mmap threshold rises as blocks are
    freed), so after the first training step a process never gives a step's activations
    back: emulator fine-tuning at batch 8 and evaluation, under glibc's default and under
-   fixed thresholds (`emloc_nb.memory.return_freed_memory`), in interleaved rounds.
+   fixed thresholds (`emloc_nb.measure.return_freed_memory`), in interleaved rounds.
 2. Drift's vocabulary-wide log-softmaxes over a whole batch (8 × up to 256 tokens × 49152)
    against one example at a time.
 3. Calibration's float64 copy of every x.T @ x against adding it into the float64 sum in
@@ -41,9 +41,9 @@ def allocator(threshold: str, emulator_dir: str, steps: int) -> dict:
 
     from emloc_nb import Emulator, evaluate, load_model, movie_sentiment
     from emloc_nb.config import RunConfig
-    from emloc_nb.data import Task
-    from emloc_nb.memory import PhaseMeter, return_freed_memory, rss_mb
+    from emloc_nb.measure import PhaseMeter, return_freed_memory, rss_mb
     from emloc_nb.models import load_tokenizer
+    from emloc_nb.tasks import Task
     from emloc_nb.training import finetune
 
     if threshold != "default":
@@ -77,8 +77,8 @@ def drift_softmax() -> dict:
     import torch
 
     from emloc_nb import batches, load_model, movie_sentiment
-    from emloc_nb.memory import PhaseMeter, phase, return_freed_memory
-    from emloc_nb.models import model_inputs
+    from emloc_nb.measure import PhaseMeter, phase, return_freed_memory
+    from emloc_nb.structure import model_inputs
 
     return_freed_memory()
     model, tok = load_model()
@@ -112,7 +112,7 @@ def second_moment(dim: int, tokens: int = 2048) -> dict:
     """Peak of one accumulation of x.T @ x into a float64 sum: through a float64 copy vs in place."""
     import torch
 
-    from emloc_nb.memory import PhaseMeter, phase, return_freed_memory
+    from emloc_nb.measure import PhaseMeter, phase, return_freed_memory
 
     return_freed_memory()
     x = torch.randn(tokens, dim)
@@ -135,7 +135,7 @@ def loading(what: str, emulator_dir: str) -> dict:
     import torch
 
     from emloc_nb import Emulator, load_model
-    from emloc_nb.memory import PhaseMeter, phase, return_freed_memory, weights_mb
+    from emloc_nb.measure import PhaseMeter, phase, return_freed_memory, weights_mb
 
     return_freed_memory()  # as the stage processes load (without it a bf16 load kept 90-220 MB more in 3 of 7 runs)
     with PhaseMeter() as meter:
@@ -161,7 +161,7 @@ def loading(what: str, emulator_dir: str) -> dict:
 def statistics(how: str, path: str) -> dict:
     """Peak above the load of reading every layer's covariance from saved statistics, in layer order."""
     from emloc_nb import CalibrationStats
-    from emloc_nb.memory import PhaseMeter, phase, return_freed_memory, rss_mb
+    from emloc_nb.measure import PhaseMeter, phase, return_freed_memory, rss_mb
 
     return_freed_memory()  # as the stage processes read them
     start = rss_mb()
@@ -180,7 +180,7 @@ def head_backward(dtype: str, layout: str) -> dict:
     import torch
 
     from emloc_nb import load_model
-    from emloc_nb.memory import PhaseMeter, phase, return_freed_memory
+    from emloc_nb.measure import PhaseMeter, phase, return_freed_memory
 
     return_freed_memory()
     head = load_model(dtype=dtype)[0].get_output_embeddings().requires_grad_(False)  # frozen, as under a LoRA
@@ -202,9 +202,9 @@ def shape_cache(dtype: str, multiple: str, emulator_dir: str, steps: int = 8) ->
     import emloc_nb.training
     from emloc_nb import Emulator, movie_sentiment
     from emloc_nb.config import RunConfig
-    from emloc_nb.data import Task
-    from emloc_nb.memory import PhaseMeter, return_freed_memory, rss_mb
+    from emloc_nb.measure import PhaseMeter, return_freed_memory, rss_mb
     from emloc_nb.models import load_tokenizer
+    from emloc_nb.tasks import Task
 
     return_freed_memory()
     emloc_nb.training.length_multiple = lambda model: int(multiple)  # the setting under test, for any dtype

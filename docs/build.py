@@ -156,7 +156,7 @@ def page(nb: nbformat.NotebookNode, title: str, nav_bar: str = "") -> str:
 
 def build(notebook: Path, output: Path) -> Path:
     """Execute one notebook and write its static page, linked to its neighbours in its folder; returns its path."""
-    from emloc_nb.artifacts import atomic_path
+    from emloc_nb.atomic import atomic_path
 
     nb = nbformat.read(notebook, as_version=4)
     saved = {k: os.environ.get(k) for k in KERNEL_ENV}
@@ -183,14 +183,14 @@ def build(notebook: Path, output: Path) -> Path:
 def write_plotly_js(output: Path) -> None:
     from plotly.offline import get_plotlyjs
 
-    from emloc_nb.artifacts import atomic_path
+    from emloc_nb.atomic import atomic_path
 
     with atomic_path(output / PLOTLY_JS) as tmp:
         tmp.write_text(get_plotlyjs(), encoding="utf-8")
 
 
 def write_index(output: Path) -> None:
-    from emloc_nb.artifacts import atomic_path
+    from emloc_nb.atomic import atomic_path
 
     pages = sorted(p for p in output.glob("*.html") if p.name != "index.html")
     items = "".join(

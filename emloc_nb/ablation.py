@@ -14,360 +14,28 @@ Each piece is written atomically and reused when present, so an interrupted abla
 resumes where it stopped. Choose settings with `split="validation"`, then write the final
 table with `split="test"` in the same directory: the runs do not depend on the split or on
 the base config's correction (the ablation applies its own), so each LoRA is trained once
-for both tables.
+for both tables. The corrections and evaluations are the pipeline's own steps (emloc_nb.stage_bodies).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from .artifacts import atomic_path
+from .ablation_methods import AblationSpec, Method
+from .ablation_report import AblationReport
+from .atomic import atomic_path
 from .config import CorrectionSpec, EvalSpec, RunConfig
-from .errors import EmlocError
-from .reports import Report
-from .stats import mcnemar, mean_std, paired_bootstrap
+from .lazy import lazy
+from .ranks import allocate
+from .run import Run
+from .stage_bodies import evaluate_adapter, transfer_lora
 
-INF = math.inf
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of the table: which run's LoRA, carried over how."""
-
-    key: str
-    label: str
-    variant: str | None  # the run whose LoRA it uses: "whitened", "plain", "eigen", "shrinkage", "energy"; None: none
-    model: str  # what is scored: "original" or "emulator"
-    adapter: str | None  # "emulator", "original" (the run's own adapters), "transfer" (written here) or None
-    correction: dict = field(default_factory=dict)  # correct_lora's clamp, kappa, prior, placebo
-    every_budget: bool = False  # False: the main budget only
-    reference: bool = False  # zero-shot and full LoRA: the same at every budget
-
-
-def _methods(clamps: list[float]) -> list[Method]:
-    def paper(clamp: float) -> Method:
-        label = "no clamp" if math.isinf(clamp) else f"L = {clamp:g}"
-        return Method(
-            f"L={clamp:g}",
-            f"paper's correction, {label}",
-            "whitened",
-            "original",
-            "transfer",
-            {"clamp": clamp},
-            every_budget=clamp == 3.0,
-        )
-
-    return [
-        Method("zero-shot", "original, zero-shot", None, "original", None, reference=True),
-        Method("full", "original + LoRA trained on the original", None, "original", "original", reference=True),
-        Method("emulator", "emulator + its LoRA", "whitened", "emulator", "emulator", every_budget=True),
-        Method("plain-naive", "plain-SVD emulator, naive transfer", "plain", "original", "transfer", {"clamp": 0.0}),
-        Method(
-            "naive",
-            "whitened emulator, naive transfer",
-            "whitened",
-            "original",
-            "transfer",
-            {"clamp": 0.0},
-            every_budget=True,
-        ),
-        *[paper(c) for c in clamps if c != 0],
-        Method(
-            "placebo",
-            "placebo: L = 3 on a random subspace",
-            "whitened",
-            "original",
-            "transfer",
-            {"clamp": 3.0, "placebo": True},
-        ),
-        Method("lstsq", "least-squares κ", "whitened", "original", "transfer", {"clamp": 3.0, "kappa": "lstsq"}),
-        Method(
-            "naive+prior",
-            "naive + prior correction (the emulator's prior)",
-            "whitened",
-            "original",
-            "transfer",
-            {"clamp": 0.0, "prior": True, "prior_target": "emulator"},
-            every_budget=True,
-        ),
-        Method(
-            "naive+labels",
-            "naive + prior correction (the labels' shares)",
-            "whitened",
-            "original",
-            "transfer",
-            {"clamp": 0.0, "prior": True, "prior_target": "labels"},
-            every_budget=True,
-        ),
-        Method(
-            "L=3+prior",
-            "L = 3 + prior correction (the emulator's prior)",
-            "whitened",
-            "original",
-            "transfer",
-            {"clamp": 3.0, "prior": True, "prior_target": "emulator"},
-            every_budget=True,
-        ),
-        Method(
-            "lstsq+prior",
-            "least-squares κ + prior correction",
-            "whitened",
-            "original",
-            "transfer",
-            {"clamp": 3.0, "kappa": "lstsq", "prior": True, "prior_target": "emulator"},
-        ),
-        Method("eigen-naive", "data-aligned LoRA (eigen init), naive", "eigen", "original", "transfer", {"clamp": 0.0}),
-        Method("eigen-L=3", "data-aligned LoRA (eigen init), L = 3", "eigen", "original", "transfer", {"clamp": 3.0}),
-        Method("energy-naive", "energy-allocated ranks, naive", "energy", "original", "transfer", {"clamp": 0.0}),
-        Method(
-            "energy+labels",
-            "energy-allocated ranks, naive + prior (the labels' shares)",
-            "energy",
-            "original",
-            "transfer",
-            {"clamp": 0.0, "prior": True, "prior_target": "labels"},
-        ),
-        Method(
-            "eigen",
-            "data-aligned LoRA (eigen init), L = 3 + prior",
-            "eigen",
-            "original",
-            "transfer",
-            {"clamp": 3.0, "prior": True, "prior_target": "emulator"},
-        ),
-        Method(
-            "shrinkage",
-            "shrunk whitening, L = 3 + prior",
-            "shrinkage",
-            "original",
-            "transfer",
-            {"clamp": 3.0, "prior": True, "prior_target": "emulator"},
-        ),
-    ]
-
-
-def _normal(correction: dict) -> dict:
-    prior = correction.get("prior", False)
-    return {
-        "clamp": correction.get("clamp", 3.0),
-        "kappa": correction.get("kappa", "clamp"),
-        "prior": prior,
-        "prior_target": correction.get("prior_target", "emulator") if prior else None,
-        "placebo": correction.get("placebo", False),
-    }
-
-
-def default_method(config: RunConfig, clamps: list[float], has_choices: bool) -> Method:
-    """The method that is the config's own correction: a row of the table, or one made for it."""
-    from .correction import resolve_prior_target
-
-    c = asdict(config.correction)
-    c["prior_target"] = resolve_prior_target(c["prior_target"], has_choices)
-    for m in _methods(clamps):
-        if m.adapter == "transfer" and m.variant == "whitened" and _normal(m.correction) == _normal(c):
-            return m
-    return Method("default", f"the config's correction ({c})", "whitened", "original", "transfer", c, True)
-
-
-@dataclass
-class AblationSpec:
-    """What the ablation varies. `methods=None`: every method (see `_methods`)."""
-
-    seeds: int = 3
-    budgets: list[float] = field(default_factory=lambda: [0.8, 0.6])  # the first is the main budget
-    clamps: list[float] = field(default_factory=lambda: [0.0, 1.0, 3.0, 10.0, INF])
-    split: str = "test"
-    shrinkage: float = 0.1
-    methods: list[str] | None = None
-
-    def __post_init__(self):
-        if self.seeds < 1 or not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
-            raise EmlocError("An ablation needs seeds ≥ 1 and budgets in (0, 1], e.g. --seeds 3 --budgets 0.8 0.6.")
-        if self.split not in ("validation", "test"):
-            raise EmlocError(f"split={self.split!r}: use 'validation' (to choose settings) or 'test' (final table).")
-        known = [m.key for m in _methods(self.clamps)] + ["default"]
-        unknown = sorted(set(self.methods or []) - set(known))
-        if unknown:
-            raise EmlocError(f"Unknown ablation method(s) {unknown}. Methods: {', '.join(known)}.")
-
-    def selected(self, config: RunConfig) -> list[Method]:
-        """The methods to run; the config's own correction is always one of them (the goals are about it).
-
-        A generation task has no classes, so the label-share prior is not one of its methods."""
-        from .run import task_of
-
-        has_choices = bool(task_of(config).choices)
-        methods = [m for m in _methods(self.clamps) if has_choices or m.correction.get("prior_target") != "labels"]
-        default = default_method(config, self.clamps, has_choices)
-        if default not in methods:
-            methods.append(default)
-        return [m for m in methods if self.methods is None or m.key in self.methods or m == default]
-
-
-@dataclass
-class AblationReport(Report):
-    """One row per method, budget and seed (accuracy, AUC, ...); `summary()` aggregates over seeds."""
-
-    kind = "ablation"
-
-    spec: dict
-    config: dict
-    rows: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def summary(self) -> list[dict]:
-        """Per method and budget: mean ± std over seeds, the recovered share, and the paired test against naive."""
-        groups: dict[tuple, list[dict]] = {}
-        for r in self.rows:
-            groups.setdefault((r["method"], r["budget"]), []).append(r)
-        zero = _mean(groups.get(("zero-shot", None), []), "accuracy")
-        full = _mean(groups.get(("full", None), []), "accuracy")
-        out = []
-        for (method, budget), rows in groups.items():
-            acc, std = mean_std([r["accuracy"] for r in rows])
-            row = {
-                "method": method,
-                "label": rows[0]["label"],
-                "budget": budget,
-                "seeds": len(rows),
-                "accuracy": acc,
-                "accuracy_std": std,
-                "auc": _mean(rows, "auc"),
-                "balanced_accuracy": _mean(rows, "balanced_accuracy"),
-                "recovered": (acc - zero) / (full - zero) if None not in (zero, full) and full != zero else None,
-            }
-            naive = groups.get(("naive", budget))
-            if naive and method != "naive":
-                row.update(_paired(rows, naive))
-            out.append(row)
-        return out
-
-    def goals(self, method: str | None = None) -> dict:
-        """The goals at the main budget, for `method` (default: the base config's own correction)."""
-        spec = AblationSpec(**self.spec)
-        has_choices = any(r.get("predicted") for r in self.rows)  # rows of a choice task count predictions per class
-        method = method or default_method(RunConfig.from_dict(self.config), spec.clamps, has_choices).key
-        summary = {(r["method"], r["budget"]): r for r in self.summary()}
-        budget = spec.budgets[0]
-        chosen, naive = summary.get((method, budget)), summary.get(("naive", budget))
-        zero = summary.get(("zero-shot", None))
-        if not (chosen and naive and zero):
-            return {}
-        margin = chosen["accuracy"] - naive["accuracy"]
-        # One seed has no spread to beat: the goal cannot be judged, not met for free.
-        std = max(chosen["accuracy_std"], naive["accuracy_std"]) if spec.seeds > 1 else None
-        full = summary.get(("full", None))
-        return {
-            "method": method,
-            "budget": budget,
-            "beats_zero_shot": chosen["accuracy"] > zero["accuracy"],
-            "beats_naive_by_more_than_one_std": None if std is None else margin > std,
-            "margin_over_naive": margin,
-            "std_to_beat": std,
-            # The ceiling of that margin: a transfer as good as LoRA trained on the original itself.
-            "full_lora_margin": None if full is None else full["accuracy"] - naive["accuracy"],
-            "recovered": chosen["recovered"],
-            "recovered_at_least_0.8": chosen["recovered"] is not None and chosen["recovered"] >= 0.8,
-        }
-
-    def markdown(self) -> str:
-        spec = AblationSpec(**self.spec)
-        head = (
-            f"Task `{self.config['task']['source']}`, model `{self.config['model']}`, {spec.seeds} seed(s), "
-            f"{spec.split} split ({self.config['evaluation']['limit']} examples), budgets ρ = "
-            f"{', '.join(f'{b:g}' for b in spec.budgets)}; LoRA r = {self.config['lora']['r']}, "
-            f"{self.config['train']['steps']} steps × {self.config['train']['batch_size']} at lr "
-            f"{self.config['train']['lr']:g}. Mean ± std over seeds. Recovered: (accuracy − zero-shot) / "
-            "(full LoRA − zero-shot). Paired against the naive transfer at the same budget, pooled over seeds: "
-            "bootstrap 95% interval of the accuracy difference, and McNemar's exact p.\n"
-        )
-        lines = [
-            head,
-            "| method | ρ | accuracy | AUC | balanced acc. | recovered | Δ vs naive [95% CI] | McNemar p |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in self.summary():
-            delta = f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]" if "diff" in r else "–"
-            lines.append(
-                f"| {r['label']} | {_fmt(r['budget'], 'g')} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | "
-                f"{_fmt(r['auc'], '.3f')} | {_fmt(r['balanced_accuracy'], '.3f')} | {_fmt(r['recovered'], '.2f')} | "
-                f"{delta} | {_fmt(r.get('p_mcnemar'), '.3g')} |"
-            )
-        goals = self.goals()
-        if goals:
-            lines += [
-                "",
-                f"Goals at ρ = {goals['budget']:g} for `{goals['method']}`: beats zero-shot: "
-                f"{goal_text(goals['beats_zero_shot'])}; beats naive by more than one std: "
-                f"{std_goal_text(goals)}; recovered share "
-                f"{_fmt(goals['recovered'], '.2f')} ≥ 0.8: {goal_text(goals['recovered_at_least_0.8'])}.",
-            ]
-        lines.append(f"\nRuntime: {self.seconds / 3600:.2f} h.")
-        return "\n".join(lines) + "\n"
-
-    def _metadata(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def _from_saved(cls, meta: dict, tensors: dict) -> AblationReport:
-        return cls(meta["spec"], meta["config"], meta["rows"], meta["seconds"])
-
-
-def load_ablation(directory: str | Path, split: str | None = None) -> AblationReport:
-    """The report of an ablation directory: `split`'s, or else the test table if there is one, else validation's."""
-    directory = Path(directory)
-    if (directory / "ablation.json").is_file():  # a split's own folder
-        return AblationReport.load(directory)
-    for name in [split] if split else ["test", "validation"]:
-        if (directory / name / "ablation.json").is_file():
-            return AblationReport.load(directory / name)
-    raise EmlocError(
-        f"{directory} holds no ablation report{f' for the {split} split' if split else ''}. "
-        f"Write one with `emloc ablate CONFIG --dir {directory}`."
-    )
-
-
-def _mean(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _paired(rows: list[dict], naive: list[dict]) -> dict:
-    by_seed = {r["seed"]: r for r in naive}
-    a, b = [], []
-    for r in rows:
-        if r["seed"] in by_seed:
-            a += r["correct"]
-            b += by_seed[r["seed"]]["correct"]
-    boot, test = paired_bootstrap(a, b), mcnemar(a, b)
-    return {"diff": boot["diff"], "low": boot["low"], "high": boot["high"], "p_mcnemar": test["p"]}
-
-
-def _fmt(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def goal_text(flag: bool | None) -> str:
-    return "undetermined (needs 2 or more seeds)" if flag is None else "met" if flag else "not met"
-
-
-def std_goal_text(goals: dict) -> str:
-    """The std goal with its figures: the margin over naive, the std it must exceed, and full LoRA's margin.
-
-    Full LoRA's margin says whether the goal was in reach at all: where it too falls short of the
-    std, no transfer could meet the goal on these seeds.
-    """
-    if goals["std_to_beat"] is None:
-        return goal_text(None)
-    ceiling = goals["full_lora_margin"]
-    ceiling = "" if ceiling is None else f"; LoRA trained on the original: {ceiling:+.3f}"
-    flag = goal_text(goals["beats_naive_by_more_than_one_std"])
-    return f"{flag} ({goals['margin_over_naive']:+.3f} against a std of {goals['std_to_beat']:.3f}{ceiling})"
+EvalResult = lazy("emloc_nb.evaluation:EvalResult")
+load_model = lazy("emloc_nb.models:load_model")
 
 
 # ----------------------------------------------------------------------------- running it
@@ -386,8 +54,6 @@ class Ablation:
 
     def original(self):
         if self._original is None:
-            from .models import load_model
-
             self._original = load_model(
                 self.config.model,
                 dtype=self.config.dtype,
@@ -416,16 +82,12 @@ class Ablation:
 
     def _energy_plan(self, seed: int, budget: float) -> dict:
         """The plan that spends `budget` where the whitened energy is, from the seed's uniform run's spectra."""
-        from .ranks import allocate
-
         uniform = self.run(seed, self.spec.budgets[0], "whitened")
         uniform.run_stage("calibrate", isolate=self.isolate)
         uniform.run_stage("emulator", isolate=self.isolate)
         return allocate(uniform.spectra(), budget, strategy="energy").to_dict()
 
     def run(self, seed: int, budget: float, variant: str):
-        from .run import Run
-
         run = Run(
             self.dir / "runs" / f"seed{seed}-rho{budget:g}-{variant}",
             self.run_config(seed, budget, variant),
@@ -466,8 +128,6 @@ class Ablation:
         return report
 
     def _row(self, method: Method, seed: int, budget: float | None, isolate: bool) -> dict:
-        from .evaluate import EvalResult
-
         run = self.run(seed, budget or self.spec.budgets[0], method.variant or "whitened")
         # zero-shot depends on no seed: scored once
         where = self.out / "transfers" / ("zero-shot" if method.key == "zero-shot" else f"{run.dir.name}/{method.key}")
@@ -493,8 +153,6 @@ class Ablation:
 
     def _saved_evaluation(self, where: Path, run):
         """The evaluation saved at `where` if it has as many examples as the base config's limit asks, else None."""
-        from .evaluate import EvalResult
-
         if not (where / "evaluation").is_dir():
             return None
         result = EvalResult.load(where / "evaluation")
@@ -511,49 +169,35 @@ class Ablation:
                 run.copy_from(first, f"calibration:{split}")
 
     def _evaluate(self, run, method: Method, where: Path) -> None:
-        from peft import PeftModel
-
-        from .correction import correct_lora, prior_inputs
-        from .evaluate import evaluate
-        from .lora import load_adapter
-
+        """Score one row: its LoRA (carried over by the pipeline's own correction, for a transfer) on its model."""
         original, tokenizer = run.original()
         model = run.emulator().model if method.model == "emulator" else original
         adapter = {"emulator": run.adapter_dir("emulator"), "original": run.adapter_dir("original")}.get(method.adapter)
         if method.adapter == "transfer":
             c = dict(method.correction)
-            prior = prior_inputs(run, c.pop("prior", False), c.pop("prior_target", "emulator"))
-            placebo = c.pop("placebo", False)
             adapter = where / "adapter"
-            correct_lora(
-                original,
-                run.emulator(with_original=True),
-                run.adapter_dir("emulator"),
+            transfer_lora(
+                run,
                 adapter,
-                heldout=run.calibration("heldout"),
-                tokenizer=tokenizer,
-                **prior,
-                placebo_seed=run.config.seed if placebo else None,
-                overwrite=True,
+                prior=c.pop("prior", False),
+                prior_target=c.pop("prior_target", "emulator"),
+                placebo_seed=run.config.seed if c.pop("placebo", False) else None,
+                data_overlap=False,  # the report is not kept: no need for its eigendecompositions
                 **c,
             )
-        if adapter is not None:
-            model = load_adapter(model, adapter, check_base=method.adapter != "transfer")
         ev = self.config.evaluation
-        try:
-            result = evaluate(
-                model,
-                tokenizer,
-                run.task(),
-                split=self.spec.split,
-                limit=ev.limit,
-                batch_size=ev.batch_size,
-                progress=False,
-            )
-        finally:
-            if isinstance(model, PeftModel):
-                model.unload()
-        result.save(where / "evaluation", overwrite=True)
+        evaluate_adapter(
+            run,
+            model,
+            tokenizer,
+            adapter,
+            where / "evaluation",
+            check_base=method.adapter != "transfer",
+            split=self.spec.split,
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            progress=False,
+        )
 
 
 def ablate(

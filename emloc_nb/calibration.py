@@ -17,12 +17,13 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from .artifacts import StoredGroups
 from .errors import EmlocError
-from .memory import phase
-from .models import accepts, block_linears, check_token_ids, fingerprint, model_inputs, on_device
+from .fingerprints import fingerprint
+from .measure import phase
 from .progress import progress as progress_bar
 from .reports import Report
+from .serial import StoredGroups
+from .structure import accepts, block_linears, check_token_ids, model_inputs, on_device
 
 ForwardFn = Callable[[nn.Module, Mapping], object]
 

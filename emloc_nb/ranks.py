@@ -13,8 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .artifacts import read_json, write_json
 from .errors import EmlocError
+from .serial import read_json, write_json
 
 
 def rank_for_ratio(d_out: int, d_in: int, ratio: float) -> int:

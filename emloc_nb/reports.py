@@ -23,16 +23,13 @@ from typing import TYPE_CHECKING, ClassVar
 from .artifacts import (
     FORMAT_VERSION,
     MANIFEST,
-    StoredGroups,
-    atomic_dir,
-    read_json_object,
+    artifact_dir,
     verify_manifest,
     verify_side_manifest,
-    write_grouped,
-    write_json,
     write_side_manifest,
 )
 from .errors import EmlocError
+from .serial import StoredGroups, read_json_object, write_grouped, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +66,7 @@ class Report:
     # -- the shared shape
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the report as a directory; a non-empty `path` is refused unless `overwrite=True`."""
-        with atomic_dir(
+        with artifact_dir(
             path,
             overwrite=overwrite,
             kind=self.kind,

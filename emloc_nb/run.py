@@ -1,76 +1,59 @@
-"""A run directory and the one place that knows its layout.
+"""A run directory: its config, where each artifact lives (emloc_nb.layout), a loader per artifact.
 
-Every stage writes one directory named for it; `LAYOUT` below maps each artifact to
-its path, and `Run` has a loader per artifact. Nothing else in emloc-nb (stages,
-CLI, widgets, notebooks, benchmarks) spells out a path inside a run: code that must
-hand a path to another library (peft, a training loop) asks `Run.path(artifact)`.
+Every stage writes one directory named for it; `Run` has a loader for each artifact. Nothing else
+in emloc-nb (stages, CLI, widgets, notebooks, benchmarks) spells out a path inside a run: code that
+must hand a path to another library (peft, a training loop) asks `Run.path(artifact)`.
 
-    run.json                          the RunConfig
-    calibrate/train/ calibrate/heldout/   CalibrationStats on training / held-out examples
-    emulator/                         the Emulator (weights, tokenizer) with emulator/spectra/ (SpectrumTable)
-    drift/                            DriftReport
-    finetune_emulator/                adapter/ (peft), history.json, checkpoint/ (while training)
-    finetune_original/                the same for the LoRA trained on the original (the baseline)
-    correct/adapter/ correct/report/  the corrected peft adapter for the original model; CorrectionReport
-    evaluate/<setting>/               EvalResult of each setting
-    evaluate/results.json, results.md the results table
-    stages/<step>.json                seconds, peak and baseline RSS of each step's process
-    report.html                       the static report, `emloc report`
-    scratch/                          files notebooks write beside a run (not read by any stage)
-
-Every artifact is written atomically, so it is complete exactly when its path exists.
-Running the stages is `Run.run_stage` / `Run.run_all` (implemented in emloc_nb.stages).
+Every artifact is written atomically, so it is complete exactly when its path exists. Running the
+stages is `Run.run_stage` / `Run.run_all` (emloc_nb.runner). The models, tasks and reports a run
+loads live on the torch side; this module names them as "module:function" strings (emloc_nb.lazy),
+so that opening a run imports no torch until one of them is needed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
-from .artifacts import atomic_dir, discard, is_leftover, read_json, read_json_object, run_lock, write_json
-from .config import RunConfig, is_small, small_settings
+from . import runner
+from .artifacts import verify_manifest
+from .atomic import atomic_dir, discard, is_leftover
+from .config import RunConfig, is_small, resolve_prior_target, small_settings
 from .errors import EmlocError
+from .layout import ADAPTERS, LAYOUT, SHARED_BY, artifact_path, in_layout
+from .lazy import lazy
+from .model_sources import DEFAULT_MODEL
+from .runlock import run_lock
+from .serial import read_json, read_json_object, write_json
+from .stages import check_provenance
+from .tasks import BUILT_IN_TASKS, HF_PREFIX
 
-# artifact -> path in the run directory; "{}" is filled from the part after ":" in "name:key".
-LAYOUT: dict[str, str] = {
-    "config": "run.json",
-    "lock": ".lock",  # held by every process that writes into the run (emloc_nb.artifacts.run_lock)
-    "calibration": "calibrate/{}",  # calibration:train, calibration:heldout
-    "emulator": "emulator",
-    "spectra": "emulator/spectra",
-    "drift": "drift",
-    "finetune": "finetune_{}",  # finetune:emulator, finetune:original (the training loop's output directory)
-    "adapter": "finetune_{}/adapter",
-    "history": "finetune_{}/history.json",
-    "corrected_adapter": "correct/adapter",
-    "correction": "correct/report",
-    "evaluation": "evaluate/{}",  # evaluation:<setting>
-    "results": "evaluate/results.json",
-    "results_markdown": "evaluate/results.md",
-    "stage_record": "stages/{}.json",  # stage_record:<step>
-    "report": "report.html",  # the static HTML report (emloc report)
-    "scratch": "scratch/{}",
-}
-# What decides an artifact, by config key: two runs that agree on these may share it (Run.copy_from).
-SHARED_BY = {"calibration": ("model", "seed", "task", "calibration")}
-TARGETS = ("emulator", "original")  # the models a LoRA is trained on
-ADAPTERS = {"emulator": "adapter:emulator", "original": "adapter:original", "corrected": "corrected_adapter"}
-_KEY = re.compile(r"^[A-Za-z0-9_+=-][A-Za-z0-9_.+=-]*$")  # a key names one entry: no separators, no "..", not hidden
-# What may sit at the top of a run directory: the layout's first components (a "{}" matching any one name).
-_TOP_LEVEL = [re.compile("^" + re.escape(t.split("/")[0]).replace(r"\{\}", "[^/]+") + "$") for t in LAYOUT.values()]
+# The torch side a run directory reaches into, imported on first use.
+load_model = lazy("emloc_nb.models:load_model")
+load_tokenizer = lazy("emloc_nb.models:load_tokenizer")
+skeleton = lazy("emloc_nb.models:skeleton")
+block_linears = lazy("emloc_nb.structure:block_linears")
+linear_weight = lazy("emloc_nb.structure:linear_weight")
+model_dtype = lazy("emloc_nb.models:model_dtype")
+resolve_device = lazy("emloc_nb.models:resolve_device")
+torch_dtype = lazy("emloc_nb.models:torch_dtype")
+load_task = lazy("emloc_nb.data:load_task")
+tokenized_batches = lazy("emloc_nb.tokens:batches")
+CalibrationStats = lazy("emloc_nb.calibration:CalibrationStats")
+Emulator = lazy("emloc_nb.emulator:Emulator")
+SpectrumTable = lazy("emloc_nb.spectra:SpectrumTable")
+DriftReport = lazy("emloc_nb.emulator_drift:DriftReport")
+CorrectionReport = lazy("emloc_nb.correction_report:CorrectionReport")
+EvalResult = lazy("emloc_nb.evaluation:EvalResult")
 
 
 def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:
     """Fail before any stage runs: the model must exist, the rank plan must fit its layers and the task must read."""
-    from .models import block_linears, linear_weight, skeleton
-
     model = skeleton(config.model, trust_remote_code=trust_remote_code)
-    from .correction import resolve_prior_target
-
     config.rank_plan().resolve({n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()})
     task = task_of(config)
     c = config.correction
@@ -80,10 +63,6 @@ def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:
 
 def task_of(config: RunConfig):
     """The run's Task, read from its `task` settings (split by `task.split_seed`, not the run's seed)."""
-    from dataclasses import asdict
-
-    from .data import load_task
-
     spec = asdict(config.task)
     spec["seed"] = spec.pop("split_seed")
     return load_task(**spec)
@@ -91,11 +70,8 @@ def task_of(config: RunConfig):
 
 def _inputs(config: RunConfig) -> list[Path]:
     """The files a run reads that the user owns: a local model and a data file or folder (not Hub ids)."""
-    from .data import BUILT_IN, HF_PREFIX
-    from .models import DEFAULT_MODEL
-
     named = [config.model] if config.model != DEFAULT_MODEL else []
-    named += [config.task.source.removeprefix(HF_PREFIX)] if config.task.source not in BUILT_IN else []
+    named += [config.task.source.removeprefix(HF_PREFIX)] if config.task.source not in BUILT_IN_TASKS else []
     return [p for p in (Path(v).expanduser() for v in named) if p.exists()]
 
 
@@ -200,7 +176,7 @@ class Run:
                 f"{self.dir} holds files but no emloc-nb run (no run.json), and --overwrite replaces only a run. "
                 "Choose another run directory, or empty this one yourself."
             )
-        foreign = sorted(p.name for p in entries if not any(t.match(p.name) for t in _TOP_LEVEL))
+        foreign = sorted(p.name for p in entries if not in_layout(p.name))
         if foreign:
             raise EmlocError(
                 f"{self.dir} holds {foreign[:3]}, which emloc-nb did not write, so --overwrite will not replace it. "
@@ -228,32 +204,18 @@ class Run:
 
         For code that must hand a path to another library; to read an artifact, use its loader.
         """
-        name, _, key = artifact.partition(":")
-        if name not in LAYOUT:
-            raise EmlocError(f"Unknown run artifact {name!r}. Use one of: {', '.join(LAYOUT)}.")
-        template = LAYOUT[name]
-        if ("{}" in template) != bool(key):
-            raise EmlocError(
-                f"Run artifact {name!r} " + (f"needs a key: '{name}:KEY'." if "{}" in template else "takes no key.")
-            )
-        if key and not _KEY.match(key):
-            raise EmlocError(f"{key!r} cannot name an entry of a run. Use letters, digits, '_', '-', '.', '+' or '='.")
-        return self.dir / template.format(key)
+        return artifact_path(self.dir, artifact)
 
     def checked(self, artifact: str) -> Path:
         """The path of `artifact` after checking that this run's stage wrote it with this run's settings and inputs.
 
         An artifact copied in from another run, or computed from inputs that have changed since, is refused.
         """
-        from .stages import check_provenance
-
         check_provenance(self, artifact)
         return self.path(artifact)
 
     def verify(self, artifact: str) -> Path:
         """`checked`, and every file of the artifact against the SHA-256 in its manifest."""
-        from .artifacts import verify_manifest
-
         verify_manifest(self.checked(artifact), kind=None)
         return self.path(artifact)
 
@@ -309,8 +271,6 @@ class Run:
         dtype = dtype or self.config.dtype
         key = f"original:{dtype}"
         if key not in self._cache:
-            from .models import load_model
-
             self._cache[key] = load_model(
                 self.config.model,
                 dtype=dtype,
@@ -322,8 +282,6 @@ class Run:
     def tokenizer(self):
         """The original model's tokenizer, without loading its weights."""
         if "tokenizer" not in self._cache:
-            from .models import load_tokenizer
-
             self._cache["tokenizer"] = load_tokenizer(self.config.model, trust_remote_code=self.trust_remote_code)
         return self._cache["tokenizer"]
 
@@ -334,8 +292,6 @@ class Run:
         still checked against it by fingerprint wherever they are loaded with it. It must be in the run's
         dtype and on its device: the fingerprint ignores both, and the results would not be this run's.
         """
-        from .models import model_dtype, resolve_device, torch_dtype
-
         dtype, device = model_dtype(model), next(model.parameters()).device
         wanted_dtype, wanted_device = torch_dtype(self.config.dtype), resolve_device(self.config.device)
         if dtype != wanted_dtype or device.type != wanted_device.type:
@@ -364,17 +320,13 @@ class Run:
 
     def batches(self, split: str) -> list[dict]:
         """Padded batches of `calibration_examples(split)`."""
-        from .data import batches
-
         c = self.config.calibration
         examples = self.calibration_examples(split)
-        return batches(self.tokenizer(), examples, batch_size=c.batch_size, max_length=c.max_length)
+        return tokenized_batches(self.tokenizer(), examples, batch_size=c.batch_size, max_length=c.max_length)
 
     # -- a loader per artifact
     def calibration(self, split: str = "train"):
         """CalibrationStats of the "train" examples (what the emulator was built from) or the "heldout" ones."""
-        from .calibration import CalibrationStats
-
         if split not in ("train", "heldout"):
             raise EmlocError(f"Calibration split {split!r}: use 'train' or 'heldout'.")
         return CalibrationStats.load(self.checked(f"calibration:{split}"))
@@ -384,8 +336,6 @@ class Run:
 
         `with_original=True` checks it against the original model (which it loads).
         """
-        from .emulator import Emulator
-
         return Emulator.load(
             self.checked("emulator"),
             original=self.original()[0] if with_original else None,
@@ -403,18 +353,12 @@ class Run:
 
     def spectra(self):
         """The emulator's SpectrumTable, without loading the emulator's weights."""
-        from .spectra import SpectrumTable
-
         return SpectrumTable.load(self.checked("spectra"))
 
     def drift(self):
-        from .drift import DriftReport
-
         return DriftReport.load(self.checked("drift"))
 
     def correction(self):
-        from .correction import CorrectionReport
-
         return CorrectionReport.load(self.checked("correction"))
 
     def adapter_dir(self, which: str) -> Path:
@@ -433,8 +377,6 @@ class Run:
         return history
 
     def eval_result(self, setting: str):
-        from .evaluate import EvalResult
-
         return EvalResult.load(self.checked(f"evaluation:{setting}"))
 
     def results(self) -> list[dict]:
@@ -449,18 +391,14 @@ class Run:
         folder = self.dir / Path(LAYOUT["stage_record"]).parent
         return {p.stem: read_json_object(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
-    # -- running (emloc_nb.stages holds the stages themselves)
+    # -- running (emloc_nb.runner)
     def run_stage(self, stage: str, *, isolate: bool = True) -> None:
         """Run one stage unless it is done; `isolate`: in a fresh process that records its peak memory."""
-        from .stages import run_stage
-
-        run_stage(self, stage, isolate=isolate)
+        runner.run_stage(self, stage, isolate=isolate)
 
     def run_all(self, *, isolate: bool = True, until: str | None = None) -> None:
         """Run every stage not yet done, in order (up to and including `until`)."""
-        from .stages import run_all
-
-        run_all(self, isolate=isolate, until=until)
+        runner.run_all(self, isolate=isolate, until=until)
 
 
 def notebook_run(config: RunConfig | None = None) -> Run:

@@ -1,6 +1,6 @@
 """Scoring answers: the likelihood of answer tokens, constrained choice among answers, greedy generation.
 
-The training loss (`answer_nll`), the evaluation (`emloc_nb.evaluate`) and the memory
+The training loss (`answer_nll`), the evaluation (`emloc_nb.evaluation`) and the memory
 accounting all score answers through these functions, so they agree on what an
 answer's likelihood is.
 """
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .data import IGNORE_INDEX, collator_for, encode_example
 from .errors import EmlocError
-from .models import accepts, model_inputs, on_device
+from .structure import accepts, model_inputs, on_device
+from .tokens import IGNORE_INDEX, collator_for, encode_example
 
 
 def answer_nll(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

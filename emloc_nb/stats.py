@@ -3,15 +3,14 @@
 Accuracy alone hides a constant push toward one class; the AUC of the choice scores and
 the balanced accuracy do not. Two settings scored on the same examples are compared
 with paired tests: McNemar's exact test on the examples where exactly one is right, and
-a paired bootstrap of the accuracy difference.
+a paired bootstrap of the accuracy difference. torch is imported by the functions that use it, so that
+an ablation's table can be summed up without it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-import torch
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -29,6 +28,8 @@ def auc(scores: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
     AUC of score[0] − score[1]: how well the scores rank the examples, whatever constant
     offset they carry. Classes absent from `gold` are skipped; NaN when none can be scored.
     """
+    import torch
+
     s = torch.as_tensor(scores, dtype=torch.float64)
     y = torch.as_tensor(gold)
     values = []
@@ -67,6 +68,8 @@ def mcnemar(a_right: Sequence[bool], b_right: Sequence[bool]) -> dict:
 
 def paired_bootstrap(a_right: Sequence[bool], b_right: Sequence[bool], *, samples: int = 10_000, seed: int = 0) -> dict:
     """Accuracy difference a − b, its 95% interval and a two-sided p, resampling the examples in pairs."""
+    import torch
+
     diff = torch.as_tensor(a_right, dtype=torch.float64) - torch.as_tensor(b_right, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     means = diff[torch.randint(len(diff), (samples, len(diff)), generator=g)].mean(1)

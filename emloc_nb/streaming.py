@@ -19,7 +19,8 @@ to rounding and the signs of singular vectors (a test checks):
 
 Blocks must take the same inputs in every layer (one attention mask, one set of
 rotary embeddings), which holds for Llama-style decoders (Llama, Qwen2, Mistral without
-sliding windows); other models are refused with a clear error.
+sliding windows); other models are refused with a clear error. Reading the checkpoint a block at a time is
+emloc_nb.block_reader.
 """
 
 from __future__ import annotations
@@ -32,125 +33,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifacts import atomic_dir, read_tensors, safetensors_header, write_json, write_manifest, write_tensors
+from .artifacts import write_manifest
+from .atomic import atomic_dir
+from .block_reader import Checkpoint, blocks_of, buffers_to, checkpoint_tokenizer, first_block_input
 from .calibration import CalibrationStats, add_gram, collect_stats, mirror_upper
-from .emulator import (
-    WEIGHTS_INDEX,
-    Emulator,
-    Whiteners,
-    check_whitening,
-    factor_layer,
-    manifest_config,
-    output_moment,
-    write_emulator_metadata,
-)
-from .errors import EmlocError, first_line
-from .memory import phase
-from .models import (
+from .emulator import WEIGHTS_INDEX, Emulator, manifest_config, write_emulator_metadata
+from .errors import EmlocError
+from .factoring import Whiteners, check_whitening, factor_layer, output_moment
+from .fingerprints import fingerprint_of, tensor_sample
+from .measure import phase
+from .models import resolve_device, torch_dtype
+from .progress import progress as progress_bar
+from .ranks import RankPlan
+from .serial import write_json, write_tensors
+from .spectra import SpectrumTable
+from .structure import (
     block_index,
     block_linears,
-    check_token_ids,
-    checkpoint_files,
-    fingerprint_of,
     linear_bias,
     linear_layers,
     linear_weight,
-    resolve_checkpoint,
-    resolve_device,
-    skeleton,
-    tensor_sample,
-    torch_dtype,
 )
-from .progress import progress as progress_bar
-from .ranks import RankPlan
-from .spectra import SpectrumTable
-
-
-class Checkpoint:
-    """A safetensors checkpoint directory read a few tensors at a time: which file holds each, and its skeleton."""
-
-    def __init__(self, source: str | os.PathLike, *, trust_remote_code: bool = False):
-        self.path = resolve_checkpoint(source)
-        self.trust_remote_code = trust_remote_code
-        files = checkpoint_files(self.path)
-        if not files:
-            raise EmlocError(
-                f"{self.path} has no model.safetensors or model.safetensors.index.json, which a streamed build "
-                "reads. Save the model with save_pretrained, or set emulator.streaming: false."
-            )
-        self.weight_map = {name: file for file in files for name in safetensors_header(file)}
-
-    def skeleton(self) -> nn.Module:
-        """The model with its parameters on the meta device; buffers such as rotary frequencies are real."""
-        model = skeleton(self.path, trust_remote_code=self.trust_remote_code)
-        model.tie_weights()  # a tied head (SmolLM2's) is stored once, under the embeddings' name
-        model.eval()
-        return model
-
-    @contextlib.contextmanager
-    def mismatch(self):
-        """Loading its tensors into the skeleton: a shape or dtype its config does not expect, as one EmlocError."""
-        try:
-            yield
-        except EmlocError:
-            raise
-        except (RuntimeError, ValueError) as e:
-            raise EmlocError(
-                f"{self.path} holds tensors its config.json does not describe ({first_line(e)}). The config and the "
-                "weights come from different models: save the model again."
-            ) from None
-
-    def tensors(self, names: list[str], *, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """The named tensors, converted and placed one at a time (artifacts.read_tensors)."""
-        missing = [n for n in names if n not in self.weight_map]
-        if missing:
-            raise EmlocError(f"{self.path} lacks {missing[:3]}. The checkpoint is incomplete or of another model.")
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.weight_map[n], []).append(n)
-        out = {}
-        for file, keys in by_file.items():
-            out.update(read_tensors(file, dtype=dtype, device=device, names=keys))
-        return out
-
-
-class _Captured(Exception):
-    def __init__(self, hidden: torch.Tensor, kwargs: dict):
-        self.hidden, self.kwargs = hidden, kwargs
-
-
-class _Capture(nn.Module):
-    """Stands in for the first block: records what the model passes it, then stops the forward."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        if hasattr(block, "attention_type"):
-            self.attention_type = block.attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise EmlocError("A streamed build needs blocks called with keyword arguments after the hidden states.")
-        raise _Captured(hidden_states, kwargs)
-
-
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated blocks ("model.layers") and its name."""
-    names = {n.rsplit(f".{block_index(n)}.", 1)[0] for n in block_linears(model)}
-    if len(names) != 1:
-        raise EmlocError(f"Found block lists {sorted(names)}; a streamed build needs exactly one.")
-    name = names.pop()
-    blocks = model.get_submodule(name)
-    if not isinstance(blocks, nn.ModuleList):
-        raise EmlocError(f"{name} is not a ModuleList of blocks; this model cannot be built by streaming.")
-    # transformers names each block's mask in config.layer_types (Qwen2, Gemma); older models on the block itself
-    layer_types = getattr(model.config, "layer_types", None)
-    kinds = set(layer_types) if layer_types else {getattr(b, "attention_type", None) for b in blocks}
-    if len(kinds) > 1:
-        raise EmlocError(
-            f"The blocks of this model take different attention masks ({sorted(map(str, kinds))}); a streamed build "
-            "needs one for all. Set emulator.streaming: false."
-        )
-    return name, blocks
 
 
 class _OutputMoments:
@@ -259,7 +162,7 @@ def stream(
             "Write it to another directory."
         )
     model = checkpoint.skeleton()
-    blocks_name, blocks = _blocks(model)
+    blocks_name, blocks = blocks_of(model)
     # A config cut to fewer layers than its weights: the emulator would silently drop the rest.
     stored_blocks = {block_index(n) for n in checkpoint.weight_map if n.startswith(f"{blocks_name}.")}
     extra = stored_blocks - {None, *range(len(blocks))}
@@ -299,7 +202,7 @@ def stream(
         with checkpoint.mismatch():
             model.load_state_dict({n: loaded[source_of[n]] for n in outer}, strict=False, assign=True)
         model.tie_weights()
-        _buffers_to(model, device)
+        buffers_to(model, device)
         for n in outer:
             original_samples.append(tensor_sample(n, loaded[source_of[n]]))
         emulator_samples += original_samples
@@ -308,7 +211,8 @@ def stream(
             weight_map.update(dict.fromkeys(loaded, "emulator-outer.safetensors"))
         del loaded
         hidden = {
-            split: [_first_input(model, blocks, b) for b in batches] for split, batches in (batch_sets or {}).items()
+            split: [first_block_input(model, blocks, b) for b in batches]
+            for split, batches in (batch_sets or {}).items()
         }
         for parent in {n.rpartition(".")[0] for n in outer}:
             model.get_submodule(parent).to("meta")
@@ -414,7 +318,7 @@ def stream(
                 model_config=model.config,
                 model_class=type(model).__name__,
                 spectra=SpectrumTable(rows, spectra, skipped),
-                tokenizer=_tokenizer(checkpoint),
+                tokenizer=checkpoint_tokenizer(checkpoint),
                 original_fingerprint=original_fingerprint,
                 emulator_fingerprint=fingerprint_of(emulator_samples),
                 mode=mode,
@@ -438,47 +342,6 @@ def _prefixed(stats: CalibrationStats, prefix: str) -> dict:
     for inputs in stats.inputs.values():
         inputs.layers = [prefix + n for n in inputs.layers]
     return {prefix + key: inputs for key, inputs in stats.inputs.items()}
-
-
-def _buffers_to(model: nn.Module, device: torch.device) -> None:
-    """Move the real buffers (rotary frequencies) to `device`; the blocks' meta parameters stay where they are."""
-    for module in model.modules():
-        for key, buffer in module._buffers.items():
-            if buffer is not None and not buffer.is_meta:
-                module._buffers[key] = buffer.to(device)
-
-
-def _first_input(model: nn.Module, blocks: nn.ModuleList, batch: dict) -> dict:
-    """The batch as the first block sees it: hidden states and the keyword arguments the model passes blocks."""
-    from .models import model_inputs, on_device
-
-    check_token_ids(model, batch)
-    first = blocks[0]
-    blocks[0] = _Capture(first)
-    try:
-        moved = on_device(model, batch)
-        model(**model_inputs(model, moved), use_cache=False)
-    except _Captured as c:
-        return {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch.get("attention_mask"),
-            "hidden": c.hidden,
-            "kwargs": {k: v for k, v in c.kwargs.items() if k not in ("use_cache",)},
-        }
-    finally:
-        blocks[0] = first
-    raise EmlocError("The model never called its first block; it cannot be built by streaming.")
-
-
-def _tokenizer(checkpoint: Checkpoint):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(
-            str(checkpoint.path), trust_remote_code=checkpoint.trust_remote_code, local_files_only=True
-        )
-    except (OSError, ValueError):  # a checkpoint without tokenizer files (a synthetic benchmark model)
-        return None
 
 
 def build_streaming(
@@ -507,6 +370,3 @@ def _sequences(batch: Mapping) -> list[dict]:
         {k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v for k, v in batch.items()}
         for i in range(n)
     ]
-
-
-__all__ = ["Checkpoint", "build_streaming", "stream"]

@@ -11,10 +11,11 @@ from datasets import Dataset
 
 from emloc_nb.calibration import collect_stats
 from emloc_nb.config import LoraSpec, RunConfig, TrainSpec
-from emloc_nb.data import batches, load_task
+from emloc_nb.data import load_task
 from emloc_nb.emulator import build_emulator
-from emloc_nb.models import tiny_model
 from emloc_nb.run import Run
+from emloc_nb.tiny import tiny_model
+from emloc_nb.tokens import batches
 from emloc_nb.training import finetune
 
 FAMILIES = ["llama", "gpt2", "qwen2", "opt"]
@@ -117,7 +118,8 @@ def tiny_run(tiny_files) -> Run:
 @pytest.fixture(scope="session")
 def tiny_ablation(tiny_files, tmp_path_factory):
     """A finished ablation of the tiny model (2 seeds, 2 budgets, every method, validation split)."""
-    from emloc_nb.ablation import Ablation, AblationSpec
+    from emloc_nb.ablation import Ablation
+    from emloc_nb.ablation_methods import AblationSpec
 
     root, model, data = tiny_files
     config = tiny_run_config(model, data)

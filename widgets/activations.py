@@ -8,7 +8,7 @@ from pathlib import Path
 import ipywidgets as W
 
 from emloc_nb.calibration import CalibrationStats
-from emloc_nb.models import block_index
+from emloc_nb.structure import block_index
 
 from .base import View, figure_widget, refresh
 from .focus import most_peaked_input

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.correction import CorrectionReport
+from emloc_nb.correction_report import CorrectionReport
 
 from .base import View, figure_widget, note, redraw, refresh
 from .clamp import ClampControl

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.drift import DriftReport
+from emloc_nb.emulator_drift import DriftReport
 
 from . import tables as T
 from .base import View, figure_widget, note, refresh

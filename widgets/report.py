@@ -15,7 +15,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from emloc_nb.artifacts import atomic_path
+from emloc_nb.atomic import atomic_path
 from emloc_nb.ranks import LayerChoice
 from emloc_nb.run import Run
 

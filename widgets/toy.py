@@ -22,7 +22,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from emloc_nb.correction import correct_layer
+from emloc_nb.layer_correction import correct_layer
 
 from .base import View, figure_widget, refresh
 from .clamp import ClampControl

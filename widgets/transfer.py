@@ -14,9 +14,9 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from emloc_nb.ablation import AblationReport, goal_text, load_ablation, std_goal_text
-from emloc_nb.correction import CorrectionReport
-from emloc_nb.evaluate import EvalResult
+from emloc_nb.ablation_report import AblationReport, goal_text, load_ablation, std_goal_text
+from emloc_nb.correction_report import CorrectionReport
+from emloc_nb.evaluation import EvalResult
 
 from . import tables as T
 from .base import View, figure_widget, note, refresh
@@ -75,7 +75,7 @@ class TransferView(View):
     @classmethod
     def of(cls, run) -> TransferView:
         """The view of a Run: every setting evaluated so far, and its correction report if written."""
-        from emloc_nb.stages import settings
+        from emloc_nb.eval_settings import settings
 
         results = {s: run.eval_result(s) for s in settings(run.config) if run.has(f"evaluation:{s}")}
         return cls(results, run.correction() if run.has("correction") else None)

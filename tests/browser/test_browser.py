@@ -162,7 +162,8 @@ def small_run():
     A run directory that already holds a run keeps its settings: `make docs` points this at the demo run.
     """
     from emloc_nb.config import RunConfig, small_settings
-    from emloc_nb.run import LAYOUT, Run
+    from emloc_nb.layout import LAYOUT
+    from emloc_nb.run import Run
 
     run_dir = Path(os.environ.get("EMLOC_RUN_DIR") or REPO / "runs" / "ci-small").expanduser().resolve()
     started = time.time()

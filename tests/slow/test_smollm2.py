@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from emloc_nb.config import RunConfig, small_settings
+from emloc_nb.eval_settings import SETTINGS
 from emloc_nb.run import Run
-from emloc_nb.stages import SETTINGS
 
 pytestmark = pytest.mark.slow
 

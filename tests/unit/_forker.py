@@ -39,10 +39,10 @@ import torch  # noqa: E402, F401
 import transformers  # noqa: E402, F401
 
 import emloc_nb.correction  # noqa: E402, F401
-import emloc_nb.drift  # noqa: E402, F401
-import emloc_nb.evaluate  # noqa: E402, F401
+import emloc_nb.emulator_drift  # noqa: E402, F401
+import emloc_nb.evaluation  # noqa: E402, F401
 import emloc_nb.training  # noqa: E402, F401
-from emloc_nb import artifacts  # noqa: E402
+from emloc_nb import faults  # noqa: E402
 from emloc_nb.cli import main  # noqa: E402
 
 datasets.disable_progress_bars()
@@ -55,7 +55,7 @@ def _child(job: dict) -> None:
     os.environ.pop("EMLOC_FAULT", None)
     if job.get("fault"):
         os.environ["EMLOC_FAULT"] = job["fault"]
-    artifacts._fault_hits.clear()
+    faults._fault_hits.clear()
     time.sleep(job.get("start_after") or 0)
     code = 99
     try:

@@ -8,7 +8,9 @@ import shutil
 import pytest
 
 from emloc_nb import EmlocError
-from emloc_nb.ablation import Ablation, AblationReport, AblationSpec, default_method, load_ablation, std_goal_text
+from emloc_nb.ablation import Ablation
+from emloc_nb.ablation_methods import AblationSpec, default_method
+from emloc_nb.ablation_report import AblationReport, load_ablation, std_goal_text
 from emloc_nb.cli import main as cli
 from emloc_nb.config import RunConfig
 
@@ -108,7 +110,7 @@ def test_runs_of_a_seed_share_one_calibration(ablation):
     contents = []
     for seed in (0, 1):
         files = sorted((directory / "runs").glob(f"seed{seed}-*/calibrate/train/calibration.safetensors"))
-        assert len(files) == 5  # whitened at two budgets, plain, eigen, shrinkage
+        assert len(files) == 6  # whitened at two budgets, plain, eigen, shrinkage, energy
         contents.append({f.read_bytes() for f in files})
         assert len(contents[-1]) == 1
     assert contents[0] != contents[1]  # another seed draws other examples

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emloc_nb import EmlocError, RunConfig
+from emloc_nb import EmlocError, RunConfig, atomic, serial
 from emloc_nb import artifacts as A
 from emloc_nb.run import Run
 
@@ -20,16 +20,16 @@ from ..conftest import tiny_run_config
 
 
 def _write_dir(path: Path, value: int, **kwargs) -> None:
-    with A.atomic_dir(path, **kwargs) as tmp:
+    with A.artifact_dir(path, **kwargs) if "kind" in kwargs else atomic.atomic_dir(path, **kwargs) as tmp:
         (tmp / "sub").mkdir()
-        A.write_json(tmp / "a.json", {"value": value})
-        A.write_json(tmp / "sub" / "b.json", {"value": value})
+        serial.write_json(tmp / "a.json", {"value": value})
+        serial.write_json(tmp / "sub" / "b.json", {"value": value})
 
 
 def test_files_and_directories_are_flushed_to_disk(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
-    monkeypatch.setattr(A.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
     _write_dir(tmp_path / "d", 1, kind="test")
     names = {Path(p).name for p in synced}
     # both files and the manifest, the temporary directory and its subdirectory, and the parent after the rename
@@ -39,8 +39,8 @@ def test_files_and_directories_are_flushed_to_disk(tmp_path, monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
 def test_an_existing_artifact_is_exchanged_in_one_step_and_never_missing(tmp_path, monkeypatch):
     flags = []
-    real = A._renameat2
-    monkeypatch.setattr(A, "_renameat2", lambda src, dst, flag: flags.append(flag) or real(src, dst, flag))
+    real = atomic._renameat2
+    monkeypatch.setattr(atomic, "_renameat2", lambda src, dst, flag: flags.append(flag) or real(src, dst, flag))
     _write_dir(tmp_path / "d", 0)
     missing, stop = [], threading.Event()
 
@@ -57,16 +57,16 @@ def test_an_existing_artifact_is_exchanged_in_one_step_and_never_missing(tmp_pat
     finally:
         stop.set()
         watcher.join()
-    assert flags[0] == A._RENAME_NOREPLACE and set(flags[1:]) == {A._RENAME_EXCHANGE}
+    assert flags[0] == atomic._RENAME_NOREPLACE and set(flags[1:]) == {atomic._RENAME_EXCHANGE}
     assert not missing
-    assert A.read_json(tmp_path / "d" / "a.json") == {"value": 39}
+    assert serial.read_json(tmp_path / "d" / "a.json") == {"value": 39}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporaries left
 
 
 def _killed_writer(tmp_path: Path, fault: str, *, renameat2: bool) -> None:
     """A process that overwrites tmp_path/d and is SIGKILLed at `fault`."""
     code = (
-        "import sys; from emloc_nb.artifacts import atomic_dir, write_json\n"
+        "import sys; from emloc_nb.atomic import atomic_dir; from emloc_nb.serial import write_json\n"
         f"with atomic_dir({str(tmp_path / 'd')!r}, overwrite=True) as tmp:\n"
         "    write_json(tmp / 'a.json', {'value': 'new'})\n"
     )
@@ -78,39 +78,39 @@ def _killed_writer(tmp_path: Path, fault: str, *, renameat2: bool) -> None:
 
 
 def test_the_two_step_fallback_interrupted_between_its_renames_is_repaired(tmp_path):
-    with A.atomic_dir(tmp_path / "d") as tmp:
-        A.write_json(tmp / "a.json", {"value": "old"})
+    with atomic.atomic_dir(tmp_path / "d") as tmp:
+        serial.write_json(tmp / "a.json", {"value": "old"})
     _killed_writer(tmp_path, "commit-between:1", renameat2=False)
     assert not (tmp_path / "d").exists()  # the window: the old one moved aside, the new one not yet in place
     (leftover,) = [p for p in tmp_path.iterdir() if ".d.old-" in p.name]
     (unfinished,) = [p for p in tmp_path.iterdir() if ".d.tmp-" in p.name]
-    done = A.clean_leftovers(tmp_path)
+    done = atomic.clean_leftovers(tmp_path)
     assert sorted(done) == [f"removed {unfinished}", f"restored {tmp_path / 'd'} from {leftover.name}"]
-    assert A.read_json(tmp_path / "d" / "a.json") == {"value": "old"}
+    assert serial.read_json(tmp_path / "d" / "a.json") == {"value": "old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
 def test_a_dead_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
-    with A.atomic_dir(tmp_path / "d") as tmp:
-        A.write_json(tmp / "a.json", {"value": "old"})
+    with atomic.atomic_dir(tmp_path / "d") as tmp:
+        serial.write_json(tmp / "a.json", {"value": "old"})
     _killed_writer(tmp_path, "commit:1", renameat2=True)
     (dead,) = [p for p in tmp_path.iterdir() if ".d.tmp-" in p.name]
     live = tmp_path / f".d.tmp-{os.getpid()}-0000abcd"
     live.mkdir()
-    with A.atomic_dir(tmp_path / "d", overwrite=True) as tmp:  # the next write of d cleans up after the dead one
-        A.write_json(tmp / "a.json", {"value": "newer"})
+    with atomic.atomic_dir(tmp_path / "d", overwrite=True) as tmp:  # the next write of d cleans up after the dead one
+        serial.write_json(tmp / "a.json", {"value": "newer"})
     assert not dead.exists() and live.exists()
-    assert A.read_json(tmp_path / "d" / "a.json") == {"value": "newer"}
+    assert serial.read_json(tmp_path / "d" / "a.json") == {"value": "newer"}
 
 
 def test_overwrite_false_is_checked_at_the_rename_so_a_competing_writer_is_not_replaced(tmp_path):
     with (
         pytest.raises(EmlocError, match="already exists and is not empty.*overwrite=True"),
-        A.atomic_dir(tmp_path / "d") as first,
+        atomic.atomic_dir(tmp_path / "d") as first,
     ):
-        A.write_json(first / "a.json", {"by": "first"})
+        serial.write_json(first / "a.json", {"by": "first"})
         _write_dir(tmp_path / "d", 2)  # another writer finishes in the meantime
-    assert A.read_json(tmp_path / "d" / "a.json") == {"value": 2}
+    assert serial.read_json(tmp_path / "d" / "a.json") == {"value": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
@@ -129,8 +129,8 @@ def test_a_manifest_records_checksums_versions_fingerprint_and_settings(tmp_path
 
 
 def test_json_keeps_non_finite_floats_and_strings_apart(tmp_path):
-    A.write_json(tmp_path / "x.json", {"clamp": math.inf, "gap": math.nan, "answer": "nan", "word": "inf"})
-    d = A.read_json(tmp_path / "x.json")
+    serial.write_json(tmp_path / "x.json", {"clamp": math.inf, "gap": math.nan, "answer": "nan", "word": "inf"})
+    d = serial.read_json(tmp_path / "x.json")
     assert d["clamp"] == math.inf and math.isnan(d["gap"]) and d["answer"] == "nan" and d["word"] == "inf"
 
 
@@ -187,7 +187,7 @@ def test_a_model_that_asks_for_its_own_code_does_not_run_it(tiny_files, tmp_path
 
 
 def test_the_callers_trust_remote_code_reaches_the_stage_child_and_nothing_else_does(tiny_files, tmp_path, monkeypatch):
-    from emloc_nb import stages
+    from emloc_nb import runner
 
     _, model, data = tiny_files
     launched = []
@@ -204,11 +204,11 @@ def test_the_callers_trust_remote_code_reaches_the_stage_child_and_nothing_else_
         def poll(self):
             return 0
 
-    monkeypatch.setattr(stages.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(runner.subprocess, "Popen", FakeChild)
     monkeypatch.setattr(Run, "stage_records", lambda self: {"calibrate": {"peak_rss_mb": 1.0}})
     for trusted in (False, True):
         run = Run(tmp_path / f"run{trusted}", tiny_run_config(model, data), trust_remote_code=trusted)
         with run.writing():
-            stages._run_step(run, "calibrate", isolate=True)
+            runner._run_step(run, "calibrate", isolate=True)
         assert ("--trust-remote-code" in launched[-1]) is trusted
         assert "trust_remote_code" not in (run.dir / "run.json").read_text()

@@ -26,6 +26,7 @@ import emloc_nb
 from emloc_nb import EmlocError, RunConfig
 from emloc_nb.artifacts import MANIFEST, write_manifest
 from emloc_nb.cli import main as cli
+from emloc_nb.provenance import provenance
 from emloc_nb.run import Run
 
 from ..conftest import tiny_run_config
@@ -626,9 +627,7 @@ def _resign(run: Path, rel_dir: str) -> None:
     """A hostile edit that also rewrites the manifest, so the checksums agree with the edited files."""
     manifest = json.loads((run / rel_dir / MANIFEST).read_text())
     (run / rel_dir / MANIFEST).unlink()
-    from emloc_nb import artifacts
-
-    token = artifacts.provenance.set(manifest["run"])
+    token = provenance.set(manifest["run"])
     try:
         write_manifest(
             run / rel_dir,
@@ -637,7 +636,7 @@ def _resign(run: Path, rel_dir: str) -> None:
             config=manifest["config"],
         )
     finally:
-        artifacts.provenance.reset(token)
+        provenance.reset(token)
 
 
 def _nan_adapter_resigned(env) -> Path:

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from emloc_nb import CalibrationStats, EmlocError, collect_stats
-from emloc_nb.data import batches, collator_for, encode_example
-from emloc_nb.models import block_linears, model_inputs
+from emloc_nb.structure import block_linears, model_inputs
+from emloc_nb.tokens import batches, collator_for, encode_example
 
 
 def _manual_second_moment(model, batch, layer):

@@ -16,10 +16,11 @@ from emloc_nb import (
     fingerprint,
     tiny_model,
 )
-from emloc_nb.correction import CorrectionReport, clamp_factors, error_terms
-from emloc_nb.data import batches
+from emloc_nb.correction_report import CorrectionReport
+from emloc_nb.layer_correction import clamp_factors, error_terms
 from emloc_nb.lora import load_adapter, lora_factors, peft_config, save_adapter
-from emloc_nb.models import linear_weight, model_inputs
+from emloc_nb.structure import linear_weight, model_inputs
+from emloc_nb.tokens import batches
 
 D_OUT, D_IN, R = 12, 10, 3
 
@@ -87,14 +88,14 @@ def test_error_terms_match_activations():
     cov = x.T @ x / len(x)
     lc = correct_layer(w, w_e, a, b, 1.3, clamp=0.8)
     terms = error_terms(w, w_e, lc, cov)
-    from emloc_nb.correction import _errors
+    from emloc_nb.layer_correction import kappa_errors
 
     tuned = w_e + 1.3 * b @ a
     proj = lc.a.T @ lc.a
     for kappa in (torch.zeros(R, dtype=torch.float64), lc.kappa, torch.ones(R, dtype=torch.float64)):
         b_c = lc.b_prime - lc.d * kappa
         out = x @ (w + b_c @ lc.a).T
-        overall, sub = _errors(terms, kappa)
+        overall, sub = kappa_errors(terms, kappa)
         assert overall == pytest.approx(float((out - x @ tuned.T).norm() / (x @ tuned.T).norm()), rel=1e-8)
         xs = x @ proj
         assert sub == pytest.approx(

@@ -4,8 +4,10 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from emloc_nb import EmlocError, load_task
-from emloc_nb.data import IGNORE_INDEX, collator_for, encode_example, movie_sentiment, three_way_split
-from emloc_nb.models import tiny_tokenizer
+from emloc_nb.builtin_tasks import movie_sentiment
+from emloc_nb.tasks import three_way_split
+from emloc_nb.tiny import tiny_tokenizer
+from emloc_nb.tokens import IGNORE_INDEX, collator_for, encode_example
 
 
 def test_jsonl_csv_and_messages(tmp_path):

@@ -16,7 +16,7 @@ from emloc_nb.diagnostics import (
     shifted_accuracy,
 )
 from emloc_nb.errors import EmlocError
-from emloc_nb.evaluate import EvalResult
+from emloc_nb.evaluation import EvalResult
 from emloc_nb.lora import load_adapter, lora_factors
 
 

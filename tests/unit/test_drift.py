@@ -1,8 +1,8 @@
 import pytest
 
 from emloc_nb import RankPlan, build_emulator, drift
-from emloc_nb.data import batches
-from emloc_nb.models import block_linears, linear_weight
+from emloc_nb.structure import block_linears, linear_weight
+from emloc_nb.tokens import batches
 
 
 def test_drift_of_a_full_rank_emulator_is_nil(calibrated, toy_task):

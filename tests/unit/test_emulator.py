@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from emloc_nb import EmlocError, Emulator, RankPlan, allocate, build_emulator, collect_stats, fingerprint, tiny_model
-from emloc_nb.data import batches
-from emloc_nb.drift import relative_error
-from emloc_nb.emulator import LowRankLinear, whitening
-from emloc_nb.models import block_linears, linear_weight, model_inputs
+from emloc_nb.emulator_drift import relative_error
+from emloc_nb.factoring import LowRankLinear, whitening
 from emloc_nb.ranks import rank_for_ratio
+from emloc_nb.structure import block_linears, linear_weight, model_inputs
+from emloc_nb.tokens import batches
 
 
 def _full_rank_plan(model):
@@ -171,7 +171,7 @@ def test_whitened_factors_are_the_truncated_svd_of_w_s(shape, shrinkage):
     (W S)(W S)ᵀ for a layer wider in than out), and from the output's second moment W C' Wᵀ with no input
     moment at all."""
     from emloc_nb.calibration import CalibrationStats, InputStats
-    from emloc_nb.emulator import Whiteners, factor_layer, output_moment
+    from emloc_nb.factoring import Whiteners, factor_layer, output_moment
     from emloc_nb.ranks import LayerChoice
 
     torch.manual_seed(0)

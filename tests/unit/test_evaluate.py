@@ -1,11 +1,10 @@
 import math
-import sys
 
 import pytest
 from datasets import Dataset
 
-from emloc_nb import evaluate
-from emloc_nb.evaluate import EvalResult
+from emloc_nb import evaluate, evaluation
+from emloc_nb.evaluation import EvalResult
 from emloc_nb.scoring import choice_logprobs
 
 
@@ -63,8 +62,7 @@ def test_generation_tasks_use_exact_match(llama, toy_task, monkeypatch):
         texts = [m[-1]["content"] for m in prompts]
         return [reply[order[t] % 4](answers[t]) for t in texts]
 
-    module = sys.modules["emloc_nb.evaluate"]  # the package's `evaluate` attribute is the function
-    monkeypatch.setattr(module, "generate", fake_generate)
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
     result = evaluate(model, tok, task, limit=None, batch_size=3, progress=False)
     assert result.examples == 7 and math.isfinite(result.answer_loss)
     assert [r["correct"] for r in result.rows] == [i % 4 in (0, 1) for i in range(7)]

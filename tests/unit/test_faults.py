@@ -28,8 +28,9 @@ import pytest
 import yaml
 
 from emloc_nb import EmlocError
-from emloc_nb.artifacts import run_lock
-from emloc_nb.run import ADAPTERS, Run
+from emloc_nb.layout import ADAPTERS
+from emloc_nb.run import Run
+from emloc_nb.runlock import run_lock
 from emloc_nb.stages import STAGES
 
 from ..conftest import tiny_run_config
@@ -282,7 +283,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from emloc_nb.artifacts import run_lock\n"
+            "import sys, time; from emloc_nb.runlock import run_lock\n"
             f"with run_lock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -307,7 +308,7 @@ def test_a_writer_that_loses_the_race_still_names_the_holder(tmp_path):
     import fcntl
     import threading
 
-    from emloc_nb.artifacts import LOCK_FILE
+    from emloc_nb.runlock import LOCK_FILE
 
     fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # a second open file: flock conflicts in-process
     fcntl.flock(fd, fcntl.LOCK_EX)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from emloc_nb import EmlocError, RunConfig
 from emloc_nb import artifacts as A
 from emloc_nb.lora import load_adapter
+from emloc_nb.provenance import provenance
 from emloc_nb.reports import Report
 
 from .test_reports import _reports
@@ -57,13 +58,13 @@ def _resign(directory: Path) -> None:
     """Rewrite the manifest so that its checksums match the damaged files."""
     manifest = json.loads((directory / A.MANIFEST).read_text())
     (directory / A.MANIFEST).unlink()
-    token = A.provenance.set(manifest.get("run"))
+    token = provenance.set(manifest.get("run"))
     try:
         A.write_manifest(
             directory, kind=manifest["kind"], model_fingerprint=manifest["model_fingerprint"], config=manifest["config"]
         )
     finally:
-        A.provenance.reset(token)
+        provenance.reset(token)
 
 
 def _loads_or_refuses(load) -> None:

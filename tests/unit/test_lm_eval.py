@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from emloc_nb.models import pretrained_args
+from emloc_nb.model_sources import pretrained_args
 
 TASK = """task: emloc_toy
 dataset_path: json

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from emloc_nb import memory
-from emloc_nb.memory import PhaseMeter, phase
+from emloc_nb import measure
+from emloc_nb.measure import PhaseMeter, phase
 
 MB = 2**20
 
@@ -55,7 +55,7 @@ def test_a_phase_peak_is_its_own_after_a_reset():
 
 
 def test_the_sampling_fallback_measures_too(monkeypatch):
-    monkeypatch.setattr(memory._ClearRefs, "available", staticmethod(lambda: False))
+    monkeypatch.setattr(measure._ClearRefs, "available", staticmethod(lambda: False))
     meter = _phases_measure_their_own_peaks(hold=0.1)  # 20 sampling intervals
     assert meter.method == "sampled"
     assert meter.phases["big"]["peak_rss_mb"] >= meter.phases["big"]["start_rss_mb"] + 90
@@ -74,25 +74,25 @@ def test_a_repeated_phase_keeps_its_largest_peak_and_adds_its_time():
 def test_phases_outside_a_meter_record_nothing():
     with phase("nothing"):
         x = _touch(1)
-    assert len(x) and memory._ACTIVE.get() is None
+    assert len(x) and measure._ACTIVE.get() is None
 
 
 FREED_SCRIPT = """
 import sys
 import torch
-from emloc_nb import memory
-if sys.argv[1] == "fixed" and not memory.return_freed_memory():
+from emloc_nb import measure
+if sys.argv[1] == "fixed" and not measure.return_freed_memory():
     print("skip")
     raise SystemExit
 warm = torch.ones(16 * 2**20 // 4)
 del warm  # under glibc's default, freeing it raises the mmap threshold past 16 MB
-before = memory.rss_mb()
+before = measure.rss_mb()
 chunks, pins = [], []
 for _ in range(32):
     chunks.append(torch.ones(4 * 2**20 // 4))
     pins.append(torch.ones(1024))  # small blocks between the large ones keep the heap from shrinking
 del chunks
-print(memory.rss_mb() - before)
+print(measure.rss_mb() - before)
 """
 
 
@@ -126,7 +126,7 @@ def test_stage_records_show_each_phase(tiny_run):
 def test_the_budget_adds_the_process_as_it_began_to_load_the_model(tiny_run, monkeypatch):
     import copy
 
-    from emloc_nb.memory import budget
+    from emloc_nb.budget import budget
 
     records = copy.deepcopy(tiny_run.stage_records())
     for record in records.values():  # a stage process's baseline comes before the libraries it imports lazily
@@ -147,8 +147,8 @@ def test_the_budget_adds_the_process_as_it_began_to_load_the_model(tiny_run, mon
 
 def test_the_planner_counts_what_gradient_checkpointing_keeps(toy_task):
     from emloc_nb import LoraSpec, TrainSpec, tiny_model
-    from emloc_nb.data import batches
     from emloc_nb.memory import predict_training
+    from emloc_nb.tokens import batches
 
     model, tokenizer = tiny_model("llama")
     batch = batches(tokenizer, toy_task.train, batch_size=4, limit=4)[0]
@@ -167,10 +167,10 @@ def test_the_planner_counts_what_gradient_checkpointing_keeps(toy_task):
 HEAD_SCRIPT = """
 import sys
 import torch
-from emloc_nb import memory
-from emloc_nb.models import tiny_model
+from emloc_nb import measure
+from emloc_nb.tiny import tiny_model
 from emloc_nb.scoring import answer_nll
-memory.return_freed_memory()  # every block above 128 KiB is its own mapping: a copy shows in the resident set
+measure.return_freed_memory()  # every block above 128 KiB is its own mapping: a copy shows in the resident set
 model, tok = tiny_model("llama")
 model.resize_token_embeddings(32768)  # the head's weight: 32768 x 64, 4 MB in bf16
 model.to(getattr(torch, sys.argv[1]))
@@ -182,7 +182,7 @@ labels[:, -4:] = ids[:, -4:]
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 nll, mask = answer_nll(model, batch)  # warm-up: kernels and their workspaces
 nll[mask].float().mean().backward()
-with memory.PhaseMeter() as meter, memory.phase("step"):
+with measure.PhaseMeter() as meter, measure.phase("step"):
     nll, mask = answer_nll(model, batch)
     nll[mask].float().mean().backward()
 step = meter.phases["step"]
@@ -202,8 +202,8 @@ def test_the_output_layer_backward_does_not_copy_its_weight_per_sequence(dtype):
 
 def test_the_planner_predicts_from_the_longest_micro_batch_a_run_trains_on(toy_task, tmp_path, monkeypatch):
     from emloc_nb import TrainSpec, tiny_model, training
-    from emloc_nb.data import collator_for, tokenize
     from emloc_nb.memory import longest_examples
+    from emloc_nb.tokens import collator_for, tokenize
 
     model, tok = tiny_model("llama")
     config = TrainSpec(steps=3, batch_size=4, micro_batch_size=2, checkpoint_every=0)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from emloc_nb import EmlocError, fingerprint, load_model, tiny_model
-from emloc_nb.models import block_linears, default_model_dir, linear_weight
+from emloc_nb.model_sources import default_model_dir
+from emloc_nb.structure import block_linears, linear_weight
 
 
 def test_tiny_families_have_block_linears(tiny):
@@ -67,7 +68,8 @@ def test_default_model_offline_without_package_says_what_to_do(monkeypatch, tmp_
 def test_artifacts_are_replaced_whole_and_readable_like_ordinary_files(tmp_path):
     import os
 
-    from emloc_nb.artifacts import atomic_dir, read_json, write_json
+    from emloc_nb.atomic import atomic_dir
+    from emloc_nb.serial import read_json, write_json
 
     umask = os.umask(0o022)
     try:

@@ -7,9 +7,9 @@ import torch
 
 from emloc_nb import EmlocError
 from emloc_nb.calibration import CalibrationStats, InputStats
-from emloc_nb.correction import CorrectionReport
-from emloc_nb.drift import DriftReport
-from emloc_nb.evaluate import EvalResult
+from emloc_nb.correction_report import CorrectionReport
+from emloc_nb.emulator_drift import DriftReport
+from emloc_nb.evaluation import EvalResult
 from emloc_nb.reports import LayerReport, Report
 from emloc_nb.spectra import SpectrumTable
 

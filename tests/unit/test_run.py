@@ -5,12 +5,13 @@ import torch
 
 from emloc_nb import EmlocError, Run, load_model
 from emloc_nb.calibration import CalibrationStats
-from emloc_nb.correction import CorrectionReport
-from emloc_nb.drift import DriftReport
-from emloc_nb.evaluate import EvalResult
-from emloc_nb.run import LAYOUT
+from emloc_nb.correction_report import CorrectionReport
+from emloc_nb.emulator_drift import DriftReport
+from emloc_nb.eval_settings import SETTINGS
+from emloc_nb.evaluation import EvalResult
+from emloc_nb.layout import LAYOUT
 from emloc_nb.spectra import SpectrumTable
-from emloc_nb.stages import SETTINGS, STAGES
+from emloc_nb.stages import STAGES
 
 from ..conftest import tiny_run_config
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from emloc_nb.data import IGNORE_INDEX, batches, encode_example
-from emloc_nb.models import model_inputs
 from emloc_nb.scoring import answer_nll, choice_logprobs
+from emloc_nb.structure import model_inputs
+from emloc_nb.tokens import IGNORE_INDEX, batches, encode_example
 
 
 def _naive_choice_logprob(model, tok, messages, choice):

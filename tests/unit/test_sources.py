@@ -8,7 +8,7 @@ from datasets import Dataset, DatasetDict
 
 from emloc_nb import EmlocError, Run, fingerprint, load_model, load_task, tiny_model
 from emloc_nb.config import RunConfig
-from emloc_nb.stages import SETTINGS
+from emloc_nb.eval_settings import SETTINGS
 
 from ..conftest import tiny_run_config, toy_rows
 

@@ -6,8 +6,9 @@ import pytest
 
 from emloc_nb import EmlocError, Run
 from emloc_nb.cli import main as cli
-from emloc_nb.run import LAYOUT
-from emloc_nb.stages import SETTINGS, STAGES, settings
+from emloc_nb.eval_settings import SETTINGS, settings
+from emloc_nb.layout import LAYOUT
+from emloc_nb.stages import STAGES
 
 from ..conftest import tiny_run_config
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from emloc_nb import EmlocError, Emulator, Run, build_emulator, collect_stats, fingerprint, load_model, tiny_model
-from emloc_nb.data import batches
 from emloc_nb.streaming import build_streaming, stream
+from emloc_nb.tokens import batches
 
 from ..conftest import tiny_run_config
 

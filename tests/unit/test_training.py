@@ -272,9 +272,9 @@ def test_the_lora_weights_are_fp32_while_training_on_bf16_weights(toy_task):
 def test_16_bit_weights_on_the_cpu_train_on_batches_padded_to_few_lengths(toy_task, tmp_path, monkeypatch):
     """oneDNN caches kernels per input shape for bf16: each new length cost memory (transients.md, item 7)."""
     import emloc_nb.training
-    from emloc_nb.data import collator_for, tokenize
     from emloc_nb.models import length_multiple
     from emloc_nb.scoring import answer_nll
+    from emloc_nb.tokens import collator_for, tokenize
 
     model, tok = tiny_model("llama")
     assert length_multiple(model) == 1  # float32 (MKL) keeps no per-shape cache: no padding to pay for

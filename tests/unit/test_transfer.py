@@ -7,11 +7,13 @@ import torch
 from peft import PeftModel
 
 from emloc_nb import LoraSpec, TrainSpec, build_emulator, collect_stats, correct_lora, finetune, tiny_model
-from emloc_nb.correction import answer_tokens, fit_prior, label_target, lstsq_kappa, placebo_layer, resolve_prior_target
-from emloc_nb.data import batches
+from emloc_nb.config import resolve_prior_target
 from emloc_nb.errors import EmlocError
+from emloc_nb.layer_correction import lstsq_kappa, placebo_layer
 from emloc_nb.lora import attach_lora, load_adapter, lora_factors
+from emloc_nb.prior import answer_tokens, fit_prior, label_target
 from emloc_nb.scoring import answer_states
+from emloc_nb.tokens import batches
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def test_prior_of_an_exact_emulator_is_no_offset(setup, tmp_path):
 def _toy(prompts):
     from datasets import Dataset
 
-    from emloc_nb.data import Task
+    from emloc_nb.tasks import Task
 
     rows = Dataset.from_list([{"messages": p, "answer": "yes" if i % 2 else "no"} for i, p in enumerate(prompts)])
     return Task("toy", rows, rows, rows, choices=["no", "yes"])

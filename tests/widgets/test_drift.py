@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from emloc_nb.drift import DriftReport
+from emloc_nb.emulator_drift import DriftReport
 from emloc_nb.widgets import DriftView
 from emloc_nb.widgets.plots.common import trace
 from emloc_nb.widgets.tokens import readable_tokens, token_kl_html

@@ -1,4 +1,4 @@
-"""The memory figures of 05_memory_budget: each component and measure of `emloc_nb.memory.budget`'s rows, per
+"""The memory figures of 05_memory_budget: each component and measure of `emloc_nb.budget.budget`'s rows, per
 setting, and the peak of each phase of each stage."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from emloc_nb.widgets.plots.memory import (
     phase_names,
 )
 
-# Rows as emloc_nb.memory.budget returns them (computing real ones needs the models); a stage not run measures None.
+# Rows as emloc_nb.budget.budget returns them (computing real ones needs the models); a stage not run measures None.
 ROWS = [
     {
         "setting": "inference, original",

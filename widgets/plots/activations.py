@@ -7,7 +7,7 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from emloc_nb.models import block_index
+from emloc_nb.structure import block_index
 
 from .common import LAYOUT, WHITENED, layout_title, positive
 

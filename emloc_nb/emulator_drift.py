@@ -18,10 +18,11 @@ from transformers import PreTrainedTokenizerBase
 
 from .artifacts import check_fingerprint
 from .calibration import CalibrationStats, collect_stats
-from .memory import phase
-from .models import fingerprint, linear_weight, model_inputs, on_device
+from .fingerprints import fingerprint
+from .measure import phase
 from .progress import progress as progress_bar
 from .reports import LayerReport
+from .structure import linear_weight, model_inputs, on_device
 
 
 @dataclass

@@ -13,14 +13,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .config import check_value
-from .data import SPLITS, Task, collator_for, encode_example
+from .checks import check_value
 from .errors import EmlocError
-from .memory import phase
+from .measure import phase
 from .progress import progress as progress_bar
 from .reports import Report
 from .scoring import answer_nll, choice_logprobs, generate
 from .stats import auc, balanced_accuracy
+from .tasks import SPLITS, Task
+from .tokens import collator_for, encode_example
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""An ablation's table: one row per method, budget and seed; means over seeds, paired tests and the goals."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .ablation_methods import AblationSpec, default_method
+from .config import RunConfig
+from .errors import EmlocError
+from .reports import Report
+from .stats import mcnemar, mean_std, paired_bootstrap
+
+
+@dataclass
+class AblationReport(Report):
+    """One row per method, budget and seed (accuracy, AUC, ...); `summary()` aggregates over seeds."""
+
+    kind = "ablation"
+
+    spec: dict
+    config: dict
+    rows: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> list[dict]:
+        """Per method and budget: mean ± std over seeds, the recovered share, and the paired test against naive."""
+        groups: dict[tuple, list[dict]] = {}
+        for r in self.rows:
+            groups.setdefault((r["method"], r["budget"]), []).append(r)
+        zero = _mean(groups.get(("zero-shot", None), []), "accuracy")
+        full = _mean(groups.get(("full", None), []), "accuracy")
+        out = []
+        for (method, budget), rows in groups.items():
+            acc, std = mean_std([r["accuracy"] for r in rows])
+            row = {
+                "method": method,
+                "label": rows[0]["label"],
+                "budget": budget,
+                "seeds": len(rows),
+                "accuracy": acc,
+                "accuracy_std": std,
+                "auc": _mean(rows, "auc"),
+                "balanced_accuracy": _mean(rows, "balanced_accuracy"),
+                "recovered": (acc - zero) / (full - zero) if None not in (zero, full) and full != zero else None,
+            }
+            naive = groups.get(("naive", budget))
+            if naive and method != "naive":
+                row.update(_paired(rows, naive))
+            out.append(row)
+        return out
+
+    def goals(self, method: str | None = None) -> dict:
+        """The goals at the main budget, for `method` (default: the base config's own correction)."""
+        spec = AblationSpec(**self.spec)
+        has_choices = any(r.get("predicted") for r in self.rows)  # rows of a choice task count predictions per class
+        method = method or default_method(RunConfig.from_dict(self.config), spec.clamps, has_choices).key
+        summary = {(r["method"], r["budget"]): r for r in self.summary()}
+        budget = spec.budgets[0]
+        chosen, naive = summary.get((method, budget)), summary.get(("naive", budget))
+        zero = summary.get(("zero-shot", None))
+        if not (chosen and naive and zero):
+            return {}
+        margin = chosen["accuracy"] - naive["accuracy"]
+        # One seed has no spread to beat: the goal cannot be judged, not met for free.
+        std = max(chosen["accuracy_std"], naive["accuracy_std"]) if spec.seeds > 1 else None
+        full = summary.get(("full", None))
+        return {
+            "method": method,
+            "budget": budget,
+            "beats_zero_shot": chosen["accuracy"] > zero["accuracy"],
+            "beats_naive_by_more_than_one_std": None if std is None else margin > std,
+            "margin_over_naive": margin,
+            "std_to_beat": std,
+            # The ceiling of that margin: a transfer as good as LoRA trained on the original itself.
+            "full_lora_margin": None if full is None else full["accuracy"] - naive["accuracy"],
+            "recovered": chosen["recovered"],
+            "recovered_at_least_0.8": chosen["recovered"] is not None and chosen["recovered"] >= 0.8,
+        }
+
+    def markdown(self) -> str:
+        spec = AblationSpec(**self.spec)
+        head = (
+            f"Task `{self.config['task']['source']}`, model `{self.config['model']}`, {spec.seeds} seed(s), "
+            f"{spec.split} split ({self.config['evaluation']['limit']} examples), budgets ρ = "
+            f"{', '.join(f'{b:g}' for b in spec.budgets)}; LoRA r = {self.config['lora']['r']}, "
+            f"{self.config['train']['steps']} steps × {self.config['train']['batch_size']} at lr "
+            f"{self.config['train']['lr']:g}. Mean ± std over seeds. Recovered: (accuracy − zero-shot) / "
+            "(full LoRA − zero-shot). Paired against the naive transfer at the same budget, pooled over seeds: "
+            "bootstrap 95% interval of the accuracy difference, and McNemar's exact p.\n"
+        )
+        lines = [
+            head,
+            "| method | ρ | accuracy | AUC | balanced acc. | recovered | Δ vs naive [95% CI] | McNemar p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.summary():
+            delta = f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]" if "diff" in r else "–"
+            lines.append(
+                f"| {r['label']} | {_fmt(r['budget'], 'g')} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | "
+                f"{_fmt(r['auc'], '.3f')} | {_fmt(r['balanced_accuracy'], '.3f')} | {_fmt(r['recovered'], '.2f')} | "
+                f"{delta} | {_fmt(r.get('p_mcnemar'), '.3g')} |"
+            )
+        goals = self.goals()
+        if goals:
+            lines += [
+                "",
+                f"Goals at ρ = {goals['budget']:g} for `{goals['method']}`: beats zero-shot: "
+                f"{goal_text(goals['beats_zero_shot'])}; beats naive by more than one std: "
+                f"{std_goal_text(goals)}; recovered share "
+                f"{_fmt(goals['recovered'], '.2f')} ≥ 0.8: {goal_text(goals['recovered_at_least_0.8'])}.",
+            ]
+        lines.append(f"\nRuntime: {self.seconds / 3600:.2f} h.")
+        return "\n".join(lines) + "\n"
+
+    def _metadata(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def _from_saved(cls, meta: dict, tensors: dict) -> AblationReport:
+        return cls(meta["spec"], meta["config"], meta["rows"], meta["seconds"])
+
+
+def load_ablation(directory: str | Path, split: str | None = None) -> AblationReport:
+    """The report of an ablation directory: `split`'s, or else the test table if there is one, else validation's."""
+    directory = Path(directory)
+    if (directory / "ablation.json").is_file():  # a split's own folder
+        return AblationReport.load(directory)
+    for name in [split] if split else ["test", "validation"]:
+        if (directory / name / "ablation.json").is_file():
+            return AblationReport.load(directory / name)
+    raise EmlocError(
+        f"{directory} holds no ablation report{f' for the {split} split' if split else ''}. "
+        f"Write one with `emloc ablate CONFIG --dir {directory}`."
+    )
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _paired(rows: list[dict], naive: list[dict]) -> dict:
+    by_seed = {r["seed"]: r for r in naive}
+    a, b = [], []
+    for r in rows:
+        if r["seed"] in by_seed:
+            a += r["correct"]
+            b += by_seed[r["seed"]]["correct"]
+    boot, test = paired_bootstrap(a, b), mcnemar(a, b)
+    return {"diff": boot["diff"], "low": boot["low"], "high": boot["high"], "p_mcnemar": test["p"]}
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def goal_text(flag: bool | None) -> str:
+    return "undetermined (needs 2 or more seeds)" if flag is None else "met" if flag else "not met"
+
+
+def std_goal_text(goals: dict) -> str:
+    """The std goal with its figures: the margin over naive, the std it must exceed, and full LoRA's margin.
+
+    Full LoRA's margin says whether the goal was in reach at all: where it too falls short of the
+    std, no transfer could meet the goal on these seeds.
+    """
+    if goals["std_to_beat"] is None:
+        return goal_text(None)
+    ceiling = goals["full_lora_margin"]
+    ceiling = "" if ceiling is None else f"; LoRA trained on the original: {ceiling:+.3f}"
+    flag = goal_text(goals["beats_naive_by_more_than_one_std"])
+    return f"{flag} ({goals['margin_over_naive']:+.3f} against a std of {goals['std_to_beat']:.3f}{ceiling})"

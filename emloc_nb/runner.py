@@ -1,0 +1,152 @@
+"""Running the stages of a run: each in a fresh process by default, its seconds and peak memory recorded.
+
+A stage process both frees memory between stages and records the stage's true peak resident
+memory (a stage record: seconds, peak and baseline RSS, the peak of each phase). The evaluate
+stage runs one process per setting, then writes the results table. The child process is
+emloc_nb.stage_process; `execute` is what it runs, and what an in-process run calls directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import EmlocError
+from .layout import record_name
+from .measure import PhaseMeter, return_freed_memory, rss_mb
+from .runlock import LOCK_ENV, run_lock
+from .serial import write_json
+from .stage_bodies import finetune_with_trainer as trainer_lora
+from .stages import STAGES, check_provenance, get, recording
+
+PARENT_ENV = "EMLOC_PARENT_PID"  # a stage process dies with the process that started it (emloc_nb.stage_process)
+_CHILD = "import sys; from emloc_nb.stage_process import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_stage(run, name: str, *, isolate: bool = True) -> None:
+    """Run one stage unless it is done; `isolate`: in a fresh process that records its peak memory."""
+    stage = get(name)
+    with run.writing():
+        if stage.done(run):
+            return
+        missing = [a for a in stage.reads if not run.has(a)]
+        if missing:
+            writers = [s.name for s in STAGES.values() if set(s.writes) & set(missing)]
+            raise EmlocError(
+                f"Stage {name} needs {', '.join(missing)} in {run.dir}, which {' and '.join(writers)} "
+                "writes. Run that stage first (`emloc run`, or Run.run_all)."
+            )
+        for artifact in stage.reads:  # in full, before anything is computed or written
+            run.verify(artifact)
+        if stage.parts is None:
+            _run_step(run, name, isolate)
+            return
+        for part in stage.parts(run.config):
+            artifact = stage.part_writes.format(part)
+            if not run.has(artifact):
+                _run_step(run, f"{name}:{part}", isolate)
+            check_provenance(run, artifact)
+        stage.finish(run)
+
+
+def run_all(run, *, isolate: bool = True, until: str | None = None) -> None:
+    """Run every stage not yet done, in order (up to and including `until`)."""
+    names = list(STAGES)
+    if until is not None:
+        names = names[: names.index(get(until).name) + 1]
+    with run.writing():
+        for name in names:
+            run_stage(run, name, isolate=isolate)
+
+
+def _run_step(run, step: str, isolate: bool) -> None:
+    if not isolate:
+        execute(run, step, isolated=False)
+        return
+    started = time.time()
+    print(f"[emloc] {step} ...", flush=True)
+    with run_lock(run.dir) as lock_fd:  # held already; the child shares it through the inherited descriptor
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CHILD,
+                str(run.dir),
+                step,
+                *(["--trust-remote-code"] if run.trust_remote_code else []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            pass_fds=(lock_fd,),
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                LOCK_ENV: f"{lock_fd}:{os.path.realpath(run.dir)}",
+                PARENT_ENV: str(os.getpid()),
+            },
+        )
+        try:
+            tail: list[str] = []
+            for line in proc.stdout:
+                tail = (tail + [line.rstrip()])[-20:]
+                print("   ", line.rstrip(), flush=True)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted here (Ctrl-C): the child goes too
+                proc.kill()
+                proc.wait()
+    if code != 0:
+        errors = [line.removeprefix("error: ") for line in tail if line.startswith("error: ")]
+        if errors:
+            raise EmlocError(f"Stage {step} failed: {errors[-1]}")
+        raise EmlocError(
+            f"Stage {step} crashed (exit code {code}); its output is above. Rerun to resume, or report the bug."
+        )
+    record = run.stage_records()[record_name(step)]
+    print(f"[emloc] {step} done in {time.time() - started:.0f} s, peak {record['peak_rss_mb']:.0f} MB", flush=True)
+
+
+def execute(run, step: str, *, isolated: bool) -> None:
+    """Run one step ("calibrate", "evaluate:original", ...) in this process and write its stage record."""
+    import torch  # noqa: F401  (loaded first, as it always was: the baseline counts it; the stage imports the rest)
+
+    return_freed_memory()
+    name, _, part = step.partition(":")
+    stage = get(name)
+    if stage.parts is not None and part not in stage.parts(run.config):
+        raise EmlocError(f"{step} is not a step of this run. Steps of {name}: {', '.join(stage.parts(run.config))}.")
+    progress = True  # a bar in a terminal or notebook, else a line every few seconds (emloc_nb.progress)
+    baseline = rss_mb()
+    started = time.time()
+    with run.writing(), recording(run, stage, part or None):
+        with PhaseMeter() as meter:
+            record = stage.body(run, stage, part or None, progress)
+        record.update(
+            step=step,
+            seconds=time.time() - started,
+            isolated=isolated,
+            baseline_rss_mb=baseline,
+            # In a shared process the peak includes what earlier stages left; each phase's peak is its own either way.
+            peak_rss_mb=meter.peak_rss_mb if isolated else None,
+            phases=meter.phases,
+            peak_method=meter.method,
+        )
+        if meter.peak_cuda_mb is not None:
+            record["peak_cuda_mb"] = meter.peak_cuda_mb
+        write_json(run.path(f"stage_record:{record_name(step)}"), record)
+
+
+def finetune_with_trainer(run, target: str = "emulator", **training_args) -> Path:
+    """The fine-tuning stage through transformers' Trainer (runs under torchrun); same adapter format."""
+    stage = get(f"finetune_{target}")
+    # Under torchrun only the first rank writes (checkpoints, adapter), so only it holds the run's lock.
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    with run.writing() if first_rank else contextlib.nullcontext(), recording(run, stage, None):
+        if stage.done(run):
+            return run.adapter_dir(target)
+        return trainer_lora(run, target, **training_args)
