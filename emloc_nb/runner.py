@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import EmlocError
+from .eta import Pace
 from .layout import record_name
 from .measure import PhaseMeter, return_freed_memory, rss_mb
 from .runlock import LOCK_ENV, run_lock
@@ -60,8 +61,15 @@ def run_all(run, *, isolate: bool = True, until: str | None = None) -> None:
     if until is not None:
         names = names[: names.index(get(until).name) + 1]
     with run.writing():
-        for name in names:
+        pace = Pace(run.config)  # after each stage it ran, how long the rest will take (emloc_nb.eta)
+        for i, name in enumerate(names):
+            started, ran = time.time(), not get(name).done(run)
             run_stage(run, name, isolate=isolate)
+            if ran:
+                pace.ran(name, time.time() - started)
+                note = pace.note(run, names[i + 1 :])
+                if note:
+                    print(f"[emloc] {note}", flush=True)
 
 
 def _run_step(run, step: str, isolate: bool) -> None:
