@@ -21,10 +21,14 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
 
-def child(script: str | Path, *args: str, timeout: float = 3600) -> dict:
-    """Run `python script args...` and return the JSON object on its last line of output."""
+def child(script: str | Path, *args: str, timeout: float = 3600, env: dict | None = None) -> dict:
+    """Run `python script args...` (`env`: added to this environment) and return the JSON object on its last line."""
     done = subprocess.run(
-        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
     if done.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(map(str, args))} failed:\n{done.stderr[-4000:]}")

@@ -29,6 +29,7 @@ import yaml
 from .checks import check_fields, check_value, kind_of
 from .errors import EmlocError
 from .ranks import RankPlan
+from .threads import check_threads
 
 # Field metadata, as emloc_nb.checks reads it.
 AT_LEAST_1 = {"min": 1}
@@ -294,6 +295,7 @@ class RunConfig:
     device: str = field(default="cpu", metadata={"check": check_device_name})
     # The dtype every stage loads the models in: "float32" or "bfloat16".
     dtype: str = field(default="float32", metadata={"check": check_dtype})
+    threads: int | str = field(default="auto", metadata={"check": check_threads})  # per stage: emloc_nb.threads
     baseline: bool = True  # also fine-tune the original model (the upper bound EMLoC avoids paying for)
     task: TaskSpec = field(default_factory=TaskSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)

@@ -87,6 +87,11 @@ def _must_be_bool(value, name: str) -> bool:
     return value
 
 
+def _only_threads_differ(a: RunConfig, b: RunConfig) -> bool:
+    """No stage records `threads` (emloc_nb.stages), so a run resumed on another thread count keeps its results."""
+    return a.threads != b.threads and {**a.to_dict(), "threads": None} == {**b.to_dict(), "threads": None}
+
+
 class Run:
     """A run directory: its config, where each artifact lives, and a loader for each.
 
@@ -113,6 +118,8 @@ class Run:
         if self.dir.exists() and not self.dir.is_dir():
             raise EmlocError(f"{self.dir} is a file, not a run directory. Choose a directory.")
         existing = self._saved_config()
+        if existing is not None and isinstance(config, RunConfig) and _only_threads_differ(existing, config):
+            existing = self._rethread(config)
         if existing is not None and (config is None or config.to_dict() == existing.to_dict()):
             self.config = existing
             return
@@ -134,6 +141,16 @@ class Run:
                     discard(entry)  # run.json goes last: an interrupted clear-out leaves the old run, consistent
                 write_json(self.path("config"), config.to_dict())
         self.config = config
+
+    def _rethread(self, config: RunConfig) -> RunConfig:
+        """The same run with another `threads` (how fast it runs, not what it computes): run.json takes it."""
+        config.validate()
+        with run_lock(self.dir):
+            existing = self._saved_config()  # again under the lock
+            if existing is not None and _only_threads_differ(existing, config):
+                write_json(self.path("config"), config.to_dict())
+                return config
+        return existing
 
     def _saved_config(self) -> RunConfig | None:
         config_file = self.path("config")

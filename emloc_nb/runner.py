@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 from .errors import EmlocError
+from .eta import Pace
 from .layout import record_name
 from .measure import PhaseMeter, return_freed_memory, rss_mb
 from .runlock import LOCK_ENV, run_lock
 from .serial import write_json
 from .stage_bodies import finetune_with_trainer as trainer_lora
 from .stages import STAGES, check_provenance, get, recording
+from .threads import thread_env, using_threads
 
 PARENT_ENV = "EMLOC_PARENT_PID"  # a stage process dies with the process that started it (emloc_nb.stage_process)
 _CHILD = "import sys; from emloc_nb.stage_process import main; sys.exit(main(sys.argv[1:]))"
@@ -59,8 +61,15 @@ def run_all(run, *, isolate: bool = True, until: str | None = None) -> None:
     if until is not None:
         names = names[: names.index(get(until).name) + 1]
     with run.writing():
-        for name in names:
+        pace = Pace(run.config)  # after each stage it ran, how long the rest will take (emloc_nb.eta)
+        for i, name in enumerate(names):
+            started, ran = time.time(), not get(name).done(run)
             run_stage(run, name, isolate=isolate)
+            if ran:
+                pace.ran(name, time.time() - started)
+                note = pace.note(run, names[i + 1 :])
+                if note:
+                    print(f"[emloc] {note}", flush=True)
 
 
 def _run_step(run, step: str, isolate: bool) -> None:
@@ -88,6 +97,7 @@ def _run_step(run, step: str, isolate: bool) -> None:
                 "PYTHONUNBUFFERED": "1",
                 LOCK_ENV: f"{lock_fd}:{os.path.realpath(run.dir)}",
                 PARENT_ENV: str(os.getpid()),
+                **thread_env(run.config.threads),  # before torch loads in the child (emloc_nb.threads)
             },
         )
         try:
@@ -124,11 +134,12 @@ def execute(run, step: str, *, isolated: bool) -> None:
     baseline = rss_mb()
     started = time.time()
     with run.writing(), recording(run, stage, part or None):
-        with PhaseMeter() as meter:
+        with using_threads(run.config.threads) as threads, PhaseMeter() as meter:  # in process: the caller's after
             record = stage.body(run, stage, part or None, progress)
         record.update(
             step=step,
             seconds=time.time() - started,
+            threads=threads,
             isolated=isolated,
             baseline_rss_mb=baseline,
             # In a shared process the peak includes what earlier stages left; each phase's peak is its own either way.

@@ -155,3 +155,7 @@ def test_stage_processes_report_progress_through_the_parent(tiny_files, tmp_path
         assert "elapsed" in reports[-1] and ("100%" in reports[-1])
     steps = tiny_run_config(model, data).train.steps
     assert any(f"finetune {steps}/{steps} (100%)" in line for line in lines)
+    # After each stage, how long the rest of the run will take (emloc_nb.eta).
+    notes = [line for line in done.stdout.splitlines() if line.startswith("[emloc]") and " left: " in line]
+    assert notes and notes[0].endswith("(at the pace so far, emloc_nb.eta)")
+    assert " left: emulator, drift, " in notes[0] and " left: evaluate (" in notes[-1]

@@ -41,12 +41,13 @@ def test_whole_pipeline_in_process_then_resume(tiny_setup):
         Run(root / "run", _config(model, data, correction={"clamp": 1.0}))
 
 
-def test_isolated_stage_records_its_peak_memory(tiny_setup):
+def test_isolated_stage_records_its_peak_memory_and_threads(tiny_setup):
     root, model, data = tiny_setup
-    run = Run(root / "iso", _config(model, data, baseline=False))
+    run = Run(root / "iso", _config(model, data, baseline=False, threads=2))
     run.run_stage("calibrate")
     record = run.stage_records()["calibrate"]
     assert record["isolated"] and record["peak_rss_mb"] > record["baseline_rss_mb"] > 0
+    assert record["threads"] == 2  # the run's setting, not the OMP_NUM_THREADS the tests run with
     assert run.calibration().examples == 16
 
 
