@@ -143,3 +143,13 @@ def test_index_says_what_each_page_teaches_and_pages_link_their_neighbours(docs_
     assert links == [f"{stems[0]}.html", "index.html", f"{stems[2]}.html"]
     assert re.findall(r"href='([^']+)'", docs_build.nav(stems[0], stems)) == ["index.html", f"{stems[1]}.html"]
     assert re.findall(r"href='([^']+)'", docs_build.nav(stems[-1], stems)) == [f"{stems[-2]}.html", "index.html"]
+
+
+def test_committed_pages_carry_no_warnings_or_progress_bars():
+    """The static tutorials as committed (`make docs`): no stderr output (warnings, progress bars) survives."""
+    pages = sorted((REPO / "docs" / "notebooks").glob("0*.html"))
+    assert len(pages) == 6
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in text, page.name
+        assert "0%|" not in text and "Warning:" not in text, page.name
