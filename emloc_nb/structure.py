@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import EmlocError
+from .errors import BATCH, EmlocError, check_kind
 
 # ----------------------------------------------------------------------------- structure helpers
 
@@ -82,6 +82,7 @@ def accepts(model: nn.Module, argument: str) -> bool:
 
 def on_device(model: nn.Module, batch: dict) -> dict:
     """`batch` with its tensors on the model's device (collators build them on the CPU)."""
+    check_kind(batch, BATCH, "batch")
     device = next(model.parameters()).device
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
