@@ -1436,6 +1436,110 @@ case(
 )
 
 
+# ----------------------------------------------------------------------------- issue 30: what a stage needs
+# Values each of the right type and range that no stage can use: a rank wider than the layers, a length shorter
+# than the chat template, counts larger than the split they draw from. Refused when the run is set up (the model's
+# config, its tokenizer and the task are read; no weight is loaded), for a config file, --set and the API alike.
+
+STAGE_NEEDS = [  # (setting, value, pattern); the tiny llama's narrowest block linear is k_proj, 32 × 64
+    ("lora.r", 10**12, r"lora\.r=1000000000000 is wider than the layers the LoRA targets: .*k_proj is 32 × 64"),
+    ("lora.r", 33, r"lora\.r=33 is wider than .*Set lora\.r to at most 32"),
+    ("lora", {"r": 65, "targets": ["up_proj"]}, r"lora\.r=65 is wider .*up_proj is 160 × 64"),
+    ("lora", {"r": 161, "targets": "model\\.layers\\.1\\.mlp\\.down_proj"}, r"at most 64"),
+    ("calibration.max_length", 1, r"calibration\.max_length=1 is shorter than the chat template itself"),
+    ("calibration.max_length", 22, r"calibration\.max_length=22 .*Set calibration\.max_length to at least 23"),
+    ("train.max_length", 5, r"train\.max_length=5 is shorter than the chat template"),
+    ("calibration.examples", 1000, r"calibration\.examples=1000 asks for more examples than the train split .*\(52\)"),
+    ("calibration.heldout_examples", 9, r"calibration\.heldout_examples=9 .* validation split of toy holds \(8\)"),
+    ("evaluation.limit", 21, r"evaluation\.limit=21 .* test split of toy holds \(20\)"),
+    ("evaluation", {"split": "validation", "limit": 9}, r"evaluation\.limit=9 .* validation split"),
+    ("train.batch_size", 64, r"train\.batch_size=64 asks for more examples than the train split"),
+]
+for setting, value, pattern in STAGE_NEEDS:
+    name = f"{setting}={value!r}"
+
+    def config_dict(env, setting=setting, value=value):
+        return _set(env.config(), setting, value)
+
+    case(
+        f"api-run-needs-{name}",
+        pattern,
+        api=lambda env, d=config_dict: lambda: Run(env.tmp / "r", RunConfig.from_dict(d(env))),
+    )
+    case(
+        f"cli-run-needs-{name}",
+        pattern,
+        cli=lambda env, d=config_dict: ["run", str(env.yaml(d(env))), "--run-dir", str(env.tmp / "out")],
+    )
+
+NEEDS_SET = [  # (command on a copy of the finished run, or "run", extra argv, pattern)
+    ("run", ["--set", "lora.r=100000"], r"lora\.r=100000 is wider than the layers"),
+    ("build-emulator", ["--set", "calibration.max_length=2"], r"calibration\.max_length=2 is shorter than the chat"),
+    ("evaluate", ["--limit", "1000"], r"evaluation\.limit=1000 asks for more examples than the test split"),
+    ("finetune", ["--set", "lora.r=64"], r"lora\.r=64 is wider than the layers"),
+    ("finetune", ["--set", "train.max_length=3"], r"train\.max_length=3 is shorter than the chat template"),
+]
+for command, extra, pattern in NEEDS_SET:
+
+    def argv(env, command=command, extra=extra):
+        if command in ("run", "build-emulator"):
+            return [command, *(["--config"] if command != "run" else []), str(env.yaml(env.config())), "--run-dir",
+                    str(env.tmp / "o"), *extra]  # fmt: skip
+        return [command, "--run-dir", str(env.copy_run()), "--in-process", *extra]
+
+    case(f"cli-{command.split('-')[0]}-needs-{' '.join(extra)}", pattern, cli=argv)
+
+
+def _one_token_batches(env):
+    import torch
+
+    return [{"input_ids": torch.tensor([[5], [6]]), "attention_mask": torch.tensor([[1], [1]])}]
+
+
+def _stats(model, tok, env):
+    return emloc_nb.collect_stats(model, emloc_nb.batches(tok, _toy_task(env).train, limit=8), progress=False)
+
+
+NEEDS_API = [  # (id, call(env), pattern)
+    (
+        "finetune-lora-r-wider-than-layers",
+        lambda env: emloc_nb.finetune(
+            *_tiny(), _toy_task(env), env.tmp / "o", lora=emloc_nb.LoraSpec(r=10**6), progress=False
+        ),
+        r"lora\.r=1000000 is wider than the layers",
+    ),
+    (
+        "attach_lora-r-wider-than-targets",
+        lambda env: emloc_nb.attach_lora(_tiny()[0], emloc_nb.LoraSpec(r=65, targets=["gate_proj"])),
+        r"lora\.r=65 is wider .*gate_proj is 160 × 64",
+    ),
+    (
+        "finetune-max-length-1",
+        lambda env: emloc_nb.finetune(
+            *_tiny(), _toy_task(env), env.tmp / "o", config=emloc_nb.TrainSpec(max_length=1), progress=False
+        ),
+        r"train\.max_length=1 is shorter than the chat template",
+    ),
+    ("batches-max-length-1", lambda env: emloc_nb.batches(*_tok_data(env), max_length=1), r"max_length=1 is shorter"),
+    (
+        "drift-one-token-examples",
+        lambda env: (lambda m, e: emloc_nb.drift(m, e, _one_token_batches(env), progress=False))(
+            *_tiny_emulator(env)[::2]
+        ),
+        r"drift: no example in the batches has two real tokens",
+    ),
+    (
+        "drift-no-batches",
+        lambda env: (lambda m, tok, e: emloc_nb.drift(m, e, [], heldout=_stats(m, tok, env), progress=False))(
+            *_tiny_emulator(env)
+        ),
+        r"drift: no example in the batches has two real tokens",
+    ),
+]
+for id_, call, pattern in NEEDS_API:
+    case(f"api-needs-{id_}", pattern, api=lambda env, c=call: lambda: c(env))
+
+
 # ----------------------------------------------------------------------------- the checks themselves
 
 
