@@ -22,7 +22,7 @@ from pathlib import Path
 from . import runner
 from .artifacts import verify_manifest
 from .atomic import atomic_dir, discard, is_leftover
-from .config import RunConfig, is_small, resolve_prior_target, small_settings
+from .config import SECTION_NAMES, RunConfig, is_small, resolve_prior_target, small_settings
 from .errors import EmlocError
 from .layout import ADAPTERS, LAYOUT, SHARED_BY, artifact_path, in_layout
 from .lazy import lazy
@@ -64,13 +64,14 @@ def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:
         check_max_length(tokenizer, getattr(config, section).max_length, f"{section}.max_length")
     task = task_of(config)
     calibration, evaluation = config.calibration, config.evaluation
-    for split, count, name in (
-        ("train", calibration.examples, "calibration.examples"),
-        ("validation", calibration.heldout_examples, "calibration.heldout_examples"),
-        ("train", config.train.batch_size, "train.batch_size"),
-        (evaluation.split, evaluation.limit, "evaluation.limit"),
+    for split, section, key in (
+        ("train", calibration, "examples"),
+        ("validation", calibration, "heldout_examples"),
+        ("train", config.train, "batch_size"),
+        (evaluation.split, evaluation, "limit"),
     ):
-        task.check_count(split, count, name)
+        if getattr(section, key) != getattr(type(section), key):  # a default means "up to": a small task gives fewer
+            task.check_count(split, getattr(section, key), f"{SECTION_NAMES[type(section)]}.{key}")
     c = config.correction
     if c.prior and resolve_prior_target(c.prior_target, bool(task.choices)) == "labels":
         task.choice_shares()  # every choice must occur among the training answers

@@ -71,7 +71,7 @@ def test_bad_plans_and_models_write_nothing(tiny_setup, capsys):
 
 def test_cli_build_emulator_and_overwrite(tiny_setup, capsys):
     root, model, data = tiny_setup
-    args = ["--calibration-examples", "8", "--set", "calibration.heldout_examples=8", "--in-process"]
+    args = ["--calibration-examples", "8", "--in-process"]
     assert _build(model, data, root / "cli", *args, "--ratio", "0.5") == 0
     out = capsys.readouterr().out
     assert "block linears compressed" in out and "KL" in out
