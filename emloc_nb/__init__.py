@@ -12,6 +12,7 @@ are always the functions (their modules are emloc_nb.emulator_drift and emloc_nb
 
 from __future__ import annotations
 
+from .errors import BATCHES, COUNT, DATASET, MODEL, PATH, TENSOR, TOKENIZER, Kind, argument_kinds
 from .lazy import resolve as _resolve
 from .version import __version__ as __version__
 
@@ -60,11 +61,62 @@ _EXPORTS = {  # name -> "module:name", where it is defined
 }
 __all__ = sorted(_EXPORTS)
 
+# The kinds of the public functions' arguments: checked on every call (emloc_nb.errors.argument_kinds), so an
+# argument of the wrong kind is an EmlocError that names it, not an AttributeError deep inside.
+TASK = Kind(("emloc_nb.tasks:Task",), "a Task", "load_task('movie-sentiment')")
+STATS = Kind(("emloc_nb.calibration:CalibrationStats",), "CalibrationStats", "collect_stats(model, batches)")
+EMULATOR = Kind(("emloc_nb.emulator:Emulator",), "an Emulator", "build_emulator(...) or Run.emulator()")
+PLAN = Kind(("emloc_nb.ranks:RankPlan", int, float), "a RankPlan or a kept share ρ in (0, 1]", "0.5")
+LORA = Kind(("emloc_nb.config:LoraSpec",), "a LoraSpec", "LoraSpec(r=8)")
+TRAIN = Kind(("emloc_nb.config:TrainSpec",), "a TrainSpec", "TrainSpec(steps=100)")
+SPECTRA = Kind(("emloc_nb.spectra:SpectrumTable",), "a SpectrumTable", "Run.spectra()")
+_TRAINING = dict(
+    model=MODEL,
+    tokenizer=TOKENIZER,
+    task=TASK,
+    output_dir=PATH,
+    lora=LORA.optional(),
+    config=TRAIN.optional(),
+    stats=STATS.optional(),
+)
+_ARGUMENT_KINDS = {
+    "collect_stats": dict(model=MODEL, batches=BATCHES),
+    "build_emulator": dict(model=MODEL, stats=STATS.optional(), plan=PLAN),
+    "drift": dict(
+        original=MODEL, emulator=EMULATOR, batches=BATCHES, heldout=STATS.optional(), tokenizer=TOKENIZER.optional()
+    ),
+    "finetune": _TRAINING,
+    "finetune_hf": _TRAINING,
+    "hf_trainer": _TRAINING,
+    "correct_lora": dict(
+        original=MODEL,
+        emulator=EMULATOR,
+        adapter_dir=PATH,
+        output_dir=PATH,
+        heldout=STATS.optional(),
+        calibration=STATS.optional(),
+        tokenizer=TOKENIZER.optional(),
+    ),
+    "correct_layer": dict(w=TENSOR, w_e=TENSOR, a=TENSOR, b=TENSOR),
+    "evaluate": dict(model=MODEL, tokenizer=TOKENIZER, task=TASK),
+    "attach_lora": dict(model=MODEL, spec=LORA, stats=STATS.optional()),
+    "load_adapter": dict(model=MODEL, path=PATH),
+    "save_adapter": dict(peft_model=MODEL, path=PATH),
+    "batches": dict(
+        tokenizer=TOKENIZER, dataset=DATASET, batch_size=COUNT, limit=COUNT.optional(), max_length=COUNT.optional()
+    ),
+    "fingerprint": dict(model=MODEL),
+    "allocate": dict(spectra=SPECTRA),
+}
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = globals()[name] = _resolve(_EXPORTS[name])
+    value = _resolve(_EXPORTS[name])
+    if name in _ARGUMENT_KINDS:
+        value = argument_kinds(**_ARGUMENT_KINDS[name])(value)
+    globals()[name] = value
     return value
 
 

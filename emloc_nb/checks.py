@@ -13,13 +13,9 @@ import types
 import typing
 from dataclasses import fields
 
-from .errors import EmlocError
+from .errors import EmlocError, kind_of
 
 _NON_FINITE = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf}  # how run.json wrote them before 0.2
-
-
-def kind_of(value) -> str:
-    return "a boolean" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
 
 
 def _matches(value, hint) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from .checks import check_fields, check_value, kind_of
-from .errors import EmlocError
+from .errors import PATH, DuplicateKey, EmlocError, argument_kinds, load_yaml, loads_json
 from .ranks import RankPlan
 from .threads import check_threads
 
@@ -354,6 +354,7 @@ class RunConfig:
         return cls(**values)
 
     @classmethod
+    @argument_kinds(path=PATH)
     def load(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         if path.is_dir():
@@ -361,28 +362,24 @@ class RunConfig:
         if not path.is_file():
             raise EmlocError(f"Config file {path} does not exist. Check the path; configs/ holds examples.")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark at the start is no setting
         except UnicodeDecodeError as e:
             raise EmlocError(
                 f"Config file {path} is not UTF-8 text ({e.reason} at byte {e.start}). Save it as UTF-8."
             ) from None
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                d = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                where = f"line {mark.line + 1}" if mark else "somewhere"
-                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-                raise EmlocError(
-                    f"Config file {path} is not valid YAML ({problem} at {where}). Fix it there."
-                ) from None
-        else:
-            try:
-                d = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise EmlocError(
-                    f"Config file {path} is not valid JSON ({e.msg} at line {e.lineno}). Fix it there."
-                ) from None
+        try:
+            d = load_yaml(text) if path.suffix in (".yaml", ".yml") else loads_json(text)
+        except DuplicateKey as e:
+            raise EmlocError(e.explain(f"Config file {path}")) from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}" if mark else "somewhere"
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise EmlocError(f"Config file {path} is not valid YAML ({problem} at {where}). Fix it there.") from None
+        except json.JSONDecodeError as e:
+            raise EmlocError(
+                f"Config file {path} is not valid JSON ({e.msg} at line {e.lineno}). Fix it there."
+            ) from None
         if d is None or d == {}:
             raise EmlocError(
                 f"Config file {path} is empty. Write the settings to change (see configs/default.yaml), "
@@ -406,7 +403,9 @@ def parse_setting(text: str, *, flag: str = "--set") -> tuple[str, object]:
     if not sep or not all(key.strip().split(".")):
         raise EmlocError(f"{flag} {text!r}: write KEY=VALUE, e.g. --set train.steps=100.")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), load_yaml(value)
+    except DuplicateKey as e:
+        raise EmlocError(e.explain(f"{flag} {text!r}")) from None
     except yaml.YAMLError as e:
         raise EmlocError(
             f"{flag} {text!r}: the value is not valid YAML ({str(e).splitlines()[0]}). Quote it."

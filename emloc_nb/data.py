@@ -81,6 +81,11 @@ def load_task(
                     f"datasets.Dataset, not {type(source).__name__}. Pass one of those."
                 )
             path = Path(source).expanduser()
+            if path.is_dir():
+                raise EmlocError(
+                    f"Data path {path} is a directory, not a file. Pass a .jsonl or .csv file in it, or hf:{path} "
+                    "for a folder of dataset files (parquet, CSV, JSON) or a datasets save_to_disk folder."
+                )
             if not path.is_file():
                 known = ", ".join(BUILT_IN)
                 raise EmlocError(

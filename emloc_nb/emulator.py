@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .artifacts import FORMAT_VERSION, artifact_dir, check_fingerprint, verify_manifest
 from .calibration import CalibrationStats
-from .errors import EmlocError, first_line
+from .errors import MODEL, PATH, EmlocError, argument_kinds, first_line
 from .factoring import MODES, LowRankLinear, Whiteners, check_whitening, factor_layer
 from .fingerprints import fingerprint
 from .measure import phase
@@ -53,6 +53,7 @@ class Emulator:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
     @phase("save")
+    @argument_kinds(path=PATH)
     def save(self, path: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
         """Write a self-contained directory: config, weights, metadata, spectra (and the tokenizer), and a manifest."""
         with artifact_dir(
@@ -83,6 +84,7 @@ class Emulator:
 
     @classmethod
     @phase("load")
+    @argument_kinds(path=PATH, original=MODEL.optional())
     def load(
         cls, path: str | Path, *, original: nn.Module | None = None, dtype: str | torch.dtype | None = None, device=None
     ) -> Emulator:

@@ -22,7 +22,7 @@ from .fingerprints import fingerprint
 from .measure import phase
 from .progress import progress as progress_bar
 from .reports import LayerReport
-from .structure import linear_weight, model_inputs, on_device
+from .structure import linear_weight, model_inputs, nothing_to_predict, on_device
 
 
 @dataclass
@@ -134,6 +134,8 @@ def drift(
                 ids = batch["input_ids"][i][mask[i]]
                 examples.append({"tokens": tokenizer.convert_ids_to_tokens(ids.tolist()), "kl": kl[mask[i]].tolist()})
             del lo, le, kl
+    if n_pred == 0:
+        raise nothing_to_predict("drift")
     blocks = [{"block": b, "cosine": float(c) / n_tok} for b, c in enumerate(cos_sum.tolist())]
     ppl_o, ppl_e = math.exp(nll_o / n_pred), math.exp(nll_e / n_pred)
     summary = {

@@ -174,7 +174,7 @@ def hf_trainer(
                 + ". See the TrainingArguments reference for the names."
             )
     args = TrainingArguments(**{**defaults, **training_args})
-    train = tokenize(tokenizer, task.train, max_length=config.max_length)
+    train = tokenize(tokenizer, task.train, max_length=config.max_length, setting="train.max_length")
     trainer = CheckpointingTrainer(
         model=peft_model,
         args=args,

@@ -27,7 +27,7 @@ from .factoring import LowRankLinear
 from .fingerprints import fingerprint
 from .measure import phase
 from .serial import read_json_object, read_tensors, write_json, write_tensors
-from .structure import block_linears
+from .structure import block_linears, check_lora_rank
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_INFO = "emloc.json"  # beside peft's files: the base the adapter is for, and how it was made
@@ -78,6 +78,7 @@ def attach_lora(model: nn.Module, spec: LoraSpec, *, stats=None) -> PeftModel:
     either way, so the model's output does not change.
     """
     config = peft_config(spec, model)
+    check_lora_rank(model, spec.r, spec.targets)
     if spec.init == "eigen" and stats is None:
         raise EmlocError("LoRA init 'eigen' needs the calibration statistics: pass stats= (or use init='random').")
     try:

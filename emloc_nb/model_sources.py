@@ -127,12 +127,34 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, str | None]:
             f"a Hub id (org/name), or '{DEFAULT_MODEL}' for the default model."
         )
     if path.suffix == ".gguf":
+        check_gguf(path)
         return path.parent, path.name
+    if path.is_file():
+        raise EmlocError(
+            f"Model path {path} is a file, not a checkpoint directory. Pass the directory that holds its "
+            "config.json (and weights), or a .gguf file."
+        )
     if not (path / "config.json").is_file():
         raise EmlocError(
             f"{path} holds no config.json, so it is not a Hugging Face checkpoint. Point at the directory that has it."
         )
     return path, None
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """A .gguf model path must be a file that starts like one (its magic bytes and a version)."""
+    if not path.is_file():
+        raise EmlocError(f"Model path {path} is not a file, so it is not a GGUF model. Pass the .gguf file itself.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise EmlocError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes). Check the file (download it "
+            "again), or pass a checkpoint directory."
+        )
 
 
 def pretrained_args(source: str | os.PathLike) -> str:

@@ -63,7 +63,7 @@ def materialize(model: nn.Module, files: list[Path], *, dtype, device, incomplet
 def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bool = False):
     """The model's tokenizer alone, without its weights."""
     path, gguf_file = resolve_source(source)
-    with load_errors(path, trust_remote_code):
+    with load_errors(path, trust_remote_code, gguf_file):
         return AutoTokenizer.from_pretrained(
             str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
         )
@@ -74,7 +74,7 @@ def skeleton(source: str | os.PathLike = DEFAULT_MODEL, *, trust_remote_code: bo
     from accelerate import init_empty_weights
 
     path, gguf_file = resolve_source(source)
-    with load_errors(path, trust_remote_code):
+    with load_errors(path, trust_remote_code, gguf_file):
         config = AutoConfig.from_pretrained(
             str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True
         )
@@ -157,7 +157,7 @@ def load_model(
                 model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
         return model, tokenizer
     kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)  # never the Hub
-    with load_errors(path, trust_remote_code):
+    with load_errors(path, trust_remote_code, gguf_file):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)  # memory-mapped, not copied
     model.to(device)  # a GGUF file is dequantized on the CPU first
     model.eval()
@@ -165,8 +165,12 @@ def load_model(
 
 
 @contextlib.contextmanager
-def load_errors(path: Path, trust_remote_code) -> Iterator[None]:
-    """transformers' errors for a checkpoint it cannot use, as one-line EmlocErrors; and a real boolean to trust."""
+def load_errors(path: Path, trust_remote_code, gguf_file: str | None = None) -> Iterator[None]:
+    """transformers' errors for a checkpoint it cannot use, as one-line EmlocErrors; and a real boolean to trust.
+
+    With `gguf_file`, the error names that file: a GGUF file is read by transformers' GGUF parser, whose errors
+    (a struct error, a JSON error from a fallback) describe its body, not the checkpoint directory.
+    """
     if not isinstance(trust_remote_code, bool):
         raise EmlocError(
             f"trust_remote_code must be True or False, not {type(trust_remote_code).__name__} {trust_remote_code!r}. "
@@ -174,14 +178,19 @@ def load_errors(path: Path, trust_remote_code) -> Iterator[None]:
         )
     try:
         yield
-    except EmlocError:
+    except (EmlocError, MemoryError):
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, RuntimeError) as e:
+    except Exception as e:  # transformers and the GGUF parser raise many kinds (struct.error among them)
         text = str(e)
         if "trust_remote_code" in text and not trust_remote_code:
             raise EmlocError(
                 f"{path} asks to run its own code (auto_map), which emloc-nb never does unless you ask. "
                 "Pass --trust-remote-code (trust_remote_code=True) only if you trust that code."
+            ) from None
+        if gguf_file is not None:
+            raise EmlocError(
+                f"{path / gguf_file} is not a GGUF file transformers can read ({first_line(e)}). Check the file "
+                "(download it again), or pass a checkpoint directory."
             ) from None
         raise EmlocError(
             f"{path} is not a checkpoint transformers can load ({first_line(e)}). Check its files."

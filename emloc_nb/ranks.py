@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import EmlocError
+from .errors import PATH, EmlocError, argument_kinds
 from .serial import read_json, write_json
 
 
@@ -86,8 +86,9 @@ class RankPlan:
         """Decide every layer in `shapes` (name -> (d_out, d_in)); unmatched rules are an error."""
         unmatched = [p for p in self.rules if not any(re.search(p, n) for n in shapes)]
         if unmatched:
+            shown = f"{unmatched[:5]}" + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
             raise EmlocError(
-                f"Rule(s) {unmatched} match no layer. Layer names look like {next(iter(shapes), '?')!r}; fix or drop "
+                f"Rule(s) {shown} match no layer. Layer names look like {next(iter(shapes), '?')!r}; fix or drop "
                 "the rule."
             )
         unknown = [n for n in self.ranks if n not in shapes]
@@ -132,11 +133,13 @@ class RankPlan:
             )
         return cls(**d)
 
+    @argument_kinds(path=PATH)
     def save(self, path: str | Path) -> Path:
         write_json(path, {"kind": "rank_plan", **self.to_dict()})
         return Path(path)
 
     @classmethod
+    @argument_kinds(path=PATH)
     def load(cls, path: str | Path) -> RankPlan:
         d = read_json(path)
         if not isinstance(d, dict):

@@ -36,7 +36,14 @@ class RecordFormat:
         if "messages" in record and self.prompt_template is None:
             return self._chat(record["messages"], where)
         needed = [self.answer_field] + ([] if self.prompt_template else [self.prompt_field])
-        missing = [f for f in needed if record.get(f) in (None, "")]
+        missing = [f for f in needed if f not in record]
+        empty = [f for f in needed if f in record and record[f] in (None, "")]
+        if empty and not missing:
+            shown = ", ".join(f"{f!r} is {'null' if record[f] is None else 'an empty string'}" for f in empty)
+            raise EmlocError(
+                f"{where}: field {shown}, so this example has no {' and no '.join(empty)}. Give it one, or remove "
+                "the example."
+            )
         if missing:
             raise EmlocError(
                 f"{where}: missing field(s) {missing}; found {sorted(map(str, record))}. Each example needs "
@@ -97,6 +104,7 @@ class RecordFormat:
 
 def _decode(path: Path) -> str:
     data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a byte-order mark (some editors write one)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -28,7 +28,7 @@ from .artifacts import (
     verify_side_manifest,
     write_side_manifest,
 )
-from .errors import EmlocError
+from .errors import PATH, EmlocError, argument_kinds
 from .serial import StoredGroups, read_json_object, write_grouped, write_json
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class Report:
         return {}
 
     # -- the shared shape
+    @argument_kinds(path=PATH)
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the report as a directory; a non-empty `path` is refused unless `overwrite=True`."""
         with artifact_dir(
@@ -111,6 +112,7 @@ class Report:
         return [*written, f"{self.kind}.json"]
 
     @classmethod
+    @argument_kinds(path=PATH)
     def load(cls, path: str | Path):
         """The report saved at `path`, after checking every file against its manifest."""
         path = Path(path)

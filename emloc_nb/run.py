@@ -22,7 +22,7 @@ from pathlib import Path
 from . import runner
 from .artifacts import verify_manifest
 from .atomic import atomic_dir, discard, is_leftover
-from .config import RunConfig, is_small, resolve_prior_target, small_settings
+from .config import SECTION_NAMES, RunConfig, is_small, resolve_prior_target, small_settings
 from .errors import EmlocError
 from .layout import ADAPTERS, LAYOUT, SHARED_BY, artifact_path, in_layout
 from .lazy import lazy
@@ -37,6 +37,8 @@ load_model = lazy("emloc_nb.models:load_model")
 load_tokenizer = lazy("emloc_nb.models:load_tokenizer")
 skeleton = lazy("emloc_nb.models:skeleton")
 block_linears = lazy("emloc_nb.structure:block_linears")
+check_lora_rank = lazy("emloc_nb.structure:check_lora_rank")
+check_max_length = lazy("emloc_nb.tokens:check_max_length")
 linear_weight = lazy("emloc_nb.structure:linear_weight")
 model_dtype = lazy("emloc_nb.models:model_dtype")
 resolve_device = lazy("emloc_nb.models:resolve_device")
@@ -52,10 +54,24 @@ EvalResult = lazy("emloc_nb.evaluation:EvalResult")
 
 
 def check_config(config: RunConfig, *, trust_remote_code: bool = False) -> None:
-    """Fail before any stage runs: the model must exist, the rank plan must fit its layers and the task must read."""
+    """Fail before any stage runs, and before any weight is loaded: the model must exist, and what each stage needs
+    must fit it: the rank plan and the LoRA's rank its layers, the lengths its chat template, the counts the task."""
     model = skeleton(config.model, trust_remote_code=trust_remote_code)
     config.rank_plan().resolve({n: tuple(linear_weight(m).shape) for n, m in block_linears(model).items()})
+    check_lora_rank(model, config.lora.r, config.lora.targets)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=trust_remote_code)
+    for section in ("calibration", "train"):
+        check_max_length(tokenizer, getattr(config, section).max_length, f"{section}.max_length")
     task = task_of(config)
+    calibration, evaluation = config.calibration, config.evaluation
+    for split, section, key in (
+        ("train", calibration, "examples"),
+        ("validation", calibration, "heldout_examples"),
+        ("train", config.train, "batch_size"),
+        (evaluation.split, evaluation, "limit"),
+    ):
+        if getattr(section, key) != getattr(type(section), key):  # a default means "up to": a small task gives fewer
+            task.check_count(split, getattr(section, key), f"{SECTION_NAMES[type(section)]}.{key}")
     c = config.correction
     if c.prior and resolve_prior_target(c.prior_target, bool(task.choices)) == "labels":
         task.choice_shares()  # every choice must occur among the training answers
@@ -267,12 +283,18 @@ class Run:
         with self.writing():
             discard(self.path(artifact))
 
-    def update_config(self, config: RunConfig) -> None:
-        """Replace run.json; only `emloc_nb.stages.reconfigure` calls it, after dropping the stale results."""
+    def check_new_config(self, config: RunConfig) -> None:
+        """Check a config this run is about to take (`update_config`), as a new run's would be: before any change."""
         if not isinstance(config, RunConfig):
             raise EmlocError(f"config must be a RunConfig, not {type(config).__name__}. Build it with RunConfig(...).")
         config.validate()
         check_config(config, trust_remote_code=self.trust_remote_code)
+
+    def update_config(self, config: RunConfig, *, checked: bool = False) -> None:
+        """Replace run.json; only `emloc_nb.stages.reconfigure` calls it, after checking the new config
+        (`checked`: it did already) and dropping the stale results."""
+        if not checked:
+            self.check_new_config(config)
         with self.writing():
             write_json(self.path("config"), config.to_dict())
             self.config = config

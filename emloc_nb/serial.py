@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_path
-from .errors import EmlocError
+from .errors import DuplicateKey, EmlocError, loads_json
 
 if TYPE_CHECKING:
     import torch
@@ -37,12 +37,17 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    """The JSON in `path`; a missing, undecodable or malformed file is an EmlocError naming it."""
+    """The JSON in `path`; a missing, undecodable or malformed file, or one that names a key twice, is an
+    EmlocError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise EmlocError(f"{path} is a directory, not a JSON file. Point at the file itself.")
     if not path.is_file():
         raise EmlocError(f"{path} does not exist. Check the path, or create it with the stage that writes it.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"))
+    except DuplicateKey as e:
+        raise EmlocError(e.explain(str(path))) from None
     except UnicodeDecodeError as e:
         raise EmlocError(
             f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); it is damaged. Rewrite it."

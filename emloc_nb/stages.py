@@ -234,6 +234,7 @@ def reconfigure(run, changes: list[tuple[str, object]], *, command_stage: str) -
     changed = {k for k in new if new[k] != old[k]}
     if not changed:
         return []
+    run.check_new_config(config)  # a refused change leaves the run as it was: nothing is dropped before this
     stale = stale_stages(changed)
     order = list(STAGES)
     early = [s for s in stale if order.index(s) < order.index(command_stage)]
@@ -245,5 +246,5 @@ def reconfigure(run, changes: list[tuple[str, object]], *, command_stage: str) -
     for name in stale:
         for artifact in STAGES[name].outputs(run.config):
             run.discard(artifact)
-    run.update_config(config)
+    run.update_config(config, checked=True)
     return stale

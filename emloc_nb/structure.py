@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import EmlocError
+from .errors import BATCH, EmlocError, check_kind
 
 # ----------------------------------------------------------------------------- structure helpers
 
@@ -58,6 +58,44 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a linear layer, without computing a factored layer's product."""
+    if hasattr(module, "dense_weight"):
+        return module.out_features, module.in_features
+    return tuple(linear_weight(module).shape)
+
+
+def lora_target_shapes(model: nn.Module, targets: list[str] | str | None) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every linear layer a LoRA's `targets` name, matched as peft matches them.
+
+    A list names layers by suffix ("q_proj", "self_attn.q_proj"), a string is a regex the whole
+    name must match, and None stands for the suffixes of every block linear (emloc_nb.lora.peft_config).
+    """
+    layers = linear_layers(model)
+    if targets is None:
+        targets = sorted({n.rsplit(".", 1)[-1] for n in block_linears(model)})
+    if isinstance(targets, str):
+        return {n: _shape(m) for n, m in layers.items() if re.fullmatch(targets, n)}
+    return {n: _shape(m) for n, m in layers.items() if any(n == t or n.endswith(f".{t}") for t in targets)}
+
+
+def check_lora_rank(model: nn.Module, r: int, targets: list[str] | str | None, name: str = "lora.r") -> None:
+    """A LoRA rank no wider than the narrowest layer it targets, checked before peft allocates (d_in + d_out)·r
+    weights for each: B·A on a d_out × d_in layer has rank at most min(d_out, d_in)."""
+    shapes = lora_target_shapes(model, targets)
+    if not shapes:
+        return  # no target at all: attaching says so
+    narrowest = min(shapes, key=lambda n: min(shapes[n]))
+    bound = min(shapes[narrowest])
+    if r > bound:
+        d_out, d_in = shapes[narrowest]
+        raise EmlocError(
+            f"{name}={r} is wider than the layers the LoRA targets: {narrowest} is {d_out} × {d_in}, so B·A has "
+            f"rank at most {bound}, and a wider LoRA only allocates more weights ((d_in + d_out) · r per layer). "
+            f"Set {name} to at most {bound}."
+        )
+
+
 def module_name(model: nn.Module, module: nn.Module) -> str:
     """The name under which `module` sits in `model`."""
     for name, m in model.named_modules():
@@ -82,6 +120,7 @@ def accepts(model: nn.Module, argument: str) -> bool:
 
 def on_device(model: nn.Module, batch: dict) -> dict:
     """`batch` with its tensors on the model's device (collators build them on the CPU)."""
+    check_kind(batch, BATCH, "batch")
     device = next(model.parameters()).device
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -90,6 +129,14 @@ def model_inputs(model: nn.Module, batch: dict) -> dict:
     """The batch entries this model's forward takes: input_ids, attention_mask and, if accepted, position_ids."""
     keys = ["input_ids", "attention_mask"] + (["position_ids"] if accepts(model, "position_ids") else [])
     return {k: batch[k] for k in keys if batch.get(k) is not None}
+
+
+def nothing_to_predict(what: str) -> EmlocError:
+    """The error for batches in which no real token has a real token after it: there is nothing to predict."""
+    return EmlocError(
+        f"{what}: no example in the batches has two real tokens, so there is no next token to predict. Build the "
+        "batches with a longer max_length (at least the chat template's own length), or give longer examples."
+    )
 
 
 def check_token_ids(model: nn.Module, batch: Mapping) -> None:

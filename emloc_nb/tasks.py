@@ -51,6 +51,16 @@ class Task:
             )
         return shares
 
+    def check_count(self, split: str, count: int | None, name: str) -> None:
+        """A count of examples drawn from `split` (a limit, a batch size) that the split can give: more would
+        silently be fewer."""
+        n = len(self.split(split))
+        if count is not None and count > n:
+            raise EmlocError(
+                f"{name}={count} asks for more examples than the {split} split of {self.name} holds ({n}), so it would "
+                f"quietly use {n}. Set {name} to at most {n}, or give the task more examples."
+            )
+
     def __repr__(self) -> str:
         kind = f"choices={self.choices}" if self.choices else "generation"
         sizes = ", ".join(f"{s}={len(getattr(self, s))}" for s in SPLITS)

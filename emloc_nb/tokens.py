@@ -43,8 +43,30 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, messages: list[dict], ans
     return {"input_ids": prompt_ids + reply_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + reply_ids}
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, max_length: int | None = 512) -> Dataset:
-    """Add input_ids/labels columns; examples longer than max_length keep their end (the answer)."""
+def shortest_example(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokens of the shortest possible example: a one-letter prompt and answer in the chat template."""
+    return len(encode_example(tokenizer, [{"role": "user", "content": "a"}], "b")["input_ids"])
+
+
+def check_max_length(tokenizer: PreTrainedTokenizerBase, max_length: int | None, name: str = "max_length") -> None:
+    """A length limit that leaves room for a prompt and an answer after the chat template's own tokens."""
+    shortest = shortest_example(tokenizer)
+    if max_length is not None and max_length < shortest:
+        raise EmlocError(
+            f"{name}={max_length} is shorter than the chat template itself: a one-letter prompt and answer take "
+            f"{shortest} tokens with this tokenizer, so every example would be cut to template tokens alone, with "
+            f"nothing of its prompt and nothing to predict. Set {name} to at least {shortest} (the default is 256)."
+        )
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, dataset: Dataset, *, max_length: int | None = 512, setting: str = "max_length"
+) -> Dataset:
+    """Add input_ids/labels columns; examples longer than max_length keep their end (the answer).
+
+    A `max_length` shorter than the chat template's own tokens is refused (`setting` names it).
+    """
+    check_max_length(tokenizer, max_length, setting)
 
     def one(row):
         enc = encode_example(tokenizer, row["messages"], row["answer"])

@@ -194,7 +194,7 @@ def finetune(
         raise EmlocError(f"The task {task.name} has no training examples.")
     start, history = 0, []
     resume = checkpoint_to_resume(checkpoint_dir, signature)
-    encoded = tokenize(tokenizer, task.train, max_length=config.max_length)
+    encoded = tokenize(tokenizer, task.train, max_length=config.max_length, setting="train.max_length")
     collate = training_collator(tokenizer, model)
     order = _order(len(encoded), config.steps, config.batch_size, seed)
     callbacks = list(callbacks)

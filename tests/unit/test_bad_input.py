@@ -26,6 +26,7 @@ import emloc_nb
 from emloc_nb import EmlocError, RunConfig
 from emloc_nb.artifacts import MANIFEST, write_manifest
 from emloc_nb.cli import main as cli
+from emloc_nb.errors import MAX_MESSAGE
 from emloc_nb.provenance import provenance
 from emloc_nb.run import Run
 
@@ -1169,6 +1170,376 @@ API_CASES = [  # (id, setup before the snapshot, call(env, what setup made), pat
 for id_, setup, call, pattern in API_CASES:
     case(f"api-{id_}", pattern, api=lambda env, s=setup, c=call: (lambda made: lambda: c(env, made))(s(env)))
 
+# ----------------------------------------------------------------------------- issue 30: arguments of the wrong kind
+# A public function given the wrong kind of object names the argument and what it should be (one helper,
+# emloc_nb.errors.argument_kinds, checks them all), instead of an AttributeError deep inside.
+
+
+def _toy_task(env):
+    return emloc_nb.load_task(env.data)
+
+
+WRONG_KINDS = [  # (id, call(env), pattern)
+    ("collect_stats-model-str", lambda env: emloc_nb.collect_stats("not a model", []), r"model must be a model"),
+    ("collect_stats-batches-str", lambda env: emloc_nb.collect_stats(_tiny()[0], "abc"), r"batches must be a list"),
+    (
+        "collect_stats-batch-int",
+        lambda env: emloc_nb.collect_stats(_tiny()[0], [5], progress=False),
+        r"batch must be a batch \(a dict of tensors",
+    ),
+    ("build_emulator-stats-dict", lambda env: emloc_nb.build_emulator(_tiny()[0], {}, 0.5), r"stats must be Calib"),
+    (
+        "build_emulator-plan-str",
+        lambda env: emloc_nb.build_emulator(_tiny()[0], None, "0.5", mode="plain"),
+        r"plan must be a RankPlan or a kept share",
+    ),
+    ("build_emulator-model-none", lambda env: emloc_nb.build_emulator(None, None, 0.5), r"model must be a model"),
+    ("drift-emulator-str", lambda env: emloc_nb.drift(_tiny()[0], "emulator", []), r"emulator must be an Emulator"),
+    ("drift-batches-dict", lambda env: emloc_nb.drift(*_tiny_emulator(env)[::2], {}), r"batches must be a list"),
+    ("evaluate-tokenizer-str", lambda env: emloc_nb.evaluate(_tiny()[0], "tok", _toy_task(env)), r"tokenizer must be"),
+    ("evaluate-task-path", lambda env: emloc_nb.evaluate(*_tiny(), str(env.data)), r"task must be a Task"),
+    (
+        "finetune-output-int",
+        lambda env: emloc_nb.finetune(*_tiny(), _toy_task(env), 5),
+        r"output_dir must be a path",
+    ),
+    (
+        "finetune-lora-dict",
+        lambda env: emloc_nb.finetune(*_tiny(), _toy_task(env), env.tmp / "o", lora={"r": 4}),
+        r"lora must be a LoraSpec",
+    ),
+    (
+        "finetune_hf-config-dict",
+        lambda env: emloc_nb.finetune_hf(*_tiny(), _toy_task(env), env.tmp / "o", config={"steps": 3}),
+        r"config must be a TrainSpec",
+    ),
+    (
+        "correct_lora-emulator-path",
+        lambda env: emloc_nb.correct_lora(_tiny()[0], env.complete_run / "emulator", env.tmp / "a", env.tmp / "o"),
+        r"emulator must be an Emulator",
+    ),
+    (
+        "correct_lora-heldout-path",
+        lambda env: emloc_nb.correct_lora(
+            *_tiny_emulator(env)[::2], env.tmp / "a", env.tmp / "o", heldout=env.complete_run / "calibrate"
+        ),
+        r"heldout must be CalibrationStats, or None",
+    ),
+    ("load_adapter-model-str", lambda env: emloc_nb.load_adapter("llama", env.tmp), r"model must be a model"),
+    ("load_adapter-path-none", lambda env: emloc_nb.load_adapter(_tiny()[0], None), r"path must be a path"),
+    ("attach_lora-spec-dict", lambda env: emloc_nb.attach_lora(_tiny()[0], {"r": 4}), r"spec must be a LoraSpec"),
+    ("batches-tokenizer-str", lambda env: emloc_nb.batches("tok", _toy_task(env).train), r"tokenizer must be a trans"),
+    ("batches-dataset-list", lambda env: emloc_nb.batches(_tiny()[1], [{"a": 1}]), r"dataset must be a datasets"),
+    ("fingerprint-str", lambda env: emloc_nb.fingerprint("llama"), r"model must be a model"),
+    ("correct_layer-lists", lambda env: emloc_nb.correct_layer([1], [1], [1], [1], 1.0), r"w must be a torch\.Tensor"),
+    ("allocate-dict", lambda env: emloc_nb.allocate({}, 0.5), r"spectra must be a SpectrumTable"),
+    ("Emulator.load-int", lambda env: emloc_nb.Emulator.load(5), r"path must be a path"),
+    ("Emulator.load-original-str", lambda env: emloc_nb.Emulator.load(env.tmp, original="m"), r"original must be a"),
+    ("CalibrationStats.load-none", lambda env: emloc_nb.CalibrationStats.load(None), r"path must be a path"),
+    ("DriftReport.load-empty-path", lambda env: emloc_nb.DriftReport.load(""), r"path must be a path"),
+    ("RankPlan.load-int", lambda env: emloc_nb.RankPlan.load(3), r"path must be a path"),
+    ("RunConfig.load-dict", lambda env: RunConfig.load({"model": "x"}), r"path must be a path"),
+]
+for id_, call, pattern in WRONG_KINDS:
+    case(f"api-kind-{id_}", pattern, api=lambda env, c=call: lambda: c(env))
+
+# ----------------------------------------------------------------------------- issue 30: silent acceptance
+
+SILENT = [  # (id, call(env), pattern): values that were accepted and quietly did something else
+    ("batches-limit--1", lambda env: emloc_nb.batches(*_tok_data(env), limit=-1), r"limit must be a whole number ≥ 1"),
+    ("batches-limit-0", lambda env: emloc_nb.batches(*_tok_data(env), limit=0), r"limit must be a whole number ≥ 1"),
+    ("batches-limit-true", lambda env: emloc_nb.batches(*_tok_data(env), limit=True), r"limit must be a whole"),
+    ("batches-batch-size-0", lambda env: emloc_nb.batches(*_tok_data(env), batch_size=0), r"batch_size must be"),
+    ("batches-max-length--3", lambda env: emloc_nb.batches(*_tok_data(env), max_length=-3), r"max_length must be"),
+]
+for id_, call, pattern in SILENT:
+    case(f"api-silent-{id_}", pattern, api=lambda env, c=call: lambda: c(env))
+
+
+case(
+    "api-silent-RankPlan.load-duplicate",
+    r"plan\.json sets 'ratio' twice \(lines 2 and 4\)",
+    api=lambda env: (lambda p: lambda: emloc_nb.RankPlan.load(p))(_dup_plan(env)),
+)
+
+
+def _tok_data(env):
+    return _tiny()[1], _toy_task(env).train
+
+
+def _dup_plan(env) -> Path:
+    path = env.tmp / "plan.json"
+    path.write_text('{\n  "ratio": 0.5,\n  "rules": {},\n  "ratio": 0.9\n}\n')
+    return path
+
+
+DUPLICATE_KEYS = [  # (file name, text, pattern): a key given twice, the last one silently winning
+    ("dup.yaml", "train:\n  steps: 3\n  lr: 0.01\n  steps: 5\n", r"dup\.yaml sets 'steps' twice \(lines 2 and 4\)"),
+    ("top.yaml", "seed: 1\nmodel: x\nseed: 2\n", r"top\.yaml sets 'seed' twice \(lines 1 and 3\)"),
+    ("flow.yaml", "task: {source: a.jsonl, source: b.jsonl}\n", r"flow\.yaml sets 'source' twice \(lines 1 and 1\)"),
+    ("section.yaml", "train:\n  steps: 3\nlora:\n  r: 4\ntrain:\n  lr: 1\n", r"sets 'train' twice \(lines 1 and 5\)"),
+    ("dup.json", '{"train": {"steps": 3,\n "steps": 5}}', r"dup\.json sets 'steps' twice \(lines 1 and 2\)"),
+    ("nested.json", '{"a": {"x": 1}, "b": {"x": 2},\n"seed": 1,\n"seed": 2}', r"sets 'seed' twice \(lines 2 and 3\)"),
+]
+for filename, text, pattern in DUPLICATE_KEYS:
+
+    def write(env, filename=filename, text=text):
+        path = env.tmp / filename
+        path.write_text(text)
+        return path
+
+    case(f"api-load-{filename}", pattern, api=lambda env, w=write: (lambda p: lambda: RunConfig.load(p))(w(env)))
+    case(f"cli-run-{filename}", pattern, cli=lambda env, w=write: ["run", str(w(env)), "--run-dir", str(env.tmp / "o")])
+
+case(
+    "cli-run-set-duplicate-key",
+    r"--set 'task\.answer_map=\{0: no, 0: yes\}' sets 0 twice",
+    cli=lambda env: [
+        "run",
+        str(env.yaml(env.config())),
+        "--run-dir",
+        str(env.tmp / "o"),
+        "--set",
+        "task.answer_map={0: no, 0: yes}",
+    ],
+)
+case(
+    "cli-evaluate-run-json-duplicate-key",
+    r"run\.json sets 'seed' twice",
+    cli=lambda env: [
+        "evaluate",
+        "--run-dir",
+        str(
+            (lambda r: (r / "run.json").write_text('{"seed": 0, ' + (r / "run.json").read_text()[1:]) and r)(
+                env.copy_run()
+            )
+        ),
+    ],
+)
+
+# ------------------------------------------------------------------------ issue 30: errors naming the wrong problem
+
+WRONG_PROBLEM_DATA = [  # (file name, content, pattern)
+    ("null-answer.jsonl", '{"prompt": "a", "answer": null}\n' * 4, r"null-answer\.jsonl:1: field 'answer' is null"),
+    ("empty-answer.jsonl", '{"prompt": "a", "answer": ""}\n' * 4, r":1: field 'answer' is an empty string"),
+    ("null-prompt.jsonl", '{"prompt": null, "answer": "yes"}\n' * 4, r":1: field 'prompt' is null"),
+    ("null-both.csv", "prompt,answer\n,\n,\n,\n", r"null-both\.csv:2: field 'answer' is an empty string"),
+]
+for filename, content, pattern in WRONG_PROBLEM_DATA:
+
+    def write(env, filename=filename, content=content):
+        path = env.tmp / "data" / filename
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(content)
+        return path
+
+    case(
+        f"api-load_task-{filename}", pattern, api=lambda env, w=write: (lambda p: lambda: emloc_nb.load_task(p))(w(env))
+    )
+
+
+def _data_dir(env) -> Path:
+    (env.tmp / "data.jsonl").mkdir()
+    return env.tmp / "data.jsonl"
+
+
+def _gguf(env, content: bytes, name: str = "m.gguf") -> Path:
+    path = env.tmp / name
+    path.write_bytes(content)
+    return path
+
+
+case(
+    "api-load_task-data-dir",
+    r"Data path .*data\.jsonl is a directory, not a file",
+    api=lambda env: (lambda d: lambda: emloc_nb.load_task(d))(_data_dir(env)),
+)
+case(
+    "cli-build-data-dir",
+    r"Data path .*data\.jsonl is a directory, not a file",
+    cli=lambda env: [
+        "build-emulator",
+        "--model",
+        str(env.model),
+        "--data",
+        str(_data_dir(env)),
+        "--run-dir",
+        str(env.tmp / "o"),
+    ],
+)
+case(
+    "api-load_model-a-file",
+    r"Model path .*toy\.jsonl is a file, not a checkpoint directory",
+    api=lambda env: lambda: emloc_nb.load_model(env.data),
+)
+case(
+    "cli-build-model-a-file",
+    r"Model path .*config\.json is a file, not a checkpoint directory",
+    cli=lambda env: ["build-emulator", "--model", str(env.model / "config.json"), "--run-dir", str(env.tmp / "o")],
+)
+case(
+    "api-load_model-gguf-garbage-body",
+    r"m\.gguf is not a GGUF file transformers can read",
+    api=lambda env: (lambda p: lambda: emloc_nb.load_model(p))(_gguf(env, b"GGUF\x03\x00\x00\x00" + b"garbage" * 100)),
+)
+case(
+    "api-load_model-gguf-json-body",
+    r"m\.gguf is not a GGUF file transformers can read",
+    api=lambda env: (lambda p: lambda: emloc_nb.load_model(p))(_gguf(env, b"GGUF\x03\x00\x00\x00" + b"{" * 40)),
+)
+case(
+    "api-load_model-gguf-no-magic",
+    r"m\.gguf is not a GGUF file \(it does not start with the GGUF magic bytes\)",
+    api=lambda env: (lambda p: lambda: emloc_nb.load_model(p))(_gguf(env, b'{"model_type": "llama"}')),
+)
+case(
+    "cli-build-gguf-empty",
+    r"e\.gguf is not a GGUF file \(it does not start",
+    cli=lambda env: ["build-emulator", "--model", str(_gguf(env, b"", "e.gguf")), "--run-dir", str(env.tmp / "o")],
+)
+case(
+    "api-load_model-gguf-a-directory",
+    r"Model path .*d\.gguf is not a file",
+    api=lambda env: (lambda p: lambda: emloc_nb.load_model(p))((env.tmp / "d.gguf").mkdir() or env.tmp / "d.gguf"),
+)
+
+
+def _huge_config(env) -> Path:
+    """The issue's 5 MB config: 200k plan rules that match no layer."""
+    d = env.config()
+    d["emulator"]["plan"]["rules"] = {f"nomatch{i}": 0.5 for i in range(200_000)}
+    path = env.tmp / "huge.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+def _huge_unknown(env) -> Path:
+    d = env.config()
+    d["train"].update({f"setting{i}": i for i in range(200_000)})
+    return env.yaml(d, "unknown.yaml")
+
+
+case(
+    "cli-run-huge-config",
+    r"Rule\(s\) \['nomatch0', .*'nomatch4'\] and 199995 more match no layer",
+    cli=lambda env: ["run", str(_huge_config(env)), "--run-dir", str(env.tmp / "o")],
+)
+case(
+    "cli-run-huge-unknown-settings",
+    r"Unknown setting\(s\) \['setting0', .* characters left out\] .* in train\. Fix the name",
+    cli=lambda env: ["run", str(_huge_unknown(env)), "--run-dir", str(env.tmp / "o")],
+)
+case(
+    "api-run-huge-value",
+    r"task\.source must be a string, not list \[0, 1, 2, .*\.\.\.",
+    api=lambda env: lambda: RunConfig.from_dict(env.config(task={"source": list(range(500_000))})),
+)
+
+
+# ----------------------------------------------------------------------------- issue 30: what a stage needs
+# Values each of the right type and range that no stage can use: a rank wider than the layers, a length shorter
+# than the chat template, counts larger than the split they draw from. Refused when the run is set up (the model's
+# config, its tokenizer and the task are read; no weight is loaded), for a config file, --set and the API alike.
+
+STAGE_NEEDS = [  # (setting, value, pattern); the tiny llama's narrowest block linear is k_proj, 32 × 64
+    ("lora.r", 10**12, r"lora\.r=1000000000000 is wider than the layers the LoRA targets: .*k_proj is 32 × 64"),
+    ("lora.r", 33, r"lora\.r=33 is wider than .*Set lora\.r to at most 32"),
+    ("lora", {"r": 65, "targets": ["up_proj"]}, r"lora\.r=65 is wider .*up_proj is 160 × 64"),
+    ("lora", {"r": 161, "targets": "model\\.layers\\.1\\.mlp\\.down_proj"}, r"at most 64"),
+    ("calibration.max_length", 1, r"calibration\.max_length=1 is shorter than the chat template itself"),
+    ("calibration.max_length", 22, r"calibration\.max_length=22 .*Set calibration\.max_length to at least 23"),
+    ("train.max_length", 5, r"train\.max_length=5 is shorter than the chat template"),
+    ("calibration.examples", 1000, r"calibration\.examples=1000 asks for more examples than the train split .*\(52\)"),
+    ("calibration.heldout_examples", 9, r"calibration\.heldout_examples=9 .* validation split of toy holds \(8\)"),
+    ("evaluation.limit", 21, r"evaluation\.limit=21 .* test split of toy holds \(20\)"),
+    ("evaluation", {"split": "validation", "limit": 9}, r"evaluation\.limit=9 .* validation split"),
+    ("train.batch_size", 64, r"train\.batch_size=64 asks for more examples than the train split"),
+]
+for setting, value, pattern in STAGE_NEEDS:
+    name = f"{setting}={value!r}"
+
+    def config_dict(env, setting=setting, value=value):
+        return _set(env.config(), setting, value)
+
+    case(
+        f"api-run-needs-{name}",
+        pattern,
+        api=lambda env, d=config_dict: lambda: Run(env.tmp / "r", RunConfig.from_dict(d(env))),
+    )
+    case(
+        f"cli-run-needs-{name}",
+        pattern,
+        cli=lambda env, d=config_dict: ["run", str(env.yaml(d(env))), "--run-dir", str(env.tmp / "out")],
+    )
+
+NEEDS_SET = [  # (command on a copy of the finished run, or "run", extra argv, pattern)
+    ("run", ["--set", "lora.r=100000"], r"lora\.r=100000 is wider than the layers"),
+    ("build-emulator", ["--set", "calibration.max_length=2"], r"calibration\.max_length=2 is shorter than the chat"),
+    ("evaluate", ["--limit", "1000"], r"evaluation\.limit=1000 asks for more examples than the test split"),
+    ("finetune", ["--set", "lora.r=64"], r"lora\.r=64 is wider than the layers"),
+    ("finetune", ["--set", "train.max_length=3"], r"train\.max_length=3 is shorter than the chat template"),
+]
+for command, extra, pattern in NEEDS_SET:
+
+    def argv(env, command=command, extra=extra):
+        if command in ("run", "build-emulator"):
+            return [command, *(["--config"] if command != "run" else []), str(env.yaml(env.config())), "--run-dir",
+                    str(env.tmp / "o"), *extra]  # fmt: skip
+        return [command, "--run-dir", str(env.copy_run()), "--in-process", *extra]
+
+    case(f"cli-{command.split('-')[0]}-needs-{' '.join(extra)}", pattern, cli=argv)
+
+
+def _one_token_batches(env):
+    import torch
+
+    return [{"input_ids": torch.tensor([[5], [6]]), "attention_mask": torch.tensor([[1], [1]])}]
+
+
+def _stats(model, tok, env):
+    return emloc_nb.collect_stats(model, emloc_nb.batches(tok, _toy_task(env).train, limit=8), progress=False)
+
+
+NEEDS_API = [  # (id, call(env), pattern)
+    (
+        "finetune-lora-r-wider-than-layers",
+        lambda env: emloc_nb.finetune(
+            *_tiny(), _toy_task(env), env.tmp / "o", lora=emloc_nb.LoraSpec(r=10**6), progress=False
+        ),
+        r"lora\.r=1000000 is wider than the layers",
+    ),
+    (
+        "attach_lora-r-wider-than-targets",
+        lambda env: emloc_nb.attach_lora(_tiny()[0], emloc_nb.LoraSpec(r=65, targets=["gate_proj"])),
+        r"lora\.r=65 is wider .*gate_proj is 160 × 64",
+    ),
+    (
+        "finetune-max-length-1",
+        lambda env: emloc_nb.finetune(
+            *_tiny(), _toy_task(env), env.tmp / "o", config=emloc_nb.TrainSpec(max_length=1), progress=False
+        ),
+        r"train\.max_length=1 is shorter than the chat template",
+    ),
+    ("batches-max-length-1", lambda env: emloc_nb.batches(*_tok_data(env), max_length=1), r"max_length=1 is shorter"),
+    (
+        "drift-one-token-examples",
+        lambda env: (lambda m, e: emloc_nb.drift(m, e, _one_token_batches(env), progress=False))(
+            *_tiny_emulator(env)[::2]
+        ),
+        r"drift: no example in the batches has two real tokens",
+    ),
+    (
+        "drift-no-batches",
+        lambda env: (lambda m, tok, e: emloc_nb.drift(m, e, [], heldout=_stats(m, tok, env), progress=False))(
+            *_tiny_emulator(env)
+        ),
+        r"drift: no example in the batches has two real tokens",
+    ),
+]
+for id_, call, pattern in NEEDS_API:
+    case(f"api-needs-{id_}", pattern, api=lambda env, c=call: lambda: c(env))
+
+
 # ----------------------------------------------------------------------------- the checks themselves
 
 
@@ -1185,6 +1556,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def _check_message(message: str, pattern: str) -> None:
     assert "\n" not in message.strip(), f"not one line: {message!r}"
+    assert len(message) <= MAX_MESSAGE + len("error: "), f"{len(message)} characters: {message[:300]!r}..."
     assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
     assert FIX.search(message), f"no fix named in {message!r}"
     assert "Traceback" not in message
@@ -1241,3 +1613,30 @@ def test_the_matrix_covers_every_subcommand_and_entry_point():
         "DriftReport.load", "CorrectionReport.load", "EvalResult.load", "Emulator.load",
     ):  # fmt: skip
         assert entry in api_ids, entry
+
+
+def test_a_byte_order_mark_is_read_not_refused(env):
+    """Files some editors start with a UTF-8 byte-order mark read as the same examples and settings."""
+    bom = b"\xef\xbb\xbf"
+    plain = emloc_nb.load_task(env.data)
+    for name, content in (
+        ("bom.jsonl", env.data.read_bytes()),
+        (
+            "bom.csv",
+            b"prompt,answer\n"
+            + b"".join(
+                f"{r['prompt']},{r['answer']}\n".encode() for r in map(json.loads, env.data.read_text().splitlines())
+            ),
+        ),
+    ):
+        (env.tmp / name).write_bytes(bom + content)
+        task = emloc_nb.load_task(env.tmp / name)
+        assert task.train.to_list() == plain.train.to_list(), name
+    config = env.config(seed=3)
+    (env.tmp / "c.yaml").write_bytes(bom + yaml.safe_dump(config).encode())
+    (env.tmp / "c.json").write_bytes(bom + json.dumps(config).encode())
+    for name in ("c.yaml", "c.json"):
+        assert RunConfig.load(env.tmp / name).to_dict() == RunConfig.from_dict(config).to_dict(), name
+    run = env.copy_run()
+    (run / "run.json").write_bytes(bom + (run / "run.json").read_bytes())
+    assert Run(run).config.to_dict() == Run(env.complete_run).config.to_dict()
