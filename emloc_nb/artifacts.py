@@ -6,6 +6,12 @@ belongs to, the settings that produced it (`config`), and, when a run's stage wr
 stage's provenance (`run`: its config sections and the manifests of its inputs; emloc_nb.provenance).
 `verify_manifest` checks all of it before anything is loaded. The directory itself is written
 atomically (emloc_nb.atomic).
+
+A manifest also records each file's size and a digest per 4 MiB block (`blocks`), so that a finished
+stage can be checked cheaply every time a run resumes (`quick=True`): the sizes, every block of a
+file up to 16 MiB, and of a larger one its first (the safetensors header) and last blocks and a few
+drawn at random. A loader, and anything reported as a run's result, checks the full SHA-256.
+A manifest without `blocks` (written before they were) is checked in full either way.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,12 +53,58 @@ def artifact_dir(
         write_manifest(tmp, kind=kind, model_fingerprint=model_fingerprint, config=config)
 
 
+BLOCK = 4 << 20  # bytes per block digest
+QUICK_WHOLE = 4  # a file of at most this many blocks is read whole by a quick check
+QUICK_SAMPLES = 6  # blocks drawn at random from a larger one, besides its first and last
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:  # gone or unreadable since it was listed: the artifact changed under us
+        raise EmlocError(
+            f"{path} cannot be read ({e.strerror or e}). Check its permissions, or recreate the artifact."
+        ) from None
     return h.hexdigest()
+
+
+def _digests(path: Path) -> tuple[str, dict]:
+    """The SHA-256 of a file and its blocks' record ({"bytes", "sha256": a 64-bit digest per block}), in one read."""
+    whole, blocks, size = hashlib.sha256(), [], 0
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(BLOCK), b""):
+                whole.update(block)
+                blocks.append(hashlib.sha256(block).hexdigest()[:16])
+                size += len(block)
+    except OSError as e:  # gone or unreadable since it was listed: the artifact changed under us
+        raise EmlocError(
+            f"{path} cannot be read ({e.strerror or e}). Check its permissions, or recreate the artifact."
+        ) from None
+    return whole.hexdigest(), {"bytes": size, "sha256": blocks}
+
+
+def _quick_matches(path: Path, blocks: dict) -> bool:
+    """Whether a file has the recorded size and, in the blocks a quick check reads, the recorded digests."""
+    try:
+        if path.stat().st_size != blocks["bytes"]:
+            return False
+        n = len(blocks["sha256"])
+        middle = range(1, n - 1)
+        picks = range(n) if n <= QUICK_WHOLE else {0, n - 1, *random.sample(middle, min(QUICK_SAMPLES, len(middle)))}
+        with path.open("rb") as f:
+            for i in sorted(picks):
+                f.seek(i * BLOCK)
+                if hashlib.sha256(f.read(BLOCK)).hexdigest()[:16] != blocks["sha256"][i]:
+                    return False
+    except OSError as e:
+        raise EmlocError(
+            f"{path} cannot be read ({e.strerror or e}). Check its permissions, or recreate the artifact."
+        ) from None
+    return True
 
 
 def _files(root: Path) -> list[str]:
@@ -65,6 +118,7 @@ def _files(root: Path) -> list[str]:
 
 
 def _manifest(directory: Path, kind: str, files: list[str], model_fingerprint: str | None, config: dict | None):
+    digests = {rel: _digests(directory / rel) for rel in files}
     return {
         "kind": kind,
         "format_version": FORMAT_VERSION,
@@ -72,7 +126,8 @@ def _manifest(directory: Path, kind: str, files: list[str], model_fingerprint: s
         "model_fingerprint": model_fingerprint,
         "config": jsonable(config or {}),
         "run": provenance.get(),
-        "files": {rel: _sha256(directory / rel) for rel in files},
+        "files": {rel: whole for rel, (whole, _) in digests.items()},
+        "blocks": {"size": BLOCK, "files": {rel: blocks for rel, (_, blocks) in digests.items()}},
     }
 
 
@@ -87,8 +142,9 @@ def write_manifest(
 _MANIFEST_FIELDS = {"kind": str, "format_version": int, "package_version": str, "config": dict, "files": dict}
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of the artifact directory `path`, checked for shape (not its checksums)."""
+def manifest_file(path: str | Path) -> Path:
+    """The manifest file of the artifact directory `path`: the one error for a missing directory or manifest, whoever
+    asks (a loader, `Run.verify`, a stage's provenance)."""
     path = Path(path)
     if path.is_file():
         raise EmlocError(f"{path} is a file, not an artifact directory. Point at the directory that holds {MANIFEST}.")
@@ -99,7 +155,33 @@ def read_manifest(path: str | Path) -> dict:
             f"{path} has no {MANIFEST}, so it was not written by this version of emloc-nb and cannot be checked. "
             "Recreate it (delete it and rerun its stage)."
         )
-    manifest = read_json_object(path / MANIFEST, _MANIFEST_FIELDS)
+    return path / MANIFEST
+
+
+def _blocks_ok(blocks) -> bool:
+    """Whether a manifest's `blocks` record has the shape this version writes (absent: an older manifest)."""
+    if blocks is None:
+        return True
+    files = blocks.get("files") if isinstance(blocks, dict) else None
+    return (
+        isinstance(files, dict)
+        and blocks.get("size") == BLOCK
+        and all(
+            isinstance(b, dict)
+            and isinstance(b.get("bytes"), int)
+            and b["bytes"] >= 0
+            and isinstance(b.get("sha256"), list)
+            and all(isinstance(d, str) for d in b["sha256"])
+            and len(b["sha256"]) == -(-b["bytes"] // BLOCK)
+            for b in files.values()
+        )
+    )
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the artifact directory `path`, checked for shape (not its checksums)."""
+    path = Path(path)
+    manifest = read_json_object(manifest_file(path), _MANIFEST_FIELDS)
     if manifest["format_version"] != FORMAT_VERSION:
         raise EmlocError(
             f"{path} has format version {manifest['format_version']}; this emloc-nb reads version {FORMAT_VERSION}. "
@@ -107,6 +189,8 @@ def read_manifest(path: str | Path) -> dict:
         )
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
         raise EmlocError(f"{path}/{MANIFEST} lists files malformed. Recreate the artifact.")
+    if not _blocks_ok(manifest.get("blocks")):
+        raise EmlocError(f"{path}/{MANIFEST} records its blocks malformed. Recreate the artifact.")
     return manifest
 
 
@@ -116,9 +200,14 @@ def verify_manifest(
     kind: str | tuple[str, ...] | None,
     model_fingerprint: str | None = None,
     config: dict | None = None,
+    quick: bool = False,
 ) -> dict:
     """Check the artifact at `path` against its manifest: kind (None: any), every file's SHA-256, no file missing
-    or added, and (when given) the model fingerprint and the config that produced it. Returns the manifest."""
+    or added, and (when given) the model fingerprint and the config that produced it. Returns the manifest.
+
+    `quick`: each file's size and some of its blocks instead of its SHA-256 (see the module's docstring), for a
+    finished stage checked on every resume.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     kinds = (kind if isinstance(kind, tuple) else (kind,)) if kind is not None else (manifest["kind"],)
@@ -135,8 +224,13 @@ def verify_manifest(
         raise EmlocError(
             f"{path} {what}. It is incomplete or was changed: recreate it (delete it and rerun its stage)."
         )
+    blocks = (manifest.get("blocks") or {}).get("files", {})
     for rel, digest in listed.items():
-        if _sha256(path / rel) != digest:
+        if quick and isinstance(blocks.get(rel), dict):
+            same = _quick_matches(path / rel, blocks[rel])
+        else:
+            same = _sha256(path / rel) == digest
+        if not same:
             raise EmlocError(
                 f"{path / rel} does not match its SHA-256 in {MANIFEST}: it was changed or damaged after it was "
                 "written. Recreate it (delete the artifact and rerun its stage)."
@@ -204,7 +298,7 @@ def differences(recorded: dict, wanted: dict) -> str:
 
 def manifest_digest(path: str | Path) -> str:
     """SHA-256 of an artifact's manifest: changes whenever any of its files or settings change."""
-    return _sha256(Path(path) / MANIFEST)[:16]
+    return _sha256(manifest_file(path))[:16]
 
 
 def check_fingerprint(expected: str, actual: str, *, artifact: str, model: str) -> None:

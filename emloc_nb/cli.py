@@ -102,7 +102,7 @@ def _existing_run(args):
 
 
 def _adapter_hint(run) -> None:
-    adapter = run.adapter_dir("corrected").resolve()
+    adapter = run.verify("corrected_adapter").resolve()  # in full: it is the run's deliverable
     print(f"corrected adapter: {adapter}")
     print(
         "Evaluate it with lm-eval: lm_eval --model hf --model_args "
@@ -266,7 +266,7 @@ def _dispatch(args) -> int:
             print(f"adapter: {finetune_with_trainer(run, args.target, **hf_args)}")
         else:
             run.run_stage(f"finetune_{args.target}", isolate=isolate)
-            print(f"adapter: {run.adapter_dir(args.target)}")
+            print(f"adapter: {run.verify(f'adapter:{args.target}')}")
     elif args.command == "correct":
         run = _existing_run(args)
         run.run_stage("correct", isolate=isolate)

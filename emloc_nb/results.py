@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from .atomic import atomic_path
 from .eval_settings import SETTINGS, TRAINED_BY, settings
 from .layout import record_name
-from .serial import write_json
+from .serial import read_json_object, write_json
 
 
-def write_results(run) -> None:
-    """The results table (json and markdown): accuracy, loss and memory per setting."""
+def write_results(run, inputs: dict[str, str]) -> None:
+    """The results table (json and markdown): accuracy, loss and memory per setting.
+
+    `inputs` (each evaluation's manifest digest) and the run's config tie the table to what produced it.
+    """
     records = run.stage_records()
     rows = []
     for setting in settings(run.config):
@@ -25,9 +31,20 @@ def write_results(run) -> None:
                 "train_weights_mb": train.get("weights_mb"),
             }
         )
-    write_json(run.path("results"), {"kind": "results", "config": run.config.to_dict(), "rows": rows})
+    table = {"kind": "results", "config": run.config.to_dict(), "inputs": inputs, "rows": rows}
+    write_json(run.path("results"), {**table, "rows_sha256": rows_digest(rows)})
     with atomic_path(run.path("results_markdown")) as tmp:
         tmp.write_text(results_markdown(rows))
+
+
+def rows_digest(rows: list) -> str:
+    """The SHA-256 of a results table's rows, as JSON with sorted keys: a row changed after writing is noticed."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def read_results(run) -> dict:
+    """The results table as stored ({"config", "inputs", "rows"}); emloc_nb.stages checks that it is the run's."""
+    return read_json_object(run.path("results"), {"rows": list})
 
 
 def results_markdown(rows: list[dict]) -> str:

@@ -29,7 +29,7 @@ from .lazy import lazy
 from .model_sources import DEFAULT_MODEL
 from .runlock import run_lock
 from .serial import read_json, read_json_object, write_json
-from .stages import check_provenance
+from .stages import check_provenance, results_table
 from .tasks import BUILT_IN_TASKS, HF_PREFIX
 
 # The torch side a run directory reaches into, imported on first use.
@@ -247,9 +247,10 @@ class Run:
         check_provenance(self, artifact)
         return self.path(artifact)
 
-    def verify(self, artifact: str) -> Path:
-        """`checked`, and every file of the artifact against the SHA-256 in its manifest."""
-        verify_manifest(self.checked(artifact), kind=None)
+    def verify(self, artifact: str, *, quick: bool = False) -> Path:
+        """`checked`, and every file of the artifact against the SHA-256 in its manifest (`quick`: its size and
+        sampled blocks, emloc_nb.artifacts)."""
+        verify_manifest(self.checked(artifact), kind=None, quick=quick)
         return self.path(artifact)
 
     def has(self, artifact: str) -> bool:
@@ -419,11 +420,8 @@ class Run:
         return EvalResult.load(self.checked(f"evaluation:{setting}"))
 
     def results(self) -> list[dict]:
-        """The results table: one row per evaluated setting."""
-        rows = read_json_object(self.path("results"), {"rows": list})["rows"]
-        if not all(isinstance(r, dict) for r in rows):
-            raise EmlocError(f"{self.path('results')} is malformed. Delete it and rerun `emloc evaluate`.")
-        return rows
+        """The results table: one row per evaluated setting, once checked to be this run's (emloc_nb.stages)."""
+        return results_table(self)
 
     def stage_records(self) -> dict[str, dict]:
         """Seconds and memory of each step, by step name ("calibrate", "evaluate-original", ...)."""

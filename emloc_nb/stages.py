@@ -15,12 +15,12 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .artifacts import differences, manifest_digest, read_manifest
+from .artifacts import differences, manifest_digest, read_manifest, verify_manifest
 from .config import RunConfig, with_settings
 from .errors import EmlocError
 from .eval_settings import SETTINGS, setting_reads, settings
 from .provenance import provenance
-from .results import write_results
+from .results import read_results, rows_digest, write_results
 from .stage_bodies import (
     calibrate_stage,
     correct_stage,
@@ -51,18 +51,25 @@ class Stage:
     finish: Callable[..., None] | None = None  # (run) -> None, after every part
 
     def done(self, run) -> bool:
-        """Whether everything it writes is there, written by this stage with this run's settings and inputs.
+        """Whether everything it writes is there, written by this stage with this run's settings and inputs, and
+        still as written: every resume checks each file's size and sampled blocks against its manifest.
 
         An output that is there but was produced otherwise (copied from another run, or from
-        inputs that have changed since) is refused with an EmlocError, never silently reused.
+        inputs that have changed since), or has changed since, is refused with an EmlocError, never
+        silently reused. A results table computed for another config or from other evaluations is
+        not done: it is derived, and computed again.
         """
         if not self.enabled(run.config):
             return True
-        for artifact in self.writes:
+        parts = [a for a in self.outputs(run.config) if a not in self.writes]
+        for artifact in [*parts, *self.writes]:  # the parts first: the results table is computed from them
             if not run.has(artifact):
                 return False
             if run.path(artifact).is_dir():  # directories carry manifests; the results table is derived
                 check_provenance(run, artifact)
+                verify_manifest(run.path(artifact), kind=None, quick=True)
+            elif artifact == "results" and not results_current(run):
+                return False
         return True
 
     def inputs(self, part: str | None) -> tuple[str, ...]:
@@ -143,7 +150,7 @@ STAGES: dict[str, Stage] = {
             parts=settings,
             part_writes="evaluation:{}",
             part_reads=lambda setting: setting_reads(SETTINGS[setting]),
-            finish=write_results,
+            finish=lambda run: write_results(run, results_inputs(run)),
         ),
     ]
 }
@@ -198,6 +205,48 @@ def check_provenance(run, artifact: str) -> None:
     stale = [a for a, digest in expected["inputs"].items() if (recorded.get("inputs") or {}).get(a) != digest]
     if stale:
         raise EmlocError(f"{path} was computed from another {', '.join(stale)} than the run now holds. {fix}")
+
+
+def results_inputs(run) -> dict[str, str]:
+    """The manifests the results table is computed from (each evaluated setting's), by digest."""
+    return {a: manifest_digest(run.path(a)) for a in STAGES["evaluate"].outputs(run.config) if a != "results"}
+
+
+def check_results(run, table: dict, *, inputs_known: bool = False) -> None:
+    """Refuse a results table that another config or other evaluations produced (run.json edited by hand, a setting
+    evaluated again); `inputs_known`: the table must also name its evaluations (tables before 0.3 do not)."""
+    path, fix = run.path("results"), "Rerun `emloc evaluate` to compute it for this run."
+    if table.get("config") != run.config.to_dict():  # as JSON gives it back: inf is Infinity, and no tuples
+        recorded = table.get("config") if isinstance(table.get("config"), dict) else {}
+        raise EmlocError(
+            f"{path} was computed for other settings than {run.path('config').name} holds now "
+            f"({differences(recorded, run.config.to_dict()) or 'its config is malformed'}). {fix}"
+        )
+    if ("inputs" in table or inputs_known) and table.get("inputs") != results_inputs(run):
+        raise EmlocError(f"{path} was computed from other evaluations than the run now holds. {fix}")
+    if ("rows_sha256" in table or inputs_known) and table.get("rows_sha256") != rows_digest(table.get("rows")):
+        raise EmlocError(f"{path}: its rows changed after they were written (their SHA-256 differs). {fix}")
+
+
+def results_table(run) -> list[dict]:
+    """The rows of the run's results table, once checked to be this run's: computed for its config, from its
+    evaluations, each of them checked in full against its manifest (it is what the run reports)."""
+    table = read_results(run)
+    check_results(run, table)
+    if not all(isinstance(r, dict) and isinstance(r.get("setting"), str) for r in table["rows"]):
+        raise EmlocError(f"{run.path('results')} is malformed. Delete it and rerun `emloc evaluate`.")
+    for row in table["rows"]:
+        run.verify(f"evaluation:{row['setting']}")
+    return table["rows"]
+
+
+def results_current(run) -> bool:
+    """Whether the results table on disk is this run's: computed for its config, from its evaluations."""
+    try:
+        check_results(run, read_results(run), inputs_known=True)
+    except EmlocError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -765,7 +765,12 @@ ARTIFACT_CASES = [  # (id, builder, command, pattern)
         "report",
         r"drift\.json does not match its SHA-256",
     ),
-    ("spectra-from-another-ratio", _emulator_from_09, "report", r"spectra was produced with other settings"),
+    (  # the report's first table, the results, is refused first: one of its evaluations used the old emulator
+        "spectra-from-another-ratio",
+        _emulator_from_09,
+        "report",
+        r"evaluate/emulator was computed from another emulator than the run now holds",
+    ),
 ]
 
 
@@ -1538,6 +1543,137 @@ NEEDS_API = [  # (id, call(env), pattern)
 ]
 for id_, call, pattern in NEEDS_API:
     case(f"api-needs-{id_}", pattern, api=lambda env, c=call: lambda: c(env))
+
+
+# ----------------------------------------------------------------------------- issue 30: trusted on resume
+# A finished stage is checked again whenever a run resumes (each file's size and sampled blocks against its
+# manifest), and what a command reports (the corrected adapter's path, the results table) in full, first.
+
+
+def _flip(rel: str, at: int = 200, count: int = 16):
+    """The issue's case: flip `count` bytes of a finished artifact's file and leave everything else as it was."""
+
+    def build(env):
+        run = env.copy_run()
+        path = run / rel
+        data = bytearray(path.read_bytes())
+        at_ = min(at, len(data) - count)
+        data[at_ : at_ + count] = bytes(b ^ 0xFF for b in data[at_ : at_ + count])
+        path.write_bytes(bytes(data))
+        return run
+
+    return build
+
+
+def _edit_run_json(mutate):
+    def build(env):
+        run = env.copy_run()
+        _edit_json(run / "run.json", mutate)
+        return run
+
+    return build
+
+
+RESUME_CASES = [  # (id, builder, command, pattern)
+    (
+        "flipped-corrected-adapter",
+        _flip("correct/adapter/adapter_model.safetensors"),
+        "run",
+        r"correct/adapter/adapter_model\.safetensors does not match its SHA-256",
+    ),
+    ("flipped-emulator", _flip("emulator/emulator.safetensors", 5000), "run", r"emulator\.safetensors does not match"),
+    (
+        "flipped-calibration",
+        _flip("calibrate/train/calibration.safetensors", 3000),
+        "run",
+        r"calibration\.safetensors does not match",
+    ),
+    ("flipped-spectra", _flip("emulator/spectra/spectra.json", 20, 1), "run", r"spectra\.json does not match"),
+    (
+        "flipped-emulator-adapter",
+        _flip("finetune_emulator/adapter/adapter_model.safetensors"),
+        "run",
+        r"finetune_emulator/adapter/adapter_model\.safetensors does not match",
+    ),
+    ("flipped-drift", _flip("drift/drift.json", 30, 1), "run", r"drift\.json does not match its SHA-256"),
+    (
+        "flipped-evaluation",
+        _flip("evaluate/original+corrected/evaluation.json", 30, 1),
+        "evaluate",
+        r"evaluation\.json does not match its SHA-256",
+    ),
+    (
+        "flipped-corrected-adapter-correct",  # `emloc correct` prints the corrected adapter: checked in full first
+        _flip("correct/adapter/adapter_model.safetensors"),
+        "correct",
+        r"adapter_model\.safetensors does not match its SHA-256",
+    ),
+    (
+        "corrected-adapter-grown",
+        lambda env: (lambda r: (r / "correct/adapter/adapter_model.safetensors").open("ab").write(b"\0" * 8) and r)(
+            env.copy_run()
+        ),
+        "run",
+        r"adapter_model\.safetensors does not match its SHA-256",
+    ),
+    (
+        "run-json-ratio-edited",  # the issue's case: the stored table describes the ratio-0.5 run
+        _edit_run_json(lambda d: d["emulator"]["plan"].update(ratio=0.8)),
+        "evaluate",
+        r"emulator was produced with other settings than this run's \(emulator: \{'plan': \{'ratio': 0\.5.* there, "
+        r"\{'plan': \{'ratio': 0\.8",
+    ),
+    (
+        "run-json-ratio-edited-report",
+        _edit_run_json(lambda d: d["emulator"]["plan"].update(ratio=0.8)),
+        "report",
+        r"results\.json was computed for other settings than run\.json holds now .*emulator",
+    ),
+    (
+        "run-json-seed-edited",
+        _edit_run_json(lambda d: d.update(seed=7)),
+        "evaluate",
+        r"was produced with other settings than this run's .*seed: 0 there, 7 here",
+    ),
+    (
+        "run-json-limit-edited",
+        _edit_run_json(lambda d: d["evaluation"].update(limit=5)),
+        "evaluate",
+        r"was produced with other settings than this run's .*'limit': 8",
+    ),
+]
+for id_, build, command, pattern in RESUME_CASES:
+    case(f"cli-{command}-resume-{id_}", pattern, cli=lambda env, b=build, c=command: _command(c, b(env), env))
+
+# One error path: a missing manifest is the same EmlocError from Run.verify and from every loader, whether it is
+# the artifact's own manifest or one of its inputs' (the issue's case: the corrected adapter's, under an evaluation).
+MISSING_MANIFEST = [  # (id, the artifact whose manifest goes, the call)
+    ("eval_result-corrected", "correct/adapter", lambda run: run.eval_result("original+corrected")),
+    ("results-corrected", "correct/adapter", lambda run: run.results()),
+    ("adapter_dir-corrected", "correct/adapter", lambda run: run.adapter_dir("corrected")),
+    ("verify-corrected", "correct/adapter", lambda run: run.verify("corrected_adapter")),
+    ("eval_result-emulator", "emulator", lambda run: run.eval_result("emulator+lora")),
+    ("drift-emulator", "emulator", lambda run: run.drift()),
+    ("emulator_tokenizer", "emulator", lambda run: run.emulator_tokenizer()),
+    ("spectra", "emulator/spectra", lambda run: run.spectra()),
+    ("emulator-calibration", "calibrate/train", lambda run: run.emulator()),
+    ("calibration-heldout", "calibrate/heldout", lambda run: run.calibration("heldout")),
+    ("drift-heldout", "calibrate/heldout", lambda run: run.drift()),
+    ("correction-heldout", "calibrate/heldout", lambda run: run.correction()),
+    ("adapter_dir-emulator", "finetune_emulator/adapter", lambda run: run.adapter_dir("emulator")),
+    ("correction-adapter", "finetune_emulator/adapter", lambda run: run.correction()),
+    ("eval_result-baseline", "finetune_original/adapter", lambda run: run.eval_result("original+lora")),
+    ("eval_result", "evaluate/original", lambda run: run.eval_result("original")),
+    ("results-evaluation", "evaluate/original", lambda run: run.results()),
+    ("drift", "drift", lambda run: run.drift()),
+    ("correction", "correct/report", lambda run: run.correction()),
+]
+for id_, rel, call in MISSING_MANIFEST:
+    case(
+        f"api-run-no-manifest-{id_}",
+        rf"{re.escape(rel)} has no manifest\.json",
+        api=lambda env, rel=rel, c=call: (lambda run: lambda: c(Run(run)))(_remove(f"{rel}/{MANIFEST}")(env)),
+    )
 
 
 # ----------------------------------------------------------------------------- the checks themselves
