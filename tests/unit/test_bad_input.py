@@ -1830,3 +1830,18 @@ def test_a_byte_order_mark_is_read_not_refused(env):
     run = env.copy_run()
     (run / "run.json").write_bytes(bom + (run / "run.json").read_bytes())
     assert Run(run).config.to_dict() == Run(env.complete_run).config.to_dict()
+
+
+def test_the_guarantees_state_the_matrix_counts():
+    """docs/guarantees.md gives the number of cases, in all and per family: they are this file's."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "guarantees.md").read_text(encoding="utf-8")
+    assert f"{len(CASES)} cases over every subcommand and public entry point" in text
+    stated = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[1].isdigit():
+            stated[cells[0]] = int(cells[1])
+    counted = {}
+    for c in CASES:
+        counted[c.family] = counted.get(c.family, 0) + 1
+    assert {f: stated.get(f) for f in counted} == counted
