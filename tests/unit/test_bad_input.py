@@ -1599,14 +1599,12 @@ RESUME_CASES = [  # (id, builder, command, pattern)
         "run",
         r"calibration\.safetensors does not match",
     ),
-    ("flipped-spectra", _flip("emulator/spectra/spectra.json", 20, 1), "run", r"spectra\.json does not match"),
     (
         "flipped-emulator-adapter",
         _flip("finetune_emulator/adapter/adapter_model.safetensors"),
         "run",
         r"finetune_emulator/adapter/adapter_model\.safetensors does not match",
     ),
-    ("flipped-drift", _flip("drift/drift.json", 30, 1), "run", r"drift\.json does not match its SHA-256"),
     (
         "flipped-evaluation",
         _flip("evaluate/original+corrected/evaluation.json", 30, 1),
@@ -1661,28 +1659,20 @@ for id_, build, command, pattern in RESUME_CASES:
         family="results of another run" if id_.startswith("run-json") else None,
     )
 
-# One error path: a missing manifest is the same EmlocError from Run.verify and from every loader, whether it is
-# the artifact's own manifest or one of its inputs' (the issue's case: the corrected adapter's, under an evaluation).
+# One error path: a missing manifest is the same EmlocError from Run.verify and from every loader, also where it is
+# one of the loaded artifact's inputs' (the issue's case: the corrected adapter's, under an evaluation).
+# tests/unit/test_resume.py checks the messages word for word, for each artifact's own manifest too.
 MISSING_MANIFEST = [  # (id, the artifact whose manifest goes, the call)
     ("eval_result-corrected", "correct/adapter", lambda run: run.eval_result("original+corrected")),
     ("results-corrected", "correct/adapter", lambda run: run.results()),
-    ("adapter_dir-corrected", "correct/adapter", lambda run: run.adapter_dir("corrected")),
-    ("verify-corrected", "correct/adapter", lambda run: run.verify("corrected_adapter")),
     ("eval_result-emulator", "emulator", lambda run: run.eval_result("emulator+lora")),
     ("drift-emulator", "emulator", lambda run: run.drift()),
-    ("emulator_tokenizer", "emulator", lambda run: run.emulator_tokenizer()),
-    ("spectra", "emulator/spectra", lambda run: run.spectra()),
     ("emulator-calibration", "calibrate/train", lambda run: run.emulator()),
-    ("calibration-heldout", "calibrate/heldout", lambda run: run.calibration("heldout")),
     ("drift-heldout", "calibrate/heldout", lambda run: run.drift()),
     ("correction-heldout", "calibrate/heldout", lambda run: run.correction()),
-    ("adapter_dir-emulator", "finetune_emulator/adapter", lambda run: run.adapter_dir("emulator")),
     ("correction-adapter", "finetune_emulator/adapter", lambda run: run.correction()),
     ("eval_result-baseline", "finetune_original/adapter", lambda run: run.eval_result("original+lora")),
-    ("eval_result", "evaluate/original", lambda run: run.eval_result("original")),
     ("results-evaluation", "evaluate/original", lambda run: run.results()),
-    ("drift", "drift", lambda run: run.drift()),
-    ("correction", "correct/report", lambda run: run.correction()),
 ]
 family("a missing manifest, not one error")
 for id_, rel, call in MISSING_MANIFEST:
