@@ -85,7 +85,8 @@ def in_layout(name: str) -> bool:
 
 # What emloc-nb writes in a run directory besides its artifact directories (which list their files in a manifest).
 _OWN_FILES = re.compile(
-    r"^(run\.json|\.lock|report\.html|stages/[^/]+\.json|evaluate/results\.(json|md)|finetune_[^/]+/history\.json)$"
+    r"^(run\.json|\.lock|report\.html|stages/[^/]+\.json|evaluate/results\.(json|md)|finetune_[^/]+/history\.json"
+    r"|scratch/.+)$"  # scratch/: what notebooks save beside the run, through Run.scratch
 )
 _ARTIFACT_DIRS = re.compile(
     r"^(emulator|drift|calibrate/[^/]+|finetune_[^/]+/(adapter|checkpoint)|correct/(adapter|report)|evaluate/[^/]+)$"
@@ -106,7 +107,7 @@ def foreign_files(run_dir: Path, *, temporary: Callable[[str], bool]) -> list[st
 
     Its own are run.json and the other files the layout names, every file an artifact directory's
     manifest lists (all of a damaged one's, which has none), and the temporaries of writes
-    (`temporary`, emloc_nb.atomic.is_leftover). The rest is the user's: a notes file, scratch/, a link.
+    (`temporary`, emloc_nb.atomic.is_leftover). The rest is the user's: a notes file, a folder, a link.
     """
     foreign = []
     for dirpath, dirnames, filenames in os.walk(run_dir):

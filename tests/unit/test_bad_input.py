@@ -1684,8 +1684,8 @@ for id_, rel, call in MISSING_MANIFEST:
 
 
 # -------------------------------------------------------------------------- issue 30: --overwrite and the user's files
-# --overwrite replaces a run, and only what emloc-nb wrote: a file of the user's anywhere in the directory (inside
-# emloc-nb's own folders too), scratch/ (what notebooks saved for the user) or a link keeps the run where it is.
+# --overwrite replaces a run, and only what emloc-nb wrote (scratch/ included: notebooks write it through the run): a
+# file of the user's anywhere in the directory, inside emloc-nb's own folders too, or a link keeps the run as it is.
 family("--overwrite over the user's files")
 
 
@@ -1703,11 +1703,6 @@ USERS_FILES = [  # (id, what the user put there, the file named)
     ("file-in-an-artifact", lambda r: (r / "emulator" / "mine.txt").write_text("mine"), r"emulator/mine\.txt"),
     ("file-in-spectra", lambda r: (r / "emulator" / "spectra" / "mine.txt").write_text("x"), r"spectra/mine\.txt"),
     ("file-in-stages", lambda r: (r / "stages" / "timing.csv").write_text("mine"), r"stages/timing\.csv"),
-    (
-        "scratch",
-        lambda r: (r / "scratch").mkdir() or (r / "scratch" / "plan.json").write_text("{}"),
-        r"scratch/plan\.json",
-    ),
     (
         "folder-in-correct",
         lambda r: (r / "correct" / "mine").mkdir() or (r / "correct" / "mine" / "a.txt").write_text("x"),
