@@ -9,7 +9,8 @@ emloc report --run-dir DIR                one self-contained HTML report (needs 
 emloc ablate CONFIG --dir DIR             the paper-style table over seeds, budgets and corrections
 
 Every command takes --run-dir; --set section.key=value changes a setting (repeatable; values are YAML).
-Exit status: 0 done, 1 the tool refused or failed (one line on stderr says why and what to do), 2 usage error.
+Exit status: 0 done, 1 the tool refused or failed (one line on stderr says why and what to do), 2 usage error,
+130 / 143 interrupted by Ctrl-C / SIGTERM (nothing half-written is kept; the same command resumes).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from pathlib import Path
 from .ablation import ablate
 from .ablation_methods import AblationSpec
 from .config import RunConfig, is_small, parse_setting, small_settings, with_settings
-from .errors import EmlocError
+from .errors import EmlocError, system_error
 from .lazy import resolve
 from .model_sources import pretrained_args
 from .results import results_markdown
 from .run import Run
-from .runner import finetune_with_trainer
+from .runner import finetune_with_trainer, interrupted, sigterm_interrupts
 from .stages import reconfigure
 from .version import __version__
 
@@ -235,14 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "allow_download", False):
         os.environ["EMLOC_ALLOW_DOWNLOAD"] = "1"  # stage processes inherit it
     try:
-        return _dispatch(args)
+        with sigterm_interrupts():
+            return _dispatch(args)
     except EmlocError as e:  # bad input: one line that names the problem and the fix (2 stays argparse's usage error)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # the system refused (permissions, a full disk): not a bug, so no traceback either
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}. Check the path, its permissions and free space.", file=sys.stderr)
+        print(f"error: {system_error(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: every write in progress removed its temporary
+        line, code = interrupted(e)
+        print(f"error: {line}", file=sys.stderr)
+        return code
 
 
 def _dispatch(args) -> int:

@@ -50,6 +50,12 @@ def first_line(error: BaseException, limit: int = 160) -> str:
     return f"{type(error).__name__}: {text[0][:limit]}" if text else type(error).__name__
 
 
+def system_error(e: OSError) -> str:
+    """An OSError (a full disk, a permission) as one line: the system refused, no bug, so no traceback."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}. Check the path, its permissions and free space."
+
+
 def kind_of(value) -> str:
     """What a value is, for a message: its type and the start of its repr, on one line."""
     if isinstance(value, bool):

@@ -19,7 +19,10 @@ Everything else (stages, CLI, widgets, notebooks, benchmarks) asks `Run.path(art
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import EmlocError
@@ -64,12 +67,72 @@ def artifact_path(run_dir: Path, artifact: str) -> Path:
         )
     if key and not _KEY.match(key):
         raise EmlocError(f"{key!r} cannot name an entry of a run. Use letters, digits, '_', '-', '.', '+' or '='.")
-    return run_dir / template.format(key)
+    path = run_dir / template.format(key)
+    real_dir, real = os.path.realpath(run_dir), os.path.realpath(path)
+    if real != real_dir and not real.startswith(real_dir.rstrip(os.sep) + os.sep):
+        raise EmlocError(
+            f"{path} leads outside its run directory, to {real} (a symbolic link), but a run keeps its artifacts "
+            "inside it, where a rerun or --overwrite may replace them. Move what the link points to into the run "
+            "in its place, or remove the link to have its stage recompute it."
+        )
+    return path
 
 
 def in_layout(name: str) -> bool:
     """Whether an entry named `name` at the top of a run directory is one the layout provides for."""
     return any(t.match(name) for t in _TOP_LEVEL)
+
+
+# What emloc-nb writes in a run directory besides its artifact directories (which list their files in a manifest).
+_OWN_FILES = re.compile(
+    r"^(run\.json|\.lock|report\.html|stages/[^/]+\.json|evaluate/results\.(json|md)|finetune_[^/]+/history\.json"
+    r"|scratch/.+)$"  # scratch/: what notebooks save beside the run, through Run.scratch
+)
+_ARTIFACT_DIRS = re.compile(
+    r"^(emulator|drift|calibrate/[^/]+|finetune_[^/]+/(adapter|checkpoint)|correct/(adapter|report)|evaluate/[^/]+)$"
+)
+
+
+def _listed(directory: Path) -> set[str] | None:
+    """The files an artifact directory's manifest lists, and the manifest; None when it has no readable one."""
+    try:
+        files = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))["files"]
+        return {*files, "manifest.json"} if isinstance(files, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # damaged after emloc-nb wrote it: still its own
+
+
+def foreign_files(run_dir: Path, *, temporary: Callable[[str], bool]) -> list[str]:
+    """The files under a run directory that emloc-nb did not write, as relative paths: what --overwrite must keep.
+
+    Its own are run.json and the other files the layout names, every file an artifact directory's
+    manifest lists (all of a damaged one's, which has none), and the temporaries of writes
+    (`temporary`, emloc_nb.atomic.is_leftover). The rest is the user's: a notes file, a folder, a link.
+    """
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(run_dir):
+        dirnames[:] = [d for d in dirnames if not temporary(d)]  # a write in progress, or a dead writer's
+        here = Path(dirpath)
+        rel = here.relative_to(run_dir).as_posix()
+        listed = _listed(here) if _ARTIFACT_DIRS.match(rel) else None
+        if _ARTIFACT_DIRS.match(rel) and listed is None:
+            dirnames.clear()
+            continue
+        for name in [*filenames, *(d for d in dirnames if (here / d).is_symlink())]:
+            path = (here / name).relative_to(run_dir).as_posix()
+            inner = (here / name).relative_to(here).as_posix()
+            ours = (inner in listed) if listed is not None else bool(_OWN_FILES.match(path))
+            if not temporary(name) and (not ours or (here / name).is_symlink()):
+                foreign.append(path)
+        if listed is not None:  # its subdirectories' files are listed as "sub/name"
+            for sub in dirnames:
+                for root, _, names in os.walk(here / sub):
+                    for name in names:
+                        inner = (Path(root) / name).relative_to(here).as_posix()
+                        if not temporary(name) and inner not in listed:
+                            foreign.append((Path(root) / name).relative_to(run_dir).as_posix())
+            dirnames.clear()
+    return sorted(foreign)
 
 
 def record_name(step: str) -> str:

@@ -24,7 +24,7 @@ from .artifacts import verify_manifest
 from .atomic import atomic_dir, discard, is_leftover
 from .config import SECTION_NAMES, RunConfig, is_small, resolve_prior_target, small_settings
 from .errors import EmlocError
-from .layout import ADAPTERS, LAYOUT, SHARED_BY, artifact_path, in_layout
+from .layout import ADAPTERS, LAYOUT, SHARED_BY, artifact_path, foreign_files, in_layout
 from .lazy import lazy
 from .model_sources import DEFAULT_MODEL
 from .runlock import run_lock
@@ -209,7 +209,8 @@ class Run:
                 f"{self.dir} holds files but no emloc-nb run (no run.json), and --overwrite replaces only a run. "
                 "Choose another run directory, or empty this one yourself."
             )
-        foreign = sorted(p.name for p in entries if not in_layout(p.name))
+        foreign = sorted(p.name for p in entries if not in_layout(p.name) or p.is_symlink())
+        foreign = foreign or foreign_files(self.dir, temporary=is_leftover)  # deeper: inside emloc-nb's own folders
         if foreign:
             raise EmlocError(
                 f"{self.dir} holds {foreign[:3]}, which emloc-nb did not write, so --overwrite will not replace it. "

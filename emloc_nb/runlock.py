@@ -8,6 +8,7 @@ parent's lock through an inherited descriptor (LOCK_ENV).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -69,8 +70,17 @@ def run_lock(directory: str | Path) -> Iterator[int]:
                 fd = int(fd_text)  # the parent's lock, shared: flock below succeeds on the same open file
     own = fd is None
     if own:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, usual_mode(0o666))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, usual_mode(0o666))
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise EmlocError(
+                f"{directory} is not writable here ({e.strerror}), and every command that may run a stage takes the "
+                "run's lock in it first. Make it writable, or copy the run to a folder you can write to; its "
+                "results and artifacts stay readable as they are (Run(...) loaders, `emloc report --output FILE`)."
+            ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

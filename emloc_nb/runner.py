@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import EmlocError
@@ -27,6 +30,38 @@ from .threads import thread_env, using_threads
 
 PARENT_ENV = "EMLOC_PARENT_PID"  # a stage process dies with the process that started it (emloc_nb.stage_process)
 _CHILD = "import sys; from emloc_nb.stage_process import main; sys.exit(main(sys.argv[1:]))"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is (`sigterm_interrupts`): it stops as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops this process as Ctrl-C does (an exception, not the default immediate exit), so that every write
+    in progress removes its temporary, a stage child is stopped and the run's lock released."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(e: KeyboardInterrupt) -> tuple[str, int]:
+    """The one line and the exit status (128 + the signal) for a run stopped by Ctrl-C or SIGTERM."""
+    terminated = isinstance(e, Terminated)
+    return (
+        f"interrupted by {'SIGTERM' if terminated else 'SIGINT (Ctrl-C)'}; nothing half-written was kept. "
+        "Rerun the same command to resume.",
+        128 + (signal.SIGTERM if terminated else signal.SIGINT),
+    )
 
 
 def run_stage(run, name: str, *, isolate: bool = True) -> None:
@@ -107,9 +142,13 @@ def _run_step(run, step: str, isolate: bool) -> None:
                 print("   ", line.rstrip(), flush=True)
             code = proc.wait()
         finally:
-            if proc.poll() is None:  # interrupted here (Ctrl-C): the child goes too
-                proc.kill()
-                proc.wait()
+            if proc.poll() is None:  # interrupted here (Ctrl-C, SIGTERM): the child stops too, cleaning up after itself
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()  # its temporaries go at the next start (emloc_nb.atomic.clean_leftovers)
+                    proc.wait()
     if code != 0:
         errors = [line.removeprefix("error: ") for line in tail if line.startswith("error: ")]
         if errors:

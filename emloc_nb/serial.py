@@ -7,6 +7,8 @@ the tensor helpers, so that reading and writing JSON (a run's config, a rank pla
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -94,7 +96,13 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp))
+        try:
+            save_file(tensors, str(tmp))
+        except Exception as e:  # safetensors' own error type, also for a system error (a full disk): an OSError here
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 _SAFETENSORS_DTYPES = {  # the header's dtype names -> torch dtype names

@@ -10,9 +10,9 @@ import threading
 import time
 
 from . import progress
-from .errors import EmlocError
+from .errors import EmlocError, system_error
 from .run import Run
-from .runner import PARENT_ENV, execute
+from .runner import PARENT_ENV, execute, interrupted, sigterm_interrupts
 
 
 def _die_with_parent() -> None:
@@ -51,8 +51,16 @@ def main(argv: list[str] | None = None) -> int:
 
         datasets.disable_progress_bars()
     try:
-        execute(Run(run_dir, trust_remote_code=trust_remote_code), step, isolated=True)
+        with sigterm_interrupts():
+            execute(Run(run_dir, trust_remote_code=trust_remote_code), step, isolated=True)
     except EmlocError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a permission: one line, as the command line says it
+        print(f"error: {system_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        line, code = interrupted(e)
+        print(f"error: {line}", file=sys.stderr)
+        return code
     return 0

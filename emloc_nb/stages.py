@@ -214,7 +214,7 @@ def results_inputs(run) -> dict[str, str]:
 
 def check_results(run, table: dict, *, inputs_known: bool = False) -> None:
     """Refuse a results table that another config or other evaluations produced (run.json edited by hand, a setting
-    evaluated again); `inputs_known`: the table must also name its evaluations (tables before 0.3 do not)."""
+    evaluated again); `inputs_known`: it must also name its evaluations, which tables written before did not."""
     path, fix = run.path("results"), "Rerun `emloc evaluate` to compute it for this run."
     if table.get("config") != run.config.to_dict():  # as JSON gives it back: inf is Infinity, and no tuples
         recorded = table.get("config") if isinstance(table.get("config"), dict) else {}

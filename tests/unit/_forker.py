@@ -5,7 +5,8 @@ would spend most of the time importing. Every job is still its own process, kill
 for real. Sockets are refused (and counted) in all of them: nothing may use the network.
 
 Protocol, one JSON object per line on stdin: {"jobs": [{"argv": [...] (or "code": Python source),
-"fault": "commit:2@drift" | null, "start_after" / "kill_after": seconds | null, "log": path}]},
+"fault": "commit:2@drift" | null, "action": "SIGINT" | "SIGTERM" | "ENOSPC" | null (SIGKILL),
+"start_after" / "kill_after": seconds | null, "log": path}]},
 run at the same time;
 the reply on stdout is {"codes": [...]} (-9: killed).
 """
@@ -53,8 +54,10 @@ def _child(job: dict) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.environ.pop("EMLOC_FAULT", None)
+    os.environ.pop("EMLOC_FAULT_ACTION", None)
     if job.get("fault"):
         os.environ["EMLOC_FAULT"] = job["fault"]
+        os.environ["EMLOC_FAULT_ACTION"] = job.get("action") or "SIGKILL"
     faults._fault_hits.clear()
     time.sleep(job.get("start_after") or 0)
     code = 99

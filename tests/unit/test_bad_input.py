@@ -71,13 +71,19 @@ class Case:
     problem: str  # a pattern the message must match: the problem, named
     cli: Callable[[Env], list[str]] | None = None  # argv for `emloc`
     api: Callable[[Env], Callable[[], object]] | None = None  # a call that must raise EmlocError
+    family: str = ""  # the kind of failure it guards against (docs/guarantees.md counts them)
 
 
 CASES: list[Case] = []
+FAMILY = ["bad input (before issue 30)"]  # the family of the cases defined from here on (`family`)
 
 
-def case(id, problem, *, cli=None, api=None):
-    CASES.append(Case(id, problem, cli, api))
+def family(name: str) -> None:
+    FAMILY[0] = name
+
+
+def case(id, problem, *, cli=None, api=None, family=None):
+    CASES.append(Case(id, problem, cli, api, family or FAMILY[0]))
 
 
 def _set(d: dict, dotted: str, value) -> dict:
@@ -1178,6 +1184,7 @@ for id_, setup, call, pattern in API_CASES:
 # ----------------------------------------------------------------------------- issue 30: arguments of the wrong kind
 # A public function given the wrong kind of object names the argument and what it should be (one helper,
 # emloc_nb.errors.argument_kinds, checks them all), instead of an AttributeError deep inside.
+family("a public function given the wrong kind of object")
 
 
 def _toy_task(env):
@@ -1249,6 +1256,7 @@ for id_, call, pattern in WRONG_KINDS:
     case(f"api-kind-{id_}", pattern, api=lambda env, c=call: lambda: c(env))
 
 # ----------------------------------------------------------------------------- issue 30: silent acceptance
+family("silent acceptance")
 
 SILENT = [  # (id, call(env), pattern): values that were accepted and quietly did something else
     ("batches-limit--1", lambda env: emloc_nb.batches(*_tok_data(env), limit=-1), r"limit must be a whole number ≥ 1"),
@@ -1323,6 +1331,7 @@ case(
 )
 
 # ------------------------------------------------------------------------ issue 30: errors naming the wrong problem
+family("an error naming the wrong problem")
 
 WRONG_PROBLEM_DATA = [  # (file name, content, pattern)
     ("null-answer.jsonl", '{"prompt": "a", "answer": null}\n' * 4, r"null-answer\.jsonl:1: field 'answer' is null"),
@@ -1445,6 +1454,7 @@ case(
 # Values each of the right type and range that no stage can use: a rank wider than the layers, a length shorter
 # than the chat template, counts larger than the split they draw from. Refused when the run is set up (the model's
 # config, its tokenizer and the task are read; no weight is loaded), for a config file, --set and the API alike.
+family("values no stage can use")
 
 STAGE_NEEDS = [  # (setting, value, pattern); the tiny llama's narrowest block linear is k_proj, 32 × 64
     ("lora.r", 10**12, r"lora\.r=1000000000000 is wider than the layers the LoRA targets: .*k_proj is 32 × 64"),
@@ -1548,6 +1558,7 @@ for id_, call, pattern in NEEDS_API:
 # ----------------------------------------------------------------------------- issue 30: trusted on resume
 # A finished stage is checked again whenever a run resumes (each file's size and sampled blocks against its
 # manifest), and what a command reports (the corrected adapter's path, the results table) in full, first.
+family("finished artifacts trusted on resume")
 
 
 def _flip(rel: str, at: int = 200, count: int = 16):
@@ -1588,14 +1599,12 @@ RESUME_CASES = [  # (id, builder, command, pattern)
         "run",
         r"calibration\.safetensors does not match",
     ),
-    ("flipped-spectra", _flip("emulator/spectra/spectra.json", 20, 1), "run", r"spectra\.json does not match"),
     (
         "flipped-emulator-adapter",
         _flip("finetune_emulator/adapter/adapter_model.safetensors"),
         "run",
         r"finetune_emulator/adapter/adapter_model\.safetensors does not match",
     ),
-    ("flipped-drift", _flip("drift/drift.json", 30, 1), "run", r"drift\.json does not match its SHA-256"),
     (
         "flipped-evaluation",
         _flip("evaluate/original+corrected/evaluation.json", 30, 1),
@@ -1643,37 +1652,67 @@ RESUME_CASES = [  # (id, builder, command, pattern)
     ),
 ]
 for id_, build, command, pattern in RESUME_CASES:
-    case(f"cli-{command}-resume-{id_}", pattern, cli=lambda env, b=build, c=command: _command(c, b(env), env))
+    case(
+        f"cli-{command}-resume-{id_}",
+        pattern,
+        cli=lambda env, b=build, c=command: _command(c, b(env), env),
+        family="results of another run" if id_.startswith("run-json") else None,
+    )
 
-# One error path: a missing manifest is the same EmlocError from Run.verify and from every loader, whether it is
-# the artifact's own manifest or one of its inputs' (the issue's case: the corrected adapter's, under an evaluation).
+# One error path: a missing manifest is the same EmlocError from Run.verify and from every loader, also where it is
+# one of the loaded artifact's inputs' (the issue's case: the corrected adapter's, under an evaluation).
+# tests/unit/test_resume.py checks the messages word for word, for each artifact's own manifest too.
 MISSING_MANIFEST = [  # (id, the artifact whose manifest goes, the call)
     ("eval_result-corrected", "correct/adapter", lambda run: run.eval_result("original+corrected")),
     ("results-corrected", "correct/adapter", lambda run: run.results()),
-    ("adapter_dir-corrected", "correct/adapter", lambda run: run.adapter_dir("corrected")),
-    ("verify-corrected", "correct/adapter", lambda run: run.verify("corrected_adapter")),
     ("eval_result-emulator", "emulator", lambda run: run.eval_result("emulator+lora")),
     ("drift-emulator", "emulator", lambda run: run.drift()),
-    ("emulator_tokenizer", "emulator", lambda run: run.emulator_tokenizer()),
-    ("spectra", "emulator/spectra", lambda run: run.spectra()),
     ("emulator-calibration", "calibrate/train", lambda run: run.emulator()),
-    ("calibration-heldout", "calibrate/heldout", lambda run: run.calibration("heldout")),
     ("drift-heldout", "calibrate/heldout", lambda run: run.drift()),
     ("correction-heldout", "calibrate/heldout", lambda run: run.correction()),
-    ("adapter_dir-emulator", "finetune_emulator/adapter", lambda run: run.adapter_dir("emulator")),
     ("correction-adapter", "finetune_emulator/adapter", lambda run: run.correction()),
     ("eval_result-baseline", "finetune_original/adapter", lambda run: run.eval_result("original+lora")),
-    ("eval_result", "evaluate/original", lambda run: run.eval_result("original")),
     ("results-evaluation", "evaluate/original", lambda run: run.results()),
-    ("drift", "drift", lambda run: run.drift()),
-    ("correction", "correct/report", lambda run: run.correction()),
 ]
+family("a missing manifest, not one error")
 for id_, rel, call in MISSING_MANIFEST:
     case(
         f"api-run-no-manifest-{id_}",
         rf"{re.escape(rel)} has no manifest\.json",
         api=lambda env, rel=rel, c=call: (lambda run: lambda: c(Run(run)))(_remove(f"{rel}/{MANIFEST}")(env)),
     )
+
+
+# -------------------------------------------------------------------------- issue 30: --overwrite and the user's files
+# --overwrite replaces a run, and only what emloc-nb wrote (scratch/ included: notebooks write it through the run): a
+# file of the user's anywhere in the directory, inside emloc-nb's own folders too, or a link keeps the run as it is.
+family("--overwrite over the user's files")
+
+
+def _overwrite_over(place):
+    def build(env):
+        run = env.copy_run()
+        place(run)
+        return ["run", str(env.yaml(env.config(correction={"clamp": 1.0}))), "--run-dir", str(run), "--overwrite"]
+
+    return build
+
+
+USERS_FILES = [  # (id, what the user put there, the file named)
+    ("notes-in-evaluate", lambda r: (r / "evaluate" / "notes.md").write_text("mine"), r"evaluate/notes\.md"),
+    ("file-in-an-artifact", lambda r: (r / "emulator" / "mine.txt").write_text("mine"), r"emulator/mine\.txt"),
+    ("file-in-spectra", lambda r: (r / "emulator" / "spectra" / "mine.txt").write_text("x"), r"spectra/mine\.txt"),
+    ("file-in-stages", lambda r: (r / "stages" / "timing.csv").write_text("mine"), r"stages/timing\.csv"),
+    (
+        "folder-in-correct",
+        lambda r: (r / "correct" / "mine").mkdir() or (r / "correct" / "mine" / "a.txt").write_text("x"),
+        r"correct/mine/a\.txt",
+    ),
+    ("link-to-a-file", lambda r: (r / "evaluate" / "link.json").symlink_to(r / "run.json"), r"evaluate/link\.json"),
+]
+for id_, place, named in USERS_FILES:
+    pattern = rf"holds \[.*{named}.*\], which emloc-nb did not write"
+    case(f"cli-run-overwrite-{id_}", pattern, cli=_overwrite_over(place))
 
 
 # ----------------------------------------------------------------------------- the checks themselves
@@ -1776,3 +1815,18 @@ def test_a_byte_order_mark_is_read_not_refused(env):
     run = env.copy_run()
     (run / "run.json").write_bytes(bom + (run / "run.json").read_bytes())
     assert Run(run).config.to_dict() == Run(env.complete_run).config.to_dict()
+
+
+def test_the_guarantees_state_the_matrix_counts():
+    """docs/guarantees.md gives the number of cases, in all and per family: they are this file's."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "guarantees.md").read_text(encoding="utf-8")
+    assert f"{len(CASES)} cases over every subcommand and public entry point" in text
+    stated = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[1].isdigit():
+            stated[cells[0]] = int(cells[1])
+    counted = {}
+    for c in CASES:
+        counted[c.family] = counted.get(c.family, 0) + 1
+    assert {f: stated.get(f) for f in counted} == counted

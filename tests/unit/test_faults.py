@@ -10,15 +10,18 @@ processes has its sockets refused and counted: the pipeline never uses the netwo
 
 from __future__ import annotations
 
+import encodings.utf_8_sig  # noqa: F401  (imported before a child drops to the user nobody, who cannot read it)
 import hashlib
 import json
 import os
+import pwd
 import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +31,11 @@ import pytest
 import yaml
 
 from emloc_nb import EmlocError
+from emloc_nb.artifacts import MANIFEST, verify_manifest
+from emloc_nb.atomic import is_leftover
+from emloc_nb.cli import main as cli_main
 from emloc_nb.layout import ADAPTERS
+from emloc_nb.lazy import resolve
 from emloc_nb.run import Run
 from emloc_nb.runlock import run_lock
 from emloc_nb.stages import STAGES
@@ -323,3 +330,244 @@ def test_a_writer_that_loses_the_race_still_names_the_holder(tmp_path):
     finally:
         late.join()
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- issue 30: more faults
+# SIGINT and SIGTERM during every stage, a full disk, two identical runs at once: each stops with one line, leaves
+# nothing half-written (no temporary, every artifact there complete and as its manifest says) and resumes to the
+# same result as an uninterrupted run.
+
+
+def _error_line(log: str, pattern: str) -> None:
+    """One `error:` line that names the problem (the rest of a job's log is its progress), and no traceback."""
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+def _temporaries(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.rglob("*") if is_leftover(p.name)]
+
+
+def _complete_so_far(run_dir: Path) -> None:
+    """Nothing half-written: no temporary, and every artifact directory that is there matches its manifest."""
+    assert not _temporaries(run_dir), _temporaries(run_dir)
+    for manifest in run_dir.rglob(MANIFEST):
+        verify_manifest(manifest.parent, kind=None)
+
+
+@pytest.mark.parametrize("action, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_sigint_and_sigterm_during_every_stage_stop_cleanly_and_resume(forker, reference, tmp_path, action, code):
+    config, _, expected, _ = reference
+    run = tmp_path / "run"
+    argv = ["run", config, "--run-dir", run, "--in-process"]
+    stopped_in = []
+    for fault in KILLS:
+        [(got, log)] = forker.run({"argv": argv, "fault": fault, "action": action})
+        assert got == code, (fault, log[-3000:])
+        _error_line(log, rf"interrupted by {action}.*Rerun the same command")
+        _complete_so_far(run)
+        stopped_in.append(_running_stage(run))
+    assert [f.split("@")[1] for f in KILLS] == stopped_in
+    [(got, log)] = forker.run({"argv": argv})
+    assert got == 0, log[-3000:]
+    _assert_consistent(run)
+    assert _outcome(run) == expected
+
+
+def test_a_full_disk_in_every_stage_is_one_line_and_the_run_resumes(forker, reference, tmp_path):
+    """ENOSPC where each stage writes (the write fails as on a full disk), then space again."""
+    config, _, expected, _ = reference
+    run = tmp_path / "run"
+    argv = ["run", config, "--run-dir", run, "--in-process"]
+    for fault in KILLS:
+        [(got, log)] = forker.run({"argv": argv, "fault": fault, "action": "ENOSPC"})
+        assert got == 1, (fault, log[-3000:])
+        _error_line(log, r"No space left on device .*free space")
+        _complete_so_far(run)
+    [(got, log)] = forker.run({"argv": argv})
+    assert got == 0, log[-3000:]
+    _assert_consistent(run)
+    assert _outcome(run) == expected
+
+
+def _mount_tmpfs(where: Path, size: int) -> bool:
+    where.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_real_full_disk_a_small_tmpfs_then_more_space(forker, reference, tmp_path):
+    config, reference_run, expected, _ = reference
+    needed = sum(p.stat().st_size for p in reference_run.rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, needed // 3):
+        pytest.skip("mounting a tmpfs needs root (and mount); the simulated full disk above covers the same paths")
+    try:
+        run = disk / "run"
+        argv = ["run", config, "--run-dir", run, "--in-process"]
+        [(got, log)] = forker.run({"argv": argv})
+        assert got == 1, log[-3000:]
+        _error_line(log, r"No space left on device")
+        _complete_so_far(run)
+        stopped_in = _running_stage(run)
+        subprocess.run(["mount", "-o", f"remount,size={needed * 3}", str(disk)], check=True)
+        [(got, log)] = forker.run({"argv": argv})
+        assert got == 0, log[-3000:]
+        _assert_consistent(run)
+        assert _outcome(run) == expected
+        print(f"a tmpfs of {needed // 3} bytes filled up in the {stopped_in} stage; the run resumed with more space")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_two_identical_runs_at_once_leave_one_consistent_run(forker, reference, tmp_path):
+    config, _, expected, _ = reference
+    run = tmp_path / "run"
+    argv = ["run", config, "--run-dir", run, "--in-process"]
+    outcomes = forker.run({"argv": argv}, {"argv": argv, "start_after": 0.5})
+    for got, log in outcomes:
+        assert got in (0, 1), log[-3000:]
+        if got == 1:
+            _error_line(log, r"Another emloc process \(pid \d+\) is writing")
+    assert 0 in [got for got, _ in outcomes]
+    _assert_consistent(run)
+    assert _outcome(run) == expected
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_emloc_stops_its_stage_child_cleanly_and_the_run_resumes(forker, reference, tmp_path, sig):
+    """Not --in-process: the signal reaches `emloc`, which stops its stage child; neither leaves a temporary."""
+    config, reference_run, expected, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run, ignore=shutil.ignore_patterns(".lock"))
+    for name in ("finetune_emulator", "correct", "evaluate"):
+        shutil.rmtree(run / name)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "emloc_nb.cli", "finetune", "--run-dir", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    child, deadline = None, time.time() + 120
+    while child is None and time.time() < deadline:
+        children = psutil.Process(parent.pid).children(recursive=True)
+        child = children[0] if children else None
+        time.sleep(0.05)
+    assert child is not None, "the stage child never started"
+    time.sleep(3)  # into the stage
+    parent.send_signal(sig)
+    out, err = parent.communicate(timeout=120)
+    gone, _ = psutil.wait_procs([child], timeout=5)
+    assert child in gone, "the stage child outlived its parent"
+    assert parent.returncode in (128 + sig, 0), err[-2000:]  # 0: the stage had finished before the signal came
+    if parent.returncode:
+        _error_line(err, rf"interrupted by {sig.name}")
+    assert "Traceback" not in out + err
+    _complete_so_far(run)
+    [(code, log)] = forker.run({"argv": ["run", config, "--run-dir", run, "--in-process"]})
+    assert code == 0, log[-3000:]
+    _assert_consistent(run)
+    assert _outcome(run) == expected
+
+
+def test_a_stage_directory_linked_outside_the_run_is_refused_and_left_alone(forker, reference, tiny_files, tmp_path):
+    config, reference_run, _, _ = reference
+    run, outside = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(reference_run, run, ignore=shutil.ignore_patterns(".lock"))
+    outside.mkdir()
+    shutil.move(run / "emulator", outside / "emulator")
+    (run / "emulator").symlink_to(outside / "emulator")
+    before = _tree(outside)
+    other = _config(tiny_files, tmp_path, "b.yaml", emulator={"plan": {"ratio": 0.9}})
+    for argv, pattern in (
+        (["run", config, "--run-dir", run, "--in-process"], r"emulator leads outside its run directory"),
+        (["evaluate", "--run-dir", run, "--in-process"], r"emulator leads outside its run directory"),
+        (["report", "--run-dir", run], r"emulator leads outside its run directory"),
+        (["run", other, "--run-dir", run, "--in-process", "--overwrite"], r"holds \['emulator'\], which emloc-nb did"),
+    ):
+        [(code, log)] = forker.run({"argv": argv})
+        assert code == 1, (argv, log[-3000:])
+        _error_line(log, pattern)
+        assert _tree(outside) == before
+    assert (run / "emulator").is_symlink()
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+        if p.name != ".lock"
+    }
+
+
+def test_a_read_only_run_directory_as_another_user_is_refused_in_one_line_and_stays_readable(reference, tmp_path):
+    """As `nobody` (a forked child that drops root): the run is read-only to it."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping to another user needs root; as a non-root user, chmod alone makes the same case")
+    _, reference_run, expected, _ = reference
+    shared = Path(tempfile.mkdtemp(prefix="emloc-ro-", dir="/tmp"))  # pytest's tmp_path is private to root
+    try:
+        os.chmod(shared, 0o755)
+        run = shared / "run"
+        shutil.copytree(reference_run, run, ignore=shutil.ignore_patterns(".lock"))
+        before = _tree(run)
+        for path in [run, *run.rglob("*")]:
+            os.chmod(path, 0o555 if path.is_dir() else 0o444)
+        (shared / "out").mkdir(mode=0o777)
+        os.chmod(shared / "out", 0o777)
+        results = {}
+        # Everything the report imports, imported as root first: this Python's stdlib may not be readable by nobody.
+        resolve("emloc_nb.widgets.report:write_report")(reference_run, tmp_path / "warm.html")
+        for name, argv in (
+            ("evaluate", ["evaluate", "--run-dir", str(run), "--in-process"]),
+            ("run", ["run", str(run / "run.json"), "--run-dir", str(run), "--in-process"]),
+            ("report", ["report", "--run-dir", str(run), "--output", str(shared / "out" / "report.html")]),
+        ):
+            results[name] = _as_nobody(lambda argv=argv: cli_main(argv), shared / "out" / f"{name}.log")
+        for name in ("evaluate", "run"):
+            code, log = results[name]
+            assert code == 1, log[-3000:]
+            _error_line(log, r"run is not writable here \(Permission denied\).*Make it writable")
+        code, log = results["report"]
+        assert code == 0 and (shared / "out" / "report.html").is_file(), log[-3000:]
+        code, log = _as_nobody(lambda: print(json.dumps(Run(run).results())) or 0, shared / "out" / "api.log")
+        assert (
+            code == 0
+            and json.loads(log.strip().splitlines()[-1])
+            == json.loads((reference_run / "evaluate" / "results.json").read_text())["rows"]
+        )
+        assert _tree(run) == before
+    finally:
+        for path in [shared, *shared.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(shared)
+
+
+def _as_nobody(call, log: Path) -> tuple[int, str]:
+    """(exit code, output) of `call()` in a forked child running as the user nobody."""
+    nobody = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (not pytest's capture)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            code = call()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code if isinstance(code, int) else 98)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), log.read_text()

@@ -20,7 +20,7 @@ from emloc_nb import EmlocError, stages
 from emloc_nb import artifacts as A
 from emloc_nb import run as run_module
 from emloc_nb.cli import main as cli
-from emloc_nb.eval_settings import settings
+from emloc_nb.eval_settings import SETTINGS, settings
 from emloc_nb.results import results_markdown
 from emloc_nb.run import Run
 from emloc_nb.stages import STAGES
@@ -185,7 +185,8 @@ def test_the_quick_check_reads_a_fixed_number_of_blocks_of_a_large_file(tmp_path
 
 
 def test_one_error_for_a_missing_manifest_from_verify_and_every_loader(finished):
-    """The same EmlocError, word for word, from Run.verify and the artifact's loader."""
+    """The same EmlocError, word for word, from Run.verify and from the loader: for the loaded artifact's own
+    manifest and for each of its inputs' (a loader checks that it was computed from the inputs the run holds)."""
     loaders = {
         "calibration:train": lambda run: run.calibration("train"),
         "calibration:heldout": lambda run: run.calibration("heldout"),
@@ -196,20 +197,24 @@ def test_one_error_for_a_missing_manifest_from_verify_and_every_loader(finished)
         "adapter:original": lambda run: run.adapter_dir("original"),
         "corrected_adapter": lambda run: run.adapter_dir("corrected"),
         "correction": lambda run: run.correction(),
-        "evaluation:original": lambda run: run.eval_result("original"),
-        "evaluation:original+corrected": lambda run: run.eval_result("original+corrected"),
+        **{f"evaluation:{s}": (lambda run, s=s: run.eval_result(s)) for s in SETTINGS},
     }
+    cases = 0
     for artifact, load in loaders.items():
-        run = Run(finished)
-        manifest = run.path(artifact) / A.MANIFEST
-        saved = manifest.read_bytes()
-        manifest.unlink()
-        try:
-            with pytest.raises(EmlocError) as by_verify:
-                run.verify(artifact)
-            with pytest.raises(EmlocError) as by_loader:
-                load(run)
-            assert str(by_loader.value) == str(by_verify.value), artifact
-            assert "has no manifest.json" in str(by_verify.value), artifact
-        finally:
-            manifest.write_bytes(saved)
+        stage, part = stages._writer(artifact)
+        for victim in (artifact, *stage.inputs(part)):
+            run = Run(finished)
+            manifest = run.path(victim) / A.MANIFEST
+            saved = manifest.read_bytes()
+            manifest.unlink()
+            try:
+                with pytest.raises(EmlocError) as by_verify:
+                    run.verify(victim)
+                with pytest.raises(EmlocError) as by_loader:
+                    load(run)
+                assert str(by_loader.value) == str(by_verify.value), (artifact, victim)
+                assert "has no manifest.json" in str(by_verify.value), (artifact, victim)
+                cases += 1
+            finally:
+                manifest.write_bytes(saved)
+    assert cases >= 30
