@@ -119,9 +119,10 @@ class Ablation:
         for i, (method, seed, budget) in enumerate(cells, 1):
             log(f"[ablate] {i}/{len(cells)}: {method.label}, seed {seed}" + (f", ρ = {budget:g}" if budget else ""))
             rows.append(self._row(method, seed, budget, isolate))
-        previous = self.out / "ablation.json"
-        spent = AblationReport.load(self.out).seconds if previous.is_file() else 0.0
-        report = AblationReport(asdict(self.spec), self.config.to_dict(), rows, spent + time.time() - started)
+        memory = self._memory(rows)
+        report = AblationReport(asdict(self.spec), self.config.to_dict(), rows, time.time() - started, memory)
+        if (self.out / "ablation.json").is_file():  # another invocation's rows stay (more seeds, budgets, methods)
+            report = report.merged_with(AblationReport.load(self.out))
         report.save_into(self.out)
         with atomic_path(self.out / "ablation.md") as tmp:
             tmp.write_text(report.markdown())
@@ -149,6 +150,33 @@ class Ablation:
             **{k: v for k, v in result.summary().items() if k != "predicted"},
             "predicted": result.prediction_counts() if result.choices else None,
             "correct": result.correct,
+        }
+
+    def _memory(self, rows: list[dict]) -> dict:
+        """Peak memory from the stage records of the runs behind `rows` (AblationReport.memory): the emulator's
+        fine-tuning per budget, LoRA on the original, and the original's inference, measured here once."""
+        whitened = {m.key for m in self.spec.selected(self.config) if m.variant == "whitened"}
+        runs = {(r["seed"], r["budget"]) for r in rows if r["method"] in whitened}
+        main = self.spec.budgets[0]
+        full = [(r["seed"], main) for r in rows if r["method"] == "full"]
+
+        def peaks(cells, step: str) -> list[float]:
+            records = (self.run(seed, budget, "whitened").stage_records().get(step, {}) for seed, budget in cells)
+            return [r["peak_rss_mb"] for r in records if r.get("isolated") and r.get("peak_rss_mb")]
+
+        finetune = {
+            f"{b:g}": _mean_or_none(peaks([c for c in runs if c[1] == b], "finetune_emulator"))
+            for b in sorted({b for _, b in runs})
+        }
+        inference = None
+        if runs and self.isolate:
+            first = self.run(min(s for s, _ in runs), main, "whitened")
+            first.run_stage("evaluate", part="original", isolate=True)
+            inference = _mean_or_none(peaks([(first.config.seed, main)], "evaluate-original"))
+        return {
+            "inference": inference,
+            "full": _mean_or_none(peaks(full, "finetune_original")),
+            "finetune": {b: p for b, p in finetune.items() if p is not None},
         }
 
     def _saved_evaluation(self, where: Path, run):
@@ -198,6 +226,10 @@ class Ablation:
             batch_size=ev.batch_size,
             progress=False,
         )
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def ablate(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .ablation_methods import AblationSpec, default_method
+from .ablation_methods import AblationSpec, all_methods, default_method
 from .config import RunConfig
 from .errors import EmlocError
 from .reports import Report
@@ -22,6 +23,9 @@ class AblationReport(Report):
     config: dict
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    # Peak resident memory (MB) from the runs' stage records: "inference" (the original, evaluating),
+    # "full" (LoRA on the original) and "finetune" ({budget: the emulator's LoRA}), each a mean over seeds.
+    memory: dict = field(default_factory=dict)
 
     def summary(self) -> list[dict]:
         """Per method and budget: mean ± std over seeds, the recovered share, and the paired test against naive."""
@@ -30,8 +34,11 @@ class AblationReport(Report):
             groups.setdefault((r["method"], r["budget"]), []).append(r)
         zero = _mean(groups.get(("zero-shot", None), []), "accuracy")
         full = _mean(groups.get(("full", None), []), "accuracy")
+        order = _method_order(self.spec)
         out = []
-        for (method, budget), rows in groups.items():
+        for (method, budget), rows in sorted(
+            groups.items(), key=lambda g: (order.get(g[0][0], len(order)), -(g[0][1] or 2))
+        ):
             acc, std = mean_std([r["accuracy"] for r in rows])
             row = {
                 "method": method,
@@ -49,6 +56,26 @@ class AblationReport(Report):
                 row.update(_paired(rows, naive))
             out.append(row)
         return out
+
+    def merged_with(self, earlier: AblationReport) -> AblationReport:
+        """This report, plus the rows of an earlier one on the same config and split that it did not recompute:
+        an ablation extended by another `emloc ablate` (more seeds, budgets or methods) keeps what it had."""
+        if _plain(earlier.config) != _plain(self.config) or earlier.spec["split"] != self.spec["split"]:
+            return self
+        key = lambda r: (r["method"], r["seed"], r["budget"])  # noqa: E731
+        recomputed = {key(r) for r in self.rows}
+        rows = self.rows + [r for r in earlier.rows if key(r) not in recomputed]
+        order = _method_order(self.spec)
+        budgets = self.spec["budgets"] + [b for b in earlier.spec["budgets"] if b not in self.spec["budgets"]]
+        methods = (
+            None
+            if None in (self.spec["methods"], earlier.spec["methods"])
+            else sorted({*self.spec["methods"], *earlier.spec["methods"]}, key=lambda m: order.get(m, len(order)))
+        )
+        spec = {**self.spec, "seeds": max(r["seed"] for r in rows) + 1, "budgets": budgets, "methods": methods}
+        memory = {**earlier.memory, **self.memory}
+        memory["finetune"] = {**earlier.memory.get("finetune", {}), **self.memory.get("finetune", {})}
+        return AblationReport(spec, self.config, rows, self.seconds + earlier.seconds, memory)
 
     def goals(self, method: str | None = None) -> dict:
         """The goals at the main budget, for `method` (default: the base config's own correction)."""
@@ -110,15 +137,39 @@ class AblationReport(Report):
                 f"{std_goal_text(goals)}; recovered share "
                 f"{_fmt(goals['recovered'], '.2f')} ≥ 0.8: {goal_text(goals['recovered_at_least_0.8'])}.",
             ]
+        lines += self._memory_lines()
         lines.append(f"\nRuntime: {self.seconds / 3600:.2f} h.")
         return "\n".join(lines) + "\n"
+
+    def _memory_lines(self) -> list[str]:
+        """Each budget's fine-tuning peak, against LoRA on the original and the original's inference."""
+        finetune = self.memory.get("finetune", {})
+        if not finetune:
+            return []
+        inference, full = self.memory.get("inference"), self.memory.get("full")
+        lines = [
+            "",
+            "Peak resident memory of each stage process (the process itself, about 400 MB, included), mean over seeds:",
+            "",
+            "| fine-tuning | peak MB | × LoRA on the original | × the original's inference |",
+            "|---|---|---|---|",
+        ]
+        for name, peak in [("LoRA on the original", full)] + [
+            (f"LoRA on the emulator, ρ = {float(b):g}", p)
+            for b, p in sorted(finetune.items(), key=lambda x: -float(x[0]))
+        ]:
+            if peak is not None:
+                ratios = [_fmt(peak / ref if ref else None, ".2f") for ref in (full, inference)]
+                lines.append(f"| {name} | {peak:.0f} | {ratios[0]} | {ratios[1]} |")
+        lines.append(f"\nThe original's inference peak (evaluation, batch of its config): {_fmt(inference, '.0f')} MB.")
+        return lines
 
     def _metadata(self) -> dict:
         return asdict(self)
 
     @classmethod
     def _from_saved(cls, meta: dict, tensors: dict) -> AblationReport:
-        return cls(meta["spec"], meta["config"], meta["rows"], meta["seconds"])
+        return cls(meta["spec"], meta["config"], meta["rows"], meta["seconds"], meta.get("memory", {}))
 
 
 def load_ablation(directory: str | Path, split: str | None = None) -> AblationReport:
@@ -133,6 +184,16 @@ def load_ablation(directory: str | Path, split: str | None = None) -> AblationRe
         f"{directory} holds no ablation report{f' for the {split} split' if split else ''}. "
         f"Write one with `emloc ablate CONFIG --dir {directory}`."
     )
+
+
+def _method_order(spec: dict) -> dict[str, int]:
+    """Each method's place in the table: `all_methods`' order."""
+    return {m.key: i for i, m in enumerate(all_methods(spec["clamps"]))}
+
+
+def _plain(value):
+    """As JSON reads it back (tuples as lists), so a saved config compares equal to the one that wrote it."""
+    return json.loads(json.dumps(value))
 
 
 def _mean(rows: list[dict], key: str) -> float | None:

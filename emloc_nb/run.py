@@ -430,9 +430,10 @@ class Run:
         return {p.stem: read_json_object(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
     # -- running (emloc_nb.runner)
-    def run_stage(self, stage: str, *, isolate: bool = True) -> None:
-        """Run one stage unless it is done; `isolate`: in a fresh process that records its peak memory."""
-        runner.run_stage(self, stage, isolate=isolate)
+    def run_stage(self, stage: str, *, part: str | None = None, isolate: bool = True) -> None:
+        """Run one stage (or one `part` of it) unless it is done; `isolate`: in a fresh process that records its
+        peak memory."""
+        runner.run_stage(self, stage, part=part, isolate=isolate)
 
     def run_all(self, *, isolate: bool = True, until: str | None = None) -> None:
         """Run every stage not yet done, in order (up to and including `until`)."""

@@ -64,9 +64,24 @@ def interrupted(e: KeyboardInterrupt) -> tuple[str, int]:
     )
 
 
-def run_stage(run, name: str, *, isolate: bool = True) -> None:
-    """Run one stage unless it is done; `isolate`: in a fresh process that records its peak memory."""
+def run_stage(run, name: str, *, part: str | None = None, isolate: bool = True) -> None:
+    """Run one stage unless it is done; `isolate`: in a fresh process that records its peak memory.
+
+    `part`: only that part of a stage that has parts (evaluate: one setting, e.g. "original")."""
     stage = get(name)
+    if part is not None:
+        if stage.parts is None or part not in stage.parts(run.config):
+            raise EmlocError(
+                f"Stage {name} has no part {part!r}. Its parts: {stage.parts and stage.parts(run.config)}."
+            )
+        with run.writing():
+            artifact = stage.part_writes.format(part)
+            if not run.has(artifact):
+                for needed in stage.inputs(part):
+                    run.verify(needed)
+                _run_step(run, f"{name}:{part}", isolate)
+            check_provenance(run, artifact)
+        return
     with run.writing():
         if stage.done(run):
             return

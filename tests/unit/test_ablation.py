@@ -179,3 +179,47 @@ def test_the_default_prior_target_follows_the_task():
     explicit = dataclasses.replace(config, correction=dataclasses.replace(config.correction, prior_target="labels"))
     with pytest.raises(EmlocError, match="needs a task with choices"):
         default_method(explicit, [0.0], has_choices=False)
+
+
+def test_another_invocation_adds_its_rows_and_keeps_the_earlier_ones(ablation, tmp_path):
+    """More seeds, budgets or methods in a second `emloc ablate` extend the table; nothing is recomputed."""
+    shared, config, spec, report = ablation
+    directory = tmp_path / "ablation"
+    shutil.copytree(shared, directory)
+    stamps = {p: p.stat().st_mtime_ns for p in (directory / "validation" / "transfers").rglob("evaluation.json")}
+    fewer = dataclasses.replace(spec, seeds=1, methods=["zero-shot", "naive"])
+    extended = Ablation(directory, config, fewer).execute(isolate=False, log=lambda _: None)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    key = lambda r: (r["method"], r["seed"], r["budget"])  # noqa: E731
+    assert sorted(map(key, extended.rows), key=str) == sorted(map(key, report.rows), key=str)
+    assert extended.spec["budgets"] == [0.5, 0.8] and extended.spec["seeds"] == 2 and extended.spec["methods"] is None
+    assert AblationReport.load(directory / "validation").rows == json.loads(json.dumps(extended.rows))
+    order = [(r["method"], r["budget"]) for r in extended.summary()]
+    assert order.index(("zero-shot", None)) < order.index(("naive", 0.8)) < order.index(("naive", 0.5))
+    assert json.dumps(extended.summary()) == json.dumps(report.summary())  # the same table
+
+
+def test_a_table_on_another_config_replaces_the_earlier_rows(ablation):
+    _, config, spec, report = ablation
+    other = dataclasses.replace(config, seed=config.seed + 1)
+    fresh = AblationReport(dataclasses.asdict(spec), other.to_dict(), report.rows[:1])
+    assert fresh.merged_with(report).rows == report.rows[:1]
+
+
+def test_the_memory_table_gives_each_budget_against_the_original():
+    spec = dataclasses.asdict(AblationSpec(seeds=1, budgets=[0.8, 0.5], split="validation"))
+    memory = {"inference": 1250.0, "full": 1300.0, "finetune": {"0.8": 1200.0, "0.5": 1000.0}}
+    text = AblationReport(spec, {}, [], 0.0, memory)._memory_lines()
+    assert "| LoRA on the original | 1300 | 1.00 | 1.04 |" in text
+    assert "| LoRA on the emulator, ρ = 0.8 | 1200 | 0.92 | 0.96 |" in text
+    assert "| LoRA on the emulator, ρ = 0.5 | 1000 | 0.77 | 0.80 |" in text
+    assert AblationReport(spec, {}, [], 0.0, {})._memory_lines() == []  # in-process stages record no peak
+
+
+def test_an_ablation_in_processes_records_each_budgets_fine_tuning_peak(tiny_files, tmp_path):
+    root, model, data = tiny_files
+    spec = AblationSpec(seeds=1, budgets=[0.5], split="validation", methods=["zero-shot", "naive"])
+    report = Ablation(tmp_path / "a", tiny_run_config(model, data), spec).execute(log=lambda _: None)
+    memory = report.memory
+    assert set(memory["finetune"]) == {"0.5"} and memory["inference"] > 0 and memory["full"] is None
+    assert memory["finetune"]["0.5"] > 0 and "× the original's inference" in report.markdown()

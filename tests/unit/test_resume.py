@@ -25,6 +25,8 @@ from emloc_nb.results import results_markdown
 from emloc_nb.run import Run
 from emloc_nb.stages import STAGES
 
+from ..conftest import tiny_run_config
+
 
 @pytest.fixture
 def finished(tiny_run, tmp_path) -> Path:
@@ -218,3 +220,15 @@ def test_one_error_for_a_missing_manifest_from_verify_and_every_loader(finished)
             finally:
                 manifest.write_bytes(saved)
     assert cases >= 30
+
+
+def test_one_part_of_a_stage_runs_alone(tiny_files, tmp_path):
+    """run_stage(part=...): one evaluation, without the stages the others need; a part that is not one is refused."""
+    root, model, data = tiny_files
+    run = Run(tmp_path / "run", tiny_run_config(model, data))
+    run.run_stage("evaluate", part="original", isolate=False)
+    assert run.has("evaluation:original") and not run.has("emulator") and not run.has("results")
+    with pytest.raises(EmlocError, match="has no part 'nope'"):
+        run.run_stage("evaluate", part="nope", isolate=False)
+    with pytest.raises(EmlocError, match="has no part"):
+        run.run_stage("emulator", part="original", isolate=False)
