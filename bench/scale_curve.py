@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -140,10 +137,8 @@ def plot(rows: list[dict], png: Path, dtype: str) -> bool:
     """The curve as an interactive-looking plotly figure, rendered to PNG by headless chromium if there is one."""
     import plotly.graph_objects as go
 
-    chromium = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if chromium is None:
-        print("no chromium: the PNG is not rendered")
-        return False
+    from emloc_nb.widgets.static import figure_png
+
     names = {"inference": "inference (original)", "lora": "LoRA fine-tuning (original)"}
     fig = go.Figure()
     for setting in SETTINGS:
@@ -167,15 +162,10 @@ def plot(rows: list[dict], png: Path, dtype: str) -> bool:
         template="plotly_white",
         legend={"x": 0.02, "y": 0.98},
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        html = Path(tmp) / "curve.html"
-        fig.write_html(html, include_plotlyjs=True, full_html=True, config={"displayModeBar": False})
-        subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             f"--screenshot={png}", "--window-size=1000,560", "--virtual-time-budget=5000", html.as_uri()],
-            check=True, capture_output=True, timeout=120,
-        )  # fmt: skip
-    return png.is_file()
+    if not figure_png(fig, png, width=1000, height=560):
+        print("no chromium: the PNG is not rendered")
+        return False
+    return True
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Views as static HTML, for pages read without a kernel (`make docs`: docs/notebooks/*.html).
+"""Views as static HTML, for pages read without a kernel (`make docs`: docs/notebooks/*.html), and figures as PNG.
 
 A live view is an ipywidgets tree; a static page cannot run it. With EMLOC_STATIC_VIEWS=1
 a view displays as HTML instead: its text as is, each figure as a plotly div (plotly.js
@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import ipywidgets as W
 import plotly.graph_objects as go
@@ -84,3 +88,19 @@ def widget_html(widget: W.Widget) -> str:
 
 def view_html(widget: W.Widget) -> str:
     return STYLE + f"<div class='emloc-static'>{widget_html(widget)}</div>"
+
+
+def figure_png(fig: go.Figure, png: Path, *, width: int = 1000, height: int = 560) -> bool:
+    """Render a figure to a PNG with headless Chromium (the docs' pictures); False where there is no Chromium."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "figure.html"
+        fig.write_html(page, include_plotlyjs=True, full_html=True, config={"displayModeBar": False})
+        subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={png}",
+             f"--window-size={width},{height}", "--virtual-time-budget=5000", page.as_uri()],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+    return Path(png).is_file()

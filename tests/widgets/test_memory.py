@@ -3,13 +3,22 @@ setting, and the peak of each phase of each stage."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+
 from emloc_nb.widgets.plots.common import trace
 from emloc_nb.widgets.plots.memory import (
+    emulator_peaks_at_scale,
     memory_components_figure,
     memory_measured_figure,
     memory_phases_figure,
+    pareto_figure,
     phase_names,
 )
+
+SCALE = Path(__file__).parents[2] / "bench" / "results" / "scale_curve.json"
 
 # Rows as emloc_nb.budget.budget returns them (computing real ones needs the models); a stage not run measures None.
 ROWS = [
@@ -83,3 +92,38 @@ def test_each_phase_is_a_bar_per_stage_with_gaps_where_a_stage_lacks_it():
     assert list(trace(fig, "load").y) == [500.0, 800.0, None]
     assert list(trace(fig, "train_steps").y) == [None, 1200.0, None]
     assert list(trace(fig, "process baseline").y) == [400.0, 410.0, 400.0]
+
+
+def test_the_budget_model_predicts_the_measured_0_8_peaks_from_the_0_5_ones():
+    """Block linears' weights scale with ρ: the ρ = 0.5 row alone predicts every size's measured ρ = 0.8 peak."""
+    saved = json.loads(SCALE.read_text())
+    measured = {(r["size"], r["setting"]): r["peak_mb"] for r in saved["rows"]}
+    predicted = emulator_peaks_at_scale(saved["rows"] + saved["extrapolated"], [0.5, 0.8, 1.0])
+    checked = 0
+    for p in predicted:
+        key = (p["model"], f"emulator@{p['budget']:g}")
+        if key in measured:
+            assert p["peak_mb"] == pytest.approx(measured[key], rel=0.01), key
+            checked += 1
+        if p["budget"] == 1.0:  # keeping everything is LoRA on the original
+            lora = measured.get((p["model"], "lora"))
+            assert lora is None or p["peak_mb"] == pytest.approx(lora)
+    assert checked >= 8 and {"1.7B", "3B", "8B"} <= {p["model"] for p in predicted}
+
+
+def test_pareto_puts_each_budget_at_its_peak_with_the_references():
+    summary = [
+        {"method": "zero-shot", "label": "zero-shot", "budget": None, "accuracy": 0.7, "accuracy_std": 0.0},
+        {"method": "full", "label": "full LoRA", "budget": None, "accuracy": 0.86, "accuracy_std": 0.01},
+        {"method": "naive", "label": "naive", "budget": 0.8, "accuracy": 0.82, "accuracy_std": 0.02},
+        {"method": "naive", "label": "naive", "budget": 0.5, "accuracy": 0.6, "accuracy_std": 0.1},
+        {"method": "naive", "label": "naive", "budget": 0.6, "accuracy": 0.7, "accuracy_std": 0.0},  # no peak
+    ]
+    memory = {"inference": 1000.0, "full": 1100.0, "finetune": {"0.8": 950.0, "0.5": 800.0}}
+    scale = [{"model": "3B", "budget": b, "peak_mb": 0.0, "ratio": b} for b in (0.5, 0.8)]
+    fig = pareto_figure(summary, memory, ["naive"], scale)
+    naive = trace(fig, "naive")
+    assert list(naive.x) == [0.8, 0.95] and list(naive.y) == [0.6, 0.82]  # by ρ; 0.6 has no measured peak
+    assert list(trace(fig, "LoRA on the emulator, 3B").y) == [0.5, 0.8]
+    notes = [a.text for a in fig.layout.annotations]
+    assert any("full LoRA (peak × 1.10)" in t for t in notes) and any("zero-shot" in t for t in notes)

@@ -6,9 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from .common import BEFORE, LAYOUT, PLAIN, PLAN, SELECTED, WHITENED, layout_title
 
+SIZE_GREYS = ["#bdbdbd", "#969696", "#636363", "#252525"]  # the model sizes, small to large
+METHOD_COLORS = ["#2ca02c", "#9467bd", "#1f77b4", "#ff7f0e", "#d62728", "#8c564b"]
 MEMORY_PARTS = [
     ("weights_mb", "weights", WHITENED),
     ("trainable_state_mb", "LoRA trainable state", PLAN),
@@ -89,4 +92,98 @@ def memory_phases_figure(records: dict[str, dict]) -> go.Figure:
     fig.update_layout(
         **LAYOUT, barmode="group", title=layout_title("Peak memory by phase of each stage (MB)"), yaxis_title="MB"
     )
+    return fig
+
+
+def emulator_peaks_at_scale(scale_rows: Sequence[dict], budgets: Sequence[float]) -> list[dict]:
+    """The emulator's fine-tuning peak at each budget ρ and model size, × the original's inference peak.
+
+    From bench/scale_curve.json's "rows" and "extrapolated" (per block): ρ is the kept share of the block
+    linears' parameters, so LoRA on the emulator holds (1 − ρ) of their weights less than LoRA on the original.
+    Their weights W come from the ρ = 0.5 row: W = (LoRA − emulator@0.5) / 0.5; then peak(ρ) = LoRA − (1 − ρ) W.
+    """
+    peak = {}  # a measured peak ("size", "peak_mb") over an extrapolated one ("model", "predicted_mb")
+    for r in sorted(scale_rows, key=lambda r: "peak_mb" in r):
+        peak[r.get("size") or r["model"], r["setting"]] = r.get("peak_mb") or r["predicted_mb"]
+    out = []
+    for model in dict.fromkeys(r.get("size") or r["model"] for r in scale_rows):
+        lora, half, inference = (peak.get((model, s)) for s in ("lora", "emulator@0.5", "inference"))
+        if None in (lora, half, inference):
+            continue
+        weights = (lora - half) / 0.5
+        out += [
+            {
+                "model": model,
+                "budget": b,
+                "peak_mb": lora - (1 - b) * weights,
+                "ratio": (lora - (1 - b) * weights) / inference,
+            }
+            for b in budgets
+        ]
+    return out
+
+
+def pareto_figure(
+    summary: Sequence[dict], memory: dict, methods: Sequence[str], scale: Sequence[dict] = ()
+) -> go.Figure:
+    """Accuracy against the fine-tuning peak (× the original's inference peak), one point per budget ρ, per method
+    (an ablation's `summary()` and `memory`); LoRA on the original and zero-shot as references. With `scale`
+    (`emulator_peaks_at_scale`), a second panel: what the same budgets cost at larger sizes."""
+    inference, finetune = memory.get("inference"), memory.get("finetune", {})
+    fig = make_subplots(
+        rows=1,
+        cols=2 if scale else 1,
+        column_widths=[0.62, 0.38] if scale else None,
+        subplot_titles=["measured here (SmolLM2-135M)", "the same ρ at larger sizes (per-block extrapolation)"]
+        if scale
+        else None,
+    )
+    for key, color in zip(methods, METHOD_COLORS * 2):
+        rows = sorted(
+            (r for r in summary if r["method"] == key and r["budget"] is not None and f"{r['budget']:g}" in finetune),
+            key=lambda r: r["budget"],
+        )
+        if rows and inference:
+            fig.add_scatter(
+                name=rows[0]["label"],
+                x=[finetune[f"{r['budget']:g}"] / inference for r in rows],
+                y=[r["accuracy"] for r in rows],
+                error_y=dict(type="data", array=[r["accuracy_std"] for r in rows]),
+                text=[f"ρ = {r['budget']:g}" for r in rows],
+                mode="lines+markers+text",
+                textposition="top center",
+                line=dict(color=color),
+                row=1,
+                col=1,
+            )
+    for key, dash in (("zero-shot", "dot"), ("full", "dash")):
+        r = next((r for r in summary if r["method"] == key), None)
+        if r:
+            x = memory.get("full", 0) / inference if key == "full" and inference and memory.get("full") else None
+            fig.add_hline(
+                y=r["accuracy"], line_dash=dash, row=1, col=1, annotation_position="bottom left",
+                annotation_text=r["label"] + (f" (peak × {x:.2f})" if x else ""),
+            )  # fmt: skip
+    for model, color in zip(dict.fromkeys(r["model"] for r in scale), SIZE_GREYS * 2):
+        pts = [r for r in scale if r["model"] == model]
+        fig.add_scatter(
+            name=f"LoRA on the emulator, {model}",
+            x=[r["budget"] for r in pts],
+            y=[r["ratio"] for r in pts],
+            mode="lines+markers",
+            line=dict(color=color, dash="dot"),
+            row=1,
+            col=2,
+        )
+    if scale:
+        fig.add_hline(y=1.0, line_dash="dash", row=1, col=2, annotation_text="the original's inference peak")
+        fig.update_xaxes(title_text="kept share ρ", row=1, col=2)
+        fig.update_yaxes(title_text="fine-tuning peak × inference peak", row=1, col=2)
+    fig.update_xaxes(title_text="fine-tuning peak × the original's inference peak", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy", row=1, col=1)
+    fig.update_layout(
+        **{**LAYOUT, "height": 520, "margin": dict(l=60, r=20, t=60, b=150)},
+        title=layout_title("Accuracy against memory, one point per ρ"),
+    )
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.18, x=0, xanchor="left"))
     return fig
