@@ -27,11 +27,14 @@ class AblationReport(Report):
     # "full" (LoRA on the original) and "finetune" ({budget: the emulator's LoRA}), each a mean over seeds.
     memory: dict = field(default_factory=dict)
 
-    def summary(self) -> list[dict]:
-        """Per method and budget: mean ± std over seeds, the recovered share, and the paired test against naive."""
+    def summary(self, budget: float | None = None) -> list[dict]:
+        """Per method and budget: mean ± std over seeds, the recovered share, and the paired test against naive.
+
+        `budget`: only that budget's rows, and the references (zero-shot, full LoRA)."""
         groups: dict[tuple, list[dict]] = {}
         for r in self.rows:
-            groups.setdefault((r["method"], r["budget"]), []).append(r)
+            if budget is None or r["budget"] in (None, budget):
+                groups.setdefault((r["method"], r["budget"]), []).append(r)
         zero = _mean(groups.get(("zero-shot", None), []), "accuracy")
         full = _mean(groups.get(("full", None), []), "accuracy")
         order = _method_order(self.spec)

@@ -223,3 +223,11 @@ def test_an_ablation_in_processes_records_each_budgets_fine_tuning_peak(tiny_fil
     memory = report.memory
     assert set(memory["finetune"]) == {"0.5"} and memory["inference"] > 0 and memory["full"] is None
     assert memory["finetune"]["0.5"] > 0 and "× the original's inference" in report.markdown()
+
+
+def test_the_summary_of_one_budget_keeps_the_references(ablation):
+    _, _, _, report = ablation
+    at = report.summary(budget=0.8)
+    assert {r["budget"] for r in at} == {None, 0.8} and {"zero-shot", "full", "naive"} <= {r["method"] for r in at}
+    everything = {(r["method"], r["budget"]): r for r in report.summary()}
+    assert all(r == everything[r["method"], r["budget"]] for r in at)
