@@ -100,7 +100,16 @@ def all_methods(clamps: list[float]) -> list[Method]:
         ),
         Method("eigen-naive", "data-aligned LoRA (eigen init), naive", "eigen", "original", "transfer", {"clamp": 0.0}),
         Method("eigen-L=3", "data-aligned LoRA (eigen init), L = 3", "eigen", "original", "transfer", {"clamp": 3.0}),
-        Method("energy-naive", "energy-allocated ranks, naive", "energy", "original", "transfer", {"clamp": 0.0}),
+        # Energy plans matter most where the budget is tight: at every budget.
+        Method(
+            "energy-naive",
+            "energy-allocated ranks, naive",
+            "energy",
+            "original",
+            "transfer",
+            {"clamp": 0.0},
+            every_budget=True,
+        ),
         Method(
             "energy+labels",
             "energy-allocated ranks, naive + prior (the labels' shares)",
@@ -108,6 +117,7 @@ def all_methods(clamps: list[float]) -> list[Method]:
             "original",
             "transfer",
             {"clamp": 0.0, "prior": True, "prior_target": "labels"},
+            every_budget=True,
         ),
         Method(
             "eigen",

@@ -30,6 +30,7 @@ def test_every_method_has_a_row_per_seed_and_budget(ablation):
         assert ("zero-shot", seed, None) in keys and ("full", seed, None) in keys
         for budget in (0.5, 0.8):
             assert {("naive", seed, budget), ("L=3", seed, budget), ("L=3+prior", seed, budget)} <= keys
+            assert ("energy-naive", seed, budget) in keys
         for method in ("plain-naive", "placebo", "lstsq", "lstsq+prior", "eigen", "shrinkage", "L=1", "L=inf"):
             assert (method, seed, 0.5) in keys and (method, seed, 0.8) not in keys  # the main budget only
     for r in report.rows:
@@ -110,7 +111,7 @@ def test_runs_of_a_seed_share_one_calibration(ablation):
     contents = []
     for seed in (0, 1):
         files = sorted((directory / "runs").glob(f"seed{seed}-*/calibrate/train/calibration.safetensors"))
-        assert len(files) == 6  # whitened at two budgets, plain, eigen, shrinkage, energy
+        assert len(files) == 7  # whitened and energy at two budgets, plain, eigen, shrinkage
         contents.append({f.read_bytes() for f in files})
         assert len(contents[-1]) == 1
     assert contents[0] != contents[1]  # another seed draws other examples
