@@ -59,6 +59,9 @@ def _child(job: dict) -> None:
         os.environ["EMLOC_FAULT"] = job["fault"]
         os.environ["EMLOC_FAULT_ACTION"] = job.get("action") or "SIGKILL"
     faults._fault_hits.clear()
+    # A shell starts a background job (`pytest ... &`) with SIGINT ignored, and Python then keeps it ignored:
+    # restore Ctrl-C's KeyboardInterrupt, as in a terminal, for the SIGINT tests.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     time.sleep(job.get("start_after") or 0)
     code = 99
     try:
