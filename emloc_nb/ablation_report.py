@@ -75,8 +75,13 @@ class AblationReport(Report):
             if None in (self.spec["methods"], earlier.spec["methods"])
             else sorted({*self.spec["methods"], *earlier.spec["methods"]}, key=lambda m: order.get(m, len(order)))
         )
-        spec = {**self.spec, "seeds": max(r["seed"] for r in rows) + 1, "budgets": budgets, "methods": methods}
-        memory = {**earlier.memory, **self.memory}
+        spec = {
+            **self.spec,
+            "seeds": max(self.spec["seeds"], earlier.spec["seeds"]),
+            "budgets": budgets,
+            "methods": methods,
+        }
+        memory = {**earlier.memory, **{k: v for k, v in self.memory.items() if v is not None}}  # None: not measured
         memory["finetune"] = {**earlier.memory.get("finetune", {}), **self.memory.get("finetune", {})}
         return AblationReport(spec, self.config, rows, self.seconds + earlier.seconds, memory)
 
