@@ -60,6 +60,18 @@ class AblationReport(Report):
             out.append(row)
         return out
 
+    def pair(self, method: str, against: str, budget: float | None = None) -> dict:
+        """Two rows compared directly, pooled over the seeds both have: Δ accuracy, its bootstrap 95% interval and
+        McNemar's p (as `summary` compares each row with the naive transfer). `budget`: the main one by default."""
+        budget = self.spec["budgets"][0] if budget is None else budget
+        rows = {
+            m: [r for r in self.rows if r["method"] == m and r["budget"] in (None, budget)] for m in (method, against)
+        }
+        seeds = {r["seed"] for r in rows[method]} & {r["seed"] for r in rows[against]}
+        if not seeds:
+            raise EmlocError(f"No seed has both {method!r} and {against!r} at ρ = {budget:g} in this ablation.")
+        return {"seeds": len(seeds), **_paired([r for r in rows[method] if r["seed"] in seeds], rows[against])}
+
     def merged_with(self, earlier: AblationReport) -> AblationReport:
         """This report, plus the rows of an earlier one on the same config and split that it did not recompute:
         an ablation extended by another `emloc ablate` (more seeds, budgets or methods) keeps what it had."""

@@ -241,3 +241,14 @@ def test_the_summary_of_one_budget_keeps_the_references(ablation):
     assert {r["budget"] for r in at} == {None, 0.8} and {"zero-shot", "full", "naive"} <= {r["method"] for r in at}
     everything = {(r["method"], r["budget"]): r for r in report.summary()}
     assert all(r == everything[r["method"], r["budget"]] for r in at)
+
+
+def test_a_pair_is_the_naive_comparison_for_naive_and_symmetric(ablation):
+    _, _, _, report = ablation
+    by_naive = {(r["method"], r["budget"]): r for r in report.summary()}[("L=3", 0.5)]
+    pair = report.pair("L=3", "naive", 0.5)
+    assert pair["seeds"] == 2 and pair["diff"] == pytest.approx(by_naive["diff"])
+    assert pair["p_mcnemar"] == pytest.approx(by_naive["p_mcnemar"])
+    assert report.pair("naive", "L=3", 0.5)["diff"] == pytest.approx(-pair["diff"])
+    with pytest.raises(EmlocError, match="No seed has both"):
+        report.pair("L=3", "naive", 0.3)
