@@ -75,7 +75,7 @@ class AblationReport(Report):
     def merged_with(self, earlier: AblationReport) -> AblationReport:
         """This report, plus the rows of an earlier one on the same config and split that it did not recompute:
         an ablation extended by another `emloc ablate` (more seeds, budgets or methods) keeps what it had."""
-        if _plain(earlier.config) != _plain(self.config) or earlier.spec["split"] != self.spec["split"]:
+        if _recipe(earlier.config) != _recipe(self.config) or earlier.spec["split"] != self.spec["split"]:
             return self
         key = lambda r: (r["method"], r["seed"], r["budget"])  # noqa: E731
         recomputed = {key(r) for r in self.rows}
@@ -211,9 +211,12 @@ def _method_order(spec: dict) -> dict[str, int]:
     return {m.key: i for i, m in enumerate(all_methods(spec["clamps"]))}
 
 
-def _plain(value):
-    """As JSON reads it back (tuples as lists), so a saved config compares equal to the one that wrote it."""
-    return json.loads(json.dumps(value))
+def _recipe(config: dict) -> dict:
+    """What a config's rows depend on, as JSON reads it back: its settings with their defaults filled in (a report
+    saved before a setting existed has the same recipe), but not `threads`, which changes no result."""
+    normal = json.loads(json.dumps(RunConfig.from_dict(config).to_dict()))
+    normal.pop("threads", None)
+    return normal
 
 
 def _mean(rows: list[dict], key: str) -> float | None:

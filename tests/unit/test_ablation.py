@@ -202,8 +202,10 @@ def test_another_invocation_adds_its_rows_and_keeps_the_earlier_ones(ablation, t
 
 def test_a_later_table_keeps_the_memory_it_did_not_measure():
     spec = dataclasses.asdict(AblationSpec(seeds=1, budgets=[0.8, 0.5], split="validation"))
-    earlier = AblationReport(spec, {}, [], 1.0, {"inference": 1250.0, "full": 1300.0, "finetune": {"0.8": 1200.0}})
-    later = AblationReport(spec, {}, [], 2.0, {"inference": None, "full": None, "finetune": {"0.5": 1000.0}})
+    config = RunConfig().to_dict()
+    older = {k: v for k, v in config.items() if k != "threads"}  # saved before `threads` existed: the same recipe
+    earlier = AblationReport(spec, older, [], 1.0, {"inference": 1250.0, "full": 1300.0, "finetune": {"0.8": 1200.0}})
+    later = AblationReport(spec, config, [], 2.0, {"inference": None, "full": None, "finetune": {"0.5": 1000.0}})
     merged = later.merged_with(earlier)
     assert merged.memory == {"inference": 1250.0, "full": 1300.0, "finetune": {"0.8": 1200.0, "0.5": 1000.0}}
     assert merged.seconds == 3.0
