@@ -11,12 +11,12 @@ beside one busy process, 5.4 s against 14.9 s; beside two, 8.3 s against 21.9 s.
 - else 1 thread on a machine with at most SMALL_MACHINE cores. bench/threads.py chooses a policy from
   such timings by one rule (its `choose_policy`): a policy that loses at most 10% when idle and never
   collapses more than 2× beside one busy process beats one that is fastest only when idle; where no
-  policy meets both, the one that never collapses wins. On issue 31's timings that is 1 thread: beside
-  one busy process it takes ×1.5 the fastest idle time, 2 threads ×4.3. The bench's own table and choice
-  go to bench/results/threads.md; change AUTO_THREADS if a run of it chooses otherwise;
+  policy meets both, the one that never collapses wins. On bench/results/threads.md (a 2-core Xeon) that
+  is 1 thread: beside one busy process it takes at most ×2.0 the fastest idle time, 2 threads ×4.8 (issue
+  31's AMD timings chose the same). Change AUTO_THREADS if a run of it chooses otherwise;
 - else torch's own default (not measured on larger machines).
 
-With one thread OMP_WAIT_POLICY makes no difference, so it is left alone. A stage process gets the
+With one thread OMP_WAIT_POLICY moved no time consistently (either way by up to 15%), so it is left alone. A stage process gets the
 count through OMP_NUM_THREADS and MKL_NUM_THREADS in its environment (set before torch loads) and
 torch.set_num_threads; a stage run in the caller's process uses it while the stage runs, then puts
 the caller's count back (`using_threads`).
@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from .errors import EmlocError
 
 SMALL_MACHINE = 4  # cores; at most this many, "auto" means AUTO_THREADS
-AUTO_THREADS = 1  # chosen by bench/threads.py's rule from issue 31's timings on 2 cores (see above)
+AUTO_THREADS = 1  # chosen by bench/threads.py's rule on 2 cores (bench/results/threads.md; see above)
 
 
 def check_threads(value, name: str) -> None:
