@@ -16,10 +16,10 @@ beside one busy process, 5.4 s against 14.9 s; beside two, 8.3 s against 21.9 s.
   31's AMD timings chose the same). Change AUTO_THREADS if a run of it chooses otherwise;
 - else torch's own default (not measured on larger machines).
 
-With one thread OMP_WAIT_POLICY moved no time consistently (either way by up to 15%), so it is left alone. A stage process gets the
-count through OMP_NUM_THREADS and MKL_NUM_THREADS in its environment (set before torch loads) and
-torch.set_num_threads; a stage run in the caller's process uses it while the stage runs, then puts
-the caller's count back (`using_threads`).
+With one thread OMP_WAIT_POLICY moved no time consistently (either way by up to 15%), so it is left
+alone. A stage process gets the count through OMP_NUM_THREADS and MKL_NUM_THREADS in its environment
+(set before torch loads) and torch.set_num_threads; a stage run in the caller's process uses it while
+the stage runs, then puts the caller's count back (`using_threads`).
 """
 
 from __future__ import annotations
