@@ -21,7 +21,6 @@ from emloc_nb.widgets.static import figure_png
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["emulator", "naive", "naive+labels", "L=3+prior"]
-SIZES = ["135M", "1.7B", "3B", "8B"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = load_ablation(args.ablation)
     scale = json.loads((REPO / "bench/results/scale_curve.json").read_text())
-    budgets = [b / 10 for b in range(3, 11)]
-    at_scale = [
-        r for r in emulator_peaks_at_scale(scale["rows"] + scale["extrapolated"], budgets) if r["model"] in SIZES
-    ]
-    fig = pareto_figure(report.summary(), report.memory, METHODS, at_scale)
+    fig = pareto_figure(report.summary(), report.memory, METHODS, emulator_peaks_at_scale(scale))
     if not figure_png(fig, args.output, width=1200, height=520):
         print("error: no Chromium to render the PNG. Install it (apt-get install chromium).", file=sys.stderr)
         return 1

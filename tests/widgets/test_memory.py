@@ -98,7 +98,7 @@ def test_the_budget_model_predicts_the_measured_0_8_peaks_from_the_0_5_ones():
     """Block linears' weights scale with ρ: the ρ = 0.5 row alone predicts every size's measured ρ = 0.8 peak."""
     saved = json.loads(SCALE.read_text())
     measured = {(r["size"], r["setting"]): r["peak_mb"] for r in saved["rows"]}
-    predicted = emulator_peaks_at_scale(saved["rows"] + saved["extrapolated"], [0.5, 0.8, 1.0])
+    predicted = emulator_peaks_at_scale(saved, [0.5, 0.8, 1.0], sizes=None)
     checked = 0
     for p in predicted:
         key = (p["model"], f"emulator@{p['budget']:g}")
@@ -109,6 +109,8 @@ def test_the_budget_model_predicts_the_measured_0_8_peaks_from_the_0_5_ones():
             lora = measured.get((p["model"], "lora"))
             assert lora is None or p["peak_mb"] == pytest.approx(lora)
     assert checked >= 8 and {"1.7B", "3B", "8B"} <= {p["model"] for p in predicted}
+    default = emulator_peaks_at_scale(saved)  # the plot's sizes and budgets
+    assert sorted({p["model"] for p in default}) == sorted(["135M", "1.7B", "3B", "8B"]) and len(default) == 4 * 8
 
 
 def test_pareto_puts_each_budget_at_its_peak_with_the_references():

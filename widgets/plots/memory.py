@@ -10,6 +10,8 @@ from plotly.subplots import make_subplots
 
 from .common import BEFORE, LAYOUT, PLAIN, PLAN, SELECTED, WHITENED, layout_title
 
+SCALE_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the Pareto plot's right panel
+SCALE_SIZES = ("135M", "1.7B", "3B", "8B")
 SIZE_GREYS = ["#bdbdbd", "#969696", "#636363", "#252525"]  # the model sizes, small to large
 METHOD_COLORS = ["#2ca02c", "#9467bd", "#1f77b4", "#ff7f0e", "#d62728", "#8c564b"]
 MEMORY_PARTS = [
@@ -95,18 +97,25 @@ def memory_phases_figure(records: dict[str, dict]) -> go.Figure:
     return fig
 
 
-def emulator_peaks_at_scale(scale_rows: Sequence[dict], budgets: Sequence[float]) -> list[dict]:
-    """The emulator's fine-tuning peak at each budget ρ and model size, × the original's inference peak.
+def emulator_peaks_at_scale(
+    scale_curve: dict, budgets: Sequence[float] = SCALE_BUDGETS, sizes: Sequence[str] | None = SCALE_SIZES
+) -> list[dict]:
+    """The emulator's fine-tuning peak at each budget ρ and model size (`sizes`; None: all), × the original's
+    inference peak.
 
-    From bench/scale_curve.json's "rows" and "extrapolated" (per block): ρ is the kept share of the block
-    linears' parameters, so LoRA on the emulator holds (1 − ρ) of their weights less than LoRA on the original.
-    Their weights W come from the ρ = 0.5 row: W = (LoRA − emulator@0.5) / 0.5; then peak(ρ) = LoRA − (1 − ρ) W.
+    From bench/scale_curve.json (`scale_curve`: its "rows", measured, and "extrapolated", per block): ρ is the kept
+    share of the block linears' parameters, so LoRA on the emulator holds (1 − ρ) of their weights less than LoRA on
+    the original. Their weights W come from the ρ = 0.5 row: W = (LoRA − emulator@0.5) / 0.5; then
+    peak(ρ) = LoRA − (1 − ρ) W.
     """
+    scale_rows = scale_curve["rows"] + scale_curve.get("extrapolated", [])
     peak = {}  # a measured peak ("size", "peak_mb") over an extrapolated one ("model", "predicted_mb")
     for r in sorted(scale_rows, key=lambda r: "peak_mb" in r):
         peak[r.get("size") or r["model"], r["setting"]] = r.get("peak_mb") or r["predicted_mb"]
     out = []
     for model in dict.fromkeys(r.get("size") or r["model"] for r in scale_rows):
+        if sizes is not None and model not in sizes:
+            continue
         lora, half, inference = (peak.get((model, s)) for s in ("lora", "emulator@0.5", "inference"))
         if None in (lora, half, inference):
             continue
