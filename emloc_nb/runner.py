@@ -75,12 +75,10 @@ def run_stage(run, name: str, *, part: str | None = None, isolate: bool = True) 
                 f"Stage {name} has no part {part!r}. Its parts: {stage.parts and stage.parts(run.config)}."
             )
         with run.writing():
-            artifact = stage.part_writes.format(part)
-            if not run.has(artifact):
-                for needed in stage.inputs(part):
+            if not run.has(stage.part_writes.format(part)):
+                for needed in stage.inputs(part):  # in full, as for a whole stage below
                     run.verify(needed)
-                _run_step(run, f"{name}:{part}", isolate)
-            check_provenance(run, artifact)
+            _run_part(run, stage, part, isolate)
         return
     with run.writing():
         if stage.done(run):
@@ -98,11 +96,16 @@ def run_stage(run, name: str, *, part: str | None = None, isolate: bool = True) 
             _run_step(run, name, isolate)
             return
         for part in stage.parts(run.config):
-            artifact = stage.part_writes.format(part)
-            if not run.has(artifact):
-                _run_step(run, f"{name}:{part}", isolate)
-            check_provenance(run, artifact)
+            _run_part(run, stage, part, isolate)
         stage.finish(run)
+
+
+def _run_part(run, stage, part: str, isolate: bool) -> None:
+    """One part of a stage (evaluate: one setting) unless it is written; then its provenance is checked."""
+    artifact = stage.part_writes.format(part)
+    if not run.has(artifact):
+        _run_step(run, f"{stage.name}:{part}", isolate)
+    check_provenance(run, artifact)
 
 
 def run_all(run, *, isolate: bool = True, until: str | None = None) -> None:
