@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from emloc_nb import EmlocError
@@ -546,13 +547,19 @@ def test_a_read_only_run_directory_as_another_user_is_refused_in_one_line_and_st
         shutil.rmtree(shared)
 
 
-def _as_nobody(call, log: Path) -> tuple[int, str]:
-    """(exit code, output) of `call()` in a forked child running as the user nobody."""
+def _as_nobody(call, log: Path, timeout: float = 600) -> tuple[int, str]:
+    """(exit code, output) of `call()` in a forked child running as the user nobody.
+
+    A fork, not a fresh interpreter: nobody may not be allowed to run this Python (here it lies under /root).
+    """
     nobody = pwd.getpwnam("nobody")
     pid = os.fork()
     if pid == 0:
         code = 99
         try:
+            # The parent's OpenMP threads do not exist in a fork, and MKL's next parallel region would wait for
+            # them forever (eigvalsh in the report did): one thread takes no parallel region.
+            torch.set_num_threads(1)
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
@@ -569,5 +576,11 @@ def _as_nobody(call, log: Path) -> tuple[int, str]:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code if isinstance(code, int) else 98)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), log.read_text()
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the child running as nobody still ran after {timeout} s; its log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return os.waitstatus_to_exitcode(done[1]), log.read_text()
