@@ -107,7 +107,10 @@ def test_returning_freed_memory_to_the_os():
     if fixed == "skip":
         pytest.skip("not glibc")
     assert float(fixed) < 8  # the freed 128 MB went back to the OS
-    assert float(_kept_after_free_mb("default")) >= 16  # under glibc's own threshold it stays resident
+    assert all(float(_kept_after_free_mb("fixed")) < 8 for _ in range(2))
+    # The control: under glibc's own thresholds the freed memory usually stays resident (32 or 128 MB), but in
+    # about one process in four the heap lands where glibc returns it anyway, so the control takes the most of five.
+    assert max(float(_kept_after_free_mb("default")) for _ in range(5)) >= 16
 
 
 def test_stage_records_show_each_phase(tiny_run):
