@@ -1,4 +1,4 @@
-# make demo: set up everything, then run EMLoC on SmolLM2 and the movie-review task (~15 min on 2 idle CPU cores).
+# make demo: set up everything, then run EMLoC on SmolLM2 and the movie-review task (13 min on an idle 2-core Intel Xeon; README).
 # make test: lint and format checks (ruff), then the full suite (unit, widgets, slow end-to-end, notebooks under nbval, browser).
 # make lab:  JupyterLab on notebooks/ with the project's environment.
 # make docs: run the notebooks on the demo run and write static HTML copies to docs/notebooks/ (EMLOC_SMALL=1: small run).
