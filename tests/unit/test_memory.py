@@ -103,11 +103,10 @@ def _kept_after_free_mb(mode: str) -> str:
 
 def test_returning_freed_memory_to_the_os():
     # Fresh processes: this suite's earlier tests leave the heap in a state no threshold undoes.
-    fixed = _kept_after_free_mb("fixed")
-    if fixed == "skip":
+    fixed = [_kept_after_free_mb("fixed") for _ in range(3)]
+    if "skip" in fixed:
         pytest.skip("not glibc")
-    assert float(fixed) < 8  # the freed 128 MB went back to the OS
-    assert all(float(_kept_after_free_mb("fixed")) < 8 for _ in range(2))
+    assert all(float(kept) < 8 for kept in fixed)  # the freed 128 MB went back to the OS, in every process
     # The control: under glibc's own thresholds the freed memory usually stays resident (32 or 128 MB), but in
     # about one process in four the heap lands where glibc returns it anyway, so the control takes the most of five.
     assert max(float(_kept_after_free_mb("default")) for _ in range(5)) >= 16
