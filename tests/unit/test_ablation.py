@@ -114,6 +114,7 @@ def test_runs_of_a_seed_share_one_calibration(ablation):
         assert len(files) == 7  # whitened and energy at two budgets, plain, eigen, shrinkage
         contents.append({f.read_bytes() for f in files})
         assert len(contents[-1]) == 1
+        assert len({f.stat().st_ino for f in files}) == 1  # one file on disk, hard-linked into each run
     assert contents[0] != contents[1]  # another seed draws other examples
 
 
