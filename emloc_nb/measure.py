@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import ctypes
 import ctypes.util
+import os
 import sys
 import threading
 import time
@@ -159,6 +160,20 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
     m_mmap_threshold = -3
     return bool(mallopt(m_mmap_threshold, int(threshold)))
+
+
+def huge_pages_env(environ: dict | None = None) -> dict:
+    """The environment for a child process whose malloc backs its large mappings by transparent huge pages.
+
+    Under a fixed mmap threshold every large block is mapped and faulted in anew, 4 KiB at a time; glibc 2.35
+    and later ask the kernel for 2 MiB pages on such mappings (madvise), 1/512 of the faults
+    (bench/results/heap_policy.md). Older glibc ignores the tunable, other libcs the variable. A hugetlb
+    setting of the caller's own is kept.
+    """
+    tunables = [t for t in (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "").split(":") if t]
+    if not any(t.startswith("glibc.malloc.hugetlb=") for t in tunables):
+        tunables.append("glibc.malloc.hugetlb=1")
+    return {"GLIBC_TUNABLES": ":".join(tunables)}
 
 
 _ACTIVE: contextvars.ContextVar[PhaseMeter | None] = contextvars.ContextVar("emloc_phase_meter", default=None)

@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import EmlocError
 from .eta import Pace
 from .layout import record_name
-from .measure import PhaseMeter, return_freed_memory, rss_mb
+from .measure import PhaseMeter, huge_pages_env, return_freed_memory, rss_mb
 from .runlock import LOCK_ENV, run_lock
 from .serial import write_json
 from .stage_bodies import finetune_with_trainer as trainer_lora
@@ -151,6 +151,7 @@ def _run_step(run, step: str, isolate: bool) -> None:
                 LOCK_ENV: f"{lock_fd}:{os.path.realpath(run.dir)}",
                 PARENT_ENV: str(os.getpid()),
                 **thread_env(run.config.threads),  # before torch loads in the child (emloc_nb.threads)
+                **huge_pages_env(),  # glibc reads it at start: the fixed mmap threshold at a fraction of its cost
             },
         )
         try:

@@ -1,7 +1,9 @@
 import mmap
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +229,44 @@ def test_the_planner_predicts_from_the_longest_micro_batch_a_run_trains_on(toy_t
     micro_batches = [collate(trained_on[i : i + 2]) for i in range(0, len(trained_on), 2)]
     assert all(b["input_ids"].numel() <= planned for b in micro_batches)  # none pads to more tokens
     assert any(b["input_ids"].numel() < planned for b in micro_batches)  # while the first ones may pad to fewer
+
+
+HUGE_PAGES_SCRIPT = """
+import torch
+from emloc_nb import measure
+measure.return_freed_memory()
+block = torch.ones(64 * 2**20 // 4)  # one mapping of its own, touched through
+rollup = open("/proc/self/smaps_rollup").read().splitlines()
+print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:")) // 1024)
+"""
+
+
+def _huge_pages_mb(env: dict) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", HUGE_PAGES_SCRIPT], capture_output=True, text=True, check=True, env={**os.environ, **env}
+    )
+    return int(done.stdout.split()[-1])
+
+
+def _glibc_version() -> tuple[int, ...]:
+    name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else (0,)
+
+
+def test_huge_pages_env_adds_the_tunable_and_keeps_the_callers():
+    assert measure.huge_pages_env({}) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert measure.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    }
+    mine = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert measure.huge_pages_env(mine) == mine
+
+
+def test_a_stage_process_maps_large_blocks_on_huge_pages():
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not sys.platform.startswith("linux") or not mode.is_file() or "[madvise]" not in mode.read_text():
+        pytest.skip("transparent huge pages are not in madvise mode here: the tunable changes nothing to see")
+    if _glibc_version() < (2, 35):
+        pytest.skip("glibc before 2.35 has no hugetlb tunable")
+    assert _huge_pages_mb({"GLIBC_TUNABLES": ""}) == 0  # the control: madvise mode, nothing asked for
+    assert _huge_pages_mb(measure.huge_pages_env({})) >= 32  # most of the 64 MB block on 2 MiB pages
