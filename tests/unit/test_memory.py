@@ -249,7 +249,10 @@ def _huge_pages_mb(env: dict) -> int:
 
 
 def _glibc_version() -> tuple[int, ...]:
-    name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    try:
+        name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    except (ValueError, OSError):  # not glibc: no such name
+        return (0,)
     return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else (0,)
 
 
@@ -262,7 +265,7 @@ def test_huge_pages_env_adds_the_tunable_and_keeps_the_callers():
     assert measure.huge_pages_env(mine) == mine
 
 
-def test_a_stage_process_maps_large_blocks_on_huge_pages():
+def test_the_tunable_puts_a_fixed_threshold_block_on_huge_pages():
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not sys.platform.startswith("linux") or not mode.is_file() or "[madvise]" not in mode.read_text():
         pytest.skip("transparent huge pages are not in madvise mode here: the tunable changes nothing to see")
