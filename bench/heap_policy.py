@@ -21,6 +21,7 @@ step and the peak of the steady state). Interleaved rounds, one thread.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -59,7 +60,7 @@ def measure(run: Path, step: str, policy: str, train_steps: int) -> dict:
         return {"seconds": r["s_per_step"], "peak_rss_mb": r["steady_peak_mb"]}
     with tempfile.TemporaryDirectory(prefix="emloc-heap-", dir=run.parent) as scratch:
         copy = Path(scratch) / "run"  # a step rerun makes its successors stale: a fresh copy each time
-        shutil.copytree(run, copy, copy_function=lambda src, dst: Path(dst).hardlink_to(src))
+        shutil.copytree(run, copy, copy_function=os.link)
         return child(__file__, "--child", copy, "--step", step, "--policy", policy, env=env)
 
 
