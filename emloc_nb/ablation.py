@@ -76,6 +76,8 @@ class Ablation:
             d["lora"]["init"] = "eigen"
         elif variant == "shrinkage":
             d["emulator"]["shrinkage"] = self.spec.shrinkage
+        elif variant == "aligned":
+            d["emulator"]["align_steps"] = self.spec.align_steps
         elif variant == "energy":
             d["emulator"]["plan"] = self._energy_plan(seed, budget)
         return RunConfig.from_dict(d)

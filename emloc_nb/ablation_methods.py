@@ -18,7 +18,8 @@ class Method:
 
     key: str
     label: str
-    variant: str | None  # the run whose LoRA it uses: "whitened", "plain", "eigen", "shrinkage", "energy"; None: none
+    # The run whose LoRA it uses: "whitened", "plain", "eigen", "shrinkage", "energy", "aligned"; None: none.
+    variant: str | None
     model: str  # what is scored: "original" or "emulator"
     adapter: str | None  # "emulator", "original" (the run's own adapters), "transfer" (written here) or None
     correction: dict = field(default_factory=dict)  # correct_lora's clamp, kappa, prior, placebo
@@ -119,6 +120,26 @@ def all_methods(clamps: list[float]) -> list[Method]:
             {"clamp": 0.0, "prior": True, "prior_target": "labels"},
             every_budget=True,
         ),
+        # The emulator distilled toward the original first (emloc_nb.alignment): meant for tight budgets.
+        Method("aligned-emulator", "aligned emulator + its LoRA", "aligned", "emulator", "emulator", every_budget=True),
+        Method(
+            "aligned-naive",
+            "aligned emulator, naive transfer",
+            "aligned",
+            "original",
+            "transfer",
+            {"clamp": 0.0},
+            every_budget=True,
+        ),
+        Method(
+            "aligned+labels",
+            "aligned emulator, naive + prior (the labels' shares)",
+            "aligned",
+            "original",
+            "transfer",
+            {"clamp": 0.0, "prior": True, "prior_target": "labels"},
+            every_budget=True,
+        ),
         Method(
             "eigen",
             "data-aligned LoRA (eigen init), L = 3 + prior",
@@ -168,11 +189,14 @@ class AblationSpec:
     clamps: list[float] = field(default_factory=lambda: [0.0, 1.0, 3.0, 10.0, INF])
     split: str = "test"
     shrinkage: float = 0.1
+    align_steps: int = 32  # the "aligned" runs' emulator.align_steps
     methods: list[str] | None = None
 
     def __post_init__(self):
         if self.seeds < 1 or not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
             raise EmlocError("An ablation needs seeds ≥ 1 and budgets in (0, 1], e.g. --seeds 3 --budgets 0.8 0.6.")
+        if self.align_steps < 1:
+            raise EmlocError(f"align_steps={self.align_steps}: the aligned rows need at least one step, e.g. 32.")
         if self.split not in ("validation", "test"):
             raise EmlocError(f"split={self.split!r}: use 'validation' (to choose settings) or 'test' (final table).")
         known = [m.key for m in all_methods(self.clamps)] + ["default"]

@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", choices=["validation", "test"], default="test", help="validation to choose settings")
     p.add_argument("--methods", nargs="+", help="only these rows (default: all; see emloc_nb.ablation)")
+    p.add_argument(
+        "--align-steps", type=int, default=32, help="distillation steps of the aligned-* rows' emulator (default 32)"
+    )
     p.add_argument("--small", action="store_true", help="tiny settings that finish in minutes (also EMLOC_SMALL=1)")
     p.add_argument("--in-process", action="store_true", help="train in this process (no per-stage processes)")
     p.add_argument(
@@ -291,7 +294,13 @@ def _dispatch(args) -> int:
         print(f"report: {out}")
     elif args.command == "ablate":
         config = _new_config(args)
-        spec = AblationSpec(seeds=args.seeds, budgets=args.budgets, split=args.split, methods=args.methods)
+        spec = AblationSpec(
+            seeds=args.seeds,
+            budgets=args.budgets,
+            split=args.split,
+            methods=args.methods,
+            align_steps=args.align_steps,
+        )
         report = ablate(config, args.dir, spec, isolate=isolate, trust_remote_code=args.trust_remote_code)
         print(report.markdown())
     return 0

@@ -140,6 +140,18 @@ class EmulatorSpec(_Checked):
     # Calibrate and build one block at a time from the safetensors shards, never holding the whole original
     # (emloc_nb.streaming): the calibrate and emulator stages then peak at about one block.
     streaming: bool = False
+    # Distil the built emulator toward the original on the calibration examples before the task LoRA, in the spirit
+    # of LoRAM's alignment (emloc_nb.alignment): steps of training its low-rank factors; 0: none.
+    align_steps: int = field(default=0, metadata={"min": 0})
+    align_lr: float = field(default=1e-4, metadata={"gt": 0, "max": 1, "hint": "AdamW learning rates lie far below 1"})
+
+    def check(self) -> None:
+        super().check()
+        if self.align_steps and self.streaming:
+            raise EmlocError(
+                "emulator.align_steps needs the whole original model as the teacher, which a streamed build never "
+                "holds: set emulator.streaming: false, or emulator.align_steps: 0."
+            )
 
 
 @dataclass
@@ -253,6 +265,17 @@ SECTIONS = {
     "evaluation": EvalSpec,
 }
 SECTION_NAMES = {cls: name for name, cls in SECTIONS.items()}
+
+
+def with_added_defaults(recorded: dict) -> dict:
+    """Settings as a manifest recorded them, with the section fields added since at their defaults.
+
+    RunConfig.from_dict reads an older run.json the same way, so a setting added in a later version does not make
+    the results of an older one stale.
+    """
+    return {
+        k: {**asdict(SECTIONS[k]()), **v} if k in SECTIONS and isinstance(v, dict) else v for k, v in recorded.items()
+    }
 
 
 def _build(cls, value, where: str):

@@ -40,6 +40,7 @@ class Emulator:
     mode: str
     original_fingerprint: str
     calibration: dict = field(default_factory=dict)  # examples and tokens the statistics came from
+    alignment: dict = field(default_factory=dict)  # emloc_nb.alignment's account; empty: the factors as built
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -79,6 +80,7 @@ class Emulator:
                     n: m.up.bias is not None for n, m in self.model.named_modules() if isinstance(m, LowRankLinear)
                 },
                 calibration=self.calibration,
+                alignment=self.alignment,
             )
         return Path(path)
 
@@ -156,6 +158,7 @@ class Emulator:
             meta["mode"],
             meta["original_fingerprint"],
             meta.get("calibration", {}),
+            meta.get("alignment", {}),
         )
         check_fingerprint(
             meta["emulator_fingerprint"],
@@ -185,6 +188,7 @@ def write_emulator_metadata(
     ranks: dict[str, int],
     layer_bias: dict[str, bool],
     calibration: dict,
+    alignment: dict | None = None,
 ) -> None:
     """Everything of an emulator directory but its weights (Emulator.save and the streamed build write these)."""
     model_config.save_pretrained(folder)
@@ -204,6 +208,7 @@ def write_emulator_metadata(
             "ranks": ranks,
             "layer_bias": layer_bias,
             "calibration": calibration,
+            "alignment": alignment or {},
         },
     )
 

@@ -18,6 +18,7 @@ from .eval_settings import SETTINGS
 from .lazy import lazy
 from .measure import weights_mb
 
+align_emulator = lazy("emloc_nb.alignment:align_emulator")
 collect_stats = lazy("emloc_nb.calibration:collect_stats")
 build_emulator = lazy("emloc_nb.emulator:build_emulator")
 stream = lazy("emloc_nb.streaming:stream")
@@ -90,8 +91,20 @@ def emulator_stage(run, stage, part: str | None, progress: bool) -> dict:
         shrinkage=e.shrinkage,
         progress=progress,
     )
+    if e.align_steps:  # folded into the factors before saving: every later stage sees the aligned emulator
+        emulator.alignment = align_emulator(
+            emulator.model,
+            model,
+            run.batches("train"),
+            run.batches("validation"),
+            steps=e.align_steps,
+            lr=e.align_lr,
+            batch_size=run.config.calibration.batch_size,
+            seed=run.config.seed,
+            progress=progress,
+        )
     emulator.save(run.path("emulator"), tokenizer=tokenizer, overwrite=True)
-    return {"weights_mb": weights_mb(emulator.model)}
+    return {"weights_mb": weights_mb(emulator.model), **({"alignment": emulator.alignment} if e.align_steps else {})}
 
 
 def drift_stage(run, stage, part: str | None, progress: bool) -> dict:

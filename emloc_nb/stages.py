@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .artifacts import differences, manifest_digest, read_manifest, verify_manifest
-from .config import RunConfig, with_settings
+from .config import RunConfig, with_added_defaults, with_settings
 from .errors import EmlocError
 from .eval_settings import SETTINGS, setting_reads, settings
 from .provenance import provenance
@@ -197,10 +197,11 @@ def check_provenance(run, artifact: str) -> None:
             f"{path} was not written by this run's {step} step (it was copied in, or written by hand). {fix}"
         )
     expected = step_provenance(run, stage, part)
-    if recorded.get("config") != expected["config"]:
+    settings = with_added_defaults(recorded["config"]) if isinstance(recorded.get("config"), dict) else None
+    if settings != expected["config"]:
         raise EmlocError(
             f"{path} was produced with other settings than this run's "
-            f"({differences(recorded['config'], expected['config'])}). {fix}"
+            f"({differences(settings or {}, expected['config'])}). {fix}"
         )
     stale = [a for a, digest in expected["inputs"].items() if (recorded.get("inputs") or {}).get(a) != digest]
     if stale:
@@ -216,8 +217,8 @@ def check_results(run, table: dict, *, inputs_known: bool = False) -> None:
     """Refuse a results table that another config or other evaluations produced (run.json edited by hand, a setting
     evaluated again); `inputs_known`: it must also name its evaluations, which tables written before did not."""
     path, fix = run.path("results"), "Rerun `emloc evaluate` to compute it for this run."
-    if table.get("config") != run.config.to_dict():  # as JSON gives it back: inf is Infinity, and no tuples
-        recorded = table.get("config") if isinstance(table.get("config"), dict) else {}
+    recorded = with_added_defaults(table["config"]) if isinstance(table.get("config"), dict) else {}
+    if recorded != run.config.to_dict():  # as JSON gives it back: inf is Infinity, and no tuples
         raise EmlocError(
             f"{path} was computed for other settings than {run.path('config').name} holds now "
             f"({differences(recorded, run.config.to_dict()) or 'its config is malformed'}). {fix}"

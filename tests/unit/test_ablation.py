@@ -13,6 +13,7 @@ from emloc_nb.ablation_methods import AblationSpec, default_method
 from emloc_nb.ablation_report import AblationReport, load_ablation, std_goal_text
 from emloc_nb.cli import main as cli
 from emloc_nb.config import RunConfig
+from emloc_nb.run import Run
 
 from ..conftest import tiny_run_config
 
@@ -111,7 +112,7 @@ def test_runs_of_a_seed_share_one_calibration(ablation):
     contents = []
     for seed in (0, 1):
         files = sorted((directory / "runs").glob(f"seed{seed}-*/calibrate/train/calibration.safetensors"))
-        assert len(files) == 7  # whitened and energy at two budgets, plain, eigen, shrinkage
+        assert len(files) == 9  # whitened, energy and aligned at two budgets, plain, eigen, shrinkage
         contents.append({f.read_bytes() for f in files})
         assert len(contents[-1]) == 1
         assert len({f.stat().st_ino for f in files}) == 1  # one file on disk, hard-linked into each run
@@ -255,3 +256,14 @@ def test_a_pair_is_the_naive_comparison_for_naive_and_symmetric(ablation):
     assert report.pair("naive", "L=3", 0.5)["diff"] == pytest.approx(-pair["diff"])
     with pytest.raises(EmlocError, match="No seed has both"):
         report.pair("L=3", "naive", 0.3)
+
+
+def test_aligned_rows_use_an_emulator_distilled_toward_the_original(ablation):
+    directory, config, spec, report = ablation
+    aligned = Run(directory / "runs" / "seed0-rho0.5-aligned")
+    whitened = Run(directory / "runs" / "seed0-rho0.5-whitened")
+    assert aligned.config.emulator.align_steps == spec.align_steps and whitened.config.emulator.align_steps == 0
+    account = aligned.stage_records()["emulator"]["alignment"]
+    assert len(account["train_kl"]) == spec.align_steps
+    assert aligned.emulator().fingerprint != whitened.emulator().fingerprint  # the same build, then distilled
+    assert {r["method"] for r in report.rows} >= {"aligned-emulator", "aligned-naive", "aligned+labels"}
