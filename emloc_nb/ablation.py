@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from .ablation_methods import AblationSpec, Method
+from .ablation_methods import AblationSpec, Method, all_methods
 from .ablation_report import AblationReport
 from .atomic import atomic_path
 from .config import CorrectionSpec, EvalSpec, RunConfig
@@ -89,9 +89,12 @@ class Ablation:
         uniform.run_stage("emulator", isolate=self.isolate)
         return allocate(uniform.spectra(), budget, strategy="energy").to_dict()
 
+    def run_dir(self, seed: int, budget: float, variant: str) -> Path:
+        return self.dir / "runs" / f"seed{seed}-rho{budget:g}-{variant}"
+
     def run(self, seed: int, budget: float, variant: str):
         run = Run(
-            self.dir / "runs" / f"seed{seed}-rho{budget:g}-{variant}",
+            self.run_dir(seed, budget, variant),
             self.run_config(seed, budget, variant),
             trust_remote_code=self.trust_remote_code,
         )
@@ -121,10 +124,11 @@ class Ablation:
         for i, (method, seed, budget) in enumerate(cells, 1):
             log(f"[ablate] {i}/{len(cells)}: {method.label}, seed {seed}" + (f", ρ = {budget:g}" if budget else ""))
             rows.append(self._row(method, seed, budget, isolate))
-        memory = self._memory(rows)
-        report = AblationReport(asdict(self.spec), self.config.to_dict(), rows, time.time() - started, memory)
+        report = AblationReport(asdict(self.spec), self.config.to_dict(), rows, time.time() - started)
         if (self.out / "ablation.json").is_file():  # another invocation's rows stay (more seeds, budgets, methods)
             report = report.merged_with(AblationReport.load(self.out))
+        # measured over every row's run, the earlier invocations' too: a budget's peak is a mean over all its seeds
+        report.memory = report.with_memory(self._memory(report.rows))
         report.save_into(self.out)
         with atomic_path(self.out / "ablation.md") as tmp:
             tmp.write_text(report.markdown())
@@ -157,10 +161,22 @@ class Ablation:
     def _memory(self, rows: list[dict]) -> dict:
         """Peak memory from the stage records of the runs behind `rows` (AblationReport.memory): the emulator's
         fine-tuning per budget, LoRA on the original, and the original's inference, measured here once."""
-        whitened = {m.key for m in self.spec.selected(self.config) if m.variant == "whitened"}
-        runs = {(r["seed"], r["budget"]) for r in rows if r["method"] in whitened}
+        # Every seed's run at this invocation's budgets, earlier invocations' included (their runs share this
+        # one's configs); other budgets keep the figures their own invocation measured.
+        whitened = {m.key for m in all_methods(self.spec.clamps) if m.variant == "whitened"} | {"default"}
+        runs = {
+            (r["seed"], r["budget"])
+            for r in rows
+            if r["method"] in whitened
+            and r["budget"] in self.spec.budgets
+            and self.run_dir(r["seed"], r["budget"], "whitened").is_dir()
+        }
         main = self.spec.budgets[0]
-        full = [(r["seed"], main) for r in rows if r["method"] == "full"]
+        full = [
+            (r["seed"], main)
+            for r in rows
+            if r["method"] == "full" and self.run_dir(r["seed"], main, "whitened").is_dir()
+        ]
 
         def peaks(cells, step: str) -> list[float]:
             records = (self.run(seed, budget, "whitened").stage_records().get(step, {}) for seed, budget in cells)

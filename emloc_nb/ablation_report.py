@@ -93,9 +93,13 @@ class AblationReport(Report):
             "budgets": budgets,
             "methods": methods,
         }
-        memory = {**earlier.memory, **{k: v for k, v in self.memory.items() if v is not None}}  # None: not measured
-        memory["finetune"] = {**earlier.memory.get("finetune", {}), **self.memory.get("finetune", {})}
-        return AblationReport(spec, self.config, rows, self.seconds + earlier.seconds, memory)
+        return AblationReport(spec, self.config, rows, self.seconds + earlier.seconds, earlier.with_memory(self.memory))
+
+    def with_memory(self, measured: dict) -> dict:
+        """This report's memory, with what `measured` has (None: not measured) taking the place of its figures."""
+        memory = {**self.memory, **{k: v for k, v in measured.items() if v is not None or k not in self.memory}}
+        memory["finetune"] = {**self.memory.get("finetune", {}), **measured.get("finetune", {})}
+        return memory
 
     def goals(self, method: str | None = None) -> dict:
         """The goals at the main budget, for `method` (default: the base config's own correction)."""

@@ -14,6 +14,8 @@ and the transfer to the original needs nothing new.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,11 +51,32 @@ def mean_kl(emulator: nn.Module, rows: list[dict], teacher: list[torch.Tensor]) 
     return sum(kls) / len(kls)
 
 
+@dataclass
+class Targets:
+    """The original's final hidden states on each example (one per row), computed once: what the emulator is
+    distilled toward (`train`) and checked against (`heldout`)."""
+
+    train: list[dict]
+    train_states: list[torch.Tensor]
+    heldout: list[dict]
+    heldout_states: list[torch.Tensor]
+
+
+@torch.no_grad()
+def distillation_targets(original: nn.Module, batches: list[dict], heldout: list[dict]) -> Targets:
+    """The original's side of the distillation, at its inference memory: after this, it can be let go."""
+    train_rows, heldout_rows = _rows(batches), _rows(heldout)
+    return Targets(
+        train_rows,
+        [final_hidden(original, r) for r in train_rows],
+        heldout_rows,
+        [final_hidden(original, r) for r in heldout_rows],
+    )
+
+
 def align_emulator(
     emulator: nn.Module,
-    original: nn.Module,
-    batches: list[dict],
-    heldout: list[dict],
+    targets: Targets,
     *,
     steps: int,
     lr: float,
@@ -61,10 +84,10 @@ def align_emulator(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Distil `emulator` (in place) toward `original` for `steps` AdamW steps of `batch_size` examples of `batches`.
+    """Distil `emulator` (in place) toward `targets` for `steps` AdamW steps of `batch_size` training examples.
 
     Returns what it did: its settings, the training KL of each step, and the mean KL per token on
-    `heldout` before and after (the check that the alignment generalises beyond the examples it saw).
+    the held-out examples before and after (the check that the alignment generalises beyond the examples it saw).
     """
     factors = [p for m in emulator.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
     if not factors:
@@ -73,11 +96,7 @@ def align_emulator(
         )
     if emulator.get_output_embeddings() is None:
         raise EmlocError(f"{type(emulator).__name__} has no output layer to distil through. Set align_steps: 0.")
-    train_rows, heldout_rows = _rows(batches), _rows(heldout)
-    with torch.no_grad():
-        teacher = [final_hidden(original, r) for r in train_rows]
-        heldout_teacher = [final_hidden(original, r) for r in heldout_rows]
-    before = mean_kl(emulator, heldout_rows, heldout_teacher)
+    before = mean_kl(emulator, targets.heldout, targets.heldout_states)
 
     trainable = {id(p) for p in factors}
     frozen = [p for p in emulator.parameters() if id(p) not in trainable and p.requires_grad]
@@ -87,7 +106,8 @@ def align_emulator(
         p.requires_grad_(True)
     head = emulator.get_output_embeddings()
     optimizer = torch.optim.AdamW(factors, lr=lr, weight_decay=0.0)
-    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows, states = targets.train, targets.train_states
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     history, position = [], 0
     try:
         for _ in progress_bar(range(steps), desc="align", total=steps, enabled=progress):
@@ -96,10 +116,9 @@ def align_emulator(
             for _ in range(batch_size):  # one example per forward, the gradients summed
                 i = order[position % len(order)]
                 position += 1
-                row = train_rows[i]
-                loss = token_kl(head, final_hidden(emulator, row), teacher[i], row["attention_mask"]) / batch_size
-                loss.backward()
-                total += loss.item()
+                loss = token_kl(head, final_hidden(emulator, rows[i]), states[i], rows[i]["attention_mask"])
+                (loss / batch_size).backward()
+                total += loss.item() / batch_size
             optimizer.step()
             history.append(total)
     finally:
@@ -112,8 +131,8 @@ def align_emulator(
         "steps": steps,
         "lr": lr,
         "batch_size": batch_size,
-        "examples": len(train_rows),
+        "examples": len(rows),
         "train_kl": history,
         "heldout_kl_before": before,
-        "heldout_kl_after": mean_kl(emulator, heldout_rows, heldout_teacher),
+        "heldout_kl_after": mean_kl(emulator, targets.heldout, targets.heldout_states),
     }

@@ -19,6 +19,7 @@ from .lazy import lazy
 from .measure import weights_mb
 
 align_emulator = lazy("emloc_nb.alignment:align_emulator")
+distillation_targets = lazy("emloc_nb.alignment:distillation_targets")
 collect_stats = lazy("emloc_nb.calibration:collect_stats")
 build_emulator = lazy("emloc_nb.emulator:build_emulator")
 stream = lazy("emloc_nb.streaming:stream")
@@ -92,11 +93,12 @@ def emulator_stage(run, stage, part: str | None, progress: bool) -> dict:
         progress=progress,
     )
     if e.align_steps:  # folded into the factors before saving: every later stage sees the aligned emulator
+        targets = distillation_targets(model, run.batches("train"), run.batches("validation"))
+        del model  # the original's own block linears are freed: the distillation runs at the emulator's memory
+        run.release_original()
         emulator.alignment = align_emulator(
             emulator.model,
-            model,
-            run.batches("train"),
-            run.batches("validation"),
+            targets,
             steps=e.align_steps,
             lr=e.align_lr,
             batch_size=run.config.calibration.batch_size,

@@ -232,11 +232,20 @@ def test_the_memory_table_gives_each_budget_against_the_original():
 
 def test_an_ablation_in_processes_records_each_budgets_fine_tuning_peak(tiny_files, tmp_path):
     root, model, data = tiny_files
-    spec = AblationSpec(seeds=1, budgets=[0.5], split="validation", methods=["zero-shot", "naive"])
+    spec = AblationSpec(seeds=2, budgets=[0.5], split="validation", methods=["zero-shot", "naive"])
     report = Ablation(tmp_path / "a", tiny_run_config(model, data), spec).execute(log=lambda _: None)
     memory = report.memory
     assert set(memory["finetune"]) == {"0.5"} and memory["inference"] > 0 and memory["full"] is None
     assert memory["finetune"]["0.5"] > 0 and "× the original's inference" in report.markdown()
+    peaks = [
+        Run(tmp_path / "a" / "runs" / f"seed{s}-rho0.5-whitened").stage_records()["finetune_emulator"]["peak_rss_mb"]
+        for s in (0, 1)
+    ]
+    assert memory["finetune"]["0.5"] == pytest.approx(sum(peaks) / 2)
+    # a later invocation with fewer seeds still reports the mean over every seed the table has
+    fewer = dataclasses.replace(spec, seeds=1)
+    again = Ablation(tmp_path / "a", tiny_run_config(model, data), fewer).execute(log=lambda _: None)
+    assert again.memory["finetune"]["0.5"] == pytest.approx(sum(peaks) / 2)
 
 
 def test_the_summary_of_one_budget_keeps_the_references(ablation):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emloc_nb.alignment import align_emulator, final_hidden, mean_kl, token_kl
+from emloc_nb.alignment import align_emulator, distillation_targets, mean_kl, token_kl
 from emloc_nb.config import RunConfig, with_added_defaults
 from emloc_nb.emulator import Emulator
 from emloc_nb.errors import EmlocError
@@ -35,7 +35,8 @@ def test_alignment_brings_the_emulator_closer_and_changes_only_its_factors(toy_t
     heldout = batches(tok, toy_task.validation, batch_size=8, limit=16)
     factors = {n: p.detach().clone() for n, p in emulator.model.named_parameters() if ".down." in n or ".up." in n}
     others = {n: p.detach().clone() for n, p in original.named_parameters()}
-    account = align_emulator(emulator.model, original, train, heldout, steps=6, lr=1e-3, seed=0, progress=False)
+    targets = distillation_targets(original, train, heldout)
+    account = align_emulator(emulator.model, targets, steps=6, lr=1e-3, seed=0, progress=False)
 
     assert account["heldout_kl_after"] < account["heldout_kl_before"]
     assert len(account["train_kl"]) == 6 and account["train_kl"][-1] < account["train_kl"][0]
@@ -45,10 +46,12 @@ def test_alignment_brings_the_emulator_closer_and_changes_only_its_factors(toy_t
     assert moved
     assert all(torch.equal(p, others[n]) for n, p in original.named_parameters())
     # the account is measured: recomputing the held-out KL gives its last figure
-    heldout_rows = [{k: v[i : i + 1] for k, v in b.items()} for b in heldout for i in range(len(b["input_ids"]))]
-    with torch.no_grad():
-        teacher = [final_hidden(original, r) for r in heldout_rows]
-    assert mean_kl(emulator.model, heldout_rows, teacher) == pytest.approx(account["heldout_kl_after"], rel=1e-5)
+    assert len(targets.heldout) == sum(len(b["input_ids"]) for b in heldout) and all(
+        len(r["input_ids"]) == 1 for r in targets.heldout
+    )  # one per row
+    assert mean_kl(emulator.model, targets.heldout, targets.heldout_states) == pytest.approx(
+        account["heldout_kl_after"], rel=1e-5
+    )
     # training switched off again: no parameter of either model is left needing gradients it did not before
     assert not any(
         p.requires_grad for m in emulator.model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()
@@ -62,7 +65,8 @@ def test_alignment_is_reproducible_by_seed(toy_task):
         torch.manual_seed(0)
         original, tok, emulator = tiny_emulator(toy_task)
         train = batches(tok, toy_task.train, batch_size=8, limit=16)
-        align_emulator(emulator.model, original, train, train[:1], steps=2, lr=1e-2, seed=3, progress=False)
+        targets = distillation_targets(original, train, train[:1])
+        align_emulator(emulator.model, targets, steps=2, lr=1e-2, seed=3, progress=False)
         results.append(emulator.fingerprint)
     assert results[0] == results[1]
 
@@ -71,13 +75,14 @@ def test_an_emulator_without_low_rank_layers_is_refused(toy_task):
     original, tok, _ = tiny_emulator(toy_task)
     train = batches(tok, toy_task.train, batch_size=8, limit=8)
     with pytest.raises(EmlocError, match="no low-rank layers"):
-        align_emulator(original, original, train, train, steps=1, lr=1e-3, progress=False)
+        align_emulator(original, distillation_targets(original, train, train), steps=1, lr=1e-3, progress=False)
 
 
 def test_the_account_is_saved_with_the_emulator(toy_task, tmp_path):
     original, tok, emulator = tiny_emulator(toy_task)
     train = batches(tok, toy_task.train, batch_size=8, limit=8)
-    emulator.alignment = align_emulator(emulator.model, original, train, train, steps=1, lr=1e-3, progress=False)
+    targets = distillation_targets(original, train, train)
+    emulator.alignment = align_emulator(emulator.model, targets, steps=1, lr=1e-3, progress=False)
     emulator.save(tmp_path / "emu")
     loaded = Emulator.load(tmp_path / "emu", original=original)
     assert loaded.alignment == emulator.alignment
@@ -110,3 +115,15 @@ def test_a_run_with_alignment(tiny_files, tmp_path):
     assert record["alignment"]["steps"] == 2
     assert run.emulator().alignment == record["alignment"]
     assert record["alignment"]["heldout_kl_after"] < record["alignment"]["heldout_kl_before"]
+
+
+def test_a_stage_lets_go_of_its_own_original_but_not_a_shared_one(tiny_files, tmp_path):
+    _, model, data = tiny_files
+    run = Run(tmp_path / "run", tiny_run_config(model, data))
+    first = run.original()[0]
+    run.release_original()
+    assert run.original()[0] is not first  # loaded again when asked
+    shared = Run(tmp_path / "other", tiny_run_config(model, data))
+    shared.use_original(*run.original())
+    shared.release_original()
+    assert shared.original()[0] is run.original()[0]
