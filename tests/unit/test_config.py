@@ -92,3 +92,12 @@ def test_cli_flags_set_device_and_dtype(tmp_path):
     path.write_text("train:\n  steps: 7\n")
     config = _new_config(Namespace(config=path, device="auto", dtype="bfloat16", small=False))
     assert (config.device, config.dtype, config.train.steps) == ("auto", "bfloat16", 7)
+
+
+def test_the_tight_budget_recipe_is_the_default_at_half_the_parameters_with_alignment():
+    default, tight = (RunConfig.load(f"configs/{name}.yaml").to_dict() for name in ("default", "tight-budget"))
+    assert {k for k in default if default[k] != tight[k]} == {"emulator"}
+    changed = {k for k in default["emulator"] if default["emulator"][k] != tight["emulator"][k]}
+    assert changed == {"plan", "align_steps"}
+    assert tight["emulator"]["plan"]["ratio"] == 0.5 and tight["emulator"]["align_steps"] > 0
+    assert default["emulator"]["align_steps"] == 0
