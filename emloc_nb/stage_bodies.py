@@ -94,7 +94,7 @@ def emulator_stage(run, stage, part: str | None, progress: bool) -> dict:
     )
     if e.align_steps:  # folded into the factors before saving: every later stage sees the aligned emulator
         targets = distillation_targets(model, run.batches("train"), run.batches("validation"))
-        del model  # the original's own block linears are freed: the distillation runs at the emulator's memory
+        del model  # its own block linears are freed before the distillation makes its gradients and AdamW state
         run.release_original()
         emulator.alignment = align_emulator(
             emulator.model,
