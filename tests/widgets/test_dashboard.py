@@ -73,7 +73,7 @@ def test_views_and_report_need_no_model(run_dir, tiny_ablation, tmp_path, monkey
     def no_model(*args, **kwargs):
         raise AssertionError("a view loaded a model")
 
-    for loader in ("emloc_nb.models.load_model", "emloc_nb.load_model"):
+    for loader in ("emloc_nb.load_model", "emloc_nb.models.load_model"):  # the package's first: it caches what it finds
         monkeypatch.setattr(loader, no_model)
     monkeypatch.setattr(Run, "original", no_model)
     monkeypatch.setattr(Run, "emulator", no_model)  # the views read the spectra, not the emulator's weights
