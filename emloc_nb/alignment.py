@@ -64,7 +64,7 @@ class Targets:
 
 @torch.no_grad()
 def distillation_targets(original: nn.Module, batches: list[dict], heldout: list[dict]) -> Targets:
-    """The original's side of the distillation, at its inference memory: after this, it can be let go."""
+    """The original's side of the distillation, computed once at its inference memory."""
     train_rows, heldout_rows = _rows(batches), _rows(heldout)
     return Targets(
         train_rows,

@@ -320,12 +320,6 @@ class Run:
             )
         return self._cache[key]
 
-    def release_original(self) -> None:
-        """Let go of the loaded original (a stage that no longer needs it): what only it holds is freed once the
-        caller's references are gone too. A shared original (`use_original`) is kept: its owner holds it anyway."""
-        if "shared_original" not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if not k.startswith("original:")}
-
     def tokenizer(self):
         """The original model's tokenizer, without loading its weights."""
         if "tokenizer" not in self._cache:
@@ -349,7 +343,6 @@ class Run:
             )
         self._cache[f"original:{self.config.dtype}"] = (model, tokenizer)
         self._cache["tokenizer"] = tokenizer
-        self._cache["shared_original"] = True
 
     def task(self):
         if "task" not in self._cache:

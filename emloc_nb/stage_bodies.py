@@ -94,8 +94,6 @@ def emulator_stage(run, stage, part: str | None, progress: bool) -> dict:
     )
     if e.align_steps:  # folded into the factors before saving: every later stage sees the aligned emulator
         targets = distillation_targets(model, run.batches("train"), run.batches("validation"))
-        del model  # its own block linears are freed before the distillation makes its gradients and AdamW state
-        run.release_original()
         emulator.alignment = align_emulator(
             emulator.model,
             targets,

@@ -115,15 +115,3 @@ def test_a_run_with_alignment(tiny_files, tmp_path):
     assert record["alignment"]["steps"] == 2
     assert run.emulator().alignment == record["alignment"]
     assert record["alignment"]["heldout_kl_after"] < record["alignment"]["heldout_kl_before"]
-
-
-def test_a_stage_lets_go_of_its_own_original_but_not_a_shared_one(tiny_files, tmp_path):
-    _, model, data = tiny_files
-    run = Run(tmp_path / "run", tiny_run_config(model, data))
-    first = run.original()[0]
-    run.release_original()
-    assert run.original()[0] is not first  # loaded again when asked
-    shared = Run(tmp_path / "other", tiny_run_config(model, data))
-    shared.use_original(*run.original())
-    shared.release_original()
-    assert shared.original()[0] is run.original()[0]
