@@ -274,13 +274,21 @@ def with_added_defaults(recorded: dict) -> dict:
     the results of an older one stale.
     """
     return {
-        k: {**asdict(SECTIONS[k]()), **v} if k in SECTIONS and isinstance(v, dict) else v for k, v in recorded.items()
+        k: {**section_defaults(k), **v} if k in SECTIONS and isinstance(v, dict) else v for k, v in recorded.items()
     }
 
 
-def _build(cls, value, where: str):
+def section_defaults(name: str) -> dict:
+    """A section's settings in a config that leaves them out: the run's defaults (its train section is not
+    TrainSpec()'s), so a section written in part takes the rest from them too."""
+    return asdict(next(f for f in fields(RunConfig) if f.name == name).default_factory())
+
+
+def _build(where: str, value):
+    """Section `where` of a config: what it sets, over the run's defaults."""
+    cls = SECTIONS[where]
     if value is None:
-        return cls()
+        return cls(**section_defaults(where))
     if not isinstance(value, dict):
         raise EmlocError(
             f"{where} must be a mapping of {[f.name for f in fields(cls)]}, not {kind_of(value)}. Write it as one."
@@ -292,7 +300,7 @@ def _build(cls, value, where: str):
         raise EmlocError(
             f"Unknown setting(s) {sorted(unknown)} in {where}. Fix the name, or remove it (known: {known})."
         )
-    return cls(**value)
+    return cls(**{**section_defaults(where), **value})
 
 
 TRUST_REMOTE_CODE_HINT = (
@@ -373,7 +381,7 @@ class RunConfig:
                 f"Unknown setting(s) {sorted(unknown)} in the run config. Fix the name, or remove it "
                 f"(known: {', '.join(sorted(names))})."
             )
-        values = {k: (_build(SECTIONS[k], v, k) if k in SECTIONS else v) for k, v in d.items()}
+        values = {k: (_build(k, v) if k in SECTIONS else v) for k, v in d.items()}
         return cls(**values)
 
     @classmethod

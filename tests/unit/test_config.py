@@ -104,3 +104,13 @@ def test_the_tight_budget_recipe_is_the_default_at_half_the_parameters_aligned_a
     assert {k for k in default["train"] if default["train"][k] != tight["train"][k]} == {"lr", "steps"}
     # at half the rate, twice the steps (on validation 0.833 against 0.820 with 60)
     assert tight["train"]["lr"] < default["train"]["lr"] and tight["train"]["steps"] > default["train"]["steps"]
+
+
+def test_a_section_written_in_part_takes_the_rest_from_the_runs_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.001\n")
+    train, default = RunConfig.load(path).train, RunConfig().train
+    assert train.lr == 0.001
+    # the run's 60 steps and checkpoints every 20, not TrainSpec()'s 150 and 50
+    assert (train.steps, train.checkpoint_every) == (default.steps, default.checkpoint_every) == (60, 20)
+    assert RunConfig.from_dict({"train": None}).train == default
