@@ -16,6 +16,7 @@ from emloc_nb.widgets.plots.memory import (
     memory_phases_figure,
     pareto_figure,
     phase_names,
+    recipe_point,
 )
 
 SCALE = Path(__file__).parents[2] / "bench" / "results" / "scale_curve.json"
@@ -120,12 +121,20 @@ def test_pareto_puts_each_budget_at_its_peak_with_the_references():
         {"method": "naive", "label": "naive", "budget": 0.8, "accuracy": 0.82, "accuracy_std": 0.02},
         {"method": "naive", "label": "naive", "budget": 0.5, "accuracy": 0.6, "accuracy_std": 0.1},
         {"method": "naive", "label": "naive", "budget": 0.6, "accuracy": 0.7, "accuracy_std": 0.0},  # no peak
+        {"method": "emulator", "label": "emulator", "budget": 0.8, "accuracy": 0.75, "accuracy_std": 0.0},
     ]
     memory = {"inference": 1000.0, "full": 1100.0, "finetune": {"0.8": 950.0, "0.5": 800.0}}
     scale = [{"model": "3B", "budget": b, "peak_mb": 0.0, "ratio": b} for b in (0.5, 0.8)]
-    fig = pareto_figure(summary, memory, ["naive"], scale)
+    tight = [{"method": "naive", "budget": 0.5, "accuracy": 0.84, "accuracy_std": 0.01}]
+    recipe = recipe_point(tight, {"finetune": {"0.5": 850.0}}, "naive", 0.5, "tight recipe, ρ = 0.5", 1000.0)
+    with pytest.raises(ValueError, match="no 'naive' row .* at ρ = 0.8"):
+        recipe_point(tight, {"finetune": {"0.5": 850.0}}, "naive", 0.8, "absent", 1000.0)
+    fig = pareto_figure(summary, memory, ["naive", "emulator"], scale, recipes=[recipe])
     naive = trace(fig, "naive")
     assert list(naive.x) == [0.8, 0.95] and list(naive.y) == [0.6, 0.82]  # by ρ; 0.6 has no measured peak
+    assert list(naive.text) == ["ρ = 0.5", "ρ = 0.8"] and trace(fig, "emulator").text is None  # first only
+    star = trace(fig, "tight recipe, ρ = 0.5")
+    assert list(star.x) == [0.85] and list(star.y) == [0.84] and star.marker.symbol == "star"
     assert list(trace(fig, "LoRA on the emulator, 3B").y) == [0.5, 0.8]
     notes = [a.text for a in fig.layout.annotations]
     assert any("full LoRA (peak × 1.10)" in t for t in notes) and any("zero-shot" in t for t in notes)

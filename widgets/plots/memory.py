@@ -132,12 +132,36 @@ def emulator_peaks_at_scale(
     return out
 
 
+def recipe_point(summary: Sequence[dict], memory: dict, method: str, budget: float, label: str, inference_mb: float):
+    """One row of another ablation (its `summary()` and `memory`: `method` at `budget`) as a point for
+    `pareto_figure(recipes=...)`, its fine-tuning peak over `inference_mb`, the plotted ablation's inference peak,
+    so that every point shares one denominator."""
+    row = next((r for r in summary if r["method"] == method and r["budget"] == budget), None)
+    peak = memory.get("finetune", {}).get(f"{budget:g}")
+    if row is None or peak is None:
+        raise ValueError(
+            f"The ablation has no {method!r} row with a fine-tuning peak at ρ = {budget:g}; pick one it measured."
+        )
+    return {
+        "label": label,
+        "accuracy": row["accuracy"],
+        "accuracy_std": row["accuracy_std"],
+        "ratio": peak / inference_mb,
+    }
+
+
 def pareto_figure(
-    summary: Sequence[dict], memory: dict, methods: Sequence[str], scale: Sequence[dict] = ()
+    summary: Sequence[dict],
+    memory: dict,
+    methods: Sequence[str],
+    scale: Sequence[dict] = (),
+    recipes: Sequence[dict] = (),
 ) -> go.Figure:
     """Accuracy against the fine-tuning peak (× the original's inference peak), one point per budget ρ, per method
-    (an ablation's `summary()` and `memory`); LoRA on the original and zero-shot as references. With `scale`
-    (`emulator_peaks_at_scale`), a second panel: what the same budgets cost at larger sizes."""
+    (an ablation's `summary()` and `memory`); LoRA on the original and zero-shot as references. The first method's
+    points are labelled with their ρ. `recipes` adds single points measured elsewhere (a recipe tuned for one
+    budget: "label", "accuracy", "accuracy_std", "ratio"). With `scale` (`emulator_peaks_at_scale`), a second
+    panel: what the same budgets cost at larger sizes."""
     inference, finetune = memory.get("inference"), memory.get("finetune", {})
     fig = make_subplots(
         rows=1,
@@ -147,7 +171,7 @@ def pareto_figure(
         if scale
         else None,
     )
-    for key, color in zip(methods, METHOD_COLORS * 2):
+    for i, (key, color) in enumerate(zip(methods, METHOD_COLORS * 2)):
         rows = sorted(
             (r for r in summary if r["method"] == key and r["budget"] is not None and f"{r['budget']:g}" in finetune),
             key=lambda r: r["budget"],
@@ -158,19 +182,30 @@ def pareto_figure(
                 x=[finetune[f"{r['budget']:g}"] / inference for r in rows],
                 y=[r["accuracy"] for r in rows],
                 error_y=dict(type="data", array=[r["accuracy_std"] for r in rows]),
-                text=[f"ρ = {r['budget']:g}" for r in rows],
-                mode="lines+markers+text",
+                text=[f"ρ = {r['budget']:g}" for r in rows] if i == 0 else None,
+                mode="lines+markers+text" if i == 0 else "lines+markers",
                 textposition="top center",
                 line=dict(color=color),
                 row=1,
                 col=1,
             )
-    for key, dash in (("zero-shot", "dot"), ("full", "dash")):
+    for recipe in recipes:
+        fig.add_scatter(
+            name=recipe["label"],
+            x=[recipe["ratio"]],
+            y=[recipe["accuracy"]],
+            error_y=dict(type="data", array=[recipe["accuracy_std"]]),
+            mode="markers",
+            marker=dict(symbol="star", size=14, color="black"),
+            row=1,
+            col=1,
+        )
+    for key, dash, where in (("zero-shot", "dot", "bottom left"), ("full", "dash", "top left")):
         r = next((r for r in summary if r["method"] == key), None)
         if r:
             x = memory.get("full", 0) / inference if key == "full" and inference and memory.get("full") else None
             fig.add_hline(
-                y=r["accuracy"], line_dash=dash, row=1, col=1, annotation_position="bottom left",
+                y=r["accuracy"], line_dash=dash, row=1, col=1, annotation_position=where,
                 annotation_text=r["label"] + (f" (peak × {x:.2f})" if x else ""),
             )  # fmt: skip
     for model, color in zip(dict.fromkeys(r["model"] for r in scale), SIZE_GREYS * 2):
