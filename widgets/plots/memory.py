@@ -132,7 +132,9 @@ def emulator_peaks_at_scale(
     return out
 
 
-def recipe_point(summary: Sequence[dict], memory: dict, method: str, budget: float, label: str, inference_mb: float):
+def recipe_point(
+    summary: Sequence[dict], memory: dict, method: str, budget: float, label: str, inference_mb: float
+) -> dict:
     """One row of another ablation (its `summary()` and `memory`: `method` at `budget`) as a point for
     `pareto_figure(recipes=...)`, its fine-tuning peak over `inference_mb`, the plotted ablation's inference peak,
     so that every point shares one denominator."""
